@@ -1,0 +1,1 @@
+//! qcc compiler library: ONNX import, pipelines and the CLI.

@@ -1,0 +1,19 @@
+//! qcc's intermediate representation: a typed dataflow graph with first-class quantization.
+//!
+//! Data only, as in Cranelift: the graph ([`Graph`]), element types ([`DType`]), shapes with symbolic
+//! dimensions ([`Shape`]), operations ([`Op`]) and zero-copy constants ([`Tensor`]). The text format and
+//! the verifier live beside it.
+
+mod dtype;
+mod graph;
+mod op;
+mod shape;
+mod tensor;
+
+pub use dtype::DType;
+pub use graph::{Edge, Graph, GraphError, GraphOutput, Node, NodeId, TensorType, Value, ValueInfo};
+pub use op::{Arity, Attr, Attrs, Op, OpKind};
+pub use shape::{Dim, Shape};
+pub use tensor::{
+    f32_to_f8e4m3, f8e4m3_to_f32, nibble, pack_nibbles, sign_extend_nibble, Element, Tensor, TensorData, TensorError,
+};

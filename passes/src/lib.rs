@@ -1,0 +1,1 @@
+//! qcc passes: one pass per file, the registry and the pass manager (arrive with the pass-system issue).

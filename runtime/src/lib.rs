@@ -1,0 +1,1 @@
+//! qcc runtime: the CPU reference executor (and, later, the CUDA executor and artifact loader).
