@@ -1,1 +1,2 @@
 //! The integration test binary: one module per area.
+mod tokenizer;
