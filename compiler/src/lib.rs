@@ -1,1 +1,3 @@
 //! qcc compiler library: ONNX import, pipelines and the CLI.
+
+pub mod onnx;
