@@ -6,12 +6,14 @@
 
 mod dtype;
 mod graph;
+pub mod infer;
 mod op;
 mod shape;
 mod tensor;
 
 pub use dtype::DType;
 pub use graph::{Edge, Graph, GraphError, GraphOutput, Node, NodeId, TensorType, Value, ValueInfo};
+pub use infer::{infer_types, InferError};
 pub use op::{Arity, Attr, Attrs, Op, OpKind};
 pub use shape::{Dim, Shape};
 pub use tensor::{

@@ -140,7 +140,7 @@ impl fmt::Debug for Tensor {
 /// The `i`-th 4-bit element of packed storage (low nibble first).
 pub fn nibble(bytes: &[u8], i: usize) -> u8 {
     let b = bytes[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b & 0x0f
     } else {
         b >> 4
