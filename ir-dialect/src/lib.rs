@@ -10,6 +10,7 @@ pub mod infer;
 mod op;
 mod shape;
 mod tensor;
+pub mod verify;
 
 pub use dtype::DType;
 pub use graph::{Edge, Graph, GraphError, GraphOutput, Node, NodeId, TensorType, Value, ValueInfo};
@@ -19,3 +20,4 @@ pub use shape::{Dim, Shape};
 pub use tensor::{
     f32_to_f8e4m3, f8e4m3_to_f32, nibble, pack_nibbles, sign_extend_nibble, Element, Tensor, TensorData, TensorError,
 };
+pub use verify::{verify, VerifyError, VerifyIssue};
