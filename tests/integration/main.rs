@@ -1,2 +1,3 @@
 //! The integration test binary: one module per area.
 mod tokenizer;
+mod onnx_import;
