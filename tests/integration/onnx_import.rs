@@ -246,6 +246,11 @@ fn small_model_imports_with_ops_types_and_constants() {
     let axes = g.input(producer("s"), 1).unwrap();
     assert_eq!(g.constant(axes).unwrap().to_vec::<i64>().unwrap(), vec![1]);
 
+    // Type inference filled in the intermediate values the model declared nothing about.
+    let xw = g.value_by_name("xw").unwrap();
+    assert_eq!(g.value_type(xw).dtype, DType::F32);
+    assert_eq!(g.value_type(xw).shape.as_ref().unwrap().dims(), &[Dim::sym("batch"), Dim::Known(3)]);
+
     // The output is named and typed as declared.
     assert_eq!(g.graph_outputs().len(), 1);
     assert_eq!(g.graph_outputs()[0].name, "y");
@@ -650,7 +655,7 @@ fn a_gigabyte_of_weights_imports_without_copying() {
     // can be a hole made by set_len.
     let dims = [(BIG / 4) as i64];
     let nodes = vec![node("n", "Add", &["inline", "ext"], &["y"], vec![])];
-    let mut g = graph(nodes, vec![external("ext", &dims, "big.bin", 0, Some(BIG))], vec![], &["y"]);
+    let g = graph(nodes, vec![external("ext", &dims, "big.bin", 0, Some(BIG))], vec![], &["y"]);
     let head =
         TensorProto { name: "inline".into(), dims: dims.to_vec(), data_type: data_type::FLOAT, ..Default::default() };
     let mut tensor_bytes = head.encode_to_vec();
@@ -762,4 +767,5 @@ fn onnx_node_test_survey() {
     assert!(imported >= NODE_TESTS_IMPORTED_AT_LEAST, "only {imported} node tests imported");
 }
 
-const NODE_TESTS_IMPORTED_AT_LEAST: usize = 0;
+/// 967 of the 1,765 node tests of onnx 1.22 imported when this was written.
+const NODE_TESTS_IMPORTED_AT_LEAST: usize = 960;

@@ -191,9 +191,9 @@ impl Importer {
                 nodes: std::mem::take(&mut self.unsupported),
             });
         }
-        // TODO(infer): once `qcc_ir::infer::infer_types` lands, call it here so that node outputs get
-        // inferred shapes and dtypes instead of the best-guess unranked types given by `guess_output_type`.
-        Ok(())
+        // Replaces the placeholder types of `guess_output_types`; declared value_info types are merged in.
+        qcc_ir::infer::infer_types(&mut self.graph)
+            .map_err(|source| ImportError::TypeInference { path: self.path.clone(), source })
     }
 
     /// Node indices in dependency order (ONNX order where it is already valid). Checks that every input

@@ -91,6 +91,12 @@ pub enum ImportError {
     Cycle { path: String, node: String, op_type: String },
     #[error("{path}: node '{node}' ({op_type}): {message}")]
     InvalidNode { path: String, node: String, op_type: String, message: String },
+    #[error("{path}: type inference failed: {source}")]
+    TypeInference {
+        path: String,
+        #[source]
+        source: qcc_ir::infer::InferError,
+    },
     #[error("{path}: {} unsupported node(s):{}", nodes.len(), list_unsupported(nodes))]
     UnsupportedOps { path: String, nodes: Vec<UnsupportedNode> },
 }
@@ -107,6 +113,7 @@ impl ImportError {
             | ImportError::DanglingInput { path, .. }
             | ImportError::Cycle { path, .. }
             | ImportError::InvalidNode { path, .. }
+            | ImportError::TypeInference { path, .. }
             | ImportError::UnsupportedOps { path, .. } => path,
         }
     }
