@@ -444,6 +444,47 @@ fn truncated_and_garbage_files_are_decode_errors() {
     }
 }
 
+/// Seeded byte mutations of valid models: every import returns (Ok or Err) without panicking.
+#[test]
+fn mutated_models_never_panic() {
+    let seeds = [small_model().encode_to_vec(), {
+        let nodes = vec![
+            node("clip", "Clip", &["x"], &["c"], vec![ints("pads", &[0, 1]), int("axis", 1)]),
+            node("sm", "Softmax", &["c"], &["y"], vec![int("axis", 0)]),
+        ];
+        model(graph(nodes, vec![], vec![x_input()], &["y"]), 9).encode_to_vec()
+    }];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut ok, mut failed) = (0, 0);
+    for seed in &seeds {
+        for _ in 0..10_000 {
+            let mut bytes = seed.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = match next() % 3 {
+                    0 => next() as u8,
+                    1 => bytes[at] ^ (1 << (next() % 8)),
+                    _ => [0, 1, 0x7f, 0x80, 0xff][(next() % 5) as usize],
+                };
+            }
+            match import_bytes(bytes.into(), None) {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.to_string().starts_with("<memory>: "), "{e}");
+                    failed += 1
+                }
+            }
+        }
+    }
+    eprintln!("mutated models: {ok} imported, {failed} rejected");
+}
+
 #[test]
 fn missing_external_file_names_the_initializer_and_file() {
     let dir = tempfile::tempdir().unwrap();
