@@ -1,1 +1,34 @@
-//! qcc passes: one pass per file, the registry and the pass manager (arrive with the pass-system issue).
+//! qcc passes: the `Pass` trait, the pass registry and textual pipelines, the pass manager with its
+//! instrumentations (verification, statistics, IR printing and dumps, stop-after, bisection), the egg
+//! e-graph bridge, and the passes themselves, one per file.
+//!
+//! ```text
+//! let registry = Registry::standard();
+//! let pipeline = registry.parse_pipeline("canonicalize,fold-constants,eliminate-dead-code")?;
+//! PassManager::new(pipeline).run(&mut graph, &mut [&mut stats])?;
+//! ```
+
+pub mod const_eval;
+pub mod egraph;
+pub mod manager;
+pub mod pass;
+pub mod pipelines;
+pub mod registry;
+pub mod verify;
+
+pub mod canonicalize;
+pub mod eliminate_dead_code;
+pub mod fold_constants;
+
+pub use manager::{
+    Bisect, DumpDir, Flow, Instrumentation, InstrumentationError, ManagerError, PassFilter, PassManager, PassReport,
+    PassRun, PassStats, PrintIr, RunSummary, StopAfter,
+};
+pub use pass::{OptionKind, OptionSpec, Pass, PassContext, PassError, PassOptions, PassOutcome};
+pub use pipelines::OptLevel;
+pub use registry::{PassEntry, Pipeline, PipelineEntry, PipelineError, Registry};
+
+/// Every registered pass, in the order `qcc passes` lists them.
+pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
+    vec![canonicalize::ENTRY, fold_constants::ENTRY, eliminate_dead_code::ENTRY]
+}

@@ -1,0 +1,78 @@
+//! The named optimisation levels (`-O none|w8a8|w4a16|w4a8|w4a4|fp8`) as pipeline strings.
+//!
+//! Each level is a plain pipeline string so `qcc compile --show-pipeline -O w4a4` prints exactly what
+//! runs and the same string can be edited and passed back with `--passes`. Quantization passes are not
+//! written yet, so every level currently runs the structural passes only.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The structural prefix shared by every level: canonicalize, recognise blocks, clean up.
+pub const STRUCTURAL: &str = "fold-constants,canonicalize,eliminate-dead-code";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OptLevel {
+    None,
+    W8A8,
+    W4A16,
+    W4A8,
+    W4A4,
+    Fp8,
+}
+
+impl OptLevel {
+    pub const ALL: [OptLevel; 6] =
+        [OptLevel::None, OptLevel::W8A8, OptLevel::W4A16, OptLevel::W4A8, OptLevel::W4A4, OptLevel::Fp8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OptLevel::None => "none",
+            OptLevel::W8A8 => "w8a8",
+            OptLevel::W4A16 => "w4a16",
+            OptLevel::W4A8 => "w4a8",
+            OptLevel::W4A4 => "w4a4",
+            OptLevel::Fp8 => "fp8",
+        }
+    }
+
+    /// The pipeline string this level runs.
+    pub fn pipeline(self) -> String {
+        // Until the quantization passes land, the levels differ only in name.
+        STRUCTURAL.to_string()
+    }
+}
+
+impl fmt::Display for OptLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown optimisation level '{0}'; valid levels: none, w8a8, w4a16, w4a8, w4a4, fp8")]
+pub struct UnknownOptLevel(pub String);
+
+impl FromStr for OptLevel {
+    type Err = UnknownOptLevel;
+
+    fn from_str(s: &str) -> Result<OptLevel, UnknownOptLevel> {
+        OptLevel::ALL.into_iter().find(|l| l.name() == s).ok_or_else(|| UnknownOptLevel(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Registry;
+
+    #[test]
+    fn every_level_parses_with_the_standard_registry() {
+        let reg = Registry::standard();
+        for level in OptLevel::ALL {
+            let p = reg.parse_pipeline(&level.pipeline()).unwrap();
+            assert_eq!(p.to_string(), level.pipeline(), "pipeline text of {level} is not canonical");
+            assert_eq!(level.name().parse::<OptLevel>().unwrap(), level);
+        }
+        assert!("w2a2".parse::<OptLevel>().unwrap_err().to_string().contains("w4a4"));
+    }
+}
