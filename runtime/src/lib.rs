@@ -1,1 +1,13 @@
 //! qcc runtime: the CPU reference executor (and, later, the CUDA executor and artifact loader).
+//!
+//! [`CpuExecutor`] runs any qcc IR [`qcc_ir::Graph`] with ONNX semantics on [`RtTensor`]s:
+//!
+//! ```ignore
+//! let exec = CpuExecutor::new(&graph)?;
+//! let outputs = exec.run(&[("x", RtTensor::from_vec(&[2, 3], vec![0f32; 6]).unwrap())])?;
+//! ```
+
+pub mod cpu;
+
+pub use cpu::value::{RtTensor, Scalar};
+pub use cpu::{CpuExecutor, ExecError};
