@@ -390,3 +390,198 @@ impl Instrumentation for Bisect {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pass::{Pass, PassOptions};
+    use crate::registry::{PassEntry, Registry};
+    use qcc_ir::{DType, Op, OpKind, Tensor, TensorType};
+
+    fn ty() -> TensorType {
+        TensorType::known(DType::F32, &[2])
+    }
+
+    /// x -> neg -> (mul by 1) -> y, plus a dead exp and a foldable constant add.
+    fn sample() -> Graph {
+        let mut g = Graph::new("sample");
+        let x = g.add_input("x", ty()).unwrap();
+        let one = g.add_constant("one", Tensor::scalar(1f32)).unwrap();
+        let n = g.add_op(Op::new(OpKind::Neg), &[x], ty());
+        let m = g.add_op(Op::new(OpKind::Mul), &[n, one], ty());
+        let _dead = g.add_op(Op::new(OpKind::Exp), &[x], ty());
+        g.add_output("y", m);
+        g
+    }
+
+    fn printer(g: &Graph) -> String {
+        format!("graph {} with {} nodes", g.name, g.node_count())
+    }
+
+    fn manager(text: &str) -> PassManager {
+        PassManager::new(Registry::standard().parse_pipeline(text).unwrap())
+    }
+
+    #[test]
+    fn stats_print_after_all_and_after_change() {
+        let mut g = sample();
+        let mut stats = PassStats::new();
+        let mut out = Vec::new();
+        let mut changed_only = Vec::new();
+        {
+            let mut all = PrintIr::new(printer, &mut out);
+            all.after = PassFilter::All;
+            let mut change = PrintIr::new(printer, &mut changed_only);
+            change.after = PassFilter::All;
+            change.only_changed = true;
+            let pm = manager("eliminate-dead-code,eliminate-dead-code,canonicalize");
+            let summary = pm.run(&mut g, &mut [&mut stats, &mut all, &mut change]).unwrap();
+            assert_eq!(summary.applied.len(), 3);
+            assert!(summary.stopped_early.is_none());
+        }
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches("IR after pass").count(), 3, "{out}");
+        assert!(out.contains("IR after pass #0 'eliminate-dead-code' ***\ngraph sample with 4 nodes"), "{out}");
+        let changed_only = String::from_utf8(changed_only).unwrap();
+        // The second DCE finds nothing, so only passes #0 and #2 print.
+        assert!(
+            changed_only.contains("#0") && !changed_only.contains("#1") && changed_only.contains("#2"),
+            "{changed_only}"
+        );
+        let rows: Vec<(usize, usize, usize)> = stats
+            .rows
+            .iter()
+            .map(|r| (r.report.nodes_before, r.report.nodes_after, r.report.outcome.rewrites))
+            .collect();
+        assert_eq!(rows[0], (5, 4, 1));
+        assert_eq!(rows[1], (4, 4, 0));
+        assert_eq!(rows[2].1, 2, "x -> neg remains");
+        let table = stats.render();
+        assert!(table.contains("canonicalize") && table.contains("note: egg: saturated"), "{table}");
+    }
+
+    #[test]
+    fn print_before_and_after_named_passes() {
+        let mut g = sample();
+        let mut out = Vec::new();
+        {
+            let mut p = PrintIr::new(printer, &mut out);
+            p.before = PassFilter::Named(vec!["canonicalize".into()]);
+            p.after = PassFilter::Named(vec!["eliminate-dead-code".into()]);
+            manager("eliminate-dead-code,canonicalize").run(&mut g, &mut [&mut p]).unwrap();
+        }
+        let out = String::from_utf8(out).unwrap();
+        let headers: Vec<&str> = out.lines().filter(|l| l.starts_with("// ***")).collect();
+        assert_eq!(
+            headers,
+            ["// *** IR after pass #0 'eliminate-dead-code' ***", "// *** IR before pass #1 'canonicalize' ***"]
+        );
+    }
+
+    #[test]
+    fn dump_dir_writes_numbered_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = sample();
+        let mut dump = DumpDir::new(dir.path().join("ir"), printer);
+        manager("fold-constants,eliminate-dead-code").run(&mut g, &mut [&mut dump]).unwrap();
+        let names: Vec<String> =
+            dump.written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["00-input.qir", "01-fold-constants.qir", "02-eliminate-dead-code.qir"]);
+        let last = std::fs::read_to_string(&dump.written[2]).unwrap();
+        assert_eq!(last, "graph sample with 4 nodes");
+    }
+
+    #[test]
+    fn stop_after_and_bisect() {
+        let pm = manager("fold-constants,eliminate-dead-code,canonicalize");
+        let mut g = sample();
+        let mut stop = StopAfter::new("eliminate-dead-code", pm.pipeline()).unwrap();
+        let summary = pm.run(&mut g, &mut [&mut stop]).unwrap();
+        assert_eq!(summary.applied.len(), 2);
+        assert_eq!(summary.stopped_early.as_deref(), Some("stopped after pass #1 'eliminate-dead-code'"));
+        assert!(StopAfter::new("fuse-attention", pm.pipeline()).is_err());
+
+        let mut g = sample();
+        let summary = pm.run(&mut g, &mut [&mut Bisect::applications(1)]).unwrap();
+        assert_eq!(summary.applied.len(), 1);
+        assert_eq!(g.node_count(), 5, "fold-constants had nothing to fold");
+        let summary = pm.run(&mut sample(), &mut [&mut Bisect::applications(0)]).unwrap();
+        assert!(summary.applied.is_empty());
+    }
+
+    #[test]
+    fn bisect_by_rewrites_cuts_inside_a_pass() {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", ty()).unwrap();
+        let mut dead = Vec::new();
+        for _ in 0..3 {
+            dead.push(g.add_op(Op::new(OpKind::Exp), &[x], ty()));
+        }
+        g.add_output("y", x);
+        let pm = manager("eliminate-dead-code,eliminate-dead-code");
+        let summary = pm.run(&mut g, &mut [&mut Bisect::rewrites(2)]).unwrap();
+        let rewrites: Vec<usize> = summary.applied.iter().map(|(_, r)| r.outcome.rewrites).collect();
+        assert_eq!(rewrites, [2, 0]);
+        assert_eq!(g.node_count(), 2);
+    }
+
+    struct BreakGraph;
+    impl Pass for BreakGraph {
+        fn name(&self) -> &'static str {
+            "break-graph"
+        }
+        fn description(&self) -> &'static str {
+            "removes a node that is still read"
+        }
+        fn run(&self, graph: &mut Graph, _: &mut PassContext) -> Result<PassOutcome, PassError> {
+            let victim = graph.node_ids().find(|&n| graph.node(n).op.kind == OpKind::Neg).unwrap();
+            let reader = graph.users(qcc_ir::Value::new(victim, 0))[0].0;
+            graph.remove_node(victim);
+            // The reader's first input slot is now empty: the verifier must catch it.
+            let _ = reader;
+            Ok(PassOutcome::rewrites(1))
+        }
+    }
+
+    struct FailingPass;
+    impl Pass for FailingPass {
+        fn name(&self) -> &'static str {
+            "always-fails"
+        }
+        fn description(&self) -> &'static str {
+            "fails"
+        }
+        fn run(&self, _: &mut Graph, _: &mut PassContext) -> Result<PassOutcome, PassError> {
+            Err(PassError::Other("nothing to see".into()))
+        }
+    }
+
+    fn test_registry() -> Registry {
+        let mut entries = crate::all_pass_entries();
+        entries.push(PassEntry {
+            name: "break-graph",
+            description: "removes a node that is still read",
+            options: &[],
+            build: |_: &PassOptions| Ok(Box::new(BreakGraph)),
+        });
+        entries.push(PassEntry {
+            name: "always-fails",
+            description: "fails",
+            options: &[],
+            build: |_: &PassOptions| Ok(Box::new(FailingPass)),
+        });
+        Registry::from_entries(entries)
+    }
+
+    #[test]
+    fn errors_name_the_pass_and_its_position() {
+        let reg = test_registry();
+        let pm = PassManager::new(reg.parse_pipeline("eliminate-dead-code,break-graph").unwrap());
+        let err = pm.run(&mut sample(), &mut []).unwrap_err().to_string();
+        assert!(err.starts_with("IR is invalid after pass #1 'break-graph'"), "{err}");
+        assert!(err.contains("missing required input 0"), "{err}");
+        let pm = PassManager::new(reg.parse_pipeline("always-fails").unwrap());
+        let err = pm.run(&mut sample(), &mut []).unwrap_err().to_string();
+        assert_eq!(err, "pass #0 'always-fails' failed: nothing to see");
+    }
+}
