@@ -10,6 +10,7 @@ pub mod infer;
 mod op;
 mod shape;
 mod tensor;
+pub mod text;
 pub mod verify;
 
 pub use dtype::DType;
