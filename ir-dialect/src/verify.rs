@@ -201,8 +201,12 @@ fn check_constants(report: &mut Report<'_>) {
         for (name, attr) in &node.op.attrs {
             if let Attr::Tensor(t) = attr {
                 if let TensorData::Bytes(b) = &t.data {
-                    let expected =
-                        t.dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).map(|n| t.dtype.storage_bytes(n));
+                    let expected = t
+                        .dims
+                        .iter()
+                        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                        .and_then(|n| n.checked_mul(t.dtype.bits()))
+                        .map(|bits| bits.div_ceil(8));
                     if expected != Some(b.len()) {
                         report.node(
                             id,

@@ -368,7 +368,7 @@ fn split(ctx: &Ctx<'_>) -> Out {
             // Opset 18: chunks of ceil(n / parts), the last one smaller.
             Dim::Known(n) => {
                 let chunk = n.div_ceil(parts);
-                (0..parts).map(|i| Dim::Known(chunk.min(n.saturating_sub(i * chunk)))).collect()
+                (0..parts).map(|i| Dim::Known(chunk.min(n.saturating_sub(i.saturating_mul(chunk))))).collect()
             }
             _ => vec![dim_quotient(std::slice::from_ref(extent), &[Dim::Known(parts)]); count],
         })
@@ -434,7 +434,10 @@ fn slice(ctx: &Ctx<'_>) -> Result<Option<Shape>, InferError> {
             return Err(ctx.err("slice step is 0"));
         }
         dims[a] = match &s.0[a] {
-            Dim::Known(n) => Dim::Known(slice_len(*n as i64, start, end, step).unwrap_or(0)),
+            Dim::Known(n) => match i64::try_from(*n).ok().and_then(|n| slice_len(n, start, end, step)) {
+                Some(len) => Dim::Known(len),
+                None => Dim::Unknown,
+            },
             d @ Dim::Sym(_) if step == 1 && start == 0 && is_open_end(end) => d.clone(),
             d @ Dim::Sym(_) if step == -1 && start == -1 && end <= -(i32::MAX as i64) => d.clone(),
             _ => Dim::Unknown,
@@ -468,11 +471,11 @@ fn pad(ctx: &Ctx<'_>) -> Result<Option<Shape>, InferError> {
         let (begin, end) = (pads[k], pads[k + axes.len()]);
         dims[a] = match &s.0[a] {
             Dim::Known(n) => {
-                let total = *n as i64 + begin + end;
+                let total = *n as i128 + begin as i128 + end as i128;
                 if total < 0 {
                     return Err(ctx.err(format!("pads {begin}, {end} leave axis {a} of extent {n} negative")));
                 }
-                Dim::Known(total as u64)
+                u64::try_from(total).map(Dim::Known).unwrap_or(Dim::Unknown)
             }
             d if begin == 0 && end == 0 => d.clone(),
             _ => Dim::Unknown,
@@ -492,7 +495,7 @@ fn conv(ctx: &Ctx<'_>) -> Out {
     }
     let group = ctx.int_attr("group", 1);
     if let (Dim::Known(c), Dim::Known(cw)) = (&xs.0[1], &ws.0[1]) {
-        if group <= 0 || *c != cw * group as u64 {
+        if group <= 0 || Some(*c) != cw.checked_mul(group as u64) {
             return Err(ctx.err(format!("input has {c} channels but weight expects {cw} x group {group}")));
         }
     }
@@ -534,32 +537,31 @@ fn window_dims(ctx: &Ctx<'_>, spatial: &[Dim], kernel: &[i64]) -> Result<Vec<Dim
         if k <= 0 || stride <= 0 || dil <= 0 {
             return Err(ctx.err("kernel, strides and dilations must be positive"));
         }
+        let (k, stride, dil) = (k as i128, stride as i128, dil as i128);
         let span = dil * (k - 1) + 1;
-        let (pb, pe) = (pads[i], pads[i + n]);
+        let (pb, pe) = (pads[i] as i128, pads[i + n] as i128);
         out.push(match (&spatial[i], auto_pad) {
-            (Dim::Known(len), "SAME_UPPER" | "SAME_LOWER") => {
-                Dim::Known((*len as i64 + stride - 1) as u64 / stride as u64)
-            }
+            (Dim::Known(len), "SAME_UPPER" | "SAME_LOWER") => Dim::Known(len.div_ceil(stride as u64)),
             (d @ Dim::Sym(_), "SAME_UPPER" | "SAME_LOWER") if stride == 1 => d.clone(),
             (Dim::Known(len), "VALID") => {
-                let eff = *len as i64 - span;
+                let eff = *len as i128 - span;
                 if eff < 0 {
                     return Err(ctx.err(format!("window of {span} exceeds extent {len}")));
                 }
-                Dim::Known((eff / stride + 1) as u64)
+                u64::try_from(eff / stride + 1).map(Dim::Known).unwrap_or(Dim::Unknown)
             }
             (d @ Dim::Sym(_), "VALID") if span == 1 && stride == 1 => d.clone(),
             (Dim::Known(len), "NOTSET") => {
-                let eff = *len as i64 + pb + pe - span;
+                let eff = *len as i128 + pb + pe - span;
                 if eff < 0 {
-                    return Err(ctx.err(format!("window of {span} exceeds padded extent {}", *len as i64 + pb + pe)));
+                    return Err(ctx.err(format!("window of {span} exceeds padded extent {}", *len as i128 + pb + pe)));
                 }
                 let mut count = if ceil_mode { (eff + stride - 1) / stride + 1 } else { eff / stride + 1 };
                 // A last window that would start inside the end padding is dropped (ceil_mode only).
-                if ceil_mode && (count - 1) * stride >= *len as i64 + pb {
+                if ceil_mode && (count - 1) * stride >= *len as i128 + pb {
                     count -= 1;
                 }
-                Dim::Known(count as u64)
+                u64::try_from(count).map(Dim::Known).unwrap_or(Dim::Unknown)
             }
             (d @ Dim::Sym(_), "NOTSET") if stride == 1 && pb + pe == span - 1 => d.clone(),
             (_, "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID") => Dim::Unknown,

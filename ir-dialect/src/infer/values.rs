@@ -59,7 +59,7 @@ pub(crate) fn propagate(ctx: &Ctx<'_>, out: &TensorType) -> Option<Contents> {
     let contents = match op.kind {
         OpKind::Constant => {
             let t = op.tensor("value")?;
-            if t.numel() > MAX_TRACKED {
+            if t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > MAX_TRACKED) {
                 return None;
             }
             t.to_i64_vec().ok()?.into_iter().map(SymInt::Known).collect()
@@ -153,11 +153,13 @@ pub(crate) fn propagate(ctx: &Ctx<'_>, out: &TensorType) -> Option<Contents> {
             if len > MAX_TRACKED as u64 {
                 return None;
             }
-            (0..len as i64).map(|i| SymInt::Known(start + i * delta)).collect()
+            (0..len as i128)
+                .map(|i| i64::try_from(start as i128 + i * delta as i128).map(SymInt::Known).unwrap_or(SymInt::Unknown))
+                .collect()
         }
         OpKind::ConstantOfShape => {
             let shape = ctx.known_ints(0)?;
-            let count: i64 = shape.iter().product();
+            let count = shape.iter().try_fold(1i64, |a, &d| a.checked_mul(d)).unwrap_or(-1);
             if count < 0 || count as usize > MAX_TRACKED {
                 return None;
             }
@@ -215,9 +217,11 @@ fn arith(kind: OpKind, x: &SymInt, y: &SymInt) -> SymInt {
         // ONNX integer Div truncates toward zero (C semantics), as Rust's does.
         (OpKind::Div, Known(a), Known(b)) => a.checked_div(*b).map(Known).unwrap_or(SymInt::Unknown),
         // Mod with fmod=0 (the integer default) takes the divisor's sign, like Python.
-        (OpKind::Mod, Known(a), Known(b)) if *b != 0 => {
-            Known(a.rem_euclid(*b) + if *b < 0 && a.rem_euclid(*b) != 0 { *b } else { 0 })
-        }
+        (OpKind::Mod, Known(a), Known(b)) => match a.checked_rem_euclid(*b) {
+            Some(r) if *b < 0 && r != 0 => Known(r + b),
+            Some(r) => Known(r),
+            None => SymInt::Unknown,
+        },
         (OpKind::Max, Known(a), Known(b)) => Known(*a.max(b)),
         (OpKind::Min, Known(a), Known(b)) => Known(*a.min(b)),
         (OpKind::Add | OpKind::Sub, s @ SymInt::Sym(_), Known(0)) => s.clone(),
@@ -282,6 +286,9 @@ pub fn slice_bounds(n: i64, start: i64, end: i64, step: i64) -> Option<(i64, i64
     if step == 0 {
         return None;
     }
+    if n <= 0 {
+        return Some((0, 0));
+    }
     let fix = |v: i64| if v < 0 { v.saturating_add(n) } else { v };
     let (s, e) = (fix(start), fix(end));
     Some(if step > 0 { (s.clamp(0, n), e.clamp(0, n)) } else { (s.clamp(0, n - 1), e.clamp(-1, n - 1)) })
@@ -290,7 +297,8 @@ pub fn slice_bounds(n: i64, start: i64, end: i64, step: i64) -> Option<(i64, i64
 /// Element count of an ONNX Slice along an axis of extent `n`.
 pub fn slice_len(n: i64, start: i64, end: i64, step: i64) -> Option<u64> {
     let (s, e) = slice_bounds(n, start, end, step)?;
-    let count = if step > 0 { (e - s + step - 1) / step } else { (s - e + (-step) - 1) / (-step) };
+    let (s, e, step) = (s as i128, e as i128, step as i128);
+    let count = if step > 0 { (e - s + step - 1) / step } else { (s - e - step - 1) / -step };
     u64::try_from(count.max(0)).ok()
 }
 
