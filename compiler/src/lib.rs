@@ -1,3 +1,9 @@
 //! qcc compiler library: ONNX import, pipelines and the CLI.
 
+pub mod cli;
+pub mod eval;
+pub mod gguf;
+pub mod model;
+pub mod npy;
 pub mod onnx;
+pub mod tokenizer;

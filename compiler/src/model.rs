@@ -1,0 +1,168 @@
+//! Causal language models on the CPU executor: full-sequence logits for evaluation, and greedy generation
+//! with a KV cache through a graph that has `past_key_values.{i}.{key,value}` inputs and
+//! `present.{i}.{key,value}` outputs (the convention of Hugging Face exporters).
+
+use crate::eval::{LanguageModel, Logits};
+use anyhow::{anyhow, bail, Context};
+use qcc_ir::{Dim, Graph, Tensor};
+use qcc_runtime::{CpuExecutor, RtTensor};
+use std::path::Path;
+
+/// A decoder graph with `input_ids [batch, seq]` in and `logits [batch, seq, vocab]` out.
+pub struct CpuLanguageModel {
+    executor: CpuExecutor,
+    input: String,
+    output: String,
+}
+
+fn graph_input_names(graph: &Graph) -> Vec<String> {
+    graph.graph_inputs().iter().map(|&id| graph.node(id).outputs[0].name.clone()).collect()
+}
+
+fn ids_tensor(ids: &[u32]) -> RtTensor {
+    RtTensor::from_vec(&[1, ids.len()], ids.iter().map(|&i| i as i64).collect()).expect("shape matches length")
+}
+
+fn logits_of(t: &RtTensor, positions: usize) -> anyhow::Result<Logits> {
+    let shape = t.shape().to_vec();
+    let vocab = *shape.last().ok_or_else(|| anyhow!("logits are a scalar"))?;
+    let data: Vec<f32> = t.to_f32().iter().copied().collect();
+    if data.len() != positions * vocab {
+        bail!("logits have shape {shape:?}, expected [1, {positions}, vocab]");
+    }
+    Ok(Logits { vocab, data })
+}
+
+impl CpuLanguageModel {
+    pub fn new(graph: &Graph) -> anyhow::Result<CpuLanguageModel> {
+        let inputs = graph_input_names(graph);
+        let input = inputs
+            .iter()
+            .find(|n| n.as_str() == "input_ids")
+            .or(inputs.first())
+            .ok_or_else(|| anyhow!("graph '{}' has no inputs", graph.name))?
+            .clone();
+        let output = graph
+            .graph_outputs()
+            .iter()
+            .find(|o| o.name == "logits")
+            .or(graph.graph_outputs().first())
+            .ok_or_else(|| anyhow!("graph '{}' has no outputs", graph.name))?
+            .name
+            .clone();
+        Ok(CpuLanguageModel { executor: CpuExecutor::new(graph)?, input, output })
+    }
+}
+
+impl LanguageModel for CpuLanguageModel {
+    fn logits(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+        let outputs = self.executor.run(&[(self.input.as_str(), ids_tensor(ids))])?;
+        let (_, t) =
+            outputs.iter().find(|(n, _)| *n == self.output).ok_or_else(|| anyhow!("no '{}' output", self.output))?;
+        logits_of(t, ids.len())
+    }
+}
+
+/// One cached layer input: the name of the past tensor, the present output feeding it next step.
+struct CacheSlot {
+    past: String,
+    present: String,
+    value: RtTensor,
+}
+
+/// Greedy decoding with a KV cache.
+pub struct KvDecoder {
+    executor: CpuExecutor,
+    cache: Vec<CacheSlot>,
+}
+
+impl KvDecoder {
+    /// Whether `graph` takes a KV cache.
+    pub fn accepts(graph: &Graph) -> bool {
+        graph_input_names(graph).iter().any(|n| n.starts_with("past_key_values."))
+    }
+
+    pub fn new(graph: &Graph) -> anyhow::Result<KvDecoder> {
+        let mut cache = Vec::new();
+        for &id in graph.graph_inputs() {
+            let info = &graph.node(id).outputs[0];
+            let Some(rest) = info.name.strip_prefix("past_key_values.") else { continue };
+            let present = format!("present.{rest}");
+            if !graph.graph_outputs().iter().any(|o| o.name == present) {
+                bail!("graph input '{}' has no matching output '{present}'", info.name);
+            }
+            // Empty cache: batch 1 and zero past positions; the other extents come from the declared type.
+            let shape = info.ty.shape.as_ref().ok_or_else(|| anyhow!("'{}' has no declared shape", info.name))?;
+            let dims: Vec<usize> = shape
+                .dims()
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    Dim::Known(n) => *n as usize,
+                    _ if axis == 0 => 1,
+                    _ => 0,
+                })
+                .collect();
+            let zeros = vec![0u8; info.ty.dtype.storage_bytes(dims.iter().product())];
+            let value = RtTensor::from_ir_tensor(&Tensor::from_bytes(info.ty.dtype, dims, zeros.into())?)?;
+            cache.push(CacheSlot { past: info.name.clone(), present, value });
+        }
+        Ok(KvDecoder { executor: CpuExecutor::new(graph)?, cache })
+    }
+
+    /// Runs `ids` after everything fed so far; returns the logits of the last position.
+    pub fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+        let mut inputs: Vec<(&str, RtTensor)> = vec![("input_ids", ids_tensor(ids))];
+        for slot in &self.cache {
+            inputs.push((slot.past.as_str(), slot.value.clone()));
+        }
+        let mut outputs = self.executor.run(&inputs)?;
+        for slot in &mut self.cache {
+            let i = outputs.iter().position(|(n, _)| *n == slot.present).context("present output missing")?;
+            slot.value = outputs.swap_remove(i).1;
+        }
+        let logits = outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| anyhow!("no 'logits' output"))?;
+        let all = logits_of(&logits.1, ids.len())?;
+        let vocab = all.vocab;
+        Ok(Logits { vocab, data: all.row(ids.len() - 1).to_vec() })
+    }
+}
+
+/// Greedy generation: up to `max_tokens` new tokens, stopping early at `eos`. Uses the KV cache when the
+/// graph has one, otherwise recomputes the whole sequence each step.
+pub fn generate(graph: &Graph, prompt: &[u32], max_tokens: usize, eos: Option<u32>) -> anyhow::Result<Vec<u32>> {
+    anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
+    let mut out = Vec::new();
+    if KvDecoder::accepts(graph) {
+        let mut dec = KvDecoder::new(graph)?;
+        let mut logits = dec.feed(prompt)?;
+        for _ in 0..max_tokens {
+            let next = logits.argmax(0);
+            out.push(next);
+            if Some(next) == eos || out.len() == max_tokens {
+                break;
+            }
+            logits = dec.feed(&[next])?;
+        }
+    } else {
+        let mut model = CpuLanguageModel::new(graph)?;
+        let mut seq = prompt.to_vec();
+        for _ in 0..max_tokens {
+            let logits = model.logits(&seq)?;
+            let next = logits.argmax(seq.len() - 1);
+            out.push(next);
+            seq.push(next);
+            if Some(next) == eos {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The KV-cache sibling of a model file, `<stem>-kv.onnx`, when it exists.
+pub fn kv_sibling(model: &Path) -> Option<std::path::PathBuf> {
+    let stem = model.file_stem()?.to_str()?;
+    let p = model.with_file_name(format!("{stem}-kv.onnx"));
+    p.exists().then_some(p)
+}
