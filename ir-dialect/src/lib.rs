@@ -1,8 +1,8 @@
 //! qcc's intermediate representation: a typed dataflow graph with first-class quantization.
 //!
 //! Data only, as in Cranelift: the graph ([`Graph`]), element types ([`DType`]), shapes with symbolic
-//! dimensions ([`Shape`]), operations ([`Op`]) and zero-copy constants ([`Tensor`]). The text format and
-//! the verifier live beside it.
+//! dimensions ([`Shape`]), operations ([`Op`]) and zero-copy constants ([`Tensor`]). Beside it: type
+//! inference ([`infer`]), the verifier ([`verify()`]) and the `.qir` text format ([`text`]).
 
 mod dtype;
 mod graph;
