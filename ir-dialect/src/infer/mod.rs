@@ -1,6 +1,6 @@
 //! Type inference: walks the graph in topological order and sets every node output's [`TensorType`]
 //! (dtype and shape with symbolic dimensions) from its inputs' types, its attributes and, for shape
-//! arithmetic, the tracked contents of small integer tensors ([`values`]).
+//! arithmetic, the tracked contents of small integer tensors ([`SymInt`] elements).
 //!
 //! Semantics are ONNX's for the ONNX-derived ops and those documented on [`OpKind`] for qcc's own.
 //! A dimension that cannot be known becomes [`Dim::Unknown`] (never an error); inputs that contradict each
@@ -13,6 +13,7 @@
 //! it as the placeholder for "not declared").
 
 mod dims;
+mod fused;
 mod ops;
 mod shape_ops;
 mod values;
