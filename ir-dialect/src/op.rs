@@ -180,6 +180,24 @@ op_kinds! {
     /// `int_linear(qx[.., K], qw[N, K], scale[N], bias?[N])`: y = scale (.) (qx qw^T) + bias, where
     /// qx qw^T is an exact int32-accumulated integer product and `scale` folds both steps (the epilogue).
     IntLinear = "int_linear", onnx "", in 3..=4, out Some(1);
+
+    // ---- qcc fused blocks (recognised by the block-recognition passes in qcc-passes) ----
+    /// `linear(x[.., K], w[N, K], bias?[N])`: y = x w^T + bias, in x's float type.
+    Linear = "linear", onnx "", in 2..=3, out Some(1);
+    /// `rms_norm(x, gamma[D])` over the last axis: y = x / sqrt(mean(x^2) + epsilon) * gamma; attribute
+    /// `epsilon` (f32).
+    RmsNorm = "rms_norm", onnx "", in 2..=2, out Some(1);
+    /// `swiglu(gate, up)`: y = gate * sigmoid(gate) * up (SiLU-gated linear unit, broadcasting).
+    Swiglu = "swiglu", onnx "", in 2..=2, out Some(1);
+    /// `rotary(x[.., S, D], cos, sin)`: rotary position embedding in the half-rotation (GPT-NeoX/Llama)
+    /// form, y = x * cos + rotate_half(x) * sin with rotate_half(x) = concat(-x[.., D/2:], x[.., :D/2]);
+    /// cos and sin broadcast against x.
+    Rotary = "rotary", onnx "", in 3..=3, out Some(1);
+    /// `attention(q[B, Hq, S, D], k[B, Hkv, T, D], v[B, Hkv, T, Dv], mask?)`: softmax(q k^T * scale + mask) v
+    /// per head, query head h reading KV head h / (Hq / Hkv) (grouped-query attention); attributes `scale`
+    /// (f32) and `causal` (int, 1: keys after the query's position, counted from the end, are masked).
+    /// The additive mask broadcasts to [B, Hq, S, T].
+    Attention = "attention", onnx "", in 3..=4, out Some(1);
 }
 
 impl OpKind {

@@ -4,7 +4,7 @@
 pub mod ops;
 pub mod value;
 
-use ops::{elementwise as ew, matmul, nn, quant, reduce, shape, vision, OpCtx, OpError, OpResult};
+use ops::{elementwise as ew, fused, matmul, nn, quant, reduce, shape, vision, OpCtx, OpError, OpResult};
 use qcc_ir::{Dim, Graph, GraphError, NodeId, Op, OpKind, TensorType, Value, ValueInfo};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -322,6 +322,11 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
         Quantize => one(quant::quantize(ctx)?),
         Dequantize => one(quant::dequantize(ctx)?),
         IntLinear => one(matmul::int_linear_impl(ctx)?),
+        Linear => one(fused::linear(ctx)?),
+        RmsNorm => one(fused::rms_norm(ctx)?),
+        Swiglu => one(fused::swiglu(ctx)?),
+        Rotary => one(fused::rotary(ctx)?),
+        Attention => one(fused::attention(ctx)?),
     }
 }
 

@@ -2,6 +2,7 @@
 //! from. Ops return [`OpError`] messages; the executor adds the node name and op kind.
 
 pub mod elementwise;
+pub mod fused;
 pub mod matmul;
 pub mod nn;
 pub mod quant;
