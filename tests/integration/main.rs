@@ -1,3 +1,4 @@
 //! The integration test binary: one module per area.
 mod tokenizer;
 mod onnx_import;
+mod conformance;

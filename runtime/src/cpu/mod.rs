@@ -321,7 +321,7 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
         DynamicQuantizeLinear => quant::dynamic_quantize_linear(ctx),
         Quantize => one(quant::quantize(ctx)?),
         Dequantize => one(quant::dequantize(ctx)?),
-        IntLinear => one(matmul::int_linear_impl(ctx)?),
+        IntLinear => one(matmul::int_linear(ctx)?),
         Linear => one(fused::linear(ctx)?),
         RmsNorm => one(fused::rms_norm(ctx)?),
         Swiglu => one(fused::swiglu(ctx)?),

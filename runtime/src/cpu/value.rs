@@ -310,7 +310,7 @@ impl RtTensor {
         }
     }
 
-    /// ONNX `Cast` to `to` (FP8 saturating; 4-bit types round half to even and clamp).
+    /// ONNX `Cast` to `to` (FP8 saturating by default; integer and 4-bit targets wrap).
     pub fn cast(&self, to: DType) -> RtTensor {
         self.cast_with(to, true)
     }
@@ -335,8 +335,9 @@ impl RtTensor {
             DType::U8 => RtTensor::U8(self.cast_array()),
             DType::Bool => RtTensor::Bool(self.cast_array()),
             DType::F8E4M3 => RtTensor::F8E4M3(self.cast_array::<f32>().mapv(|x| f32_to_f8(x, saturate))),
-            DType::I4 => RtTensor::I4(self.cast_array::<f64>().mapv(|x| x.round_ties_even().clamp(-8.0, 7.0) as i8)),
-            DType::U4 => RtTensor::U4(self.cast_array::<f64>().mapv(|x| x.round_ties_even().clamp(0.0, 15.0) as u8)),
+            // Like every integer cast, 4-bit casts truncate and wrap (ONNX Cast 25; the node tests expect it).
+            DType::I4 => RtTensor::I4(self.cast_array::<i64>().mapv(|x| (((x & 0xf) as i8) << 4) >> 4)),
+            DType::U4 => RtTensor::U4(self.cast_array::<i64>().mapv(|x| (x & 0xf) as u8)),
         }
     }
 

@@ -94,7 +94,9 @@ pub fn rotary(ctx: &OpCtx) -> OpResult<RtTensor> {
     let half = d / 2;
     let mut out = xf.clone();
     let last = Axis(xf.ndim() - 1);
-    for (((mut o, xl), cl), sl) in out.lanes_mut(last).into_iter().zip(xf.lanes(last)).zip(cb.lanes(last)).zip(sb.lanes(last)) {
+    for (((mut o, xl), cl), sl) in
+        out.lanes_mut(last).into_iter().zip(xf.lanes(last)).zip(cb.lanes(last)).zip(sb.lanes(last))
+    {
         for i in 0..d {
             let rot = if i < half { -xl[i + half] } else { xl[i - half] };
             o[i] = xl[i] * cl[i] + rot * sl[i];
@@ -122,7 +124,11 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
         Some(m) => {
             let mf = m.cast_array::<f32>();
             let target = [b, hq, s_len, t_len];
-            Some(mf.broadcast(IxDyn(&target)).ok_or_else(|| op_err!("mask {:?} does not broadcast to {target:?}", m.shape()))?.to_owned())
+            Some(
+                mf.broadcast(IxDyn(&target))
+                    .ok_or_else(|| op_err!("mask {:?} does not broadcast to {target:?}", m.shape()))?
+                    .to_owned(),
+            )
         }
         None => None,
     };

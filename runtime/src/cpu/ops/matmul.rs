@@ -25,7 +25,7 @@ use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Dimen
 use qcc_ir::DType;
 
 /// c = alpha * a b + beta * c in f32.
-fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>, alpha: f32, beta: f32) {
+pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>, alpha: f32, beta: f32) {
     let (m, k) = a.dim();
     let n = b.dim().1;
     debug_assert!(b.dim().0 == k && c.dim() == (m, n));
@@ -53,7 +53,7 @@ fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>, alp
 }
 
 /// c = alpha * a b + beta * c in f64.
-fn dgemm(a: ArrayView2<f64>, b: ArrayView2<f64>, c: &mut ArrayViewMut2<f64>, alpha: f64, beta: f64) {
+pub fn dgemm(a: ArrayView2<f64>, b: ArrayView2<f64>, c: &mut ArrayViewMut2<f64>, alpha: f64, beta: f64) {
     let (m, k) = a.dim();
     let n = b.dim().1;
     let (sa, sb, sc) = (a.strides(), b.strides(), c.strides().to_vec());
@@ -279,7 +279,7 @@ pub fn as_rows(x: ArrayD<f32>) -> OpResult<(Array2<f32>, Vec<usize>)> {
 }
 
 /// `int_linear(qx[.., K], qw[N, K], scale[N], bias?[N])` = scale (.) (qx qw^T) + bias.
-pub fn int_linear_impl(ctx: &OpCtx) -> OpResult<RtTensor> {
+pub fn int_linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let (qx, qw, scale, bias) = (ctx.input(0)?, ctx.input(1)?, ctx.input(2)?, ctx.opt_input(3));
     if !qx.dtype().is_int() || !qw.dtype().is_int() {
         bail!("int_linear needs integer operands, got {} and {}", qx.dtype(), qw.dtype());

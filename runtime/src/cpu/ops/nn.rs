@@ -70,7 +70,8 @@ fn per_row<T: FloatMath>(x: &ArrayD<T>, inner: usize, f: impl Fn(&[T], &mut [T])
     ArrayD::from_shape_vec(IxDyn(x.shape()), out).map_err(|e| op_err!("{e}"))
 }
 
-fn layer_norm_array<T: FloatMath>(
+/// Layer normalisation over axes `axis..` (RMS normalisation when `rms`: no mean subtraction).
+pub fn normalize<T: FloatMath>(
     x: &ArrayD<T>,
     axis: usize,
     eps: f64,
@@ -105,7 +106,7 @@ pub fn layer_norm(ctx: &OpCtx) -> OpResult<RtTensor> {
     let axis = norm_axis(ctx.int("axis", -1), x.shape().len())?;
     let eps = ctx.float("epsilon", 1e-5) as f64;
     let (scale, bias) = (ctx.opt_input(1), ctx.opt_input(2));
-    Ok(float_dispatch!(x, a => layer_norm_array(a, axis, eps, scale, bias, false)?))
+    Ok(float_dispatch!(x, a => normalize(a, axis, eps, scale, bias, false)?))
 }
 
 pub fn rms_norm(ctx: &OpCtx) -> OpResult<RtTensor> {
@@ -113,7 +114,7 @@ pub fn rms_norm(ctx: &OpCtx) -> OpResult<RtTensor> {
     let axis = norm_axis(ctx.int("axis", -1), x.shape().len())?;
     let eps = ctx.float("epsilon", 1e-5) as f64;
     let scale = ctx.opt_input(1);
-    Ok(float_dispatch!(x, a => layer_norm_array(a, axis, eps, scale, None, true)?))
+    Ok(float_dispatch!(x, a => normalize(a, axis, eps, scale, None, true)?))
 }
 
 fn batch_norm_array<T: FloatMath>(x: &ArrayD<T>, params: [Vec<f64>; 4], eps: f64) -> OpResult<ArrayD<T>> {

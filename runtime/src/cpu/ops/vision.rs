@@ -275,23 +275,24 @@ fn cubic_kernel(x: f64, a: f64) -> f64 {
 
 impl ResizeAxis<'_> {
     fn taps(&self, o: usize, in_len: usize, out_len: usize, scale: f64, roi: (f64, f64)) -> OpResult<Taps> {
-        let (of, inf, outf) = (o as f64, in_len as f64, out_len as f64);
+        // As in the ONNX reference, the resized length in the formulas is the unrounded `scale * in_len`.
+        let (of, inf, outf) = (o as f64, in_len as f64, scale * in_len as f64);
         let x = match self.ctm {
             "half_pixel" => (of + 0.5) / scale - 0.5,
             "half_pixel_symmetric" => {
-                let adjustment = outf / (scale * inf);
+                let adjustment = out_len as f64 / outf;
                 let center = inf / 2.0;
                 center * (1.0 - adjustment) + (of + 0.5) / scale - 0.5
             }
             "pytorch_half_pixel" => {
-                if out_len > 1 {
+                if outf > 1.0 {
                     (of + 0.5) / scale - 0.5
                 } else {
                     0.0
                 }
             }
             "align_corners" => {
-                if out_len == 1 {
+                if outf == 1.0 {
                     0.0
                 } else {
                     of * (inf - 1.0) / (outf - 1.0)
@@ -300,7 +301,7 @@ impl ResizeAxis<'_> {
             "asymmetric" => of / scale,
             "tf_crop_and_resize" => {
                 let (start, end) = roi;
-                let x = if out_len > 1 {
+                let x = if outf > 1.0 {
                     start * (inf - 1.0) + of * (end - start) * (inf - 1.0) / (outf - 1.0)
                 } else {
                     0.5 * (start + end) * (inf - 1.0)
