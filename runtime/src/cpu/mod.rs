@@ -331,4 +331,6 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
 }
 
 #[cfg(test)]
+mod ops_tests;
+#[cfg(test)]
 mod tests;
