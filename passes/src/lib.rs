@@ -19,6 +19,13 @@ pub mod verify;
 pub mod canonicalize;
 pub mod eliminate_dead_code;
 pub mod fold_constants;
+pub mod fuse_attention;
+pub mod fuse_layer_norm;
+pub mod fuse_linear;
+pub mod fuse_rms_norm;
+pub mod fuse_rotary;
+pub mod fuse_swiglu;
+pub(crate) mod pattern;
 
 pub use manager::{
     Bisect, DumpDir, Flow, Instrumentation, InstrumentationError, ManagerError, PassFilter, PassManager, PassReport,
@@ -30,5 +37,15 @@ pub use registry::{PassEntry, Pipeline, PipelineEntry, PipelineError, Registry};
 
 /// Every registered pass, in the order `qcc passes` lists them.
 pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
-    vec![canonicalize::ENTRY, fold_constants::ENTRY, eliminate_dead_code::ENTRY]
+    vec![
+        canonicalize::ENTRY,
+        fold_constants::ENTRY,
+        eliminate_dead_code::ENTRY,
+        fuse_rms_norm::ENTRY,
+        fuse_layer_norm::ENTRY,
+        fuse_linear::ENTRY,
+        fuse_swiglu::ENTRY,
+        fuse_rotary::ENTRY,
+        fuse_attention::ENTRY,
+    ]
 }

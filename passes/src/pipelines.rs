@@ -8,7 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The structural prefix shared by every level: canonicalize, recognise blocks, clean up.
-pub const STRUCTURAL: &str = "fold-constants,canonicalize,eliminate-dead-code";
+pub const STRUCTURAL: &str = "fold-constants,canonicalize,fuse-rms-norm,fuse-layer-norm,fuse-linear,fuse-rotary,fuse-attention,fuse-swiglu,eliminate-dead-code";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OptLevel {

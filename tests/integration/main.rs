@@ -2,3 +2,5 @@
 mod tokenizer;
 mod onnx_import;
 mod conformance;
+mod passes;
+mod filetests;
