@@ -142,7 +142,8 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
                     let tensor = constant(g, v).and_then(transpose_2d).ok_or_else(|| {
                         PassError::node(&g.node(v.node).name, OpKind::Constant, "cannot transpose the weight")
                     })?;
-                    let name = g.fresh_name(&format!("{}.nk", g.value_name(v)));
+                    let preferred = format!("{}.nk", g.value_name(v));
+                    let name = if g.value_by_name(&preferred).is_none() { preferred } else { g.fresh_name(&preferred) };
                     let t = g.add_constant(&name, tensor)?;
                     transposed.insert(v, t);
                     t
