@@ -1,6 +1,7 @@
 //! The integration test binary: one module per area.
-mod tokenizer;
-mod onnx_import;
 mod conformance;
-mod passes;
 mod filetests;
+mod onnx_import;
+mod passes;
+mod smollm2;
+mod tokenizer;

@@ -5,8 +5,7 @@
 
 use prost::Message;
 use qcc::onnx::proto::{
-    data_location, data_type, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    data_type, AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
 };
 use qcc::onnx::{import_bytes, import_model, ImportError, ImportedModel};
 use qcc_ir::{Attr, DType, Dim, Graph, OpKind, Tensor};
@@ -15,104 +14,10 @@ use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------- model builders
 
-fn f32_raw(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
-    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: data_type::FLOAT,
-        raw_data: raw.into(),
-        ..Default::default()
-    }
-}
-
-fn external(name: &str, dims: &[i64], location: &str, offset: u64, length: Option<u64>) -> TensorProto {
-    let mut entries = vec![entry("location", location), entry("offset", &offset.to_string())];
-    if let Some(l) = length {
-        entries.push(entry("length", &l.to_string()));
-    }
-    TensorProto {
-        name: name.into(),
-        dims: dims.to_vec(),
-        data_type: data_type::FLOAT,
-        data_location: data_location::EXTERNAL,
-        external_data: entries,
-        ..Default::default()
-    }
-}
-
-fn entry(key: &str, value: &str) -> StringStringEntryProto {
-    StringStringEntryProto { key: key.into(), value: value.into() }
-}
-
-enum D {
-    N(i64),
-    S(&'static str),
-    Missing,
-}
-
-fn tensor_value(name: &str, elem_type: i32, dims: &[D]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            value: match d {
-                D::N(n) => Some(tensor_shape_proto::dimension::Value::DimValue(*n)),
-                D::S(s) => Some(tensor_shape_proto::dimension::Value::DimParam(s.to_string())),
-                D::Missing => None,
-            },
-            denotation: String::new(),
-        })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            tensor_type: Some(type_proto::Tensor { elem_type, shape: Some(TensorShapeProto { dim }) }),
-            denotation: String::new(),
-        }),
-        doc_string: String::new(),
-    }
-}
-
-fn node(name: &str, op_type: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
-    NodeProto {
-        name: name.into(),
-        op_type: op_type.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
-fn ints(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: 7, ints: values.to_vec(), ..Default::default() }
-}
-
-fn int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: 2, i: value, ..Default::default() }
-}
-
-fn model(graph: GraphProto, opset: i64) -> ModelProto {
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opset }],
-        producer_name: "qcc-tests".into(),
-        producer_version: "1".into(),
-        graph: Some(graph),
-        ..Default::default()
-    }
-}
-
-fn graph(nodes: Vec<NodeProto>, init: Vec<TensorProto>, inputs: Vec<ValueInfoProto>, outputs: &[&str]) -> GraphProto {
-    GraphProto {
-        name: "g".into(),
-        node: nodes,
-        initializer: init,
-        input: inputs,
-        output: outputs.iter().map(|o| ValueInfoProto { name: o.to_string(), ..Default::default() }).collect(),
-        ..Default::default()
-    }
-}
+use qcc::onnx::build::{
+    attr_int as int, attr_ints as ints, external_f32_tensor as external, graph, model, node, raw_f32_tensor as f32_raw,
+    tensor_value_info as tensor_value, DimSpec as D,
+};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
@@ -157,7 +62,7 @@ fn import_err(dir: &Path, m: &ModelProto) -> (PathBuf, String) {
 }
 
 fn x_input() -> ValueInfoProto {
-    tensor_value("x", data_type::FLOAT, &[D::S("batch"), D::N(4)])
+    tensor_value("x", data_type::FLOAT, &[D::Param("batch"), D::Value(4)])
 }
 
 // ---------------------------------------------------------------- a normal model
@@ -196,8 +101,8 @@ fn small_model() -> ModelProto {
     ];
     let mut g = graph(nodes, vec![f32_raw("W", &[4, 3], &w), b, shape], vec![x_input()], &["y"]);
     // IR < 4 style: the initializer W is listed among the inputs too; it must stay a constant.
-    g.input.push(tensor_value("W", data_type::FLOAT, &[D::N(4), D::N(3)]));
-    g.output[0] = tensor_value("y", data_type::FLOAT, &[D::S("batch")]);
+    g.input.push(tensor_value("W", data_type::FLOAT, &[D::Value(4), D::Value(3)]));
+    g.output[0] = tensor_value("y", data_type::FLOAT, &[D::Param("batch")]);
     model(g, 11)
 }
 
@@ -208,7 +113,7 @@ fn small_model_imports_with_ops_types_and_constants() {
     let m: ImportedModel = import_model(&path).unwrap();
     assert_eq!(m.ir_version, 8);
     assert_eq!(m.onnx_opset(), 11);
-    assert_eq!(m.producer_name, "qcc-tests");
+    assert_eq!(m.producer_name, "qcc");
     assert_eq!(m.source.as_deref(), Some(path.as_path()));
     let g = &m.graph;
 
@@ -297,7 +202,7 @@ fn external_data_shares_one_mapping_and_is_zero_copy() {
         external("c", &[3], "./data/weights.bin", 128, None),
     ];
     let nodes = vec![node("n", "Sum", &["a", "b", "x"], &["y"], vec![])];
-    let m = model(graph(nodes, init, vec![tensor_value("x", data_type::FLOAT, &[D::N(1)])], &["y"]), 17);
+    let m = model(graph(nodes, init, vec![tensor_value("x", data_type::FLOAT, &[D::Value(1)])], &["y"]), 17);
     let path = write(dir.path(), "model.onnx", &m.encode_to_vec());
     let imported = import_model(&path).unwrap();
     let g = &imported.graph;
@@ -630,7 +535,7 @@ fn unsupported_dtypes_name_the_tensor() {
         graph(
             vec![node("n", "Identity", &["x"], &["y"], vec![])],
             vec![],
-            vec![tensor_value("x", data_type::COMPLEX64, &[D::N(2)])],
+            vec![tensor_value("x", data_type::COMPLEX64, &[D::Value(2)])],
             &["y"],
         ),
         17,
@@ -660,7 +565,7 @@ fn missing_dims_and_used_optional_outputs() {
     // one is reported.
     let scale = f32_raw("scale", &[4], &[1.0; 4]);
     let nodes = vec![node("ln", "LayerNormalization", &["x", "scale"], &["y", "mean"], vec![])];
-    let inputs = vec![tensor_value("x", data_type::FLOAT, &[D::Missing, D::N(4)])];
+    let inputs = vec![tensor_value("x", data_type::FLOAT, &[D::Missing, D::Value(4)])];
     let m = model(graph(nodes.clone(), vec![scale.clone()], inputs.clone(), &["y"]), 17);
     let g = import_bytes(m.encode_to_vec().into(), None).unwrap().graph;
     let x = g.value_by_name("x").unwrap();

@@ -112,15 +112,7 @@ impl Importer {
     }
 
     fn tensor_error(&self, tensor: String, problem: TensorProblem) -> ImportError {
-        match problem {
-            TensorProblem::UnsupportedDType(dtype) => ImportError::UnsupportedDType {
-                path: self.path.clone(),
-                tensor,
-                dtype,
-                dtype_name: data_type::name(dtype),
-            },
-            TensorProblem::Invalid(message) => ImportError::InvalidTensor { path: self.path.clone(), tensor, message },
-        }
+        problem.at(self.path.clone(), tensor)
     }
 
     fn convert_graph(&mut self, g: &GraphProto) -> Result<(), ImportError> {
@@ -156,9 +148,13 @@ impl Importer {
                     return Err(self
                         .tensor_error(format!("graph input '{}'", input.name), TensorProblem::UnsupportedDType(dtype)))
                 }
-                Some(Err(TypeProblem::NotTensor)) | None => {
-                    return Err(self.invalid(format!("graph input '{}' has no tensor type", input.name)))
+                Some(Err(TypeProblem::NotTensor)) => {
+                    return Err(ImportError::UnsupportedValueType {
+                        path: self.path.clone(),
+                        value: input.name.clone(),
+                    })
                 }
+                None => return Err(self.invalid(format!("graph input '{}' has no type", input.name))),
             };
             self.graph.add_input(&input.name, ty).map_err(|e| self.duplicate(e))?;
         }

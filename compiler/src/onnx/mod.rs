@@ -5,6 +5,7 @@
 //! which the `Bytes` keep alive. Nodes are converted through a registry of op families ([`ops`]) that
 //! normalises every supported opset to one IR form. Unsupported ops are collected and reported together.
 
+pub mod build;
 mod convert;
 pub mod ops;
 pub mod proto;
@@ -83,6 +84,8 @@ pub enum ImportError {
     InvalidTensor { path: String, tensor: String, message: String },
     #[error("{path}: {tensor} has element type {dtype_name} (ONNX data type {dtype}), which qcc does not support")]
     UnsupportedDType { path: String, tensor: String, dtype: i32, dtype_name: &'static str },
+    #[error("{path}: graph input '{value}' is a sequence, optional or map; qcc supports tensor values only")]
+    UnsupportedValueType { path: String, value: String },
     #[error(
         "{path}: node '{node}' ({op_type}) reads '{input}', which is not a graph input, an initializer or the output of any node"
     )]
@@ -110,6 +113,7 @@ impl ImportError {
             | ImportError::InvalidModel { path, .. }
             | ImportError::InvalidTensor { path, .. }
             | ImportError::UnsupportedDType { path, .. }
+            | ImportError::UnsupportedValueType { path, .. }
             | ImportError::DanglingInput { path, .. }
             | ImportError::Cycle { path, .. }
             | ImportError::InvalidNode { path, .. }
@@ -140,6 +144,15 @@ pub fn import_model(path: impl AsRef<Path>) -> Result<ImportedModel, ImportError
 pub fn import_bytes(bytes: Bytes, external_data_dir: Option<&Path>) -> Result<ImportedModel, ImportError> {
     let model = decode(bytes, MEMORY)?;
     convert::convert_model(model, MEMORY, external_data_dir.map(Path::to_path_buf), None)
+}
+
+/// Decodes one serialized `TensorProto` (the `.pb` files of ONNX test data) into a tensor; `raw_data` stays
+/// a view into `bytes`. External data is not allowed here.
+pub fn decode_tensor(bytes: Bytes) -> Result<qcc_ir::Tensor, ImportError> {
+    let proto =
+        proto::TensorProto::decode(bytes).map_err(|source| ImportError::Decode { path: MEMORY.into(), source })?;
+    let what = format!("tensor '{}'", proto.name);
+    tensor::load_tensor(&proto, &mut tensor::ExternalData::new(None)).map_err(|p| p.at(MEMORY.into(), what))
 }
 
 /// Decodes the protobuf only (no conversion). Byte fields are views into `bytes`.

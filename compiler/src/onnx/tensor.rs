@@ -106,6 +106,21 @@ impl ExternalData {
     }
 }
 
+impl TensorProblem {
+    /// The user-facing error for this problem with tensor `tensor` (e.g. "initializer 'w'") of model `path`.
+    pub(crate) fn at(self, path: String, tensor: String) -> super::ImportError {
+        match self {
+            TensorProblem::UnsupportedDType(dtype) => super::ImportError::UnsupportedDType {
+                path,
+                tensor,
+                dtype,
+                dtype_name: super::proto::data_type::name(dtype),
+            },
+            TensorProblem::Invalid(message) => super::ImportError::InvalidTensor { path, tensor, message },
+        }
+    }
+}
+
 /// Maps a whole file read-only; the `Bytes` owns the mapping.
 pub(crate) fn map_file(path: &Path) -> std::io::Result<Bytes> {
     let file = File::open(path)?;
