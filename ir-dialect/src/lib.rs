@@ -6,6 +6,7 @@
 
 mod dtype;
 mod graph;
+pub mod hadamard;
 pub mod infer;
 mod op;
 mod shape;

@@ -184,9 +184,9 @@ op_kinds! {
     // ---- qcc fused blocks (recognised by the block-recognition passes in qcc-passes) ----
     /// `linear(x[.., K], w[N, K], bias?[N])`: y = x w^T + bias, in x's float type.
     Linear = "linear", onnx "", in 2..=3, out Some(1);
-    /// `rms_norm(x, gamma[D])` over the last axis: y = x / sqrt(mean(x^2) + epsilon) * gamma; attribute
-    /// `epsilon` (f32).
-    RmsNorm = "rms_norm", onnx "", in 2..=2, out Some(1);
+    /// `rms_norm(x, gamma[D], beta?[D])` over the last axis: y = x / sqrt(mean(x^2) + epsilon) * gamma + beta;
+    /// attribute `epsilon` (f32). The optional shift `beta` is how the `symmetrize` pass centres channels.
+    RmsNorm = "rms_norm", onnx "", in 2..=3, out Some(1);
     /// `swiglu(gate, up)`: y = gate * sigmoid(gate) * up (SiLU-gated linear unit, broadcasting).
     Swiglu = "swiglu", onnx "", in 2..=2, out Some(1);
     /// `rotary(x[.., S, D], cos, sin)`: rotary position embedding in the half-rotation (GPT-NeoX/Llama)
@@ -198,6 +198,11 @@ op_kinds! {
     /// (f32) and `causal` (int, 1: keys after the query's position, counted from the end, are masked).
     /// The additive mask broadcasts to [B, Hq, S, T].
     Attention = "attention", onnx "", in 3..=4, out Some(1);
+    /// `hadamard(x[.., n]) {size = n}`: the orthonormal Hadamard transform of the last axis,
+    /// y = x H_n^T / sqrt(n) (each y_i = sum_j H_n[i][j] x_j / sqrt(n)), with H_n the matrix of
+    /// [`crate::hadamard::Hadamard::new`]. Inserted by the `rotate` pass where no producer can absorb a
+    /// rotation (the down_proj input); a kernel applies it online.
+    Hadamard = "hadamard", onnx "", in 1..=1, out Some(1);
 }
 
 impl OpKind {

@@ -34,12 +34,31 @@ pub fn infer(ctx: &Ctx<'_>) -> Out {
     match ctx.node.op.kind {
         OpKind::Linear => linear(ctx),
         OpKind::RmsNorm => {
-            let dtype = same_float(ctx, &[0, 1])?;
-            if let (Some(x), Some(g)) = (ctx.shape(0)?, ctx.shape(1)?) {
-                let (Some(last), [d]) = (x.0.last(), g.dims()) else {
-                    return Err(ctx.err(format!("gamma must be [D] and x [.., D], got [{g}] and [{x}]")));
+            let dtype = same_float(ctx, &[0, 1, 2])?;
+            for (port, what) in [(1, "gamma"), (2, "beta")] {
+                if ctx.input(port).is_none() {
+                    continue;
+                }
+                if let (Some(x), Some(g)) = (ctx.shape(0)?, ctx.shape(port)?) {
+                    let (Some(last), [d]) = (x.0.last(), g.dims()) else {
+                        return Err(ctx.err(format!("{what} must be [D] and x [.., D], got [{g}] and [{x}]")));
+                    };
+                    dims_match(ctx, &format!("{what} length differs from the normalised axis"), last, d)?;
+                }
+            }
+            Ok(vec![TensorType { dtype, shape: ctx.shape(0)?.cloned() }])
+        }
+        OpKind::Hadamard => {
+            let dtype = float_dtype(ctx, 0)?;
+            let size = ctx.node.op.int("size").ok_or_else(|| ctx.err("attribute 'size' (int) is missing"))?;
+            if size < 1 {
+                return Err(ctx.err(format!("size must be positive, got {size}")));
+            }
+            if let Some(x) = ctx.shape(0)? {
+                let Some(last) = x.0.last() else {
+                    return Err(ctx.err("hadamard needs rank >= 1"));
                 };
-                dims_match(ctx, "gamma length differs from the normalised axis", last, d)?;
+                dims_match(ctx, "size differs from the last dimension", last, &Dim::Known(size as u64))?;
             }
             Ok(vec![TensorType { dtype, shape: ctx.shape(0)?.cloned() }])
         }

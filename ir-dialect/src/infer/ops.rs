@@ -176,7 +176,7 @@ pub fn infer(ctx: &Ctx<'_>) -> Out {
             Ok(vec![TensorType { dtype, shape: ctx.shape(0)?.cloned() }])
         }
         IntLinear => int_linear(ctx),
-        Linear | RmsNorm | Swiglu | Rotary | Attention => super::fused::infer(ctx),
+        Linear | RmsNorm | Swiglu | Rotary | Attention | Hadamard => super::fused::infer(ctx),
         // Listed so that a new op kind without a rule fails to compile here.
         Shape | Size | Reshape | Transpose | Squeeze | Unsqueeze | Flatten | Concat | Split | Slice | Gather
         | GatherElements | Expand | Tile | Pad | ConstantOfShape | Range | Conv | MaxPool | AveragePool

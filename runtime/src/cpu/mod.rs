@@ -327,6 +327,7 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
         Swiglu => one(fused::swiglu(ctx)?),
         Rotary => one(fused::rotary(ctx)?),
         Attention => one(fused::attention(ctx)?),
+        Hadamard => one(fused::hadamard(ctx)?),
     }
 }
 

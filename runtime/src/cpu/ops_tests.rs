@@ -348,3 +348,28 @@ fn fused_blocks_match_their_definitions() {
     }
     close(&f32s(&out), &expected, 1e-5);
 }
+
+#[test]
+fn hadamard_and_rms_norm_with_beta() {
+    // Sylvester H_4 rows (1,1,1,1), (1,-1,1,-1), (1,1,-1,-1), (1,-1,-1,1), divided by sqrt(4).
+    let x = f32t(&[2, 4], &[1., 2., 3., 4., 0., 0., 2., 0.]);
+    let out = run1(op(OpKind::Hadamard).with("size", Attr::Int(4)), &[x.clone()]);
+    assert_eq!(out.shape(), [2, 4]);
+    close(&f32s(&out), &[5., -1., -2., 0., 1., 1., -1., -1.], 1e-6);
+    let bad = try_run(op(OpKind::Hadamard).with("size", Attr::Int(8)), &[Some(x)], 1);
+    assert!(bad.is_err());
+    // Paley I order 12: the transform preserves the norm of each row.
+    let v: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin()).collect();
+    let out = f32s(&run1(op(OpKind::Hadamard).with("size", Attr::Int(12)), &[f32t(&[2, 12], &v)]));
+    for r in 0..2 {
+        let (a, b): (f32, f32) =
+            (v[r * 12..][..12].iter().map(|x| x * x).sum(), out[r * 12..][..12].iter().map(|x| x * x).sum());
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let rows = f32t(&[1, 4], &[1., 4., 3., 2.]);
+    let gamma = f32t(&[4], &[1., 2., 1., 1.]);
+    let beta = f32t(&[4], &[0.5, 0., -1., 0.]);
+    let y = run1(op(OpKind::RmsNorm).with("epsilon", Attr::Float(0.0)), &[rows, gamma, beta]);
+    let r = (30.0f64 / 4.0).sqrt();
+    close(&f32s(&y), &[(1.0 / r + 0.5) as f32, (8.0 / r) as f32, (3.0 / r - 1.0) as f32, (2.0 / r) as f32], 1e-6);
+}

@@ -181,6 +181,29 @@ pub fn rms_norm(ctx: &OpCtx) -> OpResult<RtTensor> {
         bail!("rms_norm needs rank >= 1");
     }
     let eps = ctx.float("epsilon", 1e-5) as f64;
-    let gamma = ctx.opt_input(1);
-    Ok(float_dispatch!(x, a => crate::cpu::ops::nn::normalize(a, rank - 1, eps, gamma, None, true)?))
+    let (gamma, beta) = (ctx.opt_input(1), ctx.opt_input(2));
+    Ok(float_dispatch!(x, a => crate::cpu::ops::nn::normalize(a, rank - 1, eps, gamma, beta, true)?))
+}
+
+/// `hadamard(x) {size}`: the orthonormal Hadamard transform of the last axis, computed in f64.
+pub fn hadamard(ctx: &OpCtx) -> OpResult<RtTensor> {
+    let x = ctx.input(0)?;
+    let n = *x.shape().last().ok_or_else(|| op_err!("hadamard needs rank >= 1"))?;
+    let size = ctx.int("size", 0);
+    if size != n as i64 {
+        bail!("attribute size = {size} differs from the last dimension {n}");
+    }
+    if !x.dtype().is_float() {
+        bail!("hadamard needs a float input, got {}", x.dtype());
+    }
+    let h = qcc_ir::hadamard::Hadamard::new(n);
+    let mut data = x.cast_array::<f64>().as_standard_layout().into_owned();
+    let flat = data.as_slice_mut().ok_or_else(|| op_err!("non-contiguous data"))?;
+    let rows = |row: &mut [f64]| h.transform(row).map_err(|e| op_err!("{e}"));
+    if flat.len() >= PAR_MIN {
+        flat.par_chunks_mut(n).try_for_each(rows)?;
+    } else {
+        flat.chunks_mut(n).try_for_each(rows)?;
+    }
+    Ok(RtTensor::F64(data).cast(x.dtype()))
 }

@@ -1,0 +1,510 @@
+//! Hadamard matrices of any order, the definition behind the `hadamard(x) {size}` op and the rotations
+//! the `rotate` pass folds into weights (both must use the very same matrix, hence it lives in the IR).
+//!
+//! An order n = odd * 2^k is built as the Kronecker product H_m (x) H_{2^k/2^j} with m = odd * 2^j the
+//! smallest order that has a construction here:
+//!   * Sylvester, for powers of two (applied with the fast Walsh-Hadamard transform);
+//!   * Paley I, m = q + 1 for a prime power q = 3 (mod 4) (12, 20, 24, 28, 44, 60, 108, 140, 344, ...);
+//!   * Paley II, m = 2 (q + 1) for a prime power q = 1 (mod 4) (12, 20, 28, 36, 52, 60, 76, 100, 148, ...).
+//!
+//! 156 and 172 themselves are not Paley orders (they need Williamson-type tables), but 156 * 2^k and
+//! 172 * 2^k for k >= 1 are covered through 312 (q = 311) and 344 (q = 7^3): 11008 = H_344 (x) H_32.
+//! An order with no construction falls back to a block-diagonal matrix of the largest constructible
+//! blocks ([`Hadamard::is_exact`] is then false): still orthogonal, but it mixes channels only inside
+//! blocks.
+//!
+//! Convention: `transform` computes y = H x / sqrt(n) (y_i = sum_j H[i][j] x_j / sqrt(n)), so it is
+//! orthonormal; H is not symmetric in general (Paley I is not), so the inverse is [`Hadamard::inverse`].
+
+use std::fmt;
+
+/// How the dense (non power-of-two) factor is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Construction {
+    /// No dense factor: H_n is Sylvester's.
+    Sylvester,
+    PaleyI {
+        q: usize,
+    },
+    PaleyII {
+        q: usize,
+    },
+}
+
+/// The Hadamard matrix qcc uses for one order, in factored form.
+#[derive(Clone)]
+pub struct Hadamard {
+    n: usize,
+    /// Size of each diagonal block (n when exact).
+    block: usize,
+    /// Order of the dense factor (1 for Sylvester) and its entries (+1/-1, row-major m x m).
+    m: usize,
+    dense: Vec<i8>,
+    /// Power-of-two factor inside one block: block = m * pow2.
+    pow2: usize,
+    construction: Construction,
+}
+
+impl Hadamard {
+    /// The matrix qcc uses for order `n` (n >= 1).
+    pub fn new(n: usize) -> Hadamard {
+        let n = n.max(1);
+        if let Some(h) = Hadamard::exact(n) {
+            return h;
+        }
+        // Largest constructible divisor as block size (1 at worst: the identity).
+        let block = (1..n).rev().find(|b| n % b == 0 && Hadamard::exact(*b).is_some()).unwrap_or(1);
+        let mut h = Hadamard::exact(block).unwrap_or_else(|| Hadamard::sylvester(1));
+        h.n = n;
+        h
+    }
+
+    fn sylvester(p: usize) -> Hadamard {
+        Hadamard { n: p, block: p, m: 1, dense: vec![1], pow2: p, construction: Construction::Sylvester }
+    }
+
+    /// A true Hadamard matrix of order `n`, when one of the constructions reaches it.
+    pub fn exact(n: usize) -> Option<Hadamard> {
+        if n == 0 {
+            return None;
+        }
+        let twos = n.trailing_zeros();
+        let odd = n >> twos;
+        if odd == 1 {
+            return Some(Hadamard::sylvester(n));
+        }
+        for j in 0..=twos {
+            let m = odd << j;
+            if let Some((dense, construction)) = paley(m) {
+                return Some(Hadamard { n, block: n, m, dense, pow2: n / m, construction });
+            }
+        }
+        None
+    }
+
+    pub fn size(&self) -> usize {
+        self.n
+    }
+
+    /// False when the order had no construction and the matrix is block-diagonal.
+    pub fn is_exact(&self) -> bool {
+        self.block == self.n
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block
+    }
+
+    pub fn construction(&self) -> Construction {
+        self.construction
+    }
+
+    /// Entry (i, j) of the unnormalised matrix: +1 or -1 (0 off the diagonal blocks of a fallback).
+    pub fn entry(&self, i: usize, j: usize) -> i8 {
+        if i / self.block != j / self.block {
+            return 0;
+        }
+        let (i, j) = (i % self.block, j % self.block);
+        let (a, r) = (i / self.pow2, i % self.pow2);
+        let (b, s) = (j / self.pow2, j % self.pow2);
+        let sylvester = if (r & s).count_ones() % 2 == 0 { 1 } else { -1 };
+        self.dense[a * self.m + b] * sylvester
+    }
+
+    /// y = H x / sqrt(n) in place (`x.len()` must be n; other lengths are left unchanged and reported).
+    pub fn transform(&self, x: &mut [f64]) -> Result<(), HadamardError> {
+        self.apply(x, false)
+    }
+
+    /// y = H^T x / sqrt(n), the inverse of [`Hadamard::transform`].
+    pub fn inverse(&self, x: &mut [f64]) -> Result<(), HadamardError> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &mut [f64], transpose: bool) -> Result<(), HadamardError> {
+        if x.len() != self.n {
+            return Err(HadamardError { expected: self.n, actual: x.len() });
+        }
+        let scale = 1.0 / (self.block as f64).sqrt();
+        let mut column = vec![0f64; self.m];
+        for block in x.chunks_exact_mut(self.block) {
+            for row in block.chunks_exact_mut(self.pow2) {
+                fwht(row);
+            }
+            if self.m > 1 {
+                for r in 0..self.pow2 {
+                    for (a, c) in column.iter_mut().enumerate() {
+                        let mut acc = 0f64;
+                        for b in 0..self.m {
+                            let h = if transpose { self.dense[b * self.m + a] } else { self.dense[a * self.m + b] };
+                            acc += f64::from(h) * block[b * self.pow2 + r];
+                        }
+                        *c = acc;
+                    }
+                    for (a, c) in column.iter().enumerate() {
+                        block[a * self.pow2 + r] = *c;
+                    }
+                }
+            }
+            block.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Hadamard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let core = match self.construction {
+            Construction::Sylvester => format!("H_{} (Sylvester)", self.pow2),
+            Construction::PaleyI { q } => format!("H_{} (Paley I, q = {q}) x H_{}", self.m, self.pow2),
+            Construction::PaleyII { q } => format!("H_{} (Paley II, q = {q}) x H_{}", self.m, self.pow2),
+        };
+        if self.is_exact() {
+            f.write_str(&core)
+        } else {
+            write!(
+                f,
+                "block-diagonal: {} blocks of {core} (no Hadamard construction for {})",
+                self.n / self.block,
+                self.n
+            )
+        }
+    }
+}
+
+impl fmt::Debug for Hadamard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hadamard({}: {self})", self.n)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hadamard transform of size {expected} applied to {actual} values")]
+pub struct HadamardError {
+    pub expected: usize,
+    pub actual: usize,
+}
+
+/// Unnormalised fast Walsh-Hadamard transform (Sylvester order) of a power-of-two length.
+pub fn fwht(x: &mut [f64]) {
+    let n = x.len();
+    let mut h = 1;
+    while h < n {
+        for start in (0..n).step_by(2 * h) {
+            for i in start..start + h {
+                let (a, b) = (x[i], x[i + h]);
+                x[i] = a + b;
+                x[i + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+}
+
+/// A Paley matrix of order `m` (I or II), when m - 1 or m / 2 - 1 is a suitable prime power.
+fn paley(m: usize) -> Option<(Vec<i8>, Construction)> {
+    if m < 4 || m % 4 != 0 {
+        return None;
+    }
+    let q = m - 1;
+    if q % 4 == 3 {
+        if let Some(field) = Field::new(q) {
+            return Some((paley_one(&field), Construction::PaleyI { q }));
+        }
+    }
+    let q = m / 2 - 1;
+    if q % 4 == 1 {
+        if let Some(field) = Field::new(q) {
+            return Some((paley_two(&field), Construction::PaleyII { q }));
+        }
+    }
+    None
+}
+
+/// Jacobsthal matrix Q[i][j] = chi(a_i - a_j) (chi the quadratic character, chi(0) = 0).
+fn jacobsthal(field: &Field) -> Vec<i8> {
+    let q = field.order();
+    let mut square = vec![false; q];
+    for x in 1..q {
+        square[field.mul(x, x)] = true;
+    }
+    let mut out = vec![0i8; q * q];
+    for i in 0..q {
+        for j in 0..q {
+            let d = field.sub(i, j);
+            out[i * q + j] = if d == 0 {
+                0
+            } else if square[d] {
+                1
+            } else {
+                -1
+            };
+        }
+    }
+    out
+}
+
+/// H = I + [[0, 1^T], [-1, Q]], order q + 1 (q = 3 mod 4).
+fn paley_one(field: &Field) -> Vec<i8> {
+    let q = field.order();
+    let jac = jacobsthal(field);
+    let m = q + 1;
+    let mut h = vec![0i8; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            let s = match (i, j) {
+                (0, 0) => 0,
+                (0, _) => 1,
+                (_, 0) => -1,
+                _ => jac[(i - 1) * q + (j - 1)],
+            };
+            h[i * m + j] = s + i8::from(i == j);
+        }
+    }
+    h
+}
+
+/// C = [[0, 1^T], [1, Q]] (symmetric conference matrix); H = C (x) [[1,1],[1,-1]] + I (x) [[1,-1],[-1,-1]],
+/// order 2 (q + 1) (q = 1 mod 4).
+fn paley_two(field: &Field) -> Vec<i8> {
+    let q = field.order();
+    let jac = jacobsthal(field);
+    let c = q + 1;
+    let m = 2 * c;
+    let mut h = vec![0i8; m * m];
+    for i in 0..c {
+        for j in 0..c {
+            let block: [[i8; 2]; 2] = if i == j {
+                [[1, -1], [-1, -1]]
+            } else {
+                let cij = if i == 0 || j == 0 { 1 } else { jac[(i - 1) * q + (j - 1)] };
+                [[cij, cij], [cij, -cij]]
+            };
+            for (a, row) in block.iter().enumerate() {
+                for (b, &v) in row.iter().enumerate() {
+                    h[(2 * i + a) * m + 2 * j + b] = v;
+                }
+            }
+        }
+    }
+    h
+}
+
+/// The finite field GF(p^k): element x is the polynomial whose base-p digits are its coefficients,
+/// multiplication is modulo a monic irreducible polynomial of degree k.
+struct Field {
+    p: usize,
+    k: usize,
+    /// Coefficients of x^k reduced: x^k = -sum modulus[i] x^i.
+    modulus: Vec<usize>,
+}
+
+impl Field {
+    /// GF(q) when q is a prime power (q >= 2).
+    fn new(q: usize) -> Option<Field> {
+        if q < 2 {
+            return None;
+        }
+        let p = (2..=q).find(|d| q % d == 0)?;
+        let (mut rest, mut k) = (q, 0);
+        while rest % p == 0 {
+            rest /= p;
+            k += 1;
+        }
+        if rest != 1 {
+            return None;
+        }
+        let modulus = if k == 1 { vec![0] } else { irreducible(p, k)? };
+        Some(Field { p, k, modulus })
+    }
+
+    fn order(&self) -> usize {
+        self.p.pow(self.k as u32)
+    }
+
+    fn digits(&self, mut x: usize) -> Vec<usize> {
+        (0..self.k)
+            .map(|_| {
+                let d = x % self.p;
+                x /= self.p;
+                d
+            })
+            .collect()
+    }
+
+    fn from_digits(&self, d: &[usize]) -> usize {
+        d.iter().rev().fold(0, |acc, &c| acc * self.p + c)
+    }
+
+    fn sub(&self, a: usize, b: usize) -> usize {
+        let (a, b) = (self.digits(a), self.digits(b));
+        let d: Vec<usize> = a.iter().zip(&b).map(|(x, y)| (x + self.p - y) % self.p).collect();
+        self.from_digits(&d)
+    }
+
+    fn mul(&self, a: usize, b: usize) -> usize {
+        if self.k == 1 {
+            return a * b % self.p;
+        }
+        let (a, b) = (self.digits(a), self.digits(b));
+        let mut prod = vec![0usize; 2 * self.k - 1];
+        for (i, x) in a.iter().enumerate() {
+            for (j, y) in b.iter().enumerate() {
+                prod[i + j] = (prod[i + j] + x * y) % self.p;
+            }
+        }
+        // Reduce from the top: x^(k+e) = -sum modulus[i] x^(i+e).
+        for top in (self.k..prod.len()).rev() {
+            let c = prod[top];
+            if c == 0 {
+                continue;
+            }
+            prod[top] = 0;
+            for (i, &m) in self.modulus.iter().enumerate() {
+                let idx = top - self.k + i;
+                prod[idx] = (prod[idx] + self.p * self.p - c * m % self.p) % self.p;
+            }
+        }
+        self.from_digits(&prod[..self.k])
+    }
+}
+
+/// The first monic irreducible polynomial of degree k over GF(p) (low coefficients, the leading 1 implied).
+fn irreducible(p: usize, k: usize) -> Option<Vec<usize>> {
+    let count = p.checked_pow(k as u32)?;
+    (0..count).map(|c| (0..k).map(|i| c / p.pow(i as u32) % p).collect::<Vec<_>>()).find(|low| {
+        let mut f = low.clone();
+        f.push(1);
+        (1..=k / 2).all(|d| !has_monic_factor(&f, d, p))
+    })
+}
+
+/// Whether f (coefficients low to high, monic) has a monic factor of degree d over GF(p).
+fn has_monic_factor(f: &[usize], d: usize, p: usize) -> bool {
+    let count = p.pow(d as u32);
+    (0..count).any(|c| {
+        let mut g: Vec<usize> = (0..d).map(|i| c / p.pow(i as u32) % p).collect();
+        g.push(1);
+        let mut r = f.to_vec();
+        for top in (d..r.len()).rev() {
+            let coef = r[top];
+            if coef == 0 {
+                continue;
+            }
+            for (i, &gi) in g.iter().enumerate() {
+                let idx = top - d + i;
+                r[idx] = (r[idx] + p * p - coef * gi % p) % p;
+            }
+        }
+        r[..d].iter().all(|&x| x == 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(h: &Hadamard) -> Vec<i8> {
+        let n = h.size();
+        (0..n * n).map(|k| h.entry(k / n, k % n)).collect()
+    }
+
+    /// H H^T = n I exactly (integer arithmetic).
+    fn assert_hadamard(h: &Hadamard) {
+        let n = h.size();
+        let d = dense(h);
+        assert!(d.iter().all(|&v| v == 1 || v == -1), "order {n}: entries must be +-1");
+        for i in 0..n {
+            for j in 0..n {
+                let dot: i64 = (0..n).map(|k| i64::from(d[i * n + k]) * i64::from(d[j * n + k])).sum();
+                assert_eq!(dot, if i == j { n as i64 } else { 0 }, "order {n} ({h}): rows {i}, {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn listed_orders_are_hadamard() {
+        for m in [4, 8, 12, 20, 24, 28, 36, 40, 44, 52, 60, 64, 76, 100, 108, 140, 148, 312, 344, 576] {
+            let h = Hadamard::exact(m).unwrap_or_else(|| panic!("no construction for {m}"));
+            assert_hadamard(&h);
+        }
+        assert!(matches!(Hadamard::exact(36).unwrap().construction(), Construction::PaleyII { q: 17 }));
+        assert!(matches!(Hadamard::exact(344).unwrap().construction(), Construction::PaleyI { q: 343 }));
+        assert!(matches!(Hadamard::exact(52).unwrap().construction(), Construction::PaleyII { q: 25 }));
+        // Not Paley orders: these need tables (Williamson); qcc falls back for them.
+        assert!(Hadamard::exact(156).is_none() && Hadamard::exact(172).is_none());
+    }
+
+    /// Inner products of random vectors survive the normalised transform (an orthogonality check
+    /// for orders too large for a dense H H^T), and the inverse undoes it.
+    fn assert_orthonormal(n: usize) {
+        let h = Hadamard::new(n);
+        assert!(h.is_exact(), "{n}: {h}");
+        let vecs: Vec<Vec<f64>> = (0..4)
+            .map(|s| (0..n).map(|i| ((i * 31 + s * 17) as f64 * 0.377).sin() + 0.1 * s as f64).collect())
+            .collect();
+        let mut tv = vecs.clone();
+        tv.iter_mut().for_each(|v| h.transform(v).unwrap());
+        for a in 0..4 {
+            for b in 0..4 {
+                let before: f64 = vecs[a].iter().zip(&vecs[b]).map(|(x, y)| x * y).sum();
+                let after: f64 = tv[a].iter().zip(&tv[b]).map(|(x, y)| x * y).sum();
+                assert!((before - after).abs() < 1e-9 * n as f64, "{n}: <{a},{b}> {before} vs {after}");
+            }
+        }
+        let mut back = tv[0].clone();
+        h.inverse(&mut back).unwrap();
+        assert!(back.iter().zip(&vecs[0]).all(|(x, y)| (x - y).abs() < 1e-12), "{n}: inverse");
+    }
+
+    #[test]
+    fn model_sizes_are_orthonormal() {
+        for n in [64, 576, 1536, 4096, 11008, 10944, 25600] {
+            assert_orthonormal(n);
+        }
+        assert_eq!(Hadamard::new(576).to_string(), "H_36 (Paley II, q = 17) x H_16");
+        assert_eq!(Hadamard::new(1536).to_string(), "H_12 (Paley I, q = 11) x H_128");
+        assert_eq!(Hadamard::new(11008).to_string(), "H_344 (Paley I, q = 343) x H_32");
+        assert_hadamard(&Hadamard::new(64));
+        assert_hadamard(&Hadamard::new(576));
+    }
+
+    #[test]
+    fn fast_transform_equals_matrix_product() {
+        for n in [8, 12, 48, 576, 1536] {
+            let h = Hadamard::new(n);
+            let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.61).cos() * (1.0 + i as f64 / 7.0)).collect();
+            let mut fast = x.clone();
+            h.transform(&mut fast).unwrap();
+            let mut fast_t = x.clone();
+            h.inverse(&mut fast_t).unwrap();
+            let s = 1.0 / (n as f64).sqrt();
+            for i in 0..n {
+                let y: f64 = (0..n).map(|j| f64::from(h.entry(i, j)) * x[j]).sum::<f64>() * s;
+                let yt: f64 = (0..n).map(|j| f64::from(h.entry(j, i)) * x[j]).sum::<f64>() * s;
+                assert!((y - fast[i]).abs() < 1e-9 && (yt - fast_t[i]).abs() < 1e-9, "{n}: row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn fallback_is_block_diagonal_and_orthogonal() {
+        let h = Hadamard::new(172);
+        assert!(!h.is_exact());
+        assert_eq!(h.block_size(), 4);
+        assert!(h.to_string().contains("block-diagonal"), "{h}");
+        let d = dense(&h);
+        for i in 0..172 {
+            for j in 0..172 {
+                let dot: i64 = (0..172).map(|k| i64::from(d[i * 172 + k]) * i64::from(d[j * 172 + k])).sum();
+                assert_eq!(dot, if i == j { 4 } else { 0 });
+            }
+        }
+        let h = Hadamard::new(43);
+        assert_eq!(h.block_size(), 1, "{h}");
+        let mut x = vec![1.0; 43];
+        h.transform(&mut x).unwrap();
+        assert!(x.iter().all(|&v| v == 1.0));
+        assert!(h.transform(&mut [0.0; 3]).is_err());
+    }
+}
