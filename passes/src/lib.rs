@@ -16,6 +16,7 @@ pub mod pipelines;
 pub mod registry;
 pub mod verify;
 
+pub mod calibration;
 pub mod canonicalize;
 pub mod eliminate_dead_code;
 pub mod fold_constants;
@@ -27,6 +28,7 @@ pub mod fuse_rotary;
 pub mod fuse_swiglu;
 pub(crate) mod pattern;
 
+pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, StatsRequest, StatsStore};
 pub use manager::{
     Bisect, DumpDir, Flow, Instrumentation, InstrumentationError, ManagerError, PassFilter, PassManager, PassReport,
     PassRun, PassStats, PrintIr, RunSummary, StopAfter,

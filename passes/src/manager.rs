@@ -130,13 +130,22 @@ impl PassManager {
         graph: &mut Graph,
         instrumentations: &mut [&mut dyn Instrumentation],
     ) -> Result<RunSummary, ManagerError> {
+        self.run_with_context(graph, &mut PassContext::new(), instrumentations)
+    }
+
+    /// Like [`PassManager::run`], with a caller-provided context (e.g. one carrying a calibration set).
+    pub fn run_with_context(
+        &self,
+        graph: &mut Graph,
+        ctx: &mut PassContext,
+        instrumentations: &mut [&mut dyn Instrumentation],
+    ) -> Result<RunSummary, ManagerError> {
         verify(graph).map_err(ManagerError::InvalidInput)?;
         let total = self.pipeline.len();
         let start_err = |source| ManagerError::Instrumentation { pass: "<input>".into(), index: 0, source };
         for inst in instrumentations.iter_mut() {
             inst.start(graph).map_err(start_err)?;
         }
-        let mut ctx = PassContext::new();
         let mut summary = RunSummary::default();
         for (index, entry) in self.pipeline.entries.iter().enumerate() {
             let text = entry.text();
@@ -146,7 +155,7 @@ impl PassManager {
 
             let mut flow = Flow::Continue;
             for inst in instrumentations.iter_mut() {
-                if inst.before_pass(&run, graph, &mut ctx).map_err(inst_err)? == Flow::Stop {
+                if inst.before_pass(&run, graph, ctx).map_err(inst_err)? == Flow::Stop {
                     flow = Flow::Stop;
                 }
             }
@@ -157,11 +166,15 @@ impl PassManager {
 
             let nodes_before = graph.node_count();
             let started = Instant::now();
-            let outcome = entry.pass.run(graph, &mut ctx).map_err(|source| ManagerError::Pass {
+            let outcome = entry.pass.run(graph, ctx).map_err(|source| ManagerError::Pass {
                 pass: name.to_string(),
                 index,
                 source,
             })?;
+            if outcome.changed {
+                // Activation statistics of the old graph no longer describe this one.
+                ctx.graph_changed();
+            }
             let wall = started.elapsed();
             if self.verify_each {
                 verify(graph).map_err(|source| ManagerError::Verify { pass: name.to_string(), index, source })?;

@@ -49,6 +49,8 @@ impl PassOutcome {
 pub struct PassContext {
     rewrite_budget: Option<usize>,
     notes: Vec<String>,
+    /// Calibration set, statistics cache and store (see `calibration.rs`).
+    calibration: crate::calibration::CalibrationState,
 }
 
 impl PassContext {
@@ -86,6 +88,14 @@ impl PassContext {
     /// Takes the notes recorded since the last call (the pass manager calls this after each pass).
     pub fn take_notes(&mut self) -> Vec<String> {
         std::mem::take(&mut self.notes)
+    }
+
+    pub(crate) fn calibration_state(&self) -> &crate::calibration::CalibrationState {
+        &self.calibration
+    }
+
+    pub(crate) fn calibration_state_mut(&mut self) -> &mut crate::calibration::CalibrationState {
+        &mut self.calibration
     }
 }
 

@@ -1,0 +1,837 @@
+//! Calibration: per-channel statistics of activations, collected by running the CPU executor over a
+//! calibration set with an observer.
+//!
+//! The contract (see notes/calibration_api.md): a [`CalibrationSet`] is attached to the [`PassContext`];
+//! a pass asks [`PassContext::activation_stats`] for the [`ChannelStats`] of some values of the *current*
+//! graph. Collection is streaming (memory independent of the number of samples): min / max / absmax /
+//! mean per channel, the same leaving out position 0 of each sequence (the attention-sink token), a
+//! log-scale |x| histogram per channel (percentiles), and on request the Gram matrix X^T X (GPTQ) and a
+//! fixed reservoir sample of rows (layer-output-error searches).
+//!
+//! Channel = the last axis; every other axis indexes tokens; the token's *position* is its index along
+//! the second-to-last axis (so position 0 of `[B, S, K]` is the first token of each sequence).
+//!
+//! Results are cached per graph state (the pass manager calls [`PassContext::graph_changed`] after a
+//! pass that changed the graph) and, when a [`StatsStore`] is attached, on disk keyed by the calibration
+//! set, a fingerprint of the graph and the request, so repeated compiles skip the forward passes.
+
+use crate::pass::{PassContext, PassError};
+use qcc_ir::{Attr, Graph, OpKind, Tensor, Value};
+use qcc_runtime::{CpuExecutor, RtTensor};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+/// Sample inputs for calibration: each sample maps graph-input names to tensors (e.g. `input_ids [1, L]`).
+#[derive(Clone, Debug, Default)]
+pub struct CalibrationSet {
+    pub samples: Vec<Vec<(String, Tensor)>>,
+    /// Identifies model + text + N + L (hash), for the on-disk cache.
+    pub key: String,
+}
+
+/// Log-scale histogram bins: 8 per octave (3 mantissa bits) over |x| in [2^-16, 2^16).
+const HIST_MANTISSA_BITS: u32 = 3;
+const HIST_MIN_EXP_BIASED: u32 = 127 - 16;
+/// Number of bins (32 octaves x 8). Values below the range land in bin 0, above it in the last bin.
+pub const HIST_BINS: usize = 32 << HIST_MANTISSA_BITS;
+
+/// Per-channel histogram of |x| on a logarithmic grid (relative bin width 2^(1/8) ~ 9%).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelHistogram {
+    pub channels: usize,
+    /// `[channels x HIST_BINS]` counts.
+    pub counts: Vec<u32>,
+}
+
+impl ChannelHistogram {
+    fn new(channels: usize) -> ChannelHistogram {
+        ChannelHistogram { channels, counts: vec![0; channels * HIST_BINS] }
+    }
+
+    /// The bin of |x|: the float's exponent and top mantissa bits, offset to the grid's first octave.
+    #[inline]
+    fn bin(x: f32) -> usize {
+        let key = (x.to_bits() & 0x7fff_ffff) >> (23 - HIST_MANTISSA_BITS);
+        let first = HIST_MIN_EXP_BIASED << HIST_MANTISSA_BITS;
+        (key.saturating_sub(first) as usize).min(HIST_BINS - 1)
+    }
+
+    /// Lower edge of bin `b` (bin 0 extends down to 0).
+    pub fn bin_lower(b: usize) -> f32 {
+        if b == 0 {
+            return 0.0;
+        }
+        f32::from_bits(((HIST_MIN_EXP_BIASED << HIST_MANTISSA_BITS) + b as u32) << (23 - HIST_MANTISSA_BITS))
+    }
+
+    /// Upper edge of bin `b`.
+    pub fn bin_upper(b: usize) -> f32 {
+        f32::from_bits(((HIST_MIN_EXP_BIASED << HIST_MANTISSA_BITS) + b as u32 + 1) << (23 - HIST_MANTISSA_BITS))
+    }
+
+    /// The value below which a fraction `q` (0..=1) of channel `c`'s |x| lies, interpolated linearly
+    /// inside the bin (accurate to the bin width). 0 for an empty channel.
+    pub fn percentile(&self, c: usize, q: f64) -> f32 {
+        let row = &self.counts[c * HIST_BINS..(c + 1) * HIST_BINS];
+        let total: u64 = row.iter().map(|&n| n as u64).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let target = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (b, &n) in row.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if (below + n as u64) as f64 >= target {
+                let frac = ((target - below as f64) / n as f64).clamp(0.0, 1.0) as f32;
+                let (lo, hi) = (Self::bin_lower(b), Self::bin_upper(b));
+                return lo + (hi - lo) * frac;
+            }
+            below += n as u64;
+        }
+        Self::bin_upper(HIST_BINS - 1)
+    }
+
+    /// `percentile(c, q)` for every channel.
+    pub fn percentiles(&self, q: f64) -> Vec<f32> {
+        (0..self.channels).map(|c| self.percentile(c, q)).collect()
+    }
+}
+
+/// Per-channel statistics of one activation (channel = last axis; all other axes are tokens).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStats {
+    pub channels: usize,
+    /// Rows (tokens) observed.
+    pub tokens: u64,
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
+    pub absmax: Vec<f32>,
+    /// Mean over all rows.
+    pub mean: Vec<f32>,
+    /// Same as `absmax` / `min` / `max`, leaving out position 0 of each sequence (the attention sink).
+    /// Equal to -inf/+inf/0 sentinels' neutral values (0) when every row was a position-0 row.
+    pub absmax_excluding_first: Vec<f32>,
+    pub min_excluding_first: Vec<f32>,
+    pub max_excluding_first: Vec<f32>,
+    /// Per-channel |x| histogram (all rows), for percentiles.
+    pub histogram: ChannelHistogram,
+    /// X^T X `[channels x channels]` row-major over all rows (only when requested).
+    pub gram: Option<Vec<f64>>,
+    /// The position-0 rows' share of `gram` (so `gram - gram_first` excludes the attention sink).
+    pub gram_first: Option<Vec<f64>>,
+    /// A fixed pseudo-random subsample of rows `[rows x channels]` (only when requested).
+    pub sample_rows: Option<Vec<f32>>,
+    /// The position (index along the second-to-last axis) of each sampled row.
+    pub sample_positions: Option<Vec<u32>>,
+}
+
+impl ChannelStats {
+    /// Number of rows in `sample_rows`.
+    pub fn sample_row_count(&self) -> usize {
+        match &self.sample_rows {
+            Some(r) if self.channels > 0 => r.len() / self.channels,
+            _ => 0,
+        }
+    }
+
+    /// The Gram matrix without the position-0 rows (`gram - gram_first`), if collected.
+    pub fn gram_excluding_first(&self) -> Option<Vec<f64>> {
+        let (g, f) = (self.gram.as_ref()?, self.gram_first.as_ref()?);
+        Some(g.iter().zip(f).map(|(a, b)| a - b).collect())
+    }
+}
+
+/// What to collect: statistics of `values`; optionally the Gram matrix and up to `sample_rows` rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsRequest {
+    pub values: Vec<Value>,
+    pub gram: bool,
+    pub sample_rows: usize,
+}
+
+/// An on-disk (or other) store for collected statistics, keyed by an opaque string.
+pub trait StatsStore: fmt::Debug + Send + Sync {
+    fn load(&self, key: &str) -> Option<Vec<u8>>;
+    fn save(&self, key: &str, bytes: &[u8]);
+}
+
+/// The calibration state a [`PassContext`] carries.
+#[derive(Debug, Default)]
+pub struct CalibrationState {
+    set: Option<Arc<CalibrationSet>>,
+    cache: HashMap<Value, ChannelStats>,
+    store: Option<Arc<dyn StatsStore>>,
+    fingerprint: Option<String>,
+    progress: bool,
+    /// Forward passes over the calibration set run so far (for tests and reports).
+    pub collections: usize,
+}
+
+impl PassContext {
+    pub fn set_calibration(&mut self, set: CalibrationSet) {
+        self.calibration_state_mut().set = Some(Arc::new(set));
+        self.graph_changed();
+    }
+
+    pub fn calibration(&self) -> Option<&CalibrationSet> {
+        self.calibration_state().set.as_deref()
+    }
+
+    /// Attaches a persistent store for statistics (the compiler's disk cache).
+    pub fn set_stats_store(&mut self, store: Arc<dyn StatsStore>) {
+        self.calibration_state_mut().store = Some(store);
+    }
+
+    /// Shows a progress bar on stderr while collecting (off by default; the CLI turns it on).
+    pub fn set_calibration_progress(&mut self, show: bool) {
+        self.calibration_state_mut().progress = show;
+    }
+
+    /// How many collections (full passes over the calibration set) have run.
+    pub fn calibration_collections(&self) -> usize {
+        self.calibration_state().collections
+    }
+
+    /// Forgets statistics of the previous graph state.
+    pub fn graph_changed(&mut self) {
+        let state = self.calibration_state_mut();
+        state.cache.clear();
+        state.fingerprint = None;
+    }
+
+    /// Statistics of `request.values` on the current graph, in request order. Runs the CPU executor over
+    /// every calibration sample (only the part of the graph the values depend on) unless cached.
+    pub fn activation_stats(&mut self, graph: &Graph, request: &StatsRequest) -> Result<Vec<&ChannelStats>, PassError> {
+        let state = self.calibration_state_mut();
+        let set = state.set.clone().ok_or_else(|| {
+            PassError::Other("activation statistics requested but no calibration set is attached".into())
+        })?;
+        let satisfied = |s: &ChannelStats| {
+            (!request.gram || s.gram.is_some()) && s.sample_row_count() >= request.sample_rows.min(s.tokens as usize)
+        };
+        let mut missing: Vec<Value> = Vec::new();
+        let mut seen = HashSet::new();
+        for &v in &request.values {
+            if !graph.contains(v.node) || v.port as usize >= graph.node(v.node).outputs.len() {
+                return Err(PassError::Other(format!("activation statistics requested for a missing value {v:?}")));
+            }
+            if seen.insert(v) && !state.cache.get(&v).is_some_and(satisfied) {
+                missing.push(v);
+            }
+        }
+        if !missing.is_empty() {
+            let sub = StatsRequest { values: missing.clone(), gram: request.gram, sample_rows: request.sample_rows };
+            let store_key = match &state.store {
+                Some(_) => {
+                    let fp = state.fingerprint.get_or_insert_with(|| graph_fingerprint(graph)).clone();
+                    Some(store_key(&set.key, &fp, graph, &sub))
+                }
+                None => None,
+            };
+            let loaded = match (&state.store, &store_key) {
+                (Some(store), Some(key)) => store.load(key).and_then(|b| decode_stats(&b, missing.len()).ok()),
+                _ => None,
+            };
+            let stats = match loaded {
+                Some(stats) => stats,
+                None => {
+                    let collected = collect_stats(graph, &set, &sub, state.progress)?;
+                    state.collections += 1;
+                    if let (Some(store), Some(key)) = (&state.store, &store_key) {
+                        store.save(key, &encode_stats(&collected));
+                    }
+                    collected
+                }
+            };
+            for (v, s) in missing.into_iter().zip(stats) {
+                state.cache.insert(v, s);
+            }
+        }
+        let state = self.calibration_state();
+        request
+            .values
+            .iter()
+            .map(|v| state.cache.get(v).ok_or_else(|| PassError::Other(format!("statistics of {v:?} missing"))))
+            .collect()
+    }
+}
+
+/// Streaming accumulator for one value.
+struct Accumulator {
+    stats: ChannelStats,
+    sum: Vec<f64>,
+    sample_capacity: usize,
+    rows_offered: u64,
+    rng: u64,
+}
+
+impl Accumulator {
+    fn new(channels: usize, request: &StatsRequest, seed: u64) -> Accumulator {
+        let k = channels;
+        Accumulator {
+            stats: ChannelStats {
+                channels: k,
+                tokens: 0,
+                min: vec![f32::INFINITY; k],
+                max: vec![f32::NEG_INFINITY; k],
+                absmax: vec![0.0; k],
+                mean: vec![0.0; k],
+                absmax_excluding_first: vec![0.0; k],
+                min_excluding_first: vec![f32::INFINITY; k],
+                max_excluding_first: vec![f32::NEG_INFINITY; k],
+                histogram: ChannelHistogram::new(k),
+                gram: request.gram.then(|| vec![0.0; k * k]),
+                gram_first: request.gram.then(|| vec![0.0; k * k]),
+                sample_rows: (request.sample_rows > 0).then(Vec::new),
+                sample_positions: (request.sample_rows > 0).then(Vec::new),
+            },
+            sum: vec![0.0; k],
+            sample_capacity: request.sample_rows,
+            rows_offered: 0,
+            rng: seed | 1,
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: deterministic, so the same calibration set gives the same subsample.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Adds a tensor's rows. `data` is row-major with `channels` columns; `seq` is the length of the
+    /// second-to-last axis (1 for vectors).
+    fn observe(&mut self, data: &[f32], seq: usize) {
+        let k = self.stats.channels;
+        if k == 0 {
+            return;
+        }
+        let rows = data.len() / k;
+        let s = &mut self.stats;
+        for r in 0..rows {
+            let row = &data[r * k..(r + 1) * k];
+            let first = r % seq.max(1) == 0;
+            for (c, &x) in row.iter().enumerate() {
+                s.min[c] = s.min[c].min(x);
+                s.max[c] = s.max[c].max(x);
+                s.absmax[c] = s.absmax[c].max(x.abs());
+                self.sum[c] += x as f64;
+                s.histogram.counts[c * HIST_BINS + ChannelHistogram::bin(x)] += 1;
+                if !first {
+                    s.absmax_excluding_first[c] = s.absmax_excluding_first[c].max(x.abs());
+                    s.min_excluding_first[c] = s.min_excluding_first[c].min(x);
+                    s.max_excluding_first[c] = s.max_excluding_first[c].max(x);
+                }
+            }
+            if first {
+                if let Some(g) = s.gram_first.as_mut() {
+                    for i in 0..k {
+                        let xi = row[i] as f64;
+                        for j in 0..k {
+                            g[i * k + j] += xi * row[j] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        s.tokens += rows as u64;
+        if let Some(g) = s.gram.as_mut() {
+            add_gram(g, data, rows, k);
+        }
+        if self.sample_capacity > 0 {
+            for r in 0..rows {
+                let t = self.rows_offered;
+                self.rows_offered += 1;
+                let slot = if (t as usize) < self.sample_capacity {
+                    Some(t as usize)
+                } else {
+                    let j = (self.next_random() % (t + 1)) as usize;
+                    (j < self.sample_capacity).then_some(j)
+                };
+                let Some(slot) = slot else { continue };
+                let row = &data[r * k..(r + 1) * k];
+                let pos = (r % seq.max(1)) as u32;
+                let (Some(rows_buf), Some(positions)) =
+                    (self.stats.sample_rows.as_mut(), self.stats.sample_positions.as_mut())
+                else {
+                    continue;
+                };
+                if slot * k == rows_buf.len() {
+                    rows_buf.extend_from_slice(row);
+                    positions.push(pos);
+                } else {
+                    rows_buf[slot * k..(slot + 1) * k].copy_from_slice(row);
+                    positions[slot] = pos;
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> ChannelStats {
+        let s = &mut self.stats;
+        if s.tokens > 0 {
+            for (m, sum) in s.mean.iter_mut().zip(&self.sum) {
+                *m = (sum / s.tokens as f64) as f32;
+            }
+        }
+        for v in s.min_excluding_first.iter_mut().chain(s.max_excluding_first.iter_mut()) {
+            if !v.is_finite() {
+                *v = 0.0;
+            }
+        }
+        for v in s.min.iter_mut().chain(s.max.iter_mut()) {
+            if !v.is_finite() {
+                *v = 0.0;
+            }
+        }
+        self.stats
+    }
+}
+
+/// g += X^T X for `rows x k` row-major X, via an f32 GEMM per chunk (exact enough for a Hessian) and
+/// f64 accumulation across chunks.
+fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
+    let mut chunk = vec![0f32; k * k];
+    const CHUNK_ROWS: usize = 256;
+    let mut start = 0;
+    while start < rows {
+        let n = CHUNK_ROWS.min(rows - start);
+        let x = &data[start * k..(start + n) * k];
+        // C[k x k] = X^T[k x n] X[n x k]; X^T is X with swapped strides.
+        unsafe {
+            matrixmultiply::sgemm(
+                k,
+                n,
+                k,
+                1.0,
+                x.as_ptr(),
+                1,
+                k as isize,
+                x.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                chunk.as_mut_ptr(),
+                k as isize,
+                1,
+            );
+        }
+        for (a, &b) in g.iter_mut().zip(&chunk) {
+            *a += b as f64;
+        }
+        start += n;
+    }
+}
+
+/// Runs the executor over every sample of `set` and collects statistics of `request.values` (in order).
+/// Only the values' ancestors are executed.
+pub fn collect_stats(
+    graph: &Graph,
+    set: &CalibrationSet,
+    request: &StatsRequest,
+    progress: bool,
+) -> Result<Vec<ChannelStats>, PassError> {
+    if set.samples.is_empty() {
+        return Err(PassError::Other("the calibration set has no samples".into()));
+    }
+    let pruned = prune_to(graph, &request.values);
+    let exec = CpuExecutor::new(&pruned).map_err(|e| PassError::Other(format!("calibration: {e}")))?;
+    let index: HashMap<Value, usize> = request.values.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+    let mut accs: Vec<Option<Accumulator>> = (0..request.values.len()).map(|_| None).collect();
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(set.samples.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} samples [{elapsed}<{eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    for sample in &set.samples {
+        let inputs: Vec<(&str, RtTensor)> = sample
+            .iter()
+            .map(|(name, t)| {
+                RtTensor::from_ir_tensor(t)
+                    .map(|rt| (name.as_str(), rt))
+                    .map_err(|e| PassError::Other(format!("calibration input '{name}': {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut failure: Option<String> = None;
+        let mut observer = |v: Value, t: &RtTensor| {
+            let Some(&i) = index.get(&v) else { return };
+            if !t.dtype().is_float() {
+                failure = Some(format!("value '{}' is {}, not a float activation", graph.value_name(v), t.dtype()));
+                return;
+            }
+            let shape = t.shape();
+            let k = shape.last().copied().unwrap_or(1);
+            let seq = if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 };
+            let acc = accs[i].get_or_insert_with(|| Accumulator::new(k, request, 0x9e37_79b9_7f4a_7c15 ^ i as u64));
+            if acc.stats.channels != k {
+                failure = Some(format!(
+                    "value '{}' changed its channel count between samples ({} then {k})",
+                    graph.value_name(v),
+                    acc.stats.channels
+                ));
+                return;
+            }
+            let a = t.to_f32();
+            match a.as_slice() {
+                Some(s) => acc.observe(s, seq),
+                None => acc.observe(&a.iter().copied().collect::<Vec<_>>(), seq),
+            }
+        };
+        exec.run_observed(&inputs, &mut observer).map_err(|e| PassError::Other(format!("calibration: {e}")))?;
+        if let Some(f) = failure {
+            return Err(PassError::Other(format!("calibration: {f}")));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    accs.into_iter()
+        .zip(&request.values)
+        .map(|(a, v)| {
+            a.map(Accumulator::finish).ok_or_else(|| {
+                PassError::Other(format!("calibration: value '{}' was never computed", graph.value_name(*v)))
+            })
+        })
+        .collect()
+}
+
+/// A copy of `graph` whose outputs are `values` and which keeps only their ancestors (node ids are
+/// preserved, so the values stay valid). Constants are shared, not copied.
+pub fn prune_to(graph: &Graph, values: &[Value]) -> Graph {
+    let mut g = graph.clone();
+    let mut live = HashSet::new();
+    let mut stack: Vec<_> = values.iter().map(|v| v.node).collect();
+    while let Some(id) = stack.pop() {
+        if live.insert(id) {
+            stack.extend(g.inputs(id).into_iter().flatten().map(|v| v.node));
+        }
+    }
+    let outputs = g.graph_outputs_mut();
+    outputs.clear();
+    for v in values {
+        let name = graph.value_name(*v).to_string();
+        g.add_output(name, *v);
+    }
+    let dead: Vec<_> = g.node_ids().filter(|id| !live.contains(id) && g.node(*id).op.kind != OpKind::Input).collect();
+    for id in dead {
+        g.remove_node(id);
+    }
+    g
+}
+
+/// A content fingerprint of the graph: ops, attributes, connectivity (by topological position) and
+/// constant digests. Two graphs with the same fingerprint compute the same function.
+pub fn graph_fingerprint(graph: &Graph) -> String {
+    let mut h = blake3::Hasher::new();
+    let order = graph.topo_order().unwrap_or_else(|_| graph.node_ids().collect());
+    let position: HashMap<_, _> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    for id in &order {
+        let node = graph.node(*id);
+        h.update(node.op.kind.name().as_bytes());
+        for (k, a) in &node.op.attrs {
+            h.update(k.as_bytes());
+            match a {
+                Attr::Tensor(t) => h.update(format!("{}{:?}{}", t.dtype, t.dims, t.digest()).as_bytes()),
+                other => h.update(format!("{other:?}").as_bytes()),
+            };
+        }
+        for o in &node.outputs {
+            h.update(format!("{}:{}", o.name, o.ty).as_bytes());
+        }
+        for v in graph.inputs(*id) {
+            let text = match v {
+                Some(v) => format!("<{}.{}>", position.get(&v.node).copied().unwrap_or(usize::MAX), v.port),
+                None => "<->".to_string(),
+            };
+            h.update(text.as_bytes());
+        }
+        h.update(b";");
+    }
+    for o in graph.graph_outputs() {
+        h.update(format!("out {} {}", o.name, graph.value_name(o.value)).as_bytes());
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+fn store_key(set_key: &str, fingerprint: &str, graph: &Graph, request: &StatsRequest) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"qcc-stats-v1;");
+    h.update(set_key.as_bytes());
+    h.update(fingerprint.as_bytes());
+    for v in &request.values {
+        h.update(graph.value_name(*v).as_bytes());
+        h.update(b";");
+    }
+    h.update(format!("gram={};rows={}", request.gram, request.sample_rows).as_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
+
+// ---- binary encoding of statistics (for the store): little-endian, length-prefixed ----
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_f32s(out: &mut Vec<u8>, v: &[f32]) {
+    put_u64(out, v.len() as u64);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn put_opt<T>(out: &mut Vec<u8>, v: &Option<Vec<T>>, put: impl Fn(&mut Vec<u8>, &[T])) {
+    match v {
+        Some(v) => {
+            out.push(1);
+            put(out, v);
+        }
+        None => out.push(0),
+    }
+}
+
+/// Encodes statistics for a [`StatsStore`].
+pub fn encode_stats(stats: &[ChannelStats]) -> Vec<u8> {
+    let mut out = b"QCCSTAT1".to_vec();
+    put_u64(&mut out, stats.len() as u64);
+    for s in stats {
+        put_u64(&mut out, s.channels as u64);
+        put_u64(&mut out, s.tokens);
+        for v in [
+            &s.min,
+            &s.max,
+            &s.absmax,
+            &s.mean,
+            &s.absmax_excluding_first,
+            &s.min_excluding_first,
+            &s.max_excluding_first,
+        ] {
+            put_f32s(&mut out, v);
+        }
+        put_u64(&mut out, s.histogram.counts.len() as u64);
+        for c in &s.histogram.counts {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        let put_f64s = |out: &mut Vec<u8>, v: &[f64]| {
+            put_u64(out, v.len() as u64);
+            for x in v {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+        put_opt(&mut out, &s.gram, put_f64s);
+        put_opt(&mut out, &s.gram_first, put_f64s);
+        put_opt(&mut out, &s.sample_rows, put_f32s);
+        put_opt(&mut out, &s.sample_positions, |out, v| {
+            put_u64(out, v.len() as u64);
+            for x in v {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        });
+    }
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or("truncated statistics")?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| "bad u64")?))
+    }
+    fn len(&mut self, elem: usize) -> Result<usize, String> {
+        let n = self.u64()? as usize;
+        if n.saturating_mul(elem) > self.bytes.len() - self.at {
+            return Err("statistics length out of range".into());
+        }
+        Ok(n)
+    }
+    fn vec<T>(&mut self, elem: usize, f: impl Fn(&[u8]) -> T) -> Result<Vec<T>, String> {
+        let n = self.len(elem)?;
+        let b = self.take(n * elem)?;
+        Ok(b.chunks_exact(elem).map(f).collect())
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>, String> {
+        self.vec(4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    }
+    fn f64s(&mut self) -> Result<Vec<f64>, String> {
+        self.vec(8, |c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+    }
+    fn flag(&mut self) -> Result<bool, String> {
+        Ok(self.take(1)?[0] == 1)
+    }
+}
+
+/// Decodes what [`encode_stats`] wrote; `expected` is the number of values.
+pub fn decode_stats(bytes: &[u8], expected: usize) -> Result<Vec<ChannelStats>, String> {
+    let mut r = Reader { bytes, at: 0 };
+    if r.take(8)? != b"QCCSTAT1" {
+        return Err("not a qcc statistics file".into());
+    }
+    let n = r.u64()? as usize;
+    if n != expected {
+        return Err(format!("statistics hold {n} values, expected {expected}"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channels = r.u64()? as usize;
+        let tokens = r.u64()?;
+        let min = r.f32s()?;
+        let max = r.f32s()?;
+        let absmax = r.f32s()?;
+        let mean = r.f32s()?;
+        let absmax_excluding_first = r.f32s()?;
+        let min_excluding_first = r.f32s()?;
+        let max_excluding_first = r.f32s()?;
+        let counts = r.vec(4, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))?;
+        if counts.len() != channels * HIST_BINS || min.len() != channels {
+            return Err("statistics sizes disagree".into());
+        }
+        let gram = if r.flag()? { Some(r.f64s()?) } else { None };
+        let gram_first = if r.flag()? { Some(r.f64s()?) } else { None };
+        let sample_rows = if r.flag()? { Some(r.f32s()?) } else { None };
+        let sample_positions =
+            if r.flag()? { Some(r.vec(4, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))?) } else { None };
+        out.push(ChannelStats {
+            channels,
+            tokens,
+            min,
+            max,
+            absmax,
+            mean,
+            absmax_excluding_first,
+            min_excluding_first,
+            max_excluding_first,
+            histogram: ChannelHistogram { channels, counts },
+            gram,
+            gram_first,
+            sample_rows,
+            sample_positions,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcc_ir::{DType, Op, TensorType};
+
+    /// x -> mul(x, 2) -> y; statistics of y against values computed by hand.
+    fn doubling_graph() -> (Graph, Value) {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", TensorType::known(DType::F32, &[1, 3, 2])).unwrap();
+        let two = g.add_constant("two", Tensor::scalar(2.0f32)).unwrap();
+        let y = g.add_op(Op::new(OpKind::Mul), &[x, two], TensorType::known(DType::F32, &[1, 3, 2]));
+        g.add_output("y", y);
+        (g, y)
+    }
+
+    fn set(samples: &[[f32; 6]]) -> CalibrationSet {
+        CalibrationSet {
+            samples: samples.iter().map(|s| vec![("x".to_string(), Tensor::from_slice(vec![1, 3, 2], s))]).collect(),
+            key: "test".into(),
+        }
+    }
+
+    #[test]
+    fn stats_match_hand_computed_values() {
+        let (g, y) = doubling_graph();
+        let mut ctx = PassContext::new();
+        ctx.set_calibration(set(&[[100.0, -1.0, 1.0, 2.0, -3.0, 0.5], [-50.0, 4.0, 2.0, -0.25, 1.0, 1.0]]));
+        let req = StatsRequest { values: vec![y], gram: true, sample_rows: 100 };
+        let s = ctx.activation_stats(&g, &req).unwrap()[0].clone();
+        // y rows (x2): [200,-2] [2,4] [-6,1] | [-100,8] [4,-0.5] [2,2]; rows 0 and 3 are position 0.
+        assert_eq!(s.tokens, 6);
+        assert_eq!(s.min, vec![-100.0, -2.0]);
+        assert_eq!(s.max, vec![200.0, 8.0]);
+        assert_eq!(s.absmax, vec![200.0, 8.0]);
+        assert_eq!(s.absmax_excluding_first, vec![6.0, 4.0]);
+        assert_eq!(s.min_excluding_first, vec![-6.0, -0.5]);
+        assert_eq!(s.max_excluding_first, vec![4.0, 4.0]);
+        assert!((s.mean[0] - 102.0 / 6.0).abs() < 1e-5 && (s.mean[1] - 12.5 / 6.0).abs() < 1e-5);
+        let rows = [[200.0, -2.0], [2.0, 4.0], [-6.0, 1.0], [-100.0, 8.0], [4.0, -0.5], [2.0, 2.0]];
+        let gram = s.gram.as_ref().unwrap();
+        for i in 0..2 {
+            for j in 0..2 {
+                let want: f64 = rows.iter().map(|r| r[i] * r[j]).sum();
+                assert!((gram[i * 2 + j] - want).abs() < 1e-3 * want.abs().max(1.0), "{i}{j}");
+                let first: f64 = [rows[0], rows[3]].iter().map(|r| r[i] * r[j]).sum();
+                assert!((s.gram_first.as_ref().unwrap()[i * 2 + j] - first).abs() < 1e-6);
+            }
+        }
+        assert_eq!(s.sample_row_count(), 6);
+        assert_eq!(s.sample_positions.as_deref(), Some(&[0, 1, 2, 0, 1, 2][..]));
+        // Median of |y| in channel 0 (2, 2, 4, 6, 100, 200): between 4 and 6, within a bin width.
+        let p50 = s.histogram.percentile(0, 0.5);
+        assert!((3.6..=6.6).contains(&p50), "{p50}");
+        assert!(s.histogram.percentile(0, 1.0) >= 200.0 && s.histogram.percentile(0, 1.0) <= 200.0 * 1.1);
+        // Cached: a second request runs nothing; a graph change forces a new collection.
+        ctx.activation_stats(&g, &req).unwrap();
+        assert_eq!(ctx.calibration_collections(), 1);
+        ctx.graph_changed();
+        ctx.activation_stats(&g, &req).unwrap();
+        assert_eq!(ctx.calibration_collections(), 2);
+    }
+
+    #[test]
+    fn reservoir_keeps_the_requested_number_of_rows() {
+        let (g, y) = doubling_graph();
+        let samples: Vec<[f32; 6]> = (0..50).map(|i| [i as f32; 6]).collect();
+        let mut ctx = PassContext::new();
+        ctx.set_calibration(set(&samples));
+        let s = ctx.activation_stats(&g, &StatsRequest { values: vec![y], gram: false, sample_rows: 16 }).unwrap()[0];
+        assert_eq!(s.sample_row_count(), 16);
+        assert_eq!(s.tokens, 150);
+        // Rows come from across the set, not just the first samples.
+        assert!(s.sample_rows.as_ref().unwrap().iter().any(|&v| v > 40.0));
+    }
+
+    #[test]
+    fn encoding_round_trips_and_rejects_garbage() {
+        let (g, y) = doubling_graph();
+        let s = collect_stats(
+            &g,
+            &set(&[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]),
+            &StatsRequest { values: vec![y], gram: true, sample_rows: 2 },
+            false,
+        )
+        .unwrap();
+        let bytes = encode_stats(&s);
+        assert_eq!(decode_stats(&bytes, 1).unwrap(), s);
+        assert!(decode_stats(&bytes[..bytes.len() - 3], 1).is_err());
+        assert!(decode_stats(b"garbage", 1).is_err());
+        assert!(decode_stats(&bytes, 2).is_err());
+    }
+
+    #[test]
+    fn missing_calibration_set_is_an_error() {
+        let (g, y) = doubling_graph();
+        let mut ctx = PassContext::new();
+        let err = ctx.activation_stats(&g, &StatsRequest { values: vec![y], ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("no calibration set"), "{err}");
+    }
+
+    #[test]
+    fn histogram_bins_are_monotonic_and_cover_the_value() {
+        for &x in &[1e-6f32, 0.01, 0.5, 1.0, 3.7, 1000.0, 60000.0] {
+            let b = ChannelHistogram::bin(x);
+            assert!(ChannelHistogram::bin_lower(b) <= x && (x < ChannelHistogram::bin_upper(b) || b == HIST_BINS - 1));
+        }
+    }
+}
