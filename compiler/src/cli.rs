@@ -46,6 +46,25 @@ enum Command {
     Passes,
     /// Write a Hugging Face tokenizer.json built from a GGUF file's tokenizer metadata.
     Tokenizer(TokenizerArgs),
+    /// Time the CPU executor on one window of a language model (and onnxruntime with --ort, in the same run).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    model: PathBuf,
+    /// Tokens in the timed window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Timed runs (the best is reported) after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also time onnxruntime (from the project's Python venv) with the same thread count.
+    #[arg(long)]
+    ort: bool,
+    /// Also time greedy decoding of this many tokens with the KV cache (`<stem>-kv.onnx`).
+    #[arg(long, value_name = "N")]
+    decode: Option<usize>,
 }
 
 #[derive(Args)]
@@ -58,6 +77,9 @@ struct ImportArgs {
     /// Write the IR to this .qir file (weights go to FILE.safetensors beside it).
     #[arg(short, long)]
     output: Option<PathBuf>,
+    /// Print a summary (nodes per op, weights, import time, resident memory) instead of the IR.
+    #[arg(long)]
+    summary: bool,
 }
 
 #[derive(Args)]
@@ -208,6 +230,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run(a) => run_model(a),
         Command::Eval(a) => evaluate(a),
         Command::Passes => emit(&Registry::standard().describe()),
+        Command::Bench(a) => bench(a),
         Command::Tokenizer(a) => {
             let t = crate::tokenizer::from_gguf(&crate::gguf::GgufMetadata::read(&a.from_gguf)?)?;
             crate::tokenizer::save(&t, &a.output)?;
@@ -233,10 +256,99 @@ fn printer(full_constants: bool) -> impl Fn(&Graph) -> String {
 }
 
 fn import(a: ImportArgs) -> Result<()> {
+    let start = Instant::now();
     let graph = load_model(&a.model)?;
+    if a.summary {
+        return emit(&summary(&graph, start.elapsed().as_secs_f64()));
+    }
     match a.output {
         Some(out) => qcc_ir::text::save(&out, &graph).with_context(|| format!("writing {}", out.display()))?,
         None => emit(&printer(a.print_constants)(&graph))?,
+    }
+    Ok(())
+}
+
+fn summary(graph: &Graph, seconds: f64) -> String {
+    let mut ops: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    let (mut constants, mut weight_bytes) = (0, 0);
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        *ops.entry(node.op.kind.name()).or_default() += 1;
+        if let Some(t) = node.op.tensor("value") {
+            constants += 1;
+            weight_bytes += t.dtype.storage_bytes(t.numel());
+        }
+    }
+    let mut out = format!(
+        "graph {}: {} nodes, {} inputs, {} outputs\nconstants: {constants} ({:.1} MiB)\nimported in {:.1} ms\n",
+        graph.name,
+        graph.node_count(),
+        graph.graph_inputs().len(),
+        graph.graph_outputs().len(),
+        weight_bytes as f64 / (1 << 20) as f64,
+        seconds * 1e3
+    );
+    if let Some((rss, peak)) = resident_memory() {
+        out += &format!("resident memory: {:.1} MiB (peak {:.1} MiB)\n", rss as f64 / 1024.0, peak as f64 / 1024.0);
+    }
+    out += "ops:";
+    for (op, n) in ops {
+        out += &format!(" {op}={n}");
+    }
+    out + "\n"
+}
+
+/// Current and peak resident set size in KiB (Linux).
+fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field =
+        |name: &str| status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok();
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.repeat > 0 && a.ctx > 0, "--repeat and --ctx must be positive");
+    let graph = load_model(&a.model)?;
+    let mut lm = CpuLanguageModel::new(&graph)?;
+    // A fixed pseudo-random window so every engine sees the same tokens.
+    let ids: Vec<u32> = (0..a.ctx as u64).map(|i| (i * 7919 % 49_152) as u32).collect();
+    lm.logits(&ids)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        lm.logits(&ids)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let threads = rayon::current_num_threads();
+    println!("qcc cpu executor: {best:.3} s per {}-token window ({threads} threads, best of {})", a.ctx, a.repeat);
+    if a.ort {
+        let python = default_cache_dir().join("venv/bin/python");
+        let script = default_cache_dir().join("../scripts/ort_reference.py");
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["bench", "--model"])
+            .arg(&a.model)
+            .args(["--ctx", &a.ctx.to_string(), "--threads", &threads.to_string(), "--repeat", &a.repeat.to_string()])
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        anyhow::ensure!(out.status.success(), "onnxruntime bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("onnxruntime bench output")?;
+        let ort = v["seconds_per_window"].as_f64().ok_or_else(|| anyhow!("no seconds_per_window in {v}"))?;
+        println!("{}: {ort:.3} s per window", v["engine"].as_str().unwrap_or("onnxruntime"));
+        println!("ratio qcc/onnxruntime: {:.2}x the time (<1 is faster)", best / ort);
+    }
+    if let Some(n) = a.decode {
+        let kv = load_model(&model::kv_sibling(&a.model).unwrap_or_else(|| a.model.clone()))?;
+        let prompt = &ids[..32.min(ids.len())];
+        let t = Instant::now();
+        let out = model::generate(&kv, prompt, n, None)?;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "decode: {} tokens after a {}-token prompt in {secs:.2} s ({:.1} tokens/s)",
+            out.len(),
+            prompt.len(),
+            out.len() as f64 / secs
+        );
     }
     Ok(())
 }
@@ -380,12 +492,15 @@ fn evaluate(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The fixture cache (`.cache/` of the checkout this binary was built in, else of the working directory).
+fn default_cache_dir() -> PathBuf {
+    let from_exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.ancestors().find(|a| a.join(".cache/data").exists()).map(|a| a.join(".cache")));
+    from_exe.unwrap_or_else(|| PathBuf::from(".cache"))
+}
+
 /// The zero-shot data the fixture script installs.
 fn default_tasks_dir() -> PathBuf {
-    let from_exe = std::env::current_exe().ok().and_then(|p| {
-        p.ancestors()
-            .find(|a| a.join(".cache/data/oe_eval_tasks").exists())
-            .map(|a| a.join(".cache/data/oe_eval_tasks"))
-    });
-    from_exe.unwrap_or_else(|| PathBuf::from(".cache/data/oe_eval_tasks"))
+    default_cache_dir().join("data/oe_eval_tasks")
 }

@@ -78,3 +78,20 @@ fn greedy_generation_with_kv_cache_says_paris() {
     let plain = qcc::onnx::import_model(smollm2_onnx()).unwrap().graph;
     assert_eq!(qcc::model::generate(&plain, &prompt, 12, None).unwrap(), cached);
 }
+
+#[test]
+fn real_model_round_trips_through_qir_text() {
+    let graph = qcc::onnx::import_model(smollm2_onnx()).unwrap().graph;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smollm2.qir");
+    qcc_ir::text::save(&path, &graph).unwrap();
+    let back = qcc_ir::text::load(&path).unwrap();
+    // Printing elides weights to content digests, so equal text means equal structure, types and weights.
+    let text = qcc_ir::text::print(&graph);
+    assert_eq!(qcc_ir::text::print(&back), text);
+    assert_eq!(qcc_ir::text::print(&qcc_ir::text::parse(&text).unwrap()), text, "elided text is canonical");
+    let ids: Vec<u32> = vec![504, 3575, 282, 4649, 314];
+    let a = CpuLanguageModel::new(&graph).unwrap().logits(&ids).unwrap();
+    let b = CpuLanguageModel::new(&back).unwrap().logits(&ids).unwrap();
+    assert!(a.data == b.data, "logits changed after the .qir round trip");
+}
