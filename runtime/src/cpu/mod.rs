@@ -210,8 +210,11 @@ impl CpuExecutor {
             }
         }
         let mut outputs = Vec::with_capacity(self.outputs.len());
-        for (name, slot) in &self.outputs {
-            let t = slots[*slot].as_deref().cloned().ok_or_else(|| ExecError::Node {
+        for (i, (name, slot)) in self.outputs.iter().enumerate() {
+            // Move each result out unless a later output reads the same value (then copy it).
+            let shared = self.outputs[i + 1..].iter().any(|(_, s)| s == slot);
+            let taken = if shared { slots[*slot].clone() } else { slots[*slot].take() };
+            let t = taken.map(Cow::into_owned).ok_or_else(|| ExecError::Node {
                 node: name.clone(),
                 op: "output",
                 message: "graph output was not computed".into(),

@@ -1,5 +1,6 @@
 //! Unit tests of the matmul, normalisation, reduction, shape, quantization, vision and fused op
 //! families against hand-computed values or straightforward f64 references.
+#![allow(clippy::cloned_ref_to_slice_refs)] // tests pass owned copies of shared inputs
 
 use super::tests::{close, f32s, f32t, i64s, i64t, op, run1, try_run};
 use super::*;

@@ -1,4 +1,5 @@
 //! Unit tests of the executor and of each op family, against hand-computed or f64-computed values.
+#![allow(clippy::cloned_ref_to_slice_refs)] // tests pass owned copies of shared inputs
 
 use super::*;
 use qcc_ir::{Attr, DType, Op, Shape, Tensor};

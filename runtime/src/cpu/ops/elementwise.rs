@@ -336,15 +336,7 @@ fn float_unary<T: FloatMath>(ctx: &OpCtx, kind: OpKind, a: &ArrayD<T>) -> OpResu
             let (alpha, beta) = (c(ctx.float("alpha", 0.2) as f64), c(ctx.float("beta", 0.5) as f64));
             par_map(a, |x| (alpha * x + beta).max(zero).min(one))
         }
-        OpKind::Relu => par_map(a, |x| {
-            if x > zero {
-                x
-            } else if x.is_nan() {
-                x
-            } else {
-                zero
-            }
-        }),
+        OpKind::Relu => par_map(a, |x| if x > zero || x.is_nan() { x } else { zero }),
         OpKind::LeakyRelu => {
             let alpha = c(ctx.float("alpha", 0.01) as f64);
             par_map(a, |x| if x >= zero { x } else { alpha * x })

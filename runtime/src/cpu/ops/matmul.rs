@@ -273,7 +273,7 @@ pub fn qlinear_matmul(ctx: &OpCtx) -> OpResult<RtTensor> {
 pub fn as_rows(x: ArrayD<f32>) -> OpResult<(Array2<f32>, Vec<usize>)> {
     let shape = x.shape().to_vec();
     let k = *shape.last().ok_or_else(|| op_err!("operand must have rank >= 1"))?;
-    let rows = if k == 0 { shape[..shape.len() - 1].iter().product() } else { x.len() / k };
+    let rows: usize = shape[..shape.len() - 1].iter().product();
     let x2 = x.into_shape_with_order((rows, k)).map_err(|e| op_err!("{e}"))?;
     Ok((x2, shape))
 }

@@ -293,7 +293,7 @@ pub fn gather_elements(ctx: &OpCtx) -> OpResult<RtTensor> {
         for (pos, (coord, _)) in ndarray::indices(IxDyn(&idx_shape)).into_iter().zip(0..idx.len()).enumerate() {
             let mut c = coord.slice().to_vec();
             c[axis] = idx[pos];
-            out.push(a[IxDyn(&c)].clone());
+            out.push(a[IxDyn(&c)]);
         }
         ArrayD::from_shape_vec(IxDyn(&idx_shape), out).map_err(|e| op_err!("{e}"))?
     }))
@@ -316,7 +316,7 @@ pub fn tile(ctx: &OpCtx) -> OpResult<RtTensor> {
     let src = x.shape().to_vec();
     Ok(map_any!(x, a => ArrayD::from_shape_fn(IxDyn(&shape), |idx| {
         let c: Vec<usize> = idx.slice().iter().zip(&src).map(|(i, d)| i % d).collect();
-        a[IxDyn(&c)].clone()
+        a[IxDyn(&c)]
     })))
 }
 
@@ -396,10 +396,10 @@ pub fn pad(ctx: &OpCtx) -> OpResult<RtTensor> {
             for (ax, &o) in idx.slice().iter().enumerate() {
                 match pad_source(o as i64, begin[ax], dims[ax], mode) {
                     Some(c) => src.push(c),
-                    None => return fill.clone(),
+                    None => return fill,
                 }
             }
-            a[IxDyn(&src)].clone()
+            a[IxDyn(&src)]
         })
     }))
 }
@@ -467,7 +467,7 @@ pub fn trilu(ctx: &OpCtx) -> OpResult<RtTensor> {
             let (i, j) = (idx[r - 2] as i64, idx[r - 1] as i64);
             let keep = if upper { j - i >= k } else { j - i <= k };
             if !keep {
-                *v = z.clone();
+                *v = z;
             }
         }
         out
