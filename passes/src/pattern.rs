@@ -121,9 +121,28 @@ pub fn rewrite_each<M>(
             break;
         }
         apply(graph, id, m)?;
+        erase_if_dead(graph, id);
         applied += 1;
     }
     Ok(crate::PassOutcome::rewrites(applied))
+}
+
+/// Erases `root` if nothing reads it any more, then every producer that this leaves unread, so a rewrite
+/// removes the nodes it replaced (as MLIR's rewriters do) and the IR printed after the pass shows only
+/// what the pass produced. Graph inputs are kept.
+pub fn erase_if_dead(graph: &mut Graph, root: NodeId) {
+    let mut work = vec![root];
+    while let Some(id) = work.pop() {
+        if !graph.contains(id) || graph.node(id).op.kind == OpKind::Input {
+            continue;
+        }
+        let outputs = graph.node(id).outputs.len();
+        if (0..outputs).any(|port| graph.is_used(Value::new(id, port as u32))) {
+            continue;
+        }
+        work.extend(graph.inputs(id).into_iter().flatten().map(|v| v.node));
+        graph.remove_node(id);
+    }
 }
 
 /// Implements `Pass` for a unit struct from its `ENTRY` and a `fn run(graph, ctx)`.
