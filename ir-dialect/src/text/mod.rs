@@ -138,15 +138,27 @@ pub fn save(path: &Path, graph: &Graph) -> Result<(), TextIoError> {
             .map_err(|e| TextIoError::Weights { path: weights.clone(), message: format!("tensor \"{key}\": {e}") })?;
         views.push((key.clone(), view));
     }
-    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io(&dir))?;
+    let tmp = output_temp_file(&dir).map_err(io(&dir))?;
     safetensors::serialize_to_file(views, None, tmp.path())
         .map_err(|e| TextIoError::Weights { path: weights.clone(), message: e.to_string() })?;
     tmp.persist(&weights).map_err(|e| TextIoError::Io { path: weights.clone(), source: e.error })?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io(&dir))?;
+    let mut tmp = output_temp_file(&dir).map_err(io(&dir))?;
     tmp.write_all(printed.text.as_bytes()).map_err(io(path))?;
     tmp.as_file().sync_all().map_err(io(path))?;
     tmp.persist(path).map_err(|e| TextIoError::Io { path: path.to_path_buf(), source: e.error })?;
     Ok(())
+}
+
+/// A temporary file in `dir` that becomes an output by rename: readable like any file the user writes
+/// (mode 0644 less the umask) rather than tempfile's private 0600.
+fn output_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    builder.tempfile_in(dir)
 }
 
 /// Reads a `.qir` file and its side-car weights; tensors are zero-copy views into the memory-mapped
