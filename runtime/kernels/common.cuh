@@ -1,0 +1,81 @@
+// Shared prelude of qcc's CUDA kernels. The runtime prepends this file to every kernels/*.cu before
+// NVRTC compiles it (NVRTC gets no include path: the kernels use no CUDA headers at all).
+//
+// Integer layout used by every W4 kernel ("split-nibble groups", see runtime/src/cuda/pack.rs):
+// int4 values are stored in groups of 8 consecutive k as one 32-bit word whose byte j (j = 0..3)
+// holds k = 8g + j in its low nibble and k = 8g + 4 + j in its high nibble (two's complement).
+// Then `(w << 4) & 0xF0F0F0F0` is four int8 lanes 16*q[k..k+4] and `w & 0xF0F0F0F0` is
+// 16*q[k+4..k+8], both in plain k order: one shift and two ANDs unpack 8 values for dp4a / MMA,
+// at the price of an exact factor 16 per int4 operand that the epilogue removes with a shift.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+typedef signed char i8;
+
+#define QCC_DEVICE static __device__ __forceinline__
+
+QCC_DEVICE u32 lo_nibbles_x16(u32 w) { return (w << 4) & 0xF0F0F0F0u; }
+QCC_DEVICE u32 hi_nibbles_x16(u32 w) { return w & 0xF0F0F0F0u; }
+
+// f32 -> f16 (round to nearest even) and back, without cuda_fp16.h.
+QCC_DEVICE u16 f32_to_f16(float v) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+QCC_DEVICE float f16_to_f32(u16 h) {
+  float v;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+  return v;
+}
+
+// D += A * B on int8 tensor cores, m16n8k32, int32 accumulation (exact: no saturation needed,
+// the callers keep |sum| < 2^31).
+QCC_DEVICE void mma_s8_16832(int (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Streaming 16-byte global load that bypasses L1 allocation (weights are read exactly once).
+QCC_DEVICE uint4 ld_stream_u4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+// Cached 16-byte load (activations: small, re-read by every warp).
+QCC_DEVICE uint4 ld_cached_u4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Asynchronous global -> shared 16-byte copy; src_bytes = 0 zero-fills (out-of-range tiles).
+QCC_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  u32 s = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+QCC_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+QCC_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The shared epilogue: y = f16(((float(acc) * sx[m]) * sw[n] + bias[n]) + residual[m, n]), each
+// step rounded in f32 in exactly this order (no FMA contraction: __fmul_rn / __fadd_rn), so the CPU
+// reference reproduces every output bit. bias (f32 [N]) and residual (f16 [M, N]) may be null.
+QCC_DEVICE u16 epilogue(int acc, float sx, float sw, const float* bias, const u16* residual, int m,
+                        int n, int ldn) {
+  float v = __fmul_rn(__fmul_rn((float)acc, sx), sw);
+  if (bias) v = __fadd_rn(v, bias[n]);
+  if (residual) v = __fadd_rn(v, f16_to_f32(residual[(size_t)m * ldn + n]));
+  return f32_to_f16(v);
+}

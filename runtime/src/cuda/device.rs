@@ -1,0 +1,232 @@
+//! The GPU handle: driver context and stream (cudarc), NVRTC-built modules loaded once, and typed
+//! launchers for the W4 kernels.
+//!
+//! Kernel arguments are raw device addresses (`u64`) so callers can point into rotated buffers;
+//! [`W4LinearArgs`] documents what each must point at.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use super::{nvrtc, CudaError};
+
+/// Device addresses and sizes of one W4 linear: `Y[M, N] = X[M, K] . W[N, K]^T` + epilogue.
+#[derive(Debug, Clone, Copy)]
+pub struct W4LinearArgs {
+    /// Weights, split-nibble int4, [N, K/8] u32 words.
+    pub w: u64,
+    /// Per-output-channel scales, f32 [N].
+    pub sw: u64,
+    /// Activations: split-nibble int4 [M, K/8] u32 (A4) or plain int8 [M, K] (A8).
+    pub x: u64,
+    /// Per-token scales, f32 [M].
+    pub sx: u64,
+    /// Bias f32 [N], or 0 for none.
+    pub bias: u64,
+    /// Residual f16 [M, N], or 0 for none.
+    pub residual: u64,
+    /// Output f16 [M, N].
+    pub y: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Activation format of a W4 kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActBits {
+    A4,
+    A8,
+}
+
+/// A decode GEMV variant: activation format and number of warps splitting K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvVariant {
+    pub act: ActBits,
+    pub ksplit: u32,
+}
+
+impl GemvVariant {
+    pub const ALL: [GemvVariant; 4] = [
+        GemvVariant { act: ActBits::A4, ksplit: 4 },
+        GemvVariant { act: ActBits::A4, ksplit: 8 },
+        GemvVariant { act: ActBits::A8, ksplit: 4 },
+        GemvVariant { act: ActBits::A8, ksplit: 8 },
+    ];
+    pub fn kernel_name(&self) -> String {
+        let act = match self.act {
+            ActBits::A4 => "w4a4",
+            ActBits::A8 => "w4a8",
+        };
+        format!("{act}_gemv_ks{}", self.ksplit)
+    }
+}
+
+/// A prefill GEMM tile configuration (must match an instantiation in kernels/w4a4_gemm.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmVariant {
+    pub bm: u32,
+    pub bn: u32,
+    pub warps: u32,
+    pub stages: u32,
+}
+
+impl GemmVariant {
+    pub const ALL: [GemmVariant; 3] = [
+        GemmVariant { bm: 128, bn: 128, warps: 8, stages: 4 },
+        GemmVariant { bm: 128, bn: 256, warps: 8, stages: 3 },
+        GemmVariant { bm: 64, bn: 128, warps: 4, stages: 4 },
+    ];
+    pub fn kernel_name(&self) -> String {
+        format!("w4a4_gemm_{}x{}", self.bm, self.bn)
+    }
+    pub fn shared_bytes(&self) -> u32 {
+        self.stages * (self.bm + self.bn) * 64
+    }
+}
+
+/// Checks the shape constraints every W4 kernel relies on.
+pub fn check_w4_shape(kernel: &str, m: usize, n: usize, k: usize) -> Result<(), CudaError> {
+    let bad = |what: String| Err(CudaError::BadShape { kernel: kernel.to_string(), what });
+    if m == 0 || n == 0 || k == 0 {
+        return bad(format!("empty shape M={m} N={n} K={k}"));
+    }
+    if k % 32 != 0 {
+        return bad(format!("K={k} is not a multiple of 32"));
+    }
+    if n % 8 != 0 {
+        return bad(format!("N={n} is not a multiple of 8"));
+    }
+    if k > 65_536 {
+        return bad(format!("K={k} exceeds 65536 (int32 accumulation of x256-scaled products)"));
+    }
+    if m > i32::MAX as usize || n > i32::MAX as usize {
+        return bad(format!("M={m} or N={n} exceeds i32"));
+    }
+    Ok(())
+}
+
+/// One CUDA device with its default stream and the qcc kernel modules.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Fails with [`CudaError::NoDriver`] (instead of cudarc's panic) when
+    /// libcuda cannot be loaded, so callers can skip cleanly.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        // SAFETY: only probes dlopen for libcuda.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let count = CudaContext::device_count()?;
+        if count <= ordinal as i32 {
+            return Err(CudaError::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One explicit (non-default) stream, so work can be captured into CUDA graphs; with a single
+        // stream cudarc's per-buffer event tracking only adds launch overhead, so it is turned off.
+        // SAFETY: every buffer of this context is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        Ok(Gpu { ctx, stream, modules: Default::default(), functions: Default::default() })
+    }
+
+    /// Device name, compute capability and memory, for reports.
+    pub fn describe(&self) -> String {
+        let name = self.ctx.name().unwrap_or_else(|e| format!("<name: {e}>"));
+        let cc = self.ctx.compute_capability().map(|(a, b)| format!("sm_{a}{b}")).unwrap_or_default();
+        let mem = self.ctx.total_mem().map(|b| b as f64 / (1u64 << 30) as f64).unwrap_or(0.0);
+        format!("{name} ({cc}, {mem:.1} GiB)")
+    }
+
+    /// Loads (compiling with NVRTC on first use) kernel file `file` and returns function `kernel`.
+    pub fn function(&self, file: &str, kernel: &str) -> Result<CudaFunction, CudaError> {
+        let key = format!("{file}::{kernel}");
+        if let Some(f) = self.functions.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(f);
+        }
+        let module = {
+            let cached = self.modules.lock().ok().and_then(|m| m.get(file).cloned());
+            match cached {
+                Some(m) => m,
+                None => {
+                    let ptx = nvrtc::compile_ptx(file)?;
+                    let m = self.ctx.load_module(Ptx::from_src(ptx))?;
+                    if let Ok(mut mods) = self.modules.lock() {
+                        mods.insert(file.to_string(), m.clone());
+                    }
+                    m
+                }
+            }
+        };
+        let f = module.load_function(kernel).map_err(|e| CudaError::Launch {
+            kernel: kernel.to_string(),
+            what: format!("function not found in {file}.cu: {e}"),
+        })?;
+        if let Ok(mut fs) = self.functions.lock() {
+            fs.insert(key, f.clone());
+        }
+        Ok(f)
+    }
+
+    /// Decode GEMV (1 <= M <= 16).
+    pub fn launch_gemv(&self, variant: GemvVariant, a: &W4LinearArgs) -> Result<(), CudaError> {
+        let name = variant.kernel_name();
+        check_w4_shape(&name, a.m, a.n, a.k)?;
+        if a.m > 16 {
+            return Err(CudaError::BadShape { kernel: name, what: format!("M={} > 16 (use the GEMM)", a.m) });
+        }
+        let f = self.function("w4_gemv", &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((a.n / 8) as u32, 1, 1),
+            block_dim: (variant.ksplit * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch_linear(&f, &name, cfg, a)
+    }
+
+    /// Prefill W4A4 GEMM (any M).
+    pub fn launch_gemm(&self, variant: GemmVariant, a: &W4LinearArgs) -> Result<(), CudaError> {
+        let name = variant.kernel_name();
+        check_w4_shape(&name, a.m, a.n, a.k)?;
+        let f = self.function("w4a4_gemm", &name)?;
+        let smem = variant.shared_bytes();
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+        let grid_x = a.n.div_ceil(variant.bn as usize) as u32;
+        let grid_y = a.m.div_ceil(variant.bm as usize) as u32;
+        if grid_y > 65_535 {
+            return Err(CudaError::BadShape { kernel: name, what: format!("M={} needs > 65535 row tiles", a.m) });
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x, grid_y, 1),
+            block_dim: (variant.warps * 32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        self.launch_linear(&f, &name, cfg, a)
+    }
+
+    fn launch_linear(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        cfg: LaunchConfig,
+        a: &W4LinearArgs,
+    ) -> Result<(), CudaError> {
+        let (m, n, k) = (a.m as i32, a.n as i32, a.k as i32);
+        let mut builder = self.stream.launch_builder(f);
+        builder.arg(&a.w).arg(&a.sw).arg(&a.x).arg(&a.sx).arg(&a.bias).arg(&a.residual).arg(&a.y);
+        builder.arg(&m).arg(&n).arg(&k);
+        // SAFETY: the argument list matches the kernel signature (7 pointers, 3 ints); the caller
+        // guarantees the addresses point at buffers of the documented sizes.
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| CudaError::Launch { kernel: name.to_string(), what: e.to_string() })?;
+        Ok(())
+    }
+}

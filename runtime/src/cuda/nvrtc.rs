@@ -1,0 +1,125 @@
+//! Kernel sources and their NVRTC compilation (CUDA C++ -> PTX for sm_90), cached per process.
+//!
+//! Every `runtime/kernels/*.cu` is embedded in the binary and compiled on first use with
+//! `kernels/common.cuh` prepended (NVRTC gets no include path; the kernels use no CUDA headers).
+//! libnvrtc is loaded dynamically by cudarc; [`preload_nvrtc`] first tries the directories named by
+//! `QCC_CUDA_LIB_DIR` and the project venv's PyPI wheel (`nvidia-cuda-nvrtc==13.0.88`), so no system
+//! CUDA toolkit is needed to compile. Where no NVRTC exists at all, PTX files in `QCC_PTX_DIR`
+//! (written by `qcc-run ptx DIR` elsewhere) are used instead.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use super::CudaError;
+
+/// Common prelude prepended to every kernel source.
+pub const COMMON_HEADER: &str = include_str!("../../kernels/common.cuh");
+
+/// (file stem, source) of every kernel translation unit.
+pub const KERNEL_SOURCES: &[(&str, &str)] =
+    &[("w4_gemv", include_str!("../../kernels/w4_gemv.cu")), ("w4a4_gemm", include_str!("../../kernels/w4a4_gemm.cu"))];
+
+/// The architecture every kernel is built for.
+pub const TARGET_ARCH: &str = "sm_90";
+
+/// Directories that may hold `libnvrtc.so.13` (env override first, then the project venv).
+pub fn cuda_lib_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("QCC_CUDA_LIB_DIR") {
+        dirs.extend(std::env::split_paths(&dir));
+    }
+    let venv_lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/lib");
+    if let Ok(entries) = std::fs::read_dir(&venv_lib) {
+        for entry in entries.flatten() {
+            dirs.push(entry.path().join("site-packages/nvidia/cu13/lib"));
+        }
+    }
+    dirs
+}
+
+/// Loads libnvrtc by absolute path from [`cuda_lib_dirs`] if found there, so cudarc's later
+/// `dlopen("libnvrtc.so.13")` resolves to it by soname. Returns the path loaded, if any.
+pub fn preload_nvrtc() -> Option<PathBuf> {
+    static LOADED: OnceLock<Option<PathBuf>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            for dir in cuda_lib_dirs() {
+                let path = dir.join("libnvrtc.so.13");
+                if path.is_file() {
+                    // libnvrtc dlopens its builtins by soname at compile time: load it first.
+                    let builtins = dir.join("libnvrtc-builtins.so.13.0");
+                    // SAFETY: as below.
+                    if let Ok(lib) = unsafe { libloading::Library::new(&builtins) } {
+                        std::mem::forget(lib);
+                    }
+                    // SAFETY: loading NVIDIA's NVRTC library runs no initialisers beyond its own.
+                    if let Ok(lib) = unsafe { libloading::Library::new(&path) } {
+                        // Keep it loaded for the life of the process.
+                        std::mem::forget(lib);
+                        return Some(path);
+                    }
+                }
+            }
+            None
+        })
+        .clone()
+}
+
+/// Whether libnvrtc can be loaded (after [`preload_nvrtc`]).
+pub fn nvrtc_available() -> bool {
+    preload_nvrtc();
+    // SAFETY: only probes dlopen.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// The full source NVRTC compiles for kernel file `name`.
+pub fn full_source(name: &str) -> Result<String, CudaError> {
+    let (_, src) = KERNEL_SOURCES
+        .iter()
+        .find(|(stem, _)| *stem == name)
+        .ok_or_else(|| CudaError::UnknownKernel(name.to_string()))?;
+    Ok(format!("{COMMON_HEADER}\n#line 1 \"{name}.cu\"\n{src}"))
+}
+
+/// Compiles kernel file `name` to PTX text (cached per process).
+pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(name).cloned()) {
+        return Ok(ptx);
+    }
+    if !nvrtc_available() {
+        // Fallback for machines without libnvrtc: PTX written earlier by `qcc-run ptx DIR`.
+        if let Some(dir) = std::env::var_os("QCC_PTX_DIR") {
+            let path = Path::new(&dir).join(format!("{name}.ptx"));
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return Ok(text);
+            }
+        }
+        return Err(CudaError::NvrtcMissing);
+    }
+    let src = full_source(name)?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(TARGET_ARCH),
+        name: Some(format!("{name}.cu")),
+        options: vec![
+            "-std=c++17".into(),
+            "--extra-device-vectorization".into(),
+            "-lineinfo".into(),
+            "--diag-suppress=177".into(),
+        ],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            CudaError::Compile { kernel: name.to_string(), log: log.to_string_lossy().into_owned() }
+        }
+        other => CudaError::Compile { kernel: name.to_string(), log: format!("{other:?}") },
+    })?;
+    let text = ptx.to_src();
+    if let Ok(mut c) = cache.lock() {
+        c.insert(name.to_string(), text.clone());
+    }
+    Ok(text)
+}

@@ -1,0 +1,177 @@
+//! Host-side data layout of the W4 kernels and their exact CPU reference (no CUDA needed).
+//!
+//! Split-nibble layout (runtime/kernels/common.cuh): a row of K int4 values (K % 8 == 0) is K/8
+//! little-endian u32 words; word g's byte j holds `q[8g + j]` in its low nibble and `q[8g + 4 + j]`
+//! in its high nibble. The GPU unpacks a word into two int8x4 registers with one shift and two ANDs.
+//! The same layout serves weights [N, K] and int4 activations [M, K]; int8 activations are plain.
+//!
+//! [`reference_w4_linear`] computes what every W4 kernel must return bit for bit: the exact int32
+//! dot product, then `f16(((acc * sx[m]) * sw[n] + bias[n]) + residual[m, n])` rounded in f32 step
+//! by step, in that order.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Packs a row-major [rows, k] matrix of int4 values (each in -8..=7) into the split-nibble layout.
+/// Returns `None` when `k % 8 != 0`, the length is not `rows * k`, or a value is out of range.
+pub fn pack_int4_split(values: &[i8], rows: usize, k: usize) -> Option<Vec<u32>> {
+    if k % 8 != 0 || values.len() != rows.checked_mul(k)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(values.len() / 8);
+    for group in values.chunks_exact(8) {
+        let mut word = 0u32;
+        for j in 0..4 {
+            let (lo, hi) = (group[j], group[4 + j]);
+            if !(-8..=7).contains(&lo) || !(-8..=7).contains(&hi) {
+                return None;
+            }
+            let byte = ((lo as u8) & 0x0F) | (((hi as u8) & 0x0F) << 4);
+            word |= (byte as u32) << (8 * j);
+        }
+        out.push(word);
+    }
+    Some(out)
+}
+
+/// Inverse of [`pack_int4_split`]: the int4 values of `words` in k order.
+pub fn unpack_int4_split(words: &[u32]) -> Vec<i8> {
+    let mut out = vec![0i8; words.len() * 8];
+    for (word, group) in words.iter().zip(out.chunks_exact_mut(8)) {
+        for j in 0..4 {
+            let byte = (word >> (8 * j)) as u8;
+            // Sign-extend each nibble by moving it to the top of an i8 and shifting back.
+            group[j] = ((byte << 4) as i8) >> 4;
+            group[4 + j] = (byte as i8) >> 4;
+        }
+    }
+    out
+}
+
+/// Epilogue inputs shared by the reference and the kernels.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Per-token activation scale, [M].
+    pub sx: &'a [f32],
+    /// Per-output-channel weight scale, [N].
+    pub sw: &'a [f32],
+    /// Optional bias, [N].
+    pub bias: Option<&'a [f32]>,
+    /// Optional residual, row-major [M, N].
+    pub residual: Option<&'a [f16]>,
+}
+
+/// Exact reference of `Y[M, N] = X[M, K] . W[N, K]^T` with the kernels' epilogue; `x` and `w` are
+/// unpacked integer values (int4 or int8 range), row-major. Exact int64 sums, checked to fit int32
+/// (the kernels accumulate in int32 times 16 or 256; callers keep K within that range).
+pub fn reference_w4_linear(x: &[i8], w: &[i8], m: usize, n: usize, k: usize, ep: &Epilogue<'_>) -> Vec<f16> {
+    assert_eq!(x.len(), m * k, "x must be [M, K]");
+    assert_eq!(w.len(), n * k, "w must be [N, K]");
+    let mut y = vec![f16::ZERO; m * n];
+    y.par_chunks_mut(n).zip(x.par_chunks(k)).enumerate().for_each(|(mi, (yrow, xrow))| {
+        for (ni, wrow) in w.chunks_exact(k).enumerate() {
+            let acc: i64 = xrow.iter().zip(wrow).map(|(&a, &b)| a as i64 * b as i64).sum();
+            let acc = i32::try_from(acc).expect("reference dot product exceeds int32");
+            let mut v = (acc as f32 * ep.sx[mi]) * ep.sw[ni];
+            if let Some(bias) = ep.bias {
+                v += bias[ni];
+            }
+            if let Some(res) = ep.residual {
+                v += res[mi * n + ni].to_f32();
+            }
+            yrow[ni] = f16::from_f32(v);
+        }
+    });
+    y
+}
+
+/// Small deterministic generator (SplitMix64) for test and benchmark data.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform integer in `lo..=hi`.
+    pub fn int_in(&mut self, lo: i32, hi: i32) -> i32 {
+        let span = (hi - lo + 1) as u64;
+        lo + (self.next_u64() % span) as i32
+    }
+    /// Uniform float in `[lo, hi)`.
+    pub fn float_in(&mut self, lo: f32, hi: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * unit
+    }
+    /// `len` values uniform in `lo..=hi` as i8.
+    pub fn i8_vec(&mut self, len: usize, lo: i8, hi: i8) -> Vec<i8> {
+        (0..len).map(|_| self.int_in(lo as i32, hi as i32) as i8).collect()
+    }
+    /// `len` floats uniform in `[lo, hi)`.
+    pub fn f32_vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| self.float_in(lo, hi)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_layout_round_trips_and_places_nibbles() {
+        let mut rng = SplitMix64(7);
+        let v = rng.i8_vec(3 * 32, -8, 7);
+        let packed = pack_int4_split(&v, 3, 32).unwrap();
+        assert_eq!(packed.len(), 12);
+        assert_eq!(unpack_int4_split(&packed), v);
+        // Hand-checked word: k0..k3 = 1, -1, 7, -8 in the low nibbles; k4..k7 = 0, 2, -3, 5 high.
+        let w = pack_int4_split(&[1, -1, 7, -8, 0, 2, -3, 5], 1, 8).unwrap();
+        assert_eq!(w, vec![u32::from_le_bytes([0x01, 0x2F, 0xD7, 0x58])]);
+    }
+
+    #[test]
+    fn gpu_unpack_trick_matches_layout() {
+        // (w << 4) & 0xF0F0F0F0 and w & 0xF0F0F0F0 are 16 * q for k 0..3 and 4..7 of the group.
+        let mut rng = SplitMix64(11);
+        let v = rng.i8_vec(8 * 64, -8, 7);
+        for (word, q) in pack_int4_split(&v, 64, 8).unwrap().iter().zip(v.chunks_exact(8)) {
+            let lo = ((word << 4) & 0xF0F0_F0F0).to_le_bytes();
+            let hi = (word & 0xF0F0_F0F0).to_le_bytes();
+            for j in 0..4 {
+                assert_eq!(lo[j] as i8 as i32, 16 * q[j] as i32);
+                assert_eq!(hi[j] as i8 as i32, 16 * q[4 + j] as i32);
+            }
+        }
+    }
+
+    #[test]
+    fn pack_rejects_bad_input() {
+        assert!(pack_int4_split(&[0; 12], 1, 12).is_none());
+        assert!(pack_int4_split(&[8, 0, 0, 0, 0, 0, 0, 0], 1, 8).is_none());
+        assert!(pack_int4_split(&[0; 8], 2, 8).is_none());
+    }
+
+    #[test]
+    fn reference_matches_float64_dot() {
+        let (m, n, k) = (3, 5, 64);
+        let mut rng = SplitMix64(3);
+        let x = rng.i8_vec(m * k, -8, 7);
+        let w = rng.i8_vec(n * k, -8, 7);
+        let sx = rng.f32_vec(m, 0.01, 0.1);
+        let sw = rng.f32_vec(n, 0.01, 0.1);
+        let ep = Epilogue { sx: &sx, sw: &sw, bias: None, residual: None };
+        let y = reference_w4_linear(&x, &w, m, n, k, &ep);
+        for mi in 0..m {
+            for ni in 0..n {
+                let dot: f64 = (0..k).map(|i| x[mi * k + i] as f64 * w[ni * k + i] as f64).sum();
+                let want = dot * sx[mi] as f64 * sw[ni] as f64;
+                let got = y[mi * n + ni].to_f32() as f64;
+                assert!((got - want).abs() <= want.abs() * 1e-3 + 1e-4, "{got} vs {want}");
+            }
+        }
+    }
+}

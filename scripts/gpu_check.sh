@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one script that runs on the GPU machine: kernel correctness (bit-exact against the CPU
+# reference) and the benchmark against cuBLAS fp16, with results under $OUT.
+#
+# The GPU machine has no Rust toolchain: build here and carry the stripped binary (and PTX fallback):
+#   cargo build --release -p qcc-runtime --features cuda --bin qcc-run
+#   mkdir -p .gpu && strip -o .gpu/qcc-run target/release/qcc-run && .gpu/qcc-run ptx .gpu/ptx
+# then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick]
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/.gpu/out}"
+mkdir -p "$OUT"
+BIN="${QCC_RUN:-$ROOT/.gpu/qcc-run}"
+export QCC_PTX_DIR="${QCC_PTX_DIR:-$ROOT/.gpu/ptx}"
+
+# libnvrtc.so.13 and libcublas.so.13: the CUDA toolkit's, else any pip-installed nvidia wheel's.
+libdirs=()
+for lib in libnvrtc.so.13 libcublas.so.13; do
+  d="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')"
+  [[ -n "$d" ]] && continue
+  f="$(find /usr/local/cuda*/ /usr/local/cuda/targets /opt /usr/lib -name "$lib" 2>/dev/null | head -n1)"
+  [[ -n "$f" ]] && libdirs+=("$(dirname "$f")")
+done
+if ((${#libdirs[@]})); then
+  export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
+  export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
+fi
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; } \
+  2>&1 | tee "$OUT/device.txt"
+status=0
+"$BIN" info 2>&1 | tee "$OUT/info.txt" || status=1
+"$BIN" check > "$OUT/check.txt" 2>&1 || status=1
+echo "check: $(grep -c '^PASS' "$OUT/check.txt") passed, $(grep -c '^FAIL' "$OUT/check.txt") failed"
+grep -v '^PASS' "$OUT/check.txt"
+"$BIN" bench "$@" --out "$OUT/bench.txt" > "$OUT/bench-log.txt" 2>&1 || { status=1; tail -n 20 "$OUT/bench-log.txt"; }
+head -n 1 "$OUT/bench.txt"
+sed -n '/== summary/,$p' "$OUT/bench.txt"
+echo "gpu_check status: $status"
+exit $status
