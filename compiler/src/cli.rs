@@ -123,6 +123,21 @@ struct CompileArgs {
     /// Print per-pass wall time and node counts.
     #[arg(long)]
     pass_stats: bool,
+    /// Calibration text (default: the fixture's calib.txt, disjoint from the evaluation texts).
+    #[arg(long, value_name = "FILE")]
+    calib: Option<PathBuf>,
+    /// Number of calibration windows.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, value_name = "L", default_value_t = 256)]
+    calib_ctx: usize,
+    /// Weight rounding of `quantize`: rtn (round to nearest) or gptq (error compensating).
+    #[arg(long, value_name = "MODE")]
+    weight_rounding: Option<String>,
+    /// Do not read or write the on-disk statistics cache (<model>.qcc-stats/).
+    #[arg(long)]
+    no_stats_cache: bool,
 }
 
 #[derive(Args)]
@@ -239,10 +254,27 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// Loads a model file: ONNX (imported) or .qir text with its weights.
+/// Writes a compiled model: `.qcc` is a directory holding `model.qir`, its weights
+/// (`model.qir.safetensors`, int4 packed two per byte) and the tokenizer; anything else is a .qir file.
+pub fn save_model(out: &Path, source_model: &Path, graph: &Graph) -> Result<()> {
+    if out.extension().is_some_and(|e| e == "qcc") {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let qir = out.join("model.qir");
+        qcc_ir::text::save(&qir, graph).with_context(|| format!("writing {}", qir.display()))?;
+        if let Ok(tokenizer) = crate::tokenizer::for_model(source_model, None) {
+            crate::tokenizer::save(&tokenizer, &out.join("tokenizer.json"))?;
+        }
+        return Ok(());
+    }
+    qcc_ir::text::save(out, graph).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+/// Loads a model file: ONNX (imported), .qir text with its weights, or a .qcc directory.
 pub fn load_model(path: &Path) -> Result<Graph> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("qir") => Ok(qcc_ir::text::load(path)?),
+        Some("qcc") => Ok(qcc_ir::text::load(&path.join("model.qir"))?),
         _ => Ok(crate::onnx::import_model(path)?.graph),
     }
 }
@@ -355,7 +387,12 @@ fn bench(a: BenchArgs) -> Result<()> {
 
 fn compile(a: CompileArgs) -> Result<()> {
     let registry = Registry::standard();
-    let pipeline_text = a.passes.clone().unwrap_or_else(|| a.opt_level.pipeline());
+    let mut pipeline_text = a.passes.clone().unwrap_or_else(|| a.opt_level.pipeline());
+    if let Some(mode) = &a.weight_rounding {
+        pipeline_text = pipeline_text
+            .replace("quantize{", &format!("quantize{{weight-rounding={mode},"))
+            .replace("quantize,", &format!("quantize{{weight-rounding={mode}}},"));
+    }
     let pipeline = registry.parse_pipeline(&pipeline_text)?;
     if a.show_pipeline {
         println!("{pipeline_text}");
@@ -390,14 +427,25 @@ fn compile(a: CompileArgs) -> Result<()> {
     if a.pass_stats {
         refs.push(&mut stats);
     }
-    PassManager::new(pipeline).run(&mut graph, &mut refs)?;
+    let mut ctx = qcc_passes::PassContext::new();
+    if ["quantize", "clip", "smooth", "symmetrize", "reconstruct", "rotate"].iter().any(|p| pipeline_text.contains(p)) {
+        let calib = a.calib.clone().unwrap_or_else(|| default_cache_dir().join("data/calib.txt"));
+        let tokenizer = crate::tokenizer::for_model(&a.model, None)?;
+        let text = crate::calibrate::read_text(&calib)?;
+        ctx.set_calibration(crate::calibrate::calibration_set(&graph, &tokenizer, &text, a.calib_samples, a.calib_ctx)?);
+        ctx.set_calibration_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        if !a.no_stats_cache {
+            ctx.set_stats_store(std::sync::Arc::new(crate::calibrate::DiskStore::beside(&a.model)));
+        }
+    }
+    PassManager::new(pipeline).run_with_context(&mut graph, &mut ctx, &mut refs)?;
     drop(refs);
     drop(instruments);
     if a.pass_stats {
         eprint!("{}", stats.render());
     }
     if let Some(out) = &a.output {
-        qcc_ir::text::save(out, &graph).with_context(|| format!("writing {}", out.display()))?;
+        save_model(out, &a.model, &graph)?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! qcc compiler library: ONNX import, pipelines and the CLI.
 
+pub mod calibrate;
 pub mod cli;
 pub mod eval;
 pub mod gguf;

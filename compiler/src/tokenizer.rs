@@ -91,7 +91,12 @@ pub fn for_model(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer, Tok
             _ => load(p),
         };
     }
-    let dir = model.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // A compiled .qcc model is a directory holding its tokenizer.
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    };
     let json = dir.join("tokenizer.json");
     if json.exists() {
         return load(&json);

@@ -17,7 +17,7 @@ pub mod verify;
 pub use dtype::DType;
 pub use graph::{Edge, Graph, GraphError, GraphOutput, Node, NodeId, TensorType, Value, ValueInfo};
 pub use infer::{infer_types, InferError};
-pub use op::{Arity, Attr, Attrs, Op, OpKind};
+pub use op::{Arity, Attr, Attrs, Op, OpKind, OutputQuant};
 pub use shape::{Dim, Shape};
 pub use tensor::{
     f32_to_f8e4m3, f8e4m3_to_f32, nibble, pack_nibbles, sign_extend_nibble, Element, Tensor, TensorData, TensorError,

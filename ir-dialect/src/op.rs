@@ -179,6 +179,11 @@ op_kinds! {
     Dequantize = "dequantize", onnx "", in 2..=2, out Some(1);
     /// `int_linear(qx[.., K], qw[N, K], scale[N], bias?[N])`: y = scale (.) (qx qw^T) + bias, where
     /// qx qw^T is an exact int32-accumulated integer product and `scale` folds both steps (the epilogue).
+    /// `qw` is i4/i8 (or f8e4m3: products in f32). `qx` is an integer tensor (i4/i8, or i16 for prefix rows,
+    /// see "output quantization" below), f8e4m3, or a float tensor: then, with attribute `act_bits = b`,
+    /// each row is quantized dynamically (step = row absmax / (2^(b-1) - 1), round half to even) and y =
+    /// step_row * scale (.) (q qw^T) + bias; without `act_bits` a float `qx` is used as is (weight-only
+    /// quantization, y = scale (.) (x qw^T) + bias).
     IntLinear = "int_linear", onnx "", in 3..=4, out Some(1);
 
     // ---- qcc fused blocks (recognised by the block-recognition passes in qcc-passes) ----
@@ -205,7 +210,43 @@ op_kinds! {
     Hadamard = "hadamard", onnx "", in 1..=1, out Some(1);
 }
 
+/// Output quantization (QSM epilogues). `rms_norm`, `swiglu`, `attention`, `hadamard`, `linear` and
+/// `int_linear` accept attribute `to` (i4, i8 or f8e4m3): the op computes its float result y and emits
+/// q = clamp(round_half_even(y / step), range of `to`) (f8e4m3: saturating conversion), where `step` is
+/// the optional f32 tensor attribute `step` (per channel of the last axis, or scalar; default 1: QSM
+/// folds the step into the producer's parameters). With attribute `prefix_tokens = P` the rows whose
+/// position (index along the second-to-last axis) is < P are clamped to the range of attribute
+/// `prefix_to` (default i16) instead, and the output dtype is `prefix_to`: the first tokens (attention
+/// sinks, whose activations are orders of magnitude larger) keep 16 bits at the same step. `quantize`
+/// accepts `prefix_tokens` / `prefix_to` with the same meaning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputQuant {
+    pub to: DType,
+    pub prefix_tokens: usize,
+    pub prefix_to: DType,
+    pub step: Option<Tensor>,
+}
+
+impl OutputQuant {
+    /// The dtype of the op's output.
+    pub fn output_dtype(&self) -> DType {
+        if self.prefix_tokens > 0 {
+            self.prefix_to
+        } else {
+            self.to
+        }
+    }
+}
+
 impl OpKind {
+    /// Ops that may carry an output quantization (see [`OutputQuant`]).
+    pub fn can_quantize_output(self) -> bool {
+        matches!(
+            self,
+            OpKind::RmsNorm | OpKind::Swiglu | OpKind::Attention | OpKind::Hadamard | OpKind::Linear | OpKind::IntLinear
+        )
+    }
+
     pub fn from_name(name: &str) -> Option<OpKind> {
         OpKind::ALL.iter().copied().find(|k| k.name() == name)
     }
@@ -326,6 +367,21 @@ impl Op {
             Some(Attr::DType(v)) => Some(*v),
             _ => None,
         }
+    }
+
+    /// The output quantization of an op that can carry one (`to` set), see [`OutputQuant`]; for
+    /// `quantize`, its prefix settings.
+    pub fn output_quant(&self) -> Option<OutputQuant> {
+        if !self.kind.can_quantize_output() && self.kind != OpKind::Quantize {
+            return None;
+        }
+        let to = self.dtype("to")?;
+        Some(OutputQuant {
+            to,
+            prefix_tokens: self.int("prefix_tokens").unwrap_or(0).max(0) as usize,
+            prefix_to: self.dtype("prefix_to").unwrap_or(DType::I16),
+            step: self.tensor("step").cloned(),
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&Tensor> {

@@ -26,6 +26,9 @@ pub mod fuse_linear;
 pub mod fuse_rms_norm;
 pub mod fuse_rotary;
 pub mod fuse_swiglu;
+pub mod gptq;
+pub mod qsm;
+pub mod quantize;
 pub(crate) mod pattern;
 
 pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, StatsRequest, StatsStore};
@@ -49,5 +52,7 @@ pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
         fuse_swiglu::ENTRY,
         fuse_rotary::ENTRY,
         fuse_attention::ENTRY,
+        quantize::ENTRY,
+        qsm::ENTRY,
     ]
 }

@@ -1,8 +1,7 @@
 //! The named optimisation levels (`-O none|w8a8|w4a16|w4a8|w4a4|fp8`) as pipeline strings.
 //!
 //! Each level is a plain pipeline string so `qcc compile --show-pipeline -O w4a4` prints exactly what
-//! runs and the same string can be edited and passed back with `--passes`. Quantization passes are not
-//! written yet, so every level currently runs the structural passes only.
+//! runs and the same string can be edited and passed back with `--passes`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,10 +34,23 @@ impl OptLevel {
         }
     }
 
-    /// The pipeline string this level runs.
+    /// The pipeline string this level runs: the structural prefix, then quantization and step
+    /// migration. Static activation levels need a calibration set (the CLI builds one).
     pub fn pipeline(self) -> String {
-        // Until the quantization passes land, the levels differ only in name.
-        STRUCTURAL.to_string()
+        let tail = match self {
+            OptLevel::None => return STRUCTURAL.to_string(),
+            OptLevel::W8A8 => "quantize{a=8,w=8},qsm",
+            OptLevel::W4A16 => "quantize{a=16,w=4},qsm",
+            OptLevel::W4A8 => "quantize{a=8,prefix=1,w=4},qsm",
+            OptLevel::W4A4 => "quantize{a=4,prefix=1,w=4},qsm",
+            OptLevel::Fp8 => "quantize{a=8,format=fp8,w=8},qsm",
+        };
+        format!("{STRUCTURAL},{tail},eliminate-dead-code")
+    }
+
+    /// Whether the level quantizes activations statically (needs calibration).
+    pub fn needs_calibration(self) -> bool {
+        !matches!(self, OptLevel::None | OptLevel::W4A16)
     }
 }
 

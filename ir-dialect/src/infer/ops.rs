@@ -168,15 +168,16 @@ pub fn infer(ctx: &Ctx<'_>) -> Out {
             float_input(ctx, 1)?;
             let to = ctx.dtype_attr("to").ok_or_else(|| ctx.err("has no dtype attribute 'to'"))?;
             quantized_dtype(ctx, to)?;
-            Ok(vec![TensorType { dtype: to, shape: ctx.shape(0)?.cloned() }])
+            let dtype = ctx.node.op.output_quant().map_or(to, |q| q.output_dtype());
+            Ok(vec![TensorType { dtype, shape: ctx.shape(0)?.cloned() }])
         }
         Dequantize => {
             quantized_dtype(ctx, ctx.req(0)?.dtype)?;
             let dtype = float_input(ctx, 1)?;
             Ok(vec![TensorType { dtype, shape: ctx.shape(0)?.cloned() }])
         }
-        IntLinear => int_linear(ctx),
-        Linear | RmsNorm | Swiglu | Rotary | Attention | Hadamard => super::fused::infer(ctx),
+        IntLinear => with_output_quant(ctx, int_linear(ctx)),
+        Linear | RmsNorm | Swiglu | Rotary | Attention | Hadamard => with_output_quant(ctx, super::fused::infer(ctx)),
         // Listed so that a new op kind without a rule fails to compile here.
         Shape | Size | Reshape | Transpose | Squeeze | Unsqueeze | Flatten | Concat | Split | Slice | Gather
         | GatherElements | Expand | Tile | Pad | ConstantOfShape | Range | Conv | MaxPool | AveragePool
@@ -327,13 +328,28 @@ fn reduce(ctx: &Ctx<'_>) -> Out {
     Ok(vec![TensorType::new(t.dtype, shape)])
 }
 
+/// Applies an op's output quantization (attribute `to`, see `OutputQuant`) to the inferred float type.
+fn with_output_quant(ctx: &Ctx<'_>, inferred: Out) -> Out {
+    let Some(q) = ctx.node.op.output_quant() else {
+        return inferred;
+    };
+    quantized_dtype(ctx, q.to)?;
+    let mut types = inferred?;
+    if let Some(t) = types.first_mut() {
+        t.dtype = q.output_dtype();
+    }
+    Ok(types)
+}
+
 fn int_linear(ctx: &Ctx<'_>) -> Out {
-    const ACTIVATIONS: [DType; 4] = [DType::I4, DType::I8, DType::U4, DType::U8];
-    for (port, what) in [(0, "activation"), (1, "weight")] {
-        let d = ctx.req(port)?.dtype;
-        if !ACTIVATIONS.contains(&d) {
-            return Err(ctx.err(format!("{what} must be i4/i8/u4/u8, not {d}")));
-        }
+    const WEIGHTS: [DType; 5] = [DType::I4, DType::I8, DType::U4, DType::U8, DType::F8E4M3];
+    let x = ctx.req(0)?.dtype;
+    if !(WEIGHTS.contains(&x) || x == DType::I16 || x.is_float()) {
+        return Err(ctx.err(format!("activation must be i4/i8/i16/u4/u8/f8e4m3 or float, not {x}")));
+    }
+    let w = ctx.req(1)?.dtype;
+    if !WEIGHTS.contains(&w) {
+        return Err(ctx.err(format!("weight must be i4/i8/u4/u8/f8e4m3, not {w}")));
     }
     for (port, what) in [(2, "scale"), (3, "bias")] {
         if let Some(t) = ctx.ty(port) {

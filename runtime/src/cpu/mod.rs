@@ -266,8 +266,18 @@ fn one(t: RtTensor) -> OpResult<Vec<RtTensor>> {
     Ok(vec![t])
 }
 
-/// Runs one op.
+/// Runs one op, then its output quantization (QSM epilogue) when it carries one.
 fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
+    let mut results = execute_op(ctx)?;
+    if ctx.op.kind.can_quantize_output() {
+        if let (Some(q), Some(first)) = (ctx.op.output_quant(), results.first_mut()) {
+            *first = ops::output_quant::apply(&q, first)?;
+        }
+    }
+    Ok(results)
+}
+
+fn execute_op(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
     use OpKind::*;
     let kind = ctx.op.kind;
     match kind {
@@ -322,9 +332,10 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
         QuantizeLinear => one(quant::quantize_linear(ctx)?),
         DequantizeLinear => one(quant::dequantize_linear(ctx)?),
         DynamicQuantizeLinear => quant::dynamic_quantize_linear(ctx),
+        Quantize if ctx.op.int("prefix_tokens").unwrap_or(0) > 0 => one(ops::output_quant::quantize(ctx)?),
         Quantize => one(quant::quantize(ctx)?),
         Dequantize => one(quant::dequantize(ctx)?),
-        IntLinear => one(matmul::int_linear(ctx)?),
+        IntLinear => one(ops::output_quant::int_linear(ctx)?),
         Linear => one(fused::linear(ctx)?),
         RmsNorm => one(fused::rms_norm(ctx)?),
         Swiglu => one(fused::swiglu(ctx)?),

@@ -5,6 +5,7 @@ pub mod elementwise;
 pub mod fused;
 pub mod matmul;
 pub mod nn;
+pub mod output_quant;
 pub mod quant;
 pub mod reduce;
 pub mod shape;

@@ -1,0 +1,384 @@
+//! `quantize{w=4,a=4}`: static symmetric per-channel quantization of every `linear` with a constant weight.
+//!
+//! Matches: `linear(x, W[N, K] constant, bias?)`. Linears reading the same activation share one
+//! `quantize(x, s)` (QSM later migrates it into x's producer, so one step vector per activation).
+//! - Activation steps s_k (per input channel) from calibration: absmax_k * act_clip_k / qmax_a (absmax
+//!   leaving out position 0 when `prefix > 0`; those positions are then kept in 16 bits, see
+//!   `qcc_ir::OutputQuant`). Where x comes from a grouped-query attention, channels that share a KV head
+//!   share a step (QSM folds them into v_proj's output channels).
+//! - Weights: the step is folded into the columns, W' = W diag(s); per-output-channel step
+//!   d_n = max_k |W'_nk| * weight_clip_n / qmax_w; round to nearest (or GPTQ, `weight-rounding=gptq`).
+//! - Result: `int_linear(quantize(x, s), Q(W'), d, bias)`; y = d (.) (q_x q_w^T) + b.
+//!   `a=16`: weight-only (`int_linear(x, Q(W), d)`); `act=dynamic`: per-token steps at run time
+//!   (`int_linear(x, Q(W), d) {act_bits}`); `format=fp8`: e4m3 activations and weights.
+//! Clip ratios come from the `act_clip` / `weight_clip` attributes the `clip` pass puts on each linear
+//! (default 1). Preconditions: block recognition ran (linears exist); a calibration set for static
+//! activations. Postcondition: no `linear` with a constant weight remains.
+
+use crate::calibration::StatsRequest;
+use crate::gptq;
+use crate::pass::{OptionKind, OptionSpec, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use crate::registry::PassEntry;
+use qcc_ir::{Attr, DType, Graph, NodeId, Op, OpKind, Tensor, TensorType, Value};
+use std::collections::BTreeMap;
+
+pub const ENTRY: PassEntry = PassEntry {
+    name: "quantize",
+    description: "static symmetric per-channel quantization of linears (int_linear + quantize)",
+    options: OPTIONS,
+    build: |o: &PassOptions| Ok(Box::new(Quantize::from_options(o)?)),
+};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec { key: "w", kind: OptionKind::Int, default: "4", help: "weight bits (4 or 8)" },
+    OptionSpec { key: "a", kind: OptionKind::Int, default: "4", help: "activation bits (4, 8; 16 = float)" },
+    OptionSpec { key: "format", kind: OptionKind::Str, default: "int", help: "int or fp8 (e4m3)" },
+    OptionSpec { key: "act", kind: OptionKind::Str, default: "static", help: "static or dynamic (per token)" },
+    OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
+    OptionSpec { key: "weight-rounding", kind: OptionKind::Str, default: "rtn", help: "rtn or gptq" },
+    OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "substring of linears to leave in float" },
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scheme {
+    pub w_bits: u32,
+    pub a_bits: u32,
+    pub fp8: bool,
+    pub dynamic: bool,
+    pub prefix: usize,
+    pub gptq: bool,
+}
+
+impl Scheme {
+    pub fn weight_qmax(&self) -> f32 {
+        if self.fp8 {
+            448.0
+        } else {
+            ((1u32 << (self.w_bits - 1)) - 1) as f32
+        }
+    }
+    pub fn act_qmax(&self) -> f32 {
+        if self.fp8 {
+            448.0
+        } else {
+            ((1u32 << (self.a_bits - 1)) - 1) as f32
+        }
+    }
+    pub fn weight_dtype(&self) -> DType {
+        match (self.fp8, self.w_bits) {
+            (true, _) => DType::F8E4M3,
+            (false, 4) => DType::I4,
+            _ => DType::I8,
+        }
+    }
+    pub fn act_dtype(&self) -> DType {
+        match (self.fp8, self.a_bits) {
+            (true, _) => DType::F8E4M3,
+            (false, 4) => DType::I4,
+            _ => DType::I8,
+        }
+    }
+    /// Whether activations get static steps (a quantize op per activation).
+    pub fn static_acts(&self) -> bool {
+        self.a_bits < 16 && !self.dynamic
+    }
+}
+
+pub struct Quantize {
+    scheme: Scheme,
+    skip: String,
+}
+
+impl Quantize {
+    fn from_options(o: &PassOptions) -> Result<Quantize, PassError> {
+        let bad = |key: &str, value: String, expected: &'static str| PassError::BadOptionValue {
+            pass: "quantize".into(),
+            key: key.into(),
+            value,
+            expected,
+        };
+        let w = o.usize("w")? as u32;
+        let a = o.usize("a")? as u32;
+        if !matches!(w, 4 | 8) {
+            return Err(bad("w", w.to_string(), "4 or 8"));
+        }
+        if !matches!(a, 4 | 8 | 16) {
+            return Err(bad("a", a.to_string(), "4, 8 or 16"));
+        }
+        let fp8 = match o.str("format")? {
+            "int" => false,
+            "fp8" => true,
+            other => return Err(bad("format", other.into(), "int or fp8")),
+        };
+        let dynamic = match o.str("act")? {
+            "static" => false,
+            "dynamic" => true,
+            other => return Err(bad("act", other.into(), "static or dynamic")),
+        };
+        let gptq = match o.str("weight-rounding")? {
+            "rtn" => false,
+            "gptq" => true,
+            other => return Err(bad("weight-rounding", other.into(), "rtn or gptq")),
+        };
+        let scheme = Scheme { w_bits: w, a_bits: a, fp8, dynamic, prefix: o.usize("prefix")?, gptq };
+        Ok(Quantize { scheme, skip: o.str("skip")?.to_string() })
+    }
+}
+
+/// A `linear` with a constant weight.
+pub struct LinearSite {
+    pub node: NodeId,
+    pub x: Value,
+    pub weight: Tensor,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Every quantizable linear, grouped by the activation it reads (in topological order).
+pub fn linear_groups(graph: &Graph, skip: &str) -> Result<Vec<(Value, Vec<LinearSite>)>, PassError> {
+    let mut groups: BTreeMap<Value, Vec<LinearSite>> = BTreeMap::new();
+    let mut order = Vec::new();
+    for id in graph.topo_order()? {
+        let node = graph.node(id);
+        if node.op.kind != OpKind::Linear || node.op.output_quant().is_some() {
+            continue;
+        }
+        if !skip.is_empty() && node.outputs[0].name.contains(skip) {
+            continue;
+        }
+        let (Some(x), Some(w)) = (graph.input(id, 0), graph.input(id, 1)) else { continue };
+        let Some(weight) = graph.constant(w) else { continue };
+        if weight.dims.len() != 2 || !graph.value_type(x).dtype.is_float() {
+            continue;
+        }
+        let (n, k) = (weight.dims[0], weight.dims[1]);
+        if !groups.contains_key(&x) {
+            order.push(x);
+        }
+        groups.entry(x).or_default().push(LinearSite { node: id, x, weight: weight.clone(), n, k });
+    }
+    Ok(order.into_iter().filter_map(|x| groups.remove(&x).map(|g| (x, g))).collect())
+}
+
+/// Channel groups that must share one activation step: `x` reached from a grouped-query attention
+/// through transpose/reshape (channel = head * D + d; heads sharing a KV head share steps).
+/// Returns, per channel, its group's representative channel.
+pub fn shared_step_groups(graph: &Graph, x: Value, k: usize) -> Vec<usize> {
+    let identity: Vec<usize> = (0..k).collect();
+    let Some(attn) = attention_behind(graph, x) else { return identity };
+    let (Some(q), Some(kv)) = (graph.input(attn, 0), graph.input(attn, 1)) else { return identity };
+    // Batch and sequence may be symbolic; heads and head size are what matter.
+    let dim = |v: Value, axis: usize| {
+        let shape = graph.value_type(v).shape.as_ref()?;
+        if shape.rank() != 4 {
+            return None;
+        }
+        shape.dims()[axis].known().map(|d| d as usize)
+    };
+    let (Some(hq), Some(hkv), Some(d)) = (dim(q, 1), dim(kv, 1), dim(q, 3)) else { return identity };
+    if hkv == 0 || hq % hkv != 0 || hq * d != k {
+        return identity;
+    }
+    let group = hq / hkv;
+    (0..k)
+        .map(|c| {
+            let (h, dd) = (c / d, c % d);
+            (h / group) * group * d + dd
+        })
+        .collect()
+}
+
+/// The attention whose output reaches `x` through transpose / reshape only.
+pub fn attention_behind(graph: &Graph, x: Value) -> Option<NodeId> {
+    let mut v = x;
+    for _ in 0..4 {
+        let node = graph.node(v.node);
+        match node.op.kind {
+            OpKind::Attention => return Some(v.node),
+            OpKind::Transpose | OpKind::Reshape => v = graph.input(v.node, 0)?,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Clip-ratio attribute of a linear: a per-channel list, a single value, or 1.
+pub fn clip_ratios(graph: &Graph, id: NodeId, attr: &str, len: usize) -> Vec<f32> {
+    match graph.node(id).op.attr(attr) {
+        Some(Attr::Floats(v)) if v.len() == len => v.clone(),
+        Some(Attr::Floats(v)) if v.len() == 1 => vec![v[0]; len],
+        Some(Attr::Float(r)) => vec![*r; len],
+        _ => vec![1.0; len],
+    }
+}
+
+/// Static activation steps for one activation: absmax (without position 0 when `prefix > 0`) times the
+/// clip ratio, divided by qmax, with GQA-shared channels taking the group maximum.
+pub fn activation_steps(absmax: &[f32], clip: &[f32], groups: &[usize], qmax: f32) -> Vec<f32> {
+    let k = absmax.len();
+    let mut range: Vec<f32> = (0..k).map(|c| absmax[c] * clip[c]).collect();
+    let mut group_max = vec![0f32; k];
+    for c in 0..k {
+        group_max[groups[c]] = group_max[groups[c]].max(range[c]);
+    }
+    for c in 0..k {
+        range[c] = group_max[groups[c]];
+    }
+    range.iter().map(|r| (r / qmax).max(1e-8)).collect()
+}
+
+/// Round-to-nearest per-output-channel quantization of `w` (`[n x k]` row-major): returns the integer
+/// (or f8-grid) values as f32 and the steps d_n.
+pub fn quantize_weight_rtn(w: &[f32], n: usize, k: usize, clip: &[f32], scheme: &Scheme) -> (Vec<f32>, Vec<f32>) {
+    let qmax = scheme.weight_qmax();
+    let mut q = vec![0f32; n * k];
+    let mut steps = vec![0f32; n];
+    for r in 0..n {
+        let row = &w[r * k..(r + 1) * k];
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = (amax * clip[r] / qmax).max(1e-12);
+        steps[r] = d;
+        for (o, &v) in q[r * k..(r + 1) * k].iter_mut().zip(row) {
+            *o = round_to_grid(v / d, scheme);
+        }
+    }
+    (q, steps)
+}
+
+/// One value rounded to the weight grid (int: round half to even and clamp; fp8: e4m3 rounding).
+pub fn round_to_grid(v: f32, scheme: &Scheme) -> f32 {
+    if scheme.fp8 {
+        qcc_ir::f8e4m3_to_f32(qcc_ir::f32_to_f8e4m3(v.clamp(-448.0, 448.0)))
+    } else {
+        let qmax = scheme.weight_qmax();
+        v.round_ties_even().clamp(-qmax - 1.0, qmax)
+    }
+}
+
+/// Grid values as a tensor of the scheme's weight dtype.
+pub fn grid_tensor(values: &[f32], dims: Vec<usize>, dtype: DType) -> Tensor {
+    match dtype {
+        DType::F8E4M3 => {
+            let bytes: Vec<u8> = values.iter().map(|&v| qcc_ir::f32_to_f8e4m3(v)).collect();
+            Tensor::from_bytes(DType::F8E4M3, dims, bytes.into()).expect("length matches dims")
+        }
+        DType::I4 => {
+            let bytes = qcc_ir::pack_nibbles(values.iter().map(|&v| v as i64));
+            Tensor::from_bytes(DType::I4, dims, bytes.into()).expect("length matches dims")
+        }
+        _ => {
+            let v: Vec<i8> = values.iter().map(|&v| v as i8).collect();
+            Tensor::from_slice(dims, &v)
+        }
+    }
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        ENTRY.name
+    }
+
+    fn description(&self) -> &'static str {
+        ENTRY.description
+    }
+
+    fn run(&self, graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let scheme = &self.scheme;
+        let groups = linear_groups(graph, &self.skip)?;
+        if groups.is_empty() {
+            return Ok(PassOutcome::unchanged());
+        }
+        let need_stats = scheme.static_acts() || scheme.gptq;
+        let stats = if need_stats {
+            let request =
+                StatsRequest { values: groups.iter().map(|(x, _)| *x).collect(), gram: scheme.gptq, sample_rows: 0 };
+            ctx.activation_stats(graph, &request)?.into_iter().cloned().map(Some).collect::<Vec<_>>()
+        } else {
+            vec![None; groups.len()]
+        };
+        let mut rewrites = 0;
+        for ((x, sites), stats) in groups.into_iter().zip(stats) {
+            if !ctx.try_rewrite() {
+                break;
+            }
+            let k = sites[0].k;
+            let name = graph.value_name(x).to_string();
+            let steps: Vec<f32> = match (&stats, scheme.static_acts()) {
+                (Some(s), true) => {
+                    if s.channels != k {
+                        return Err(PassError::Other(format!(
+                            "activation '{name}' has {} channels, its linears read {k}",
+                            s.channels
+                        )));
+                    }
+                    let absmax = if scheme.prefix > 0 { &s.absmax_excluding_first } else { &s.absmax };
+                    let clip = clip_ratios(graph, sites[0].node, "act_clip", k);
+                    activation_steps(absmax, &clip, &shared_step_groups(graph, x, k), scheme.act_qmax())
+                }
+                _ => vec![1.0; k],
+            };
+            let qx = if scheme.static_acts() {
+                let step = graph.add_constant(&format!("{name}.act_step"), Tensor::from_slice(vec![k], &steps))?;
+                let mut op = Op::new(OpKind::Quantize).with("to", Attr::DType(scheme.act_dtype()));
+                let mut dtype = scheme.act_dtype();
+                if scheme.prefix > 0 {
+                    op = op
+                        .with("prefix_tokens", Attr::Int(scheme.prefix as i64))
+                        .with("prefix_to", Attr::DType(DType::I16));
+                    dtype = DType::I16;
+                }
+                let ty = TensorType { dtype, shape: graph.value_type(x).shape.clone() };
+                let q = graph.add_op(op, &[x, step], ty);
+                let qname = graph.fresh_name(&format!("{name}.q"));
+                graph.rename_value(q, &qname)?;
+                q
+            } else {
+                x
+            };
+            let hessian = stats.as_ref().and_then(|s| {
+                if scheme.prefix > 0 {
+                    s.gram_excluding_first()
+                } else {
+                    s.gram.clone()
+                }
+            });
+            for site in sites {
+                let w = site.weight.to_f32_vec().map_err(|e| {
+                    PassError::node(graph.value_name(Value::new(site.node, 0)), OpKind::Linear, e.to_string())
+                })?;
+                let (n, k) = (site.n, site.k);
+                let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
+                let clip = clip_ratios(graph, site.node, "weight_clip", n);
+                let (q, d) = match (&hessian, scheme.gptq) {
+                    (Some(h), true) => {
+                        // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1.
+                        let hs: Vec<f64> = (0..k * k)
+                            .map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64))
+                            .collect();
+                        gptq::quantize(&folded, n, k, &hs, &clip, scheme)
+                    }
+                    _ => quantize_weight_rtn(&folded, n, k, &clip, scheme),
+                };
+                let out = Value::new(site.node, 0);
+                let lname = graph.value_name(out).to_string();
+                let qw = graph.add_constant(&format!("{lname}.qweight"), grid_tensor(&q, vec![n, k], scheme.weight_dtype()))?;
+                let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
+                let bias = graph.input(site.node, 2);
+                let mut inputs = vec![qx, qw, scale];
+                inputs.extend(bias);
+                let mut op = Op::new(OpKind::IntLinear);
+                if scheme.dynamic && scheme.a_bits < 16 {
+                    op = op.with("act_bits", Attr::Int(scheme.a_bits as i64));
+                }
+                let ty = TensorType { dtype: DType::F32, shape: graph.value_type(out).shape.clone() };
+                let new = graph.add_op(op, &inputs, ty);
+                graph.replace_all_uses(out, new);
+                graph.remove_node(site.node);
+                graph.rename_value(new, &lname)?;
+                rewrites += 1;
+            }
+        }
+        ctx.note(format!("{rewrites} linears quantized"));
+        Ok(PassOutcome::rewrites(rewrites))
+    }
+}
