@@ -53,7 +53,7 @@ impl Hadamard {
             return h;
         }
         // Largest constructible divisor as block size (1 at worst: the identity).
-        let block = (1..n).rev().find(|b| n % b == 0 && Hadamard::exact(*b).is_some()).unwrap_or(1);
+        let block = (1..n).rev().find(|b| n.is_multiple_of(*b) && Hadamard::exact(*b).is_some()).unwrap_or(1);
         let mut h = Hadamard::exact(block).unwrap_or_else(|| Hadamard::sylvester(1));
         h.n = n;
         h
@@ -203,7 +203,7 @@ pub fn fwht(x: &mut [f64]) {
 
 /// A Paley matrix of order `m` (I or II), when m - 1 or m / 2 - 1 is a suitable prime power.
 fn paley(m: usize) -> Option<(Vec<i8>, Construction)> {
-    if m < 4 || m % 4 != 0 {
+    if m < 4 || !m.is_multiple_of(4) {
         return None;
     }
     let q = m - 1;
@@ -305,9 +305,9 @@ impl Field {
         if q < 2 {
             return None;
         }
-        let p = (2..=q).find(|d| q % d == 0)?;
+        let p = (2..=q).find(|d| q.is_multiple_of(*d))?;
         let (mut rest, mut k) = (q, 0);
-        while rest % p == 0 {
+        while rest.is_multiple_of(p) {
             rest /= p;
             k += 1;
         }
@@ -332,14 +332,14 @@ impl Field {
             .collect()
     }
 
-    fn from_digits(&self, d: &[usize]) -> usize {
+    fn to_element(&self, d: &[usize]) -> usize {
         d.iter().rev().fold(0, |acc, &c| acc * self.p + c)
     }
 
     fn sub(&self, a: usize, b: usize) -> usize {
         let (a, b) = (self.digits(a), self.digits(b));
         let d: Vec<usize> = a.iter().zip(&b).map(|(x, y)| (x + self.p - y) % self.p).collect();
-        self.from_digits(&d)
+        self.to_element(&d)
     }
 
     fn mul(&self, a: usize, b: usize) -> usize {
@@ -365,7 +365,7 @@ impl Field {
                 prod[idx] = (prod[idx] + self.p * self.p - c * m % self.p) % self.p;
             }
         }
-        self.from_digits(&prod[..self.k])
+        self.to_element(&prod[..self.k])
     }
 }
 

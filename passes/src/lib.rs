@@ -18,8 +18,10 @@ pub mod verify;
 
 pub mod calibration;
 pub mod canonicalize;
+pub mod clip;
 pub mod eliminate_dead_code;
 pub mod fold_constants;
+pub mod fold_norm_weights;
 pub mod fuse_attention;
 pub mod fuse_layer_norm;
 pub mod fuse_linear;
@@ -30,6 +32,10 @@ pub mod gptq;
 pub mod qsm;
 pub mod quantize;
 pub(crate) mod pattern;
+pub mod rotate;
+pub(crate) mod sites;
+pub mod smooth;
+pub(crate) mod weights;
 
 pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, StatsRequest, StatsStore};
 pub use manager::{
@@ -52,7 +58,11 @@ pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
         fuse_swiglu::ENTRY,
         fuse_rotary::ENTRY,
         fuse_attention::ENTRY,
+        clip::ENTRY,
         quantize::ENTRY,
         qsm::ENTRY,
+        fold_norm_weights::ENTRY,
+        rotate::ENTRY,
+        smooth::ENTRY,
     ]
 }

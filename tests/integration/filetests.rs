@@ -3,6 +3,7 @@
 //! parsed, run through its pipeline (the verifier runs after each pass), snapshotted with insta into
 //! `snapshots/passes/` (IR after the pipeline, preceded by the rewrites each pass applied), and checked
 //! numerically: the CPU executor must give the same outputs before and after on deterministic inputs.
+//! A case containing a `// calibrate` line runs with a small deterministic calibration set.
 //! Every registered pass must have at least one filetest.
 
 use qcc_ir::{Dim, Graph};
@@ -81,6 +82,30 @@ fn inputs_for(g: &Graph) -> Option<Vec<(String, RtTensor)>> {
     Some(out)
 }
 
+/// A case with a `// calibrate` line gets a calibration set of 3 deterministic samples (inputs shaped as
+/// for the numerical check, values varied per sample).
+fn calibration_set(g: &Graph) -> qcc_passes::CalibrationSet {
+    let samples = (0..3)
+        .map(|seed| {
+            inputs_for(g)
+                .expect("calibrated cases have float or integer inputs")
+                .into_iter()
+                .map(|(name, t)| {
+                    let t = match t.dtype() {
+                        d if d.is_float() => RtTensor::F64(
+                            t.cast_array::<f64>().mapv(|x| x * (1.0 + 0.3 * seed as f64) + 0.1 * seed as f64),
+                        )
+                        .cast(d),
+                        _ => t,
+                    };
+                    (name, t.to_ir_tensor())
+                })
+                .collect()
+        })
+        .collect();
+    qcc_passes::CalibrationSet { samples, key: "filetest".into() }
+}
+
 fn run_graph(g: &Graph, inputs: &[(String, RtTensor)]) -> Vec<Vec<f64>> {
     let exec = CpuExecutor::new(g).unwrap();
     let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -116,7 +141,13 @@ fn pass_filetests() {
             let mut graph = original.clone();
             let pipeline = registry.parse_pipeline(&case.pipeline).unwrap_or_else(|e| panic!("{what}: {e}"));
             let mut stats = PassStats::new();
-            PassManager::new(pipeline).run(&mut graph, &mut [&mut stats]).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut ctx = qcc_passes::PassContext::new();
+            if case.text.lines().any(|l| l.trim() == "// calibrate") {
+                ctx.set_calibration(calibration_set(&original));
+            }
+            PassManager::new(pipeline)
+                .run_with_context(&mut graph, &mut ctx, &mut [&mut stats])
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
             let rewrites: Vec<String> =
                 stats.rows.iter().map(|r| format!("{}={}", r.name, r.report.outcome.rewrites)).collect();
             let snapshot = format!(

@@ -1,5 +1,6 @@
 //! The integration test binary: one module per area.
 mod conformance;
+mod equivalence;
 mod filetests;
 mod onnx_import;
 mod passes;
