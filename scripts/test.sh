@@ -13,3 +13,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 # One build of the workspace; the integration tests are one binary (tests/integration) plus the CLI tests.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$ROOT/.cache/last-test.log"
+echo "== CUDA side (feature cuda): clippy, then NVRTC + ptxas sm_90 validity of every kernel (no GPU needed)"
+cargo clippy -p qcc-runtime --features cuda --all-targets --quiet -- -D warnings
+cargo test -p qcc-runtime --features cuda --test cuda_ptx --test cuda_kernels 2>&1 | tee -a "$ROOT/.cache/last-test.log"

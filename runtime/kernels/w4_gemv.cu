@@ -32,42 +32,45 @@ static __device__ __forceinline__ void w4_gemv_body(const u32* __restrict__ w, c
   const u32* wrow = w + (size_t)(n0 + g) * words_per_row + 4 * tig;
   int acc[4] = {0, 0, 0, 0};
 
+  // Activation words per chunk: A4 = one uint4 per row (rows g, g + 8); A8 = two per row.
+  constexpr int XV = A8 ? 4 : 2;
   for (int c = c_begin; c < c_end; c += UNROLL) {
-    uint4 wv[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int cc = c + u;
-      const bool ok = cc < c_end && (cc * 128 + 32 * tig) < K;
-      wv[u] = ok ? ld_stream_u4(wrow + cc * 16) : make_uint4(0, 0, 0, 0);
-    }
+    // Issue every load of the batch (weights from DRAM, activations from L1/L2) before the first
+    // use, so one memory latency covers UNROLL chunks.
+    uint4 wv[UNROLL], xv[UNROLL][XV];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int cc = c + u;
       const bool kok = cc < c_end && (cc * 128 + 32 * tig) < K;
-      u32 alo[8], ahi[8];  // per step j: A words for row g (lo = k 0..3 of the 8-group, hi = 4..7)
-      u32 blo[8], bhi[8];  // same for row g + 8
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      wv[u] = kok ? ld_stream_u4(wrow + cc * 16) : zero;
+      const bool r0 = kok && g < M, r1 = kok && row_hi && g + 8 < M;
       if (A8) {
         const i8* xb = (const i8*)x;
         const size_t koff = (size_t)cc * 128 + 32 * tig;
-        uint4 r0a = make_uint4(0, 0, 0, 0), r0b = r0a, r1a = r0a, r1b = r0a;
-        if (kok && g < M) {
-          r0a = ld_cached_u4(xb + (size_t)g * K + koff);
-          r0b = ld_cached_u4(xb + (size_t)g * K + koff + 16);
-        }
-        if (kok && row_hi && g + 8 < M) {
-          r1a = ld_cached_u4(xb + (size_t)(g + 8) * K + koff);
-          r1b = ld_cached_u4(xb + (size_t)(g + 8) * K + koff + 16);
-        }
+        xv[u][0] = r0 ? ld_cached_u4(xb + (size_t)g * K + koff) : zero;
+        xv[u][1] = r0 ? ld_cached_u4(xb + (size_t)g * K + koff + 16) : zero;
+        xv[u][2] = r1 ? ld_cached_u4(xb + (size_t)(g + 8) * K + koff) : zero;
+        xv[u][XV - 1] = r1 ? ld_cached_u4(xb + (size_t)(g + 8) * K + koff + 16) : zero;
+      } else {
+        const u32* xw = (const u32*)x;
+        const size_t woff = (size_t)cc * 16 + 4 * tig;
+        xv[u][0] = r0 ? ld_cached_u4(xw + (size_t)g * words_per_row + woff) : zero;
+        xv[u][1] = r1 ? ld_cached_u4(xw + (size_t)(g + 8) * words_per_row + woff) : zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      u32 alo[4], ahi[4];  // per step j: A words for row g (lo = k 0..3 of the 8-group, hi = 4..7)
+      u32 blo[4], bhi[4];  // same for row g + 8
+      if (A8) {
+        const uint4 r0a = xv[u][0], r0b = xv[u][1], r1a = xv[u][2], r1b = xv[u][XV - 1];
         alo[0] = r0a.x; ahi[0] = r0a.y; alo[1] = r0a.z; ahi[1] = r0a.w;
         alo[2] = r0b.x; ahi[2] = r0b.y; alo[3] = r0b.z; ahi[3] = r0b.w;
         blo[0] = r1a.x; bhi[0] = r1a.y; blo[1] = r1a.z; bhi[1] = r1a.w;
         blo[2] = r1b.x; bhi[2] = r1b.y; blo[3] = r1b.z; bhi[3] = r1b.w;
       } else {
-        const u32* xw = (const u32*)x;
-        const size_t woff = (size_t)cc * 16 + 4 * tig;
-        uint4 r0 = make_uint4(0, 0, 0, 0), r1 = r0;
-        if (kok && g < M) r0 = ld_cached_u4(xw + (size_t)g * words_per_row + woff);
-        if (kok && row_hi && g + 8 < M) r1 = ld_cached_u4(xw + (size_t)(g + 8) * words_per_row + woff);
+        const uint4 r0 = xv[u][0], r1 = xv[u][1];
         const u32 a0[4] = {r0.x, r0.y, r0.z, r0.w};
         const u32 a1[4] = {r1.x, r1.y, r1.z, r1.w};
 #pragma unroll
@@ -117,5 +120,7 @@ static __device__ __forceinline__ void w4_gemv_body(const u32* __restrict__ w, c
 
 QCC_GEMV(w4a4_gemv_ks4, 4, 4, false)
 QCC_GEMV(w4a4_gemv_ks8, 8, 4, false)
+QCC_GEMV(w4a4_gemv_ks16, 16, 2, false)
 QCC_GEMV(w4a8_gemv_ks4, 4, 4, true)
 QCC_GEMV(w4a8_gemv_ks8, 8, 4, true)
+QCC_GEMV(w4a8_gemv_ks16, 16, 2, true)

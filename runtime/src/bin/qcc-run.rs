@@ -33,7 +33,7 @@ fn open_gpu() -> Result<Gpu, ExitCode> {
 }
 
 fn info() -> Result<(), CudaError> {
-    println!("nvrtc preloaded from: {:?}", nvrtc::preload_nvrtc());
+    println!("nvrtc preloaded from: {:?}; libnvrtc loadable: {}", nvrtc::preload_nvrtc(), nvrtc::nvrtc_available());
     for (name, _) in nvrtc::KERNEL_SOURCES {
         let ptx = nvrtc::compile_ptx(name)?;
         println!("{name}.cu: {} bytes of PTX", ptx.len());

@@ -50,11 +50,13 @@ pub struct GemvVariant {
 }
 
 impl GemvVariant {
-    pub const ALL: [GemvVariant; 4] = [
+    pub const ALL: [GemvVariant; 6] = [
         GemvVariant { act: ActBits::A4, ksplit: 4 },
         GemvVariant { act: ActBits::A4, ksplit: 8 },
+        GemvVariant { act: ActBits::A4, ksplit: 16 },
         GemvVariant { act: ActBits::A8, ksplit: 4 },
         GemvVariant { act: ActBits::A8, ksplit: 8 },
+        GemvVariant { act: ActBits::A8, ksplit: 16 },
     ];
     pub fn kernel_name(&self) -> String {
         let act = match self.act {
@@ -75,13 +77,15 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 3] = [
+    pub const ALL: [GemmVariant; 5] = [
         GemmVariant { bm: 128, bn: 128, warps: 8, stages: 4 },
         GemmVariant { bm: 128, bn: 256, warps: 8, stages: 3 },
         GemmVariant { bm: 64, bn: 128, warps: 4, stages: 4 },
+        GemmVariant { bm: 64, bn: 256, warps: 8, stages: 4 },
+        GemmVariant { bm: 128, bn: 128, warps: 4, stages: 4 },
     ];
     pub fn kernel_name(&self) -> String {
-        format!("w4a4_gemm_{}x{}", self.bm, self.bn)
+        format!("w4a4_gemm_{}x{}_w{}", self.bm, self.bn, self.warps)
     }
     pub fn shared_bytes(&self) -> u32 {
         self.stages * (self.bm + self.bn) * 64
