@@ -35,6 +35,7 @@ pub(crate) mod pattern;
 pub mod rotate;
 pub(crate) mod sites;
 pub mod smooth;
+pub mod symmetrize;
 pub(crate) mod weights;
 
 pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, StatsRequest, StatsStore};
@@ -64,5 +65,6 @@ pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
         fold_norm_weights::ENTRY,
         rotate::ENTRY,
         smooth::ENTRY,
+        symmetrize::ENTRY,
     ]
 }

@@ -227,6 +227,8 @@ pub fn require_calibration(ctx: &crate::PassContext, pass: &str) -> Result<(), P
 /// Per-channel activation statistics of `values` (absmax), copied out of the context's cache.
 pub struct ActivationRanges {
     pub absmax: Vec<f64>,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
 }
 
 /// Collects ranges of every value in one pass over the calibration set; with `exclude_first` the
@@ -251,9 +253,13 @@ pub fn activation_ranges(
         .iter()
         .map(|s| {
             if exclude_first && s.tokens > 1 {
-                ActivationRanges { absmax: widen(&s.absmax_excluding_first) }
+                ActivationRanges {
+                    absmax: widen(&s.absmax_excluding_first),
+                    min: widen(&s.min_excluding_first),
+                    max: widen(&s.max_excluding_first),
+                }
             } else {
-                ActivationRanges { absmax: widen(&s.absmax) }
+                ActivationRanges { absmax: widen(&s.absmax), min: widen(&s.min), max: widen(&s.max) }
             }
         })
         .collect())
