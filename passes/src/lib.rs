@@ -32,6 +32,7 @@ pub mod gptq;
 pub mod qsm;
 pub mod quantize;
 pub(crate) mod pattern;
+pub mod reconstruct_dims;
 pub mod rotate;
 pub(crate) mod sites;
 pub mod smooth;
@@ -65,6 +66,7 @@ pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
         fold_norm_weights::ENTRY,
         rotate::ENTRY,
         smooth::ENTRY,
+        reconstruct_dims::ENTRY,
         symmetrize::ENTRY,
     ]
 }

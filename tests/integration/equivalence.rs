@@ -113,7 +113,7 @@ fn smooth_keeps_smollm2_logits() {
 
 #[test]
 fn calibration_passes_without_a_calibration_set_fail_naming_the_pass() {
-    for pass in ["smooth", "symmetrize"] {
+    for pass in ["smooth", "symmetrize", "reconstruct-dims"] {
         let mut graph = fixture().structural.clone();
         let pipeline = Registry::standard().parse_pipeline(pass).unwrap();
         let err = PassManager::new(pipeline).run(&mut graph, &mut []).unwrap_err().to_string();
@@ -127,4 +127,39 @@ fn symmetrize_keeps_smollm2_logits() {
     // of layers 11 and 28 and f32 cancellation in (x - z) W^T + W z costs 2e-5 relative.
     let g = check("symmetrize{exclude-first=true}", true);
     assert_eq!(count(&g, OpKind::Sub), 30, "one explicit centring per down_proj input");
+}
+
+/// (input columns, all-zero padding columns) of each down_proj (a linear reading a swiglu), in layer order.
+fn down_proj_widths(g: &Graph) -> Vec<(usize, usize)> {
+    let order = g.topo_order().unwrap();
+    order
+        .into_iter()
+        .filter(|&n| g.node(n).op.kind == OpKind::Linear)
+        .filter(|&n| g.input(n, 0).is_some_and(|x| g.node(x.node).op.kind == OpKind::Swiglu))
+        .map(|n| {
+            let w = g.constant(g.input(n, 1).unwrap()).unwrap();
+            let (rows, cols) = (w.dims[0], w.dims[1]);
+            let vals = w.to_f32_vec().unwrap();
+            let zero_columns = (0..cols).filter(|&c| (0..rows).all(|r| vals[r * cols + c] == 0.0)).count();
+            (cols, zero_columns)
+        })
+        .collect()
+}
+
+#[test]
+fn reconstruct_dims_keeps_smollm2_logits() {
+    let before = down_proj_widths(&fixture().structural);
+    let g = check("reconstruct-dims{budget=0.03,exclude-first=true}", true);
+    let after = down_proj_widths(&g);
+    assert_eq!(count(&g, OpKind::Linear), 211);
+    assert_eq!(after.len(), 30);
+    let mut widened = 0;
+    for (layer, (&(k0, z0), &(k, z))) in before.iter().zip(&after).enumerate() {
+        let split = k - k0 - (z - z0);
+        println!("layer {layer:2}: K {k0} -> {k} ({split} split copies + {} zero padding)", z - z0);
+        assert_eq!(k % 32, 0, "layer {layer}: K = {k} is not a multiple of 32");
+        assert!(split <= 1536 * 3 / 100, "layer {layer}: {split} channels exceed the 3% budget");
+        widened += usize::from(k > k0);
+    }
+    assert!(widened > 0, "no down_proj input was split");
 }
