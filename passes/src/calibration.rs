@@ -166,6 +166,7 @@ pub struct CalibrationState {
     store: Option<Arc<dyn StatsStore>>,
     fingerprint: Option<String>,
     progress: bool,
+    preserve_once: bool,
     /// Forward passes over the calibration set run so far (for tests and reports).
     pub collections: usize,
 }
@@ -195,9 +196,18 @@ impl PassContext {
         self.calibration_state().collections
     }
 
+    /// Tells the next `graph_changed` call that the change left every activation as it was (e.g. only
+    /// attributes read by a later pass were added), so cached statistics stay valid.
+    pub fn preserve_stats_once(&mut self) {
+        self.calibration_state_mut().preserve_once = true;
+    }
+
     /// Forgets statistics of the previous graph state.
     pub fn graph_changed(&mut self) {
         let state = self.calibration_state_mut();
+        if std::mem::take(&mut state.preserve_once) {
+            return;
+        }
         state.cache.clear();
         state.fingerprint = None;
     }
@@ -486,6 +496,12 @@ pub fn collect_stats(
                 None => acc.observe(&a.iter().copied().collect::<Vec<_>>(), seq),
             }
         };
+        // Graph inputs are not produced by a step, so the executor's observer never sees them.
+        for (name, t) in &inputs {
+            if let Some(v) = graph.value_by_name(name) {
+                observer(v, t);
+            }
+        }
         exec.run_observed(&inputs, &mut observer).map_err(|e| PassError::Other(format!("calibration: {e}")))?;
         if let Some(f) = failure {
             return Err(PassError::Other(format!("calibration: {f}")));

@@ -37,13 +37,15 @@ impl OptLevel {
     /// The pipeline string this level runs: the structural prefix, then quantization and step
     /// migration. Static activation levels need a calibration set (the CLI builds one).
     pub fn pipeline(self) -> String {
+        // The LM head (a graph-output linear) keeps 8-bit weights and float activations in every level:
+        // measured cheapest for accuracy, and it needs no second calibration pass.
         let tail = match self {
             OptLevel::None => return STRUCTURAL.to_string(),
-            OptLevel::W8A8 => "quantize{a=8,w=8},qsm",
-            OptLevel::W4A16 => "quantize{a=16,w=4},qsm",
-            OptLevel::W4A8 => "quantize{a=8,prefix=1,w=4},qsm",
-            OptLevel::W4A4 => "quantize{a=4,prefix=1,w=4},qsm",
-            OptLevel::Fp8 => "quantize{a=8,format=fp8,w=8},qsm",
+            OptLevel::W8A8 => "quantize{a=8,prefix=1,skip=lm-head,w=8},quantize{a=16,w=8},qsm",
+            OptLevel::W4A16 => "quantize{a=16,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
+            OptLevel::W4A8 => "fold-norm-weights,rotate,clip{a=8,prefix=1,skip=lm-head,w=4},quantize{a=8,prefix=1,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
+            OptLevel::W4A4 => "fold-norm-weights,rotate,clip{a=4,prefix=1,skip=lm-head,w=4},quantize{a=4,prefix=1,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
+            OptLevel::Fp8 => "quantize{a=8,format=fp8,skip=lm-head,w=8},quantize{a=16,w=8},qsm",
         };
         format!("{STRUCTURAL},{tail},eliminate-dead-code")
     }

@@ -36,7 +36,7 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec { key: "act", kind: OptionKind::Str, default: "static", help: "static or dynamic (per token)" },
     OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
     OptionSpec { key: "weight-rounding", kind: OptionKind::Str, default: "rtn", help: "rtn or gptq" },
-    OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "substring of linears to leave in float" },
+    OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "linears to leave in float: a name substring, or lm-head (graph outputs)" },
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -143,7 +143,9 @@ pub fn linear_groups(graph: &Graph, skip: &str) -> Result<Vec<(Value, Vec<Linear
         if node.op.kind != OpKind::Linear || node.op.output_quant().is_some() {
             continue;
         }
-        if !skip.is_empty() && node.outputs[0].name.contains(skip) {
+        // `skip=lm-head`: the linears whose result is a graph output (the LM head, kept at 8 bits by -O w4a4).
+        let is_output = graph.graph_outputs().iter().any(|o| o.value == Value::new(id, 0));
+        if (skip == "lm-head" && is_output) || (!skip.is_empty() && node.outputs[0].name.contains(skip)) {
             continue;
         }
         let (Some(x), Some(w)) = (graph.input(id, 0), graph.input(id, 1)) else { continue };

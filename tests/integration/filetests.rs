@@ -3,7 +3,8 @@
 //! parsed, run through its pipeline (the verifier runs after each pass), snapshotted with insta into
 //! `snapshots/passes/` (IR after the pipeline, preceded by the rewrites each pass applied), and checked
 //! numerically: the CPU executor must give the same outputs before and after on deterministic inputs.
-//! A case containing a `// calibrate` line runs with a small deterministic calibration set.
+//! A case containing a `// calibrate` line runs with a small deterministic calibration set; a lossy pass's
+//! case states its allowed relative output change with `// tolerance: X` (default 1e-5).
 //! Every registered pass must have at least one filetest.
 
 use qcc_ir::{Dim, Graph};
@@ -161,11 +162,17 @@ fn pass_filetests() {
                 .text
             );
             settings.bind(|| insta::assert_snapshot!(format!("{pass}__{stem}__{i}"), snapshot));
+            // Lossy passes (quantization) declare how far the outputs may move: `// tolerance: 0.05`.
+            let tolerance = case
+                .text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("// tolerance:").and_then(|t| t.trim().parse::<f64>().ok()))
+                .unwrap_or(1e-5);
             if let Some(inputs) = inputs_for(&original) {
                 let (before, after) = (run_graph(&original, &inputs), run_graph(&graph, &inputs));
                 for (k, (a, b)) in before.iter().zip(&after).enumerate() {
                     let err = max_rel_error(a, b);
-                    assert!(err < 1e-5, "{what}: output {k} changed by {err:e}");
+                    assert!(err < tolerance, "{what}: output {k} changed by {err:e}");
                 }
             }
         }

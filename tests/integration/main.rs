@@ -6,3 +6,4 @@ mod onnx_import;
 mod passes;
 mod smollm2;
 mod tokenizer;
+mod quantize;

@@ -1,0 +1,200 @@
+//! `clip`: adaptive clipping of activation steps (per input channel) and weight steps (per output
+//! channel), chosen by the layer-output error on calibration rows.
+//!
+//! Matches: every activation read by constant-weight `linear`s (one group per activation, as `quantize`
+//! groups them). For each group, on a reservoir sample of calibration rows X (position 0 left out when
+//! `prefix > 0`, since those rows are kept in 16 bits):
+//! - activation ranges: channel k's range is min(absmax_k, tau) * beta, with tau on a grid of quantiles of
+//!   the channels' absmax values and beta in {1, 0.85}; the (tau, beta) whose fully quantized layer
+//!   (QSM-folded weights, round to nearest) gives the smallest ||X W^T - Q(X) Q(W)^T||^2 wins. Outlier
+//!   channels therefore get small ratios, ordinary channels ratio 1.
+//! - weight ratios: per output channel, the ratio in {1, 0.95, ..., 0.7} minimising the output error of
+//!   that row, sum_k E[x_k^2] e_k^2 (the diagonal of X^T X; cross terms ignored to keep it linear in K).
+//! Postcondition: each matched linear carries `act_clip` (f32 per input channel) and `weight_clip` (f32
+//! per output channel), read by `quantize`. Exact no-op on the float graph's values.
+
+use crate::calibration::StatsRequest;
+use crate::pass::{OptionKind, OptionSpec, Pass, PassContext, PassError, PassOptions, PassOutcome};
+use crate::quantize::{activation_steps, linear_groups, quantize_weight_rtn, shared_step_groups, Scheme};
+use crate::registry::PassEntry;
+use qcc_ir::{Attr, Graph};
+
+pub const ENTRY: PassEntry = PassEntry {
+    name: "clip",
+    description: "choose per-channel activation and per-output-channel weight clip ratios by layer-output error",
+    options: &[
+        OptionSpec { key: "w", kind: OptionKind::Int, default: "4", help: "weight bits" },
+        OptionSpec { key: "a", kind: OptionKind::Int, default: "4", help: "activation bits" },
+        OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
+        OptionSpec { key: "rows", kind: OptionKind::Int, default: "128", help: "calibration rows per layer" },
+        OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "substring of linears to leave alone" },
+    ],
+    build: |o: &PassOptions| {
+        let scheme = Scheme {
+            w_bits: o.usize("w")? as u32,
+            a_bits: o.usize("a")? as u32,
+            fp8: false,
+            dynamic: false,
+            prefix: o.usize("prefix")?,
+            gptq: false,
+        };
+        if !matches!(scheme.w_bits, 4 | 8) || !matches!(scheme.a_bits, 4 | 8 | 16) {
+            return Err(PassError::Other("clip: w must be 4 or 8, a 4, 8 or 16".into()));
+        }
+        Ok(Box::new(Clip { scheme, rows: o.usize("rows")?.max(8), skip: o.str("skip")?.to_string() }))
+    },
+};
+
+pub struct Clip {
+    scheme: Scheme,
+    rows: usize,
+    skip: String,
+}
+
+const TAU_QUANTILES: [f64; 6] = [1.0, 0.99, 0.97, 0.93, 0.85, 0.7];
+const BETAS: [f32; 2] = [1.0, 0.85];
+const WEIGHT_RATIOS: [f32; 7] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7];
+
+/// Squared error of the fully quantized layer against the float layer on rows `x` (`[r x k]`).
+fn layer_error(x: &[f32], r: usize, k: usize, weights: &[(Vec<f32>, usize)], steps: &[f32], s: &Scheme) -> f64 {
+    let qmax = s.act_qmax();
+    let xq: Vec<f32> =
+        x.iter().enumerate().map(|(i, &v)| (v / steps[i % k]).round_ties_even().clamp(-qmax - 1.0, qmax)).collect();
+    let mut total = 0.0;
+    for (w, n) in weights {
+        let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
+        let (q, d) = quantize_weight_rtn(&folded, *n, k, &vec![1.0; *n], s);
+        let mut y = vec![0f32; r * n];
+        let mut yq = vec![0f32; r * n];
+        gemm_nt(x, w, &mut y, r, k, *n);
+        gemm_nt(&xq, &q, &mut yq, r, k, *n);
+        for (i, (a, b)) in y.iter().zip(&yq).enumerate() {
+            let e = (a - b * d[i % n]) as f64;
+            total += e * e;
+        }
+    }
+    total
+}
+
+/// c[r x n] = a[r x k] b[n x k]^T.
+fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n: usize) {
+    // SAFETY: the slices hold r*k, n*k and r*n elements, matching the dimensions and strides given.
+    unsafe {
+        matrixmultiply::sgemm(r, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+fn quantile(values: &[f32], q: f64) -> f32 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len().saturating_sub(1)) as f64 * q).round() as usize;
+    v.get(i).copied().unwrap_or(0.0)
+}
+
+impl Pass for Clip {
+    fn name(&self) -> &'static str {
+        ENTRY.name
+    }
+
+    fn description(&self) -> &'static str {
+        ENTRY.description
+    }
+
+    fn run(&self, graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
+        let s = &self.scheme;
+        let groups = linear_groups(graph, &self.skip)?;
+        if groups.is_empty() {
+            return Ok(PassOutcome::unchanged());
+        }
+        let request =
+            StatsRequest { values: groups.iter().map(|(x, _)| *x).collect(), gram: false, sample_rows: self.rows };
+        let stats: Vec<_> = ctx.activation_stats(graph, &request)?.into_iter().cloned().collect();
+        let mut rewrites = 0;
+        let mut clipped_channels = 0usize;
+        for ((x, sites), st) in groups.iter().zip(&stats) {
+            if !ctx.try_rewrite() {
+                break;
+            }
+            let k = st.channels;
+            if sites.iter().any(|site| site.k != k) {
+                continue;
+            }
+            // Sample rows, without position 0 when those rows stay in 16 bits.
+            let (Some(rows), Some(pos)) = (&st.sample_rows, &st.sample_positions) else { continue };
+            let keep: Vec<usize> =
+                (0..pos.len()).filter(|&i| s.prefix == 0 || pos[i] as usize >= s.prefix).collect();
+            let r = keep.len();
+            if r == 0 {
+                continue;
+            }
+            let xs: Vec<f32> = keep.iter().flat_map(|&i| rows[i * k..(i + 1) * k].iter().copied()).collect();
+            let weights: Vec<(Vec<f32>, usize)> = sites
+                .iter()
+                .map(|site| site.weight.to_f32_vec().map(|w| (w, site.n)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| PassError::Other(format!("clip: {e}")))?;
+            let absmax = if s.prefix > 0 { &st.absmax_excluding_first } else { &st.absmax };
+            let share = shared_step_groups(graph, *x, k);
+            let mut best = (f64::INFINITY, vec![1f32; k]);
+            if s.a_bits < 16 {
+                for &q in &TAU_QUANTILES {
+                    let tau = quantile(absmax, q);
+                    for &beta in &BETAS {
+                        let ratios: Vec<f32> = absmax
+                            .iter()
+                            .map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 })
+                            .collect();
+                        let steps = activation_steps(absmax, &ratios, &share, s.act_qmax());
+                        let err = layer_error(&xs, r, k, &weights, &steps, s);
+                        if err < best.0 {
+                            best = (err, ratios);
+                        }
+                    }
+                }
+            }
+            let act_ratios = best.1;
+            clipped_channels += act_ratios.iter().filter(|&&v| v < 1.0).count();
+            let steps = if s.a_bits < 16 {
+                activation_steps(absmax, &act_ratios, &share, s.act_qmax())
+            } else {
+                vec![1.0; k]
+            };
+            // E[x_k^2] in the quantized domain weights each column's rounding error.
+            let energy: Vec<f64> = (0..k)
+                .map(|c| keep.iter().map(|&i| (rows[i * k + c] / steps[c]) as f64).map(|v| v * v).sum::<f64>())
+                .collect();
+            for (site, (w, n)) in sites.iter().zip(&weights) {
+                let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
+                let mut ratios = vec![1f32; *n];
+                for (row_i, ratio) in ratios.iter_mut().enumerate() {
+                    let row = &folded[row_i * k..(row_i + 1) * k];
+                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let mut best_w = (f64::INFINITY, 1f32);
+                    for &cand in &WEIGHT_RATIOS {
+                        let d = (amax * cand / s.weight_qmax()).max(1e-12);
+                        let err: f64 = row
+                            .iter()
+                            .zip(&energy)
+                            .map(|(&v, &e)| {
+                                let q = crate::quantize::round_to_grid(v / d, s) * d;
+                                e * ((v - q) as f64).powi(2)
+                            })
+                            .sum();
+                        if err < best_w.0 {
+                            best_w = (err, cand);
+                        }
+                    }
+                    *ratio = best_w.1;
+                }
+                let node = &mut graph.node_mut(site.node).op;
+                node.attrs.insert("act_clip".into(), Attr::Floats(act_ratios.clone()));
+                node.attrs.insert("weight_clip".into(), Attr::Floats(ratios));
+                rewrites += 1;
+            }
+        }
+        ctx.note(format!("{rewrites} linears given clip ratios; {clipped_channels} activation channels clipped"));
+        // Only attributes changed: the activations (and their statistics) are the same.
+        ctx.preserve_stats_once();
+        Ok(PassOutcome::rewrites(rewrites))
+    }
+}

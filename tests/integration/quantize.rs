@@ -1,0 +1,79 @@
+//! Quantization on the real model and the exactness of the integer path: -O w8a8 leaves no standalone
+//! quantize/dequantize (QSM postcondition) and keeps perplexity within a few percent of fp32 on one
+//! window; `int_linear` equals a float64 evaluation of the same integer computation.
+
+use qcc::eval::{perplexity, LanguageModel};
+use qcc::model::CpuLanguageModel;
+use qcc_ir::{Attr, DType, Graph, Op, OpKind, Tensor, TensorType};
+use qcc_passes::{PassContext, PassManager, Registry};
+use qcc_runtime::{CpuExecutor, RtTensor};
+use qcc_tests::{fixture, smollm2_onnx};
+
+const CTX: usize = 256;
+
+fn ppl(graph: &Graph, ids: &[u32]) -> f64 {
+    let mut lm = CpuLanguageModel::new(graph).unwrap();
+    perplexity(&mut lm as &mut dyn LanguageModel, ids, CTX, Some(1), false).unwrap().ppl
+}
+
+#[test]
+fn w8a8_satisfies_qsm_and_keeps_perplexity() {
+    let tokenizer = qcc::tokenizer::for_model(&smollm2_onnx(), None).unwrap();
+    let graph = qcc::onnx::import_model(smollm2_onnx()).unwrap().graph;
+    let calib = std::fs::read_to_string(fixture("data/calib.txt")).unwrap();
+    let set = qcc::calibrate::calibration_set(&graph, &tokenizer, &calib, 4, 128).unwrap();
+    let mut ctx = PassContext::new();
+    ctx.set_calibration(set);
+    let mut quantized = graph.clone();
+    let pipeline = Registry::standard().parse_pipeline(&qcc_passes::OptLevel::W8A8.pipeline()).unwrap();
+    PassManager::new(pipeline).run_with_context(&mut quantized, &mut ctx, &mut []).unwrap();
+    qcc_passes::qsm::check_postcondition(&quantized).unwrap();
+    let int_linears = quantized.node_ids().filter(|&id| quantized.node(id).op.kind == OpKind::IntLinear).count();
+    assert_eq!(int_linears, 211, "every linear of SmolLM2 is an int_linear");
+    let text = std::fs::read_to_string(fixture("data/sotu-last.txt")).unwrap();
+    let ids = tokenizer.encode(text.as_str(), false).unwrap().get_ids()[..CTX].to_vec();
+    let (fp32, w8a8) = (ppl(&graph, &ids), ppl(&quantized, &ids));
+    eprintln!("perplexity on 1 x {CTX} tokens: fp32 {fp32:.3}, w8a8 {w8a8:.3} (ratio {:.4})", w8a8 / fp32);
+    assert!(w8a8 / fp32 < 1.2, "w8a8 perplexity {w8a8:.3} against fp32 {fp32:.3}");
+}
+
+/// int_linear on int4 activations (i16 on the first row) and int4 weights, with sums beyond f32's exact
+/// range on that row, against the same integer sums computed in f64 (exact below 2^53).
+#[test]
+fn int_linear_is_exact_integer_arithmetic() {
+    let (rows, k, n) = (3usize, 64usize, 5usize);
+    let x: Vec<i16> = (0..rows * k).map(|i| if i < k { 30000 - (i as i16) * 7 } else { ((i * 5) % 16) as i16 - 8 }).collect();
+    let w: Vec<i64> = (0..n * k).map(|i| ((i * 11) % 16) as i64 - 8).collect();
+    let scale: Vec<f32> = (0..n).map(|j| 0.01 * (j + 1) as f32).collect();
+    let mut g = Graph::new("t");
+    let xv = g.add_input("x", TensorType::known(DType::I16, &[1, rows, k])).unwrap();
+    let wv = g
+        .add_constant("w", Tensor::from_bytes(DType::I4, vec![n, k], qcc_ir::pack_nibbles(w.iter().copied()).into()).unwrap())
+        .unwrap();
+    let sv = g.add_constant("s", Tensor::from_slice(vec![n], &scale)).unwrap();
+    let y = g.add_op(Op::new(OpKind::IntLinear), &[xv, wv, sv], TensorType::known(DType::F32, &[1, rows, n]));
+    g.add_output("y", y);
+    qcc_ir::infer_types(&mut g).unwrap();
+    let exec = CpuExecutor::new(&g).unwrap();
+    let out = exec.run(&[("x", RtTensor::from_vec(&[1, rows, k], x.clone()).unwrap())]).unwrap();
+    let got = out[0].1.to_f64_vec();
+    for r in 0..rows {
+        for j in 0..n {
+            let acc: f64 = (0..k).map(|c| x[r * k + c] as f64 * w[j * k + c] as f64).sum();
+            let want = (acc as f32 * scale[j]) as f64;
+            assert_eq!(got[r * n + j], want, "row {r} col {j}");
+        }
+    }
+    // The output quantization rounds half to even and clamps: rms_norm {to = i4} of a constant row.
+    let mut g = Graph::new("t");
+    let xv = g.add_input("x", TensorType::known(DType::F32, &[1, 2, 4])).unwrap();
+    let gamma = g.add_constant("g", Tensor::from_slice(vec![4], &[2.5f32, -3.5, 100.0, 0.5])).unwrap();
+    let op = Op::new(OpKind::RmsNorm).with("epsilon", Attr::Float(0.0)).with("to", Attr::DType(DType::I4));
+    let y = g.add_op(op.with("prefix_tokens", Attr::Int(1)), &[xv, gamma], TensorType::known(DType::I16, &[1, 2, 4]));
+    g.add_output("y", y);
+    qcc_ir::infer_types(&mut g).unwrap();
+    let exec = CpuExecutor::new(&g).unwrap();
+    let out = exec.run(&[("x", RtTensor::from_vec(&[1, 2, 4], vec![1f32; 8]).unwrap())]).unwrap();
+    // rms of ones is 1: y = gamma; row 0 (prefix) keeps 16 bits, row 1 clamps to [-8, 7]; 2.5 -> 2, -3.5 -> -4.
+    assert_eq!(out[0].1.to_f64_vec(), vec![2.0, -4.0, 100.0, 0.0, 2.0, -4.0, 7.0, 0.0]);
+}
