@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 /// `samples` windows of `ctx` consecutive tokens from `text` (non-overlapping; fewer if the text is short).
-pub fn calibration_set(graph: &Graph, tokenizer: &Tokenizer, text: &str, samples: usize, ctx: usize) -> Result<CalibrationSet> {
+pub fn calibration_set(
+    graph: &Graph,
+    tokenizer: &Tokenizer,
+    text: &str,
+    samples: usize,
+    ctx: usize,
+) -> Result<CalibrationSet> {
     let inputs: Vec<String> = graph
         .graph_inputs()
         .iter()

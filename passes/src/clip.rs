@@ -10,6 +10,7 @@
 //!   channels therefore get small ratios, ordinary channels ratio 1.
 //! - weight ratios: per output channel, the ratio in {1, 0.95, ..., 0.7} minimising the output error of
 //!   that row, sum_k E[x_k^2] e_k^2 (the diagonal of X^T X; cross terms ignored to keep it linear in K).
+//!
 //! Postcondition: each matched linear carries `act_clip` (f32 per input channel) and `weight_clip` (f32
 //! per output channel), read by `quantize`. Exact no-op on the float graph's values.
 
@@ -80,7 +81,22 @@ fn layer_error(x: &[f32], r: usize, k: usize, weights: &[(Vec<f32>, usize)], ste
 fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n: usize) {
     // SAFETY: the slices hold r*k, n*k and r*n elements, matching the dimensions and strides given.
     unsafe {
-        matrixmultiply::sgemm(r, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            r,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -121,8 +137,7 @@ impl Pass for Clip {
             }
             // Sample rows, without position 0 when those rows stay in 16 bits.
             let (Some(rows), Some(pos)) = (&st.sample_rows, &st.sample_positions) else { continue };
-            let keep: Vec<usize> =
-                (0..pos.len()).filter(|&i| s.prefix == 0 || pos[i] as usize >= s.prefix).collect();
+            let keep: Vec<usize> = (0..pos.len()).filter(|&i| s.prefix == 0 || pos[i] as usize >= s.prefix).collect();
             let r = keep.len();
             if r == 0 {
                 continue;
@@ -140,10 +155,8 @@ impl Pass for Clip {
                 for &q in &TAU_QUANTILES {
                     let tau = quantile(absmax, q);
                     for &beta in &BETAS {
-                        let ratios: Vec<f32> = absmax
-                            .iter()
-                            .map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 })
-                            .collect();
+                        let ratios: Vec<f32> =
+                            absmax.iter().map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 }).collect();
                         let steps = activation_steps(absmax, &ratios, &share, s.act_qmax());
                         let err = layer_error(&xs, r, k, &weights, &steps, s);
                         if err < best.0 {
@@ -154,11 +167,8 @@ impl Pass for Clip {
             }
             let act_ratios = best.1;
             clipped_channels += act_ratios.iter().filter(|&&v| v < 1.0).count();
-            let steps = if s.a_bits < 16 {
-                activation_steps(absmax, &act_ratios, &share, s.act_qmax())
-            } else {
-                vec![1.0; k]
-            };
+            let steps =
+                if s.a_bits < 16 { activation_steps(absmax, &act_ratios, &share, s.act_qmax()) } else { vec![1.0; k] };
             // E[x_k^2] in the quantized domain weights each column's rounding error.
             let energy: Vec<f64> = (0..k)
                 .map(|c| keep.iter().map(|&i| (rows[i * k + c] / steps[c]) as f64).map(|v| v * v).sum::<f64>())

@@ -106,7 +106,8 @@ mod tests {
         let mut h = vec![0f64; k * k];
         for i in 0..k {
             for j in 0..k {
-                h[i * k + j] = (0..k).map(|p| a[p * k + i] * a[p * k + j]).sum::<f64>() + if i == j { 1.0 } else { 0.0 };
+                h[i * k + j] =
+                    (0..k).map(|p| a[p * k + i] * a[p * k + j]).sum::<f64>() + if i == j { 1.0 } else { 0.0 };
             }
         }
         let u = inverse_hessian_factor(&h, k).unwrap();

@@ -8,6 +8,7 @@
 //!   which `quantize` guarantees); attention rounds, transpose/reshape carry integers.
 //! - any other op that can quantize its output (`hadamard`, `int_linear`, `linear`): the step becomes its
 //!   `step` attribute (a fused quantizing epilogue).
+//!
 //! Dequantization already lives in `int_linear`'s per-output-channel scale (`quantize` put it there).
 //! Precondition: `quantize` ran. Postcondition (checked here, an error otherwise): no `quantize` or
 //! `dequantize` op remains and no `linear` with a constant weight is left.
@@ -88,7 +89,9 @@ impl Qsm {
         let s_of = |j: usize| step[if step.len() == 1 { 0 } else { map(j) }];
         let scale: Vec<f32> = (0..n).map(|j| scale[if scale.len() == 1 { 0 } else { j }] / s_of(j)).collect();
         let bias = match graph.input(lin, 3) {
-            Some(b) => Some(constant_f32(graph, Some(b))?.iter().enumerate().map(|(j, v)| v / s_of(j)).collect::<Vec<_>>()),
+            Some(b) => {
+                Some(constant_f32(graph, Some(b))?.iter().enumerate().map(|(j, v)| v / s_of(j)).collect::<Vec<_>>())
+            }
             None => None,
         };
         set_constant_input(graph, lin, 2, &scale).ok()?;
@@ -152,7 +155,12 @@ impl Qsm {
                 return Ok(false);
             }
             // A fused quantizing epilogue with the step as an attribute.
-            op = op.with("step", Attr::Tensor(graph.constant(step_v).cloned().unwrap_or_else(|| Tensor::from_slice(vec![step.len()], &step))));
+            op = op.with(
+                "step",
+                Attr::Tensor(
+                    graph.constant(step_v).cloned().unwrap_or_else(|| Tensor::from_slice(vec![step.len()], &step)),
+                ),
+            );
         }
         for key in ["to", "prefix_tokens", "prefix_to"] {
             if let Some(a) = qop.attr(key) {
@@ -187,14 +195,16 @@ impl Qsm {
         let hq = graph.value_type(q).shape.as_ref()?.dims().get(1)?.known()? as usize;
         let vshape = graph.value_type(vt).shape.clone()?;
         let (hkv, dv) = (vshape.dims().get(1)?.known()? as usize, vshape.dims().get(3)?.known()? as usize);
-        if hkv == 0 || hq % hkv != 0 || (step.len() != 1 && step.len() != hq * dv) {
+        if hkv == 0 || !hq.is_multiple_of(hkv) || (step.len() != 1 && step.len() != hq * dv) {
             return None;
         }
         let group = hq / hkv;
         // v = transpose(reshape(lin)) with single users, v channel j = kv * Dv + d.
         let mut v = vt;
         for _ in 0..2 {
-            if !matches!(graph.node(v.node).op.kind, OpKind::Transpose | OpKind::Reshape) || single_user(graph, v).is_none() {
+            if !matches!(graph.node(v.node).op.kind, OpKind::Transpose | OpKind::Reshape)
+                || single_user(graph, v).is_none()
+            {
                 return None;
             }
             v = graph.input(v.node, 0)?;

@@ -11,6 +11,7 @@
 //! - Result: `int_linear(quantize(x, s), Q(W'), d, bias)`; y = d (.) (q_x q_w^T) + b.
 //!   `a=16`: weight-only (`int_linear(x, Q(W), d)`); `act=dynamic`: per-token steps at run time
 //!   (`int_linear(x, Q(W), d) {act_bits}`); `format=fp8`: e4m3 activations and weights.
+//!
 //! Clip ratios come from the `act_clip` / `weight_clip` attributes the `clip` pass puts on each linear
 //! (default 1). Preconditions: block recognition ran (linears exist); a calibration set for static
 //! activations. Postcondition: no `linear` with a constant weight remains.
@@ -36,7 +37,12 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec { key: "act", kind: OptionKind::Str, default: "static", help: "static or dynamic (per token)" },
     OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
     OptionSpec { key: "weight-rounding", kind: OptionKind::Str, default: "rtn", help: "rtn or gptq" },
-    OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "linears to leave in float: a name substring, or lm-head (graph outputs)" },
+    OptionSpec {
+        key: "skip",
+        kind: OptionKind::Str,
+        default: "",
+        help: "linears to leave in float: a name substring, or lm-head (graph outputs)",
+    },
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -178,7 +184,7 @@ pub fn shared_step_groups(graph: &Graph, x: Value, k: usize) -> Vec<usize> {
         shape.dims()[axis].known().map(|d| d as usize)
     };
     let (Some(hq), Some(hkv), Some(d)) = (dim(q, 1), dim(kv, 1), dim(q, 3)) else { return identity };
-    if hkv == 0 || hq % hkv != 0 || hq * d != k {
+    if hkv == 0 || !hq.is_multiple_of(hkv) || hq * d != k {
         return identity;
     }
     let group = hq / hkv;
@@ -337,13 +343,8 @@ impl Pass for Quantize {
             } else {
                 x
             };
-            let hessian = stats.as_ref().and_then(|s| {
-                if scheme.prefix > 0 {
-                    s.gram_excluding_first()
-                } else {
-                    s.gram.clone()
-                }
-            });
+            let hessian =
+                stats.as_ref().and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
             for site in sites {
                 let w = site.weight.to_f32_vec().map_err(|e| {
                     PassError::node(graph.value_name(Value::new(site.node, 0)), OpKind::Linear, e.to_string())
@@ -354,16 +355,16 @@ impl Pass for Quantize {
                 let (q, d) = match (&hessian, scheme.gptq) {
                     (Some(h), true) => {
                         // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1.
-                        let hs: Vec<f64> = (0..k * k)
-                            .map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64))
-                            .collect();
+                        let hs: Vec<f64> =
+                            (0..k * k).map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64)).collect();
                         gptq::quantize(&folded, n, k, &hs, &clip, scheme)
                     }
                     _ => quantize_weight_rtn(&folded, n, k, &clip, scheme),
                 };
                 let out = Value::new(site.node, 0);
                 let lname = graph.value_name(out).to_string();
-                let qw = graph.add_constant(&format!("{lname}.qweight"), grid_tensor(&q, vec![n, k], scheme.weight_dtype()))?;
+                let qw = graph
+                    .add_constant(&format!("{lname}.qweight"), grid_tensor(&q, vec![n, k], scheme.weight_dtype()))?;
                 let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
                 let bias = graph.input(site.node, 2);
                 let mut inputs = vec![qx, qw, scale];

@@ -42,13 +42,17 @@ fn w8a8_satisfies_qsm_and_keeps_perplexity() {
 #[test]
 fn int_linear_is_exact_integer_arithmetic() {
     let (rows, k, n) = (3usize, 64usize, 5usize);
-    let x: Vec<i16> = (0..rows * k).map(|i| if i < k { 30000 - (i as i16) * 7 } else { ((i * 5) % 16) as i16 - 8 }).collect();
+    let x: Vec<i16> =
+        (0..rows * k).map(|i| if i < k { 30000 - (i as i16) * 7 } else { ((i * 5) % 16) as i16 - 8 }).collect();
     let w: Vec<i64> = (0..n * k).map(|i| ((i * 11) % 16) as i64 - 8).collect();
     let scale: Vec<f32> = (0..n).map(|j| 0.01 * (j + 1) as f32).collect();
     let mut g = Graph::new("t");
     let xv = g.add_input("x", TensorType::known(DType::I16, &[1, rows, k])).unwrap();
     let wv = g
-        .add_constant("w", Tensor::from_bytes(DType::I4, vec![n, k], qcc_ir::pack_nibbles(w.iter().copied()).into()).unwrap())
+        .add_constant(
+            "w",
+            Tensor::from_bytes(DType::I4, vec![n, k], qcc_ir::pack_nibbles(w.iter().copied()).into()).unwrap(),
+        )
         .unwrap();
     let sv = g.add_constant("s", Tensor::from_slice(vec![n], &scale)).unwrap();
     let y = g.add_op(Op::new(OpKind::IntLinear), &[xv, wv, sv], TensorType::known(DType::F32, &[1, rows, n]));
