@@ -116,6 +116,7 @@ impl CpuExecutor {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let (mut steps, constants) = hoist_constant_steps(steps, constants, &outputs);
         // Liveness: a slot dies after its last reader; unread results die right after being produced.
         let mut last_use: Vec<Option<usize>> = vec![None; slot_values.len()];
         for (i, step) in steps.iter().enumerate() {
@@ -236,6 +237,40 @@ impl CpuExecutor {
         let message = if shapes.is_empty() { message } else { format!("{message} (inputs: {})", shapes.join(", ")) };
         ExecError::Node { node: step.name.clone(), op: step.op.kind.name(), message }
     }
+}
+
+/// Evaluates once, at plan time, every step whose inputs are all constants (a Transpose of a weight, shape
+/// arithmetic on constant shapes), so `run` does not redo it on every call; then drops constants that no
+/// remaining step or graph output reads. A step that fails here stays in the plan, so its error surfaces at
+/// run time with full context. Observers never see hoisted values: they are constants, not activations.
+fn hoist_constant_steps(
+    steps: Vec<Step>,
+    constants: Vec<(usize, RtTensor)>,
+    outputs: &[(String, usize)],
+) -> (Vec<Step>, Vec<(usize, RtTensor)>) {
+    let mut known: HashMap<usize, RtTensor> = constants.into_iter().collect();
+    let mut kept = Vec::with_capacity(steps.len());
+    for step in steps {
+        let foldable = !step.inputs.is_empty() && step.inputs.iter().flatten().all(|s| known.contains_key(s));
+        if foldable {
+            let args: Vec<Option<&RtTensor>> = step.inputs.iter().map(|s| s.map(|s| &known[&s])).collect();
+            let ctx = OpCtx { op: &step.op, inputs: &args, outputs: &step.output_infos };
+            if let Ok(results) = execute(&ctx) {
+                if results.len() >= step.outputs.len() {
+                    for (&slot, t) in step.outputs.iter().zip(results) {
+                        known.insert(slot, t);
+                    }
+                    continue;
+                }
+            }
+        }
+        kept.push(step);
+    }
+    let read: std::collections::HashSet<usize> =
+        kept.iter().flat_map(|s| s.inputs.iter().flatten().copied()).chain(outputs.iter().map(|(_, s)| *s)).collect();
+    let mut constants: Vec<(usize, RtTensor)> = known.into_iter().filter(|(s, _)| read.contains(s)).collect();
+    constants.sort_by_key(|(s, _)| *s);
+    (kept, constants)
 }
 
 fn check_input(name: &str, ty: &TensorType, t: &RtTensor) -> Result<(), ExecError> {

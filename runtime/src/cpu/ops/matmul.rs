@@ -34,6 +34,9 @@ pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>,
     let (m, k) = a.dim();
     let n = b.dim().1;
     debug_assert!(b.dim().0 == k && c.dim() == (m, n));
+    if skinny_sgemm(a, b, c, alpha, beta) {
+        return;
+    }
     let (sa, sb, sc) = (a.strides(), b.strides(), c.strides().to_vec());
     // SAFETY: the views guarantee that every (row, col) addressed through these strides is in bounds, and
     // `c` is a mutable view, so it does not alias `a` or `b`.
@@ -55,6 +58,85 @@ pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>,
             sc[1],
         )
     }
+}
+
+/// Rows of `a` at most this many take the streaming path (decode: one token per sequence).
+const SKINNY_MAX_ROWS: usize = 8;
+/// Output columns per parallel task on the streaming path.
+const SKINNY_COLUMNS: usize = 256;
+
+/// Few rows times a large weight (decode): packing the weight, as a GEMM library does on every call, costs
+/// more than the product, so stream it once instead, in parallel column blocks. Handles `b` stored
+/// row-major ([K, N], ONNX MatMul) or as the transpose of a row-major [N, K] weight (`linear`); returns
+/// false (caller falls back to the GEMM) for any other case.
+fn skinny_sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>, alpha: f32, beta: f32) -> bool {
+    use rayon::prelude::*;
+    let (m, k) = a.dim();
+    let n = b.dim().1;
+    if m == 0 || m > SKINNY_MAX_ROWS || k == 0 || n * k < (1 << 15) {
+        return false;
+    }
+    let [sb0, sb1] = [b.strides()[0], b.strides()[1]];
+    let rows: Vec<Vec<f32>> = a.outer_iter().map(|r| r.to_vec()).collect();
+    // Block-major result: block j holds rows 0..m of columns j*SKINNY_COLUMNS.. (contiguous per row).
+    let mut blocks = vec![0f32; m * n];
+    // SAFETY (both arms): `b` is a valid view with the strides read above; every offset computed below is
+    // row * stride + column with row < k and column < n (or the transposed equivalent), so it is in bounds.
+    let base = b.as_ptr() as usize;
+    if sb1 == 1 && sb0 >= n as isize {
+        let ld = sb0 as usize;
+        blocks.par_chunks_mut(m * SKINNY_COLUMNS).enumerate().for_each(|(blk, out)| {
+            let j0 = blk * SKINNY_COLUMNS;
+            let len = out.len() / m;
+            for kk in 0..k {
+                let brow = unsafe { std::slice::from_raw_parts((base as *const f32).add(kk * ld + j0), len) };
+                for (i, row) in rows.iter().enumerate() {
+                    let av = row[kk];
+                    for (o, &bv) in out[i * len..(i + 1) * len].iter_mut().zip(brow) {
+                        *o += av * bv;
+                    }
+                }
+            }
+        });
+    } else if sb0 == 1 && sb1 >= k as isize {
+        let ld = sb1 as usize;
+        blocks.par_chunks_mut(m * SKINNY_COLUMNS).enumerate().for_each(|(blk, out)| {
+            let j0 = blk * SKINNY_COLUMNS;
+            let len = out.len() / m;
+            for jj in 0..len {
+                let w = unsafe { std::slice::from_raw_parts((base as *const f32).add((j0 + jj) * ld), k) };
+                for (i, row) in rows.iter().enumerate() {
+                    out[i * len + jj] = dot(row, w);
+                }
+            }
+        });
+    } else {
+        return false;
+    }
+    for (blk, out) in blocks.chunks(m * SKINNY_COLUMNS).enumerate() {
+        let len = out.len() / m;
+        for i in 0..m {
+            for jj in 0..len {
+                let cell = &mut c[[i, blk * SKINNY_COLUMNS + jj]];
+                let r = alpha * out[i * len + jj];
+                *cell = if beta == 0.0 { r } else { r + beta * *cell };
+            }
+        }
+    }
+    true
+}
+
+/// Dot product with 16 independent accumulators, so the compiler can vectorise the reduction.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for l in 0..16 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// c = alpha * a b + beta * c in f64.
@@ -336,4 +418,39 @@ pub fn int_linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let out = out.into_shape_with_order(IxDyn(&out_shape)).map_err(|e| op_err!("{e}"))?;
     let dtype = ctx.outputs.first().map(|o| o.ty.dtype).filter(|d| d.is_float()).unwrap_or(DType::F32);
     Ok(RtTensor::F32(out).cast(dtype))
+}
+
+#[cfg(test)]
+mod skinny_tests {
+    use super::*;
+    use ndarray::{Array2, ShapeBuilder};
+
+    /// The streaming decode path agrees with a float64 product for both weight layouts and with beta.
+    #[test]
+    fn skinny_path_matches_f64_reference() {
+        let (k, n) = (300, 700);
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for m in [1usize, 3, 8] {
+            let a = Array2::from_shape_fn((m, k), |_| rnd());
+            let b_rows = Array2::from_shape_fn((k, n), |_| rnd());
+            let w = Array2::from_shape_fn((n, k), |_| rnd());
+            let b_cols = w.t();
+            let c0 = Array2::from_shape_fn((m, n).f(), |_| rnd());
+            for (b, name) in [(b_rows.view(), "row-major"), (b_cols, "transposed")] {
+                let mut c = c0.clone();
+                assert!(skinny_sgemm(a.view(), b, &mut c.view_mut(), 2.0, 0.5), "{name} took the fallback");
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k).map(|t| a[[i, t]] as f64 * b[[t, j]] as f64).sum::<f64>() * 2.0
+                            + 0.5 * c0[[i, j]] as f64;
+                        assert!((c[[i, j]] as f64 - exact).abs() < 1e-4, "{name} m={m} ({i},{j})");
+                    }
+                }
+            }
+        }
+    }
 }
