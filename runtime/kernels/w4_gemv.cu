@@ -118,9 +118,14 @@ static __device__ __forceinline__ void w4_gemv_body(const u32* __restrict__ w, c
     w4_gemv_body<KSPLIT, UNROLL, A8>(w, sw, x, sx, bias, residual, y, M, N, K);                     \
   }
 
-QCC_GEMV(w4a4_gemv_ks4, 4, 4, false)
-QCC_GEMV(w4a4_gemv_ks8, 8, 4, false)
-QCC_GEMV(w4a4_gemv_ks16, 16, 2, false)
-QCC_GEMV(w4a8_gemv_ks4, 4, 4, true)
-QCC_GEMV(w4a8_gemv_ks8, 8, 4, true)
-QCC_GEMV(w4a8_gemv_ks16, 16, 2, true)
+// Variants: KSPLIT warps per block x UNROLL chunks (16 bytes per thread each) in flight per warp.
+QCC_GEMV(w4a4_gemv_ks2_u8, 2, 8, false)
+QCC_GEMV(w4a4_gemv_ks4_u4, 4, 4, false)
+QCC_GEMV(w4a4_gemv_ks4_u8, 4, 8, false)
+QCC_GEMV(w4a4_gemv_ks8_u4, 8, 4, false)
+QCC_GEMV(w4a4_gemv_ks16_u2, 16, 2, false)
+QCC_GEMV(w4a8_gemv_ks2_u8, 2, 8, true)
+QCC_GEMV(w4a8_gemv_ks4_u4, 4, 4, true)
+QCC_GEMV(w4a8_gemv_ks4_u8, 4, 8, true)
+QCC_GEMV(w4a8_gemv_ks8_u4, 8, 4, true)
+QCC_GEMV(w4a8_gemv_ks16_u2, 16, 2, true)

@@ -42,28 +42,40 @@ pub enum ActBits {
     A8,
 }
 
-/// A decode GEMV variant: activation format and number of warps splitting K.
+/// A decode GEMV variant (must match an instantiation in kernels/w4_gemv.cu): activation format,
+/// warps splitting K, and 16-byte weight loads per thread in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
     pub act: ActBits,
     pub ksplit: u32,
+    pub unroll: u32,
 }
 
 impl GemvVariant {
-    pub const ALL: [GemvVariant; 6] = [
-        GemvVariant { act: ActBits::A4, ksplit: 4 },
-        GemvVariant { act: ActBits::A4, ksplit: 8 },
-        GemvVariant { act: ActBits::A4, ksplit: 16 },
-        GemvVariant { act: ActBits::A8, ksplit: 4 },
-        GemvVariant { act: ActBits::A8, ksplit: 8 },
-        GemvVariant { act: ActBits::A8, ksplit: 16 },
-    ];
+    pub const ALL: [GemvVariant; 10] = {
+        const fn v(act: ActBits, ksplit: u32, unroll: u32) -> GemvVariant {
+            GemvVariant { act, ksplit, unroll }
+        }
+        use ActBits::{A4, A8};
+        [
+            v(A4, 2, 8),
+            v(A4, 4, 4),
+            v(A4, 4, 8),
+            v(A4, 8, 4),
+            v(A4, 16, 2),
+            v(A8, 2, 8),
+            v(A8, 4, 4),
+            v(A8, 4, 8),
+            v(A8, 8, 4),
+            v(A8, 16, 2),
+        ]
+    };
     pub fn kernel_name(&self) -> String {
         let act = match self.act {
             ActBits::A4 => "w4a4",
             ActBits::A8 => "w4a8",
         };
-        format!("{act}_gemv_ks{}", self.ksplit)
+        format!("{act}_gemv_ks{}_u{}", self.ksplit, self.unroll)
     }
 }
 
