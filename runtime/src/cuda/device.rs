@@ -110,10 +110,10 @@ pub fn check_w4_shape(kernel: &str, m: usize, n: usize, k: usize) -> Result<(), 
     if m == 0 || n == 0 || k == 0 {
         return bad(format!("empty shape M={m} N={n} K={k}"));
     }
-    if k % 32 != 0 {
+    if !k.is_multiple_of(32) {
         return bad(format!("K={k} is not a multiple of 32"));
     }
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         return bad(format!("N={n} is not a multiple of 8"));
     }
     if k > 65_536 {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// Packs a row-major [rows, k] matrix of int4 values (each in -8..=7) into the split-nibble layout.
 /// Returns `None` when `k % 8 != 0`, the length is not `rows * k`, or a value is out of range.
 pub fn pack_int4_split(values: &[i8], rows: usize, k: usize) -> Option<Vec<u32>> {
-    if k % 8 != 0 || values.len() != rows.checked_mul(k)? {
+    if !k.is_multiple_of(8) || values.len() != rows.checked_mul(k)? {
         return None;
     }
     let mut out = Vec::with_capacity(values.len() / 8);
