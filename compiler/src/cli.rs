@@ -432,7 +432,13 @@ fn compile(a: CompileArgs) -> Result<()> {
         let calib = a.calib.clone().unwrap_or_else(|| default_cache_dir().join("data/calib.txt"));
         let tokenizer = crate::tokenizer::for_model(&a.model, None)?;
         let text = crate::calibrate::read_text(&calib)?;
-        ctx.set_calibration(crate::calibrate::calibration_set(&graph, &tokenizer, &text, a.calib_samples, a.calib_ctx)?);
+        ctx.set_calibration(crate::calibrate::calibration_set(
+            &graph,
+            &tokenizer,
+            &text,
+            a.calib_samples,
+            a.calib_ctx,
+        )?);
         ctx.set_calibration_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         if !a.no_stats_cache {
             ctx.set_stats_store(std::sync::Arc::new(crate::calibrate::DiskStore::beside(&a.model)));

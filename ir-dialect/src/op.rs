@@ -243,7 +243,12 @@ impl OpKind {
     pub fn can_quantize_output(self) -> bool {
         matches!(
             self,
-            OpKind::RmsNorm | OpKind::Swiglu | OpKind::Attention | OpKind::Hadamard | OpKind::Linear | OpKind::IntLinear
+            OpKind::RmsNorm
+                | OpKind::Swiglu
+                | OpKind::Attention
+                | OpKind::Hadamard
+                | OpKind::Linear
+                | OpKind::IntLinear
         )
     }
 

@@ -4,6 +4,6 @@ mod equivalence;
 mod filetests;
 mod onnx_import;
 mod passes;
+mod quantize;
 mod smollm2;
 mod tokenizer;
-mod quantize;
