@@ -71,8 +71,8 @@ pub fn perplexity(
     for w in 0..n {
         let window = &ids[w * ctx..(w + 1) * ctx];
         let logits = model.logits(window)?;
-        for t in 1..ctx {
-            nll -= logits.log_prob(t - 1, window[t]);
+        for (t, &token) in window.iter().enumerate().skip(1) {
+            nll -= logits.log_prob(t - 1, token);
         }
         tokens += ctx - 1;
         bar.inc(1);
@@ -131,6 +131,9 @@ pub struct TaskReport {
     pub acc_norm: f64,
 }
 
+/// Per choice of one document: (summed continuation loglikelihood, continuation length in bytes).
+type ChoiceScores = BTreeMap<usize, (f64, usize)>;
+
 /// Scores every request and reports accuracy. Tokenization follows lm-eval: the continuation's tokens are
 /// those of `context + continuation` past the tokens of `context` alone.
 pub fn zero_shot(
@@ -143,8 +146,7 @@ pub fn zero_shot(
         Ok(tokenizer.encode(s, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec())
     };
     let bar = progress_bar(requests.len() as u64, "zero-shot", progress);
-    // doc -> (gold, per choice (loglik, continuation bytes))
-    let mut scores: BTreeMap<u64, (usize, BTreeMap<usize, (f64, usize)>)> = BTreeMap::new();
+    let mut scores: BTreeMap<u64, (usize, ChoiceScores)> = BTreeMap::new();
     for r in requests {
         let context = encode(&r.context)?;
         let whole = encode(&format!("{}{}", r.context, r.continuation))?;
@@ -160,7 +162,7 @@ pub fn zero_shot(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let pick = |choices: &BTreeMap<usize, (f64, usize)>, norm: bool| {
+    let pick = |choices: &ChoiceScores, norm: bool| {
         choices
             .iter()
             .map(|(&c, &(ll, bytes))| (c, if norm { ll / bytes.max(1) as f64 } else { ll }))

@@ -109,7 +109,7 @@ fn run_case(dir: &Path) -> Outcome {
 
 /// A short grouping key for why a case was skipped: the unsupported op type or element type.
 fn skip_reason(why: &str) -> String {
-    if let Some(rest) = why.split("): ").nth(0).and_then(|s| s.split("unsupported node(s):\n  node '").nth(1)) {
+    if let Some(rest) = why.split("): ").next().and_then(|s| s.split("unsupported node(s):\n  node '").nth(1)) {
         if let Some(op) = rest.split("': ").nth(1).and_then(|s| s.split(' ').next()) {
             return op.to_string();
         }
