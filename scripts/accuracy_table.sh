@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Accuracy table of the quantization schemes on the SmolLM2-135M fixture (writes docs/accuracy.md).
 # Usage: scripts/accuracy_table.sh [--quick]   (--quick: SOTU perplexity only)
-# Env: QCC (binary, default target/release/qcc or target/debug/qcc), LIMIT (zero-shot items per task, 100),
+# Env: QCC (binary, default the newer of target/release/qcc and target/debug/qcc), LIMIT (zero-shot items per task, 100),
 #      CALIB_SAMPLES / CALIB_CTX (calibration windows, 16 x 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-QCC=${QCC:-$( [ -x target/release/qcc ] && echo target/release/qcc || echo target/debug/qcc )}
+QCC=${QCC:-$(ls -t target/release/qcc target/debug/qcc 2>/dev/null | head -1)}  # the newer build
 MODEL=.cache/models/smollm2-135m/smollm2-135m.onnx
 LIMIT=${LIMIT:-100}
 QUICK=${1:-}
