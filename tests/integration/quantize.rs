@@ -21,7 +21,7 @@ fn w8a8_satisfies_qsm_and_keeps_perplexity() {
     let tokenizer = qcc::tokenizer::for_model(&smollm2_onnx(), None).unwrap();
     let graph = qcc::onnx::import_model(smollm2_onnx()).unwrap().graph;
     let calib = std::fs::read_to_string(fixture("data/calib.txt")).unwrap();
-    let set = qcc::calibrate::calibration_set(&graph, &tokenizer, &calib, 4, 128).unwrap();
+    let set = qcc::calibrate::calibration_set(&graph, &tokenizer, &calib, 16, 256).unwrap();
     let mut ctx = PassContext::new();
     ctx.set_calibration(set);
     let mut quantized = graph.clone();
@@ -34,7 +34,8 @@ fn w8a8_satisfies_qsm_and_keeps_perplexity() {
     let ids = tokenizer.encode(text.as_str(), false).unwrap().get_ids()[..CTX].to_vec();
     let (fp32, w8a8) = (ppl(&graph, &ids), ppl(&quantized, &ids));
     eprintln!("perplexity on 1 x {CTX} tokens: fp32 {fp32:.3}, w8a8 {w8a8:.3} (ratio {:.4})", w8a8 / fp32);
-    assert!(w8a8 / fp32 < 1.2, "w8a8 perplexity {w8a8:.3} against fp32 {fp32:.3}");
+    // Measured 1.096 with the default 16 x 256 calibration (-O w8a8 on 3 x 512 tokens: 1.08).
+    assert!(w8a8 / fp32 < 1.15, "w8a8 perplexity {w8a8:.3} against fp32 {fp32:.3}");
 }
 
 /// int_linear on int4 activations (i16 on the first row) and int4 weights, with sums beyond f32's exact
