@@ -301,13 +301,14 @@ mod tests {
         let bad = Tensor { dtype: DType::F32, dims: vec![3], data: TensorData::Bytes(Bytes::from(vec![0u8; 8])) };
         let op = Op::new(OpKind::Constant).with("value", Attr::Tensor(bad));
         g.add_node("short", op, &[], vec![ValueInfo::new("short", f32_ty(&[3]))]).unwrap();
-        // int_linear fed f32 activations.
+        // int_linear fed i64 activations.
+        let ids = g.add_input("ids", TensorType::known(DType::I64, &[1, 4])).unwrap();
         let w = g.add_constant("qw", Tensor::from_slice(vec![2, 4], &[1i8; 8])).unwrap();
         let s = g.add_constant("qs", Tensor::from_slice(vec![2], &[1f32; 2])).unwrap();
         g.add_node(
             "lin",
             Op::new(OpKind::IntLinear),
-            &[Some(x), Some(w), Some(s)],
+            &[Some(ids), Some(w), Some(s)],
             vec![ValueInfo::new("lin_out", f32_ty(&[1, 2]))],
         )
         .unwrap();
@@ -321,7 +322,7 @@ mod tests {
             "node 'lonely' (matmul): required input 1 is absent",
             "node 'lonely' (matmul): has 0 outputs, expected 1",
             "node 'short' (constant): tensor attribute 'value' of type f32[3] holds 8 bytes",
-            "node 'lin' (int_linear): activation must be i4/i8/u4/u8, not f32",
+            "node 'lin' (int_linear): activation must be i4/i8/i16/u4/u8/f8e4m3 or float, not i64",
             "graph output 'ghost'",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

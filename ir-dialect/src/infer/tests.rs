@@ -278,9 +278,10 @@ fn quantization_dtypes() {
     assert_eq!(b.ty(back), "f32[t,64]");
     assert_eq!(b.ty(mmi), "i32[t,16]");
 
+    // Integer linears take quantized (or float, for prefix tokens) activations, never i64.
     let mut b = Builder::new();
-    let x = b.input("x", DType::F32, "t,64");
-    let w = b.input("w", DType::F32, "32,64");
+    let x = b.input("x", DType::I64, "t,64");
+    let w = b.input("w", DType::I8, "32,64");
     let s = b.input("s", DType::F32, "32");
     b.op(op(OpKind::IntLinear), &[x, w, s]);
     assert!(b.infer().unwrap_err().to_string().contains("activation must be"));
