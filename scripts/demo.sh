@@ -22,7 +22,7 @@ echo "== compile -O $LEVEL"
 echo "== perplexity, fp32 and -O $LEVEL (last State of the Union address, 3 windows of 512 tokens)"
 "$QCC" eval "$MODEL" --perplexity .cache/data/sotu-last.txt --windows 3 --json
 "$QCC" eval "$OUT/smollm2-$LEVEL.qcc" --tokenizer "${MODEL%.onnx}.gguf" --perplexity .cache/data/sotu-last.txt --windows 3 --json
-echo "== zero-shot, arc_easy (first 100 questions), fp32"
-"$QCC" eval "$MODEL" --task arc_easy --limit 100 --json
+echo "== zero-shot, arc_easy (first 50 questions), fp32"
+"$QCC" eval "$MODEL" --task arc_easy --limit 50 --json
 echo "== generation (KV cache)"
 "$QCC" run "$MODEL" --prompt "The capital of France is" --max-tokens 16
