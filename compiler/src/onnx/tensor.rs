@@ -21,28 +21,9 @@ pub(crate) enum TensorProblem {
     Invalid(String),
 }
 
-/// The IR element type of an ONNX data type id, if qcc supports it.
+/// The IR element type of an ONNX data type id, if qcc supports it (the table lives in qcc-ir).
 pub fn dtype_from_onnx(id: i32) -> Option<DType> {
-    use data_type as t;
-    Some(match id {
-        t::FLOAT => DType::F32,
-        t::UINT8 => DType::U8,
-        t::INT8 => DType::I8,
-        t::UINT16 => DType::U16,
-        t::INT16 => DType::I16,
-        t::INT32 => DType::I32,
-        t::INT64 => DType::I64,
-        t::BOOL => DType::Bool,
-        t::FLOAT16 => DType::F16,
-        t::DOUBLE => DType::F64,
-        t::UINT32 => DType::U32,
-        t::UINT64 => DType::U64,
-        t::BFLOAT16 => DType::BF16,
-        t::FLOAT8E4M3FN => DType::F8E4M3,
-        t::UINT4 => DType::U4,
-        t::INT4 => DType::I4,
-        _ => return None,
-    })
+    qcc_ir::infer::onnx_dtype(id as i64)
 }
 
 /// The ONNX data type id of an IR element type.

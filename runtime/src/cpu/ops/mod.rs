@@ -107,27 +107,9 @@ impl<'a> OpCtx<'a> {
     }
 }
 
-/// ONNX TensorProto data type codes for the types qcc knows.
+/// ONNX TensorProto data type codes for the types qcc knows (one table, in qcc-ir).
 pub fn onnx_dtype(code: i64) -> Option<DType> {
-    Some(match code {
-        1 => DType::F32,
-        2 => DType::U8,
-        3 => DType::I8,
-        4 => DType::U16,
-        5 => DType::I16,
-        6 => DType::I32,
-        7 => DType::I64,
-        9 => DType::Bool,
-        10 => DType::F16,
-        11 => DType::F64,
-        12 => DType::U32,
-        13 => DType::U64,
-        16 => DType::BF16,
-        17 => DType::F8E4M3,
-        21 => DType::U4,
-        22 => DType::I4,
-        _ => return None,
-    })
+    qcc_ir::infer::onnx_dtype(code)
 }
 
 /// Resolves a possibly negative axis against `rank`.
