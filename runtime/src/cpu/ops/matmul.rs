@@ -37,27 +37,7 @@ pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>,
     if skinny_sgemm(a, b, c, alpha, beta) {
         return;
     }
-    let (sa, sb, sc) = (a.strides(), b.strides(), c.strides().to_vec());
-    // SAFETY: the views guarantee that every (row, col) addressed through these strides is in bounds, and
-    // `c` is a mutable view, so it does not alias `a` or `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            sa[0],
-            sa[1],
-            b.as_ptr(),
-            sb[0],
-            sb[1],
-            beta,
-            c.as_mut_ptr(),
-            sc[0],
-            sc[1],
-        )
-    }
+    strided_gemm(matrixmultiply::sgemm, a, b, c, alpha, beta);
 }
 
 /// Rows of `a` at most this many take the streaming path (decode: one token per sequence).
@@ -141,27 +121,29 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// c = alpha * a b + beta * c in f64.
 pub fn dgemm(a: ArrayView2<f64>, b: ArrayView2<f64>, c: &mut ArrayViewMut2<f64>, alpha: f64, beta: f64) {
+    strided_gemm(matrixmultiply::dgemm, a, b, c, alpha, beta);
+}
+
+/// matrixmultiply's `sgemm`/`dgemm` signature: (m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc).
+type StridedKernel<T> =
+    unsafe fn(usize, usize, usize, T, *const T, isize, isize, *const T, isize, isize, T, *mut T, isize, isize);
+
+/// c = alpha * a b + beta * c through a matrixmultiply kernel, passing the views' own strides.
+fn strided_gemm<T>(
+    kernel: StridedKernel<T>,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    c: &mut ArrayViewMut2<T>,
+    alpha: T,
+    beta: T,
+) {
     let (m, k) = a.dim();
     let n = b.dim().1;
     let (sa, sb, sc) = (a.strides(), b.strides(), c.strides().to_vec());
-    // SAFETY: as in `sgemm`.
+    // SAFETY: the views guarantee that every (row, col) addressed through these strides is in bounds, and
+    // `c` is a mutable view, so it does not alias `a` or `b`.
     unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            sa[0],
-            sa[1],
-            b.as_ptr(),
-            sb[0],
-            sb[1],
-            beta,
-            c.as_mut_ptr(),
-            sc[0],
-            sc[1],
-        )
+        kernel(m, k, n, alpha, a.as_ptr(), sa[0], sa[1], b.as_ptr(), sb[0], sb[1], beta, c.as_mut_ptr(), sc[0], sc[1])
     }
 }
 
