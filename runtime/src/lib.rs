@@ -7,6 +7,8 @@
 //! let outputs = exec.run(&[("x", RtTensor::from_vec(&[2, 3], vec![0f32; 6]).unwrap())])?;
 //! ```
 
+/// Compiled artifacts: manifest types and the checked loader (no CUDA needed).
+pub mod artifact;
 pub mod cpu;
 /// GPU kernels (feature `cuda`) and their host-side layout / reference (always built).
 pub mod cuda;
