@@ -191,6 +191,18 @@ impl PassContext {
         self.calibration_state_mut().progress = show;
     }
 
+    /// A fresh context with the same calibration set, store and progress setting (and nothing else),
+    /// for measuring another graph state without disturbing this context's cache.
+    pub fn fork_calibration(&self) -> PassContext {
+        let mut ctx = PassContext::new();
+        let state = self.calibration_state();
+        let fork = ctx.calibration_state_mut();
+        fork.set = state.set.clone();
+        fork.store = state.store.clone();
+        fork.progress = state.progress;
+        ctx
+    }
+
     /// How many collections (full passes over the calibration set) have run.
     pub fn calibration_collections(&self) -> usize {
         self.calibration_state().collections

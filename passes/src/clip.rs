@@ -4,11 +4,11 @@
 //! Matches: every activation read by constant-weight `linear`s (one group per activation, as `quantize`
 //! groups them). For each group, on a reservoir sample of calibration rows X (position 0 left out when
 //! `prefix > 0`, since those rows are kept in 16 bits):
-//! - activation ranges: channel k's range is min(absmax_k, tau) * beta, with tau on a grid of quantiles of
-//!   the channels' absmax values and beta in {1, 0.85}; the (tau, beta) whose fully quantized layer
-//!   (QSM-folded weights, round to nearest) gives the smallest ||X W^T - Q(X) Q(W)^T||^2 wins. Outlier
-//!   channels therefore get small ratios, ordinary channels ratio 1.
-//! - weight ratios: per output channel, the ratio in {1, 0.95, ..., 0.7} minimising the output error of
+//! - activation ranges: channel k's range is min(absmax_k, tau) * beta, with tau a quantile of the
+//!   channels' absmax values and beta in [0.3, 1]; a coordinate search (beta, then tau, then beta
+//!   refined) keeps the (tau, beta) whose fully quantized layer (QSM-folded weights, round to nearest)
+//!   gives the smallest ||X W^T - Q(X) Q(W)^T||^2. Outlier channels get the smallest ratios.
+//! - weight ratios: per output channel, the ratio in {1, 0.95, ..., 0.6} minimising the output error of
 //!   that row, sum_k E[x_k^2] e_k^2 (the diagonal of X^T X; cross terms ignored to keep it linear in K).
 //!
 //! Postcondition: each matched linear carries `act_clip` (f32 per input channel) and `weight_clip` (f32
@@ -53,8 +53,8 @@ pub struct Clip {
 }
 
 const TAU_QUANTILES: [f64; 6] = [1.0, 0.99, 0.97, 0.93, 0.85, 0.7];
-const BETAS: [f32; 2] = [1.0, 0.85];
-const WEIGHT_RATIOS: [f32; 7] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7];
+const BETAS: [f32; 8] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3];
+const WEIGHT_RATIOS: [f32; 9] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6];
 
 /// Squared error of the fully quantized layer against the float layer on rows `x` (`[r x k]`).
 fn layer_error(x: &[f32], r: usize, k: usize, weights: &[(Vec<f32>, usize)], steps: &[f32], s: &Scheme) -> f64 {
@@ -78,7 +78,7 @@ fn layer_error(x: &[f32], r: usize, k: usize, weights: &[(Vec<f32>, usize)], ste
 }
 
 /// c[r x n] = a[r x k] b[n x k]^T.
-fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n: usize) {
+pub(crate) fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n: usize) {
     // SAFETY: the slices hold r*k, n*k and r*n elements, matching the dimensions and strides given.
     unsafe {
         matrixmultiply::sgemm(
@@ -152,16 +152,38 @@ impl Pass for Clip {
             let share = shared_step_groups(graph, *x, k);
             let mut best = (f64::INFINITY, vec![1f32; k]);
             if s.a_bits < 16 {
-                for &q in &TAU_QUANTILES {
+                let try_candidate = |q: f64, beta: f32, best: &mut (f64, Vec<f32>)| {
                     let tau = quantile(absmax, q);
-                    for &beta in &BETAS {
-                        let ratios: Vec<f32> =
-                            absmax.iter().map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 }).collect();
-                        let steps = activation_steps(absmax, &ratios, &share, s.act_qmax());
-                        let err = layer_error(&xs, r, k, &weights, &steps, s);
-                        if err < best.0 {
-                            best = (err, ratios);
-                        }
+                    let ratios: Vec<f32> =
+                        absmax.iter().map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 }).collect();
+                    let steps = activation_steps(absmax, &ratios, &share, s.act_qmax());
+                    let err = layer_error(&xs, r, k, &weights, &steps, s);
+                    if err < best.0 {
+                        *best = (err, ratios);
+                        true
+                    } else {
+                        false
+                    }
+                };
+                // Coordinate search: the overall range scale first (after a rotation every channel looks
+                // alike and the best 4-bit range is well inside the max), then the outlier cap tau, then
+                // a finer scale around the winner.
+                let mut beta_best = 1.0;
+                for &beta in &BETAS {
+                    if try_candidate(1.0, beta, &mut best) {
+                        beta_best = beta;
+                    }
+                }
+                let mut q_best = 1.0;
+                for &q in &TAU_QUANTILES[1..] {
+                    if try_candidate(q, beta_best, &mut best) {
+                        q_best = q;
+                    }
+                }
+                for delta in [-0.05f32, 0.05] {
+                    let beta = beta_best + delta;
+                    if beta > 0.2 && beta <= 1.0 {
+                        try_candidate(q_best, beta, &mut best);
                     }
                 }
             }

@@ -22,20 +22,29 @@ pub fn quantize(w: &[f32], n: usize, k: usize, h: &[f64], clip: &[f32], scheme: 
             (amax * clip[r] / qmax).max(1e-12)
         })
         .collect();
-    let Some(u) = inverse_hessian_factor(h, k) else {
+    // Act-order: round the columns with the largest input energy first, while the most columns remain
+    // to absorb their error (GPTQ's `act_order`; it matters most on small models).
+    let mut perm: Vec<usize> = (0..k).collect();
+    perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+    let hp: Vec<f64> = (0..k * k).map(|i| h[perm[i / k] * k + perm[i % k]]).collect();
+    let Some(u) = inverse_hessian_factor(&hp, k) else {
         return crate::quantize::quantize_weight_rtn(w, n, k, clip, scheme);
     };
     let mut q = vec![0f32; n * k];
     q.par_chunks_mut(k).zip(w.par_chunks(k)).zip(steps.par_iter()).for_each(|((qrow, wrow), &d)| {
-        let mut row: Vec<f32> = wrow.to_vec();
+        let mut row: Vec<f32> = perm.iter().map(|&c| wrow[c]).collect();
+        let mut qperm = vec![0f32; k];
         for i in 0..k {
             let g = round_to_grid(row[i] / d, scheme);
-            qrow[i] = g;
+            qperm[i] = g;
             let err = (row[i] - g * d) / u[i * k + i];
             let urow = &u[i * k + i + 1..(i + 1) * k];
             for (x, &uij) in row[i + 1..].iter_mut().zip(urow) {
                 *x -= err * uij;
             }
+        }
+        for (j, &c) in perm.iter().enumerate() {
+            qrow[c] = qperm[j];
         }
     });
     (q, steps)
@@ -71,20 +80,25 @@ fn inverse_hessian_factor(h: &[f64], k: usize) -> Option<Vec<f32>> {
             }
         }
     }
-    // Inverse of the lower factor, by forward substitution column by column.
-    let mut inv = vec![0f64; k * k];
-    for c in 0..k {
-        inv[c * k + c] = 1.0 / a[c * k + c];
-        for i in c + 1..k {
-            let s: f64 = (c..i).map(|p| a[i * k + p] * inv[p * k + c]).sum();
-            inv[i * k + c] = -s / a[i * k + i];
-        }
-    }
+    // Inverse of the lower factor by forward substitution, one column per task; column c of L^-1 is
+    // stored contiguously (inv_t[c]) so the inner products run over contiguous memory.
+    let inv_t: Vec<Vec<f64>> = (0..k)
+        .into_par_iter()
+        .map(|c| {
+            let mut col = vec![0f64; k];
+            col[c] = 1.0 / a[c * k + c];
+            for i in c + 1..k {
+                let s: f64 = a[i * k + c..i * k + i].iter().zip(&col[c..i]).map(|(x, y)| x * y).sum();
+                col[i] = -s / a[i * k + i];
+            }
+            col
+        })
+        .collect();
     // U = P L^-1 P.
     let mut u = vec![0f32; k * k];
     for i in 0..k {
         for j in 0..k {
-            u[i * k + j] = inv[(k - 1 - i) * k + (k - 1 - j)] as f32;
+            u[i * k + j] = inv_t[k - 1 - j][k - 1 - i] as f32;
         }
     }
     Some(u)

@@ -33,6 +33,7 @@ pub(crate) mod pattern;
 pub mod qsm;
 pub mod quantize;
 pub mod reconstruct_dims;
+pub mod report;
 pub mod rotate;
 pub(crate) mod sites;
 pub mod smooth;

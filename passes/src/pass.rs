@@ -51,6 +51,8 @@ pub struct PassContext {
     notes: Vec<String>,
     /// Calibration set, statistics cache and store (see `calibration.rs`).
     calibration: crate::calibration::CalibrationState,
+    /// Per-layer quantization diagnostics, filled by `quantize` when enabled (`--report`).
+    report: Option<crate::report::QuantReport>,
 }
 
 impl PassContext {
@@ -88,6 +90,19 @@ impl PassContext {
     /// Takes the notes recorded since the last call (the pass manager calls this after each pass).
     pub fn take_notes(&mut self) -> Vec<String> {
         std::mem::take(&mut self.notes)
+    }
+
+    /// Makes `quantize` record per-layer diagnostics (costs one extra pass over sampled rows).
+    pub fn enable_report(&mut self) {
+        self.report.get_or_insert_with(Default::default);
+    }
+
+    pub fn report_mut(&mut self) -> Option<&mut crate::report::QuantReport> {
+        self.report.as_mut()
+    }
+
+    pub fn take_report(&mut self) -> Option<crate::report::QuantReport> {
+        self.report.take()
     }
 
     pub(crate) fn calibration_state(&self) -> &crate::calibration::CalibrationState {

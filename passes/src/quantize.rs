@@ -20,6 +20,7 @@ use crate::calibration::StatsRequest;
 use crate::gptq;
 use crate::pass::{OptionKind, OptionSpec, Pass, PassContext, PassError, PassOptions, PassOutcome};
 use crate::registry::PassEntry;
+use crate::report;
 use qcc_ir::{Attr, DType, Graph, NodeId, Op, OpKind, Tensor, TensorType, Value};
 use std::collections::BTreeMap;
 
@@ -138,6 +139,78 @@ pub struct LinearSite {
     pub weight: Tensor,
     pub n: usize,
     pub k: usize,
+}
+
+/// Calibration rows sampled per activation for `--report`'s SQNR and output-error figures.
+const REPORT_ROWS: usize = 256;
+
+/// Diagnostics of one quantized linear (see `report.rs`): `folded` is W diag(s), `q`/`d` its grid
+/// values and steps, `steps` the activation steps.
+#[allow(clippy::too_many_arguments)]
+fn layer_report(
+    name: &str,
+    folded: &[f32],
+    q: &[f32],
+    d: &[f32],
+    (n, k): (usize, usize),
+    steps: &[f32],
+    act_clip: &[f32],
+    weight_clip: &[f32],
+    stats: Option<&crate::calibration::ChannelStats>,
+    scheme: &Scheme,
+) -> report::LayerReport {
+    let deq_w: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v * d[i / k]).collect();
+    let weight_sqnr_db = report::sqnr_db(folded.iter().zip(&deq_w).map(|(&a, &b)| (a as f64, b as f64)));
+    let (act_clip_mean, act_clip_min) = report::mean_min(act_clip);
+    let (weight_clip_mean, weight_clip_min) = report::mean_min(weight_clip);
+    let mut layer = report::LayerReport {
+        name: name.to_string(),
+        out_channels: n,
+        in_channels: k,
+        weight_bits: if scheme.fp8 { 8 } else { scheme.w_bits },
+        act_bits: scheme.a_bits,
+        weight_rounding: if scheme.gptq { "gptq" } else { "rtn" }.to_string(),
+        weight_sqnr_db,
+        act_clip_mean,
+        act_clip_min,
+        weight_clip_mean,
+        weight_clip_min,
+        ..Default::default()
+    };
+    let Some(st) = stats else { return layer };
+    let absmax = if scheme.prefix > 0 { &st.absmax_excluding_first } else { &st.absmax };
+    layer.outliers_after = report::Outliers::from_absmax(absmax);
+    let (Some(rows), Some(pos)) = (&st.sample_rows, &st.sample_positions) else { return layer };
+    // Rows of the prefix positions stay in 16 bits: they are not part of the quantized signal.
+    let keep: Vec<usize> = (0..pos.len()).filter(|&i| pos[i] as usize >= scheme.prefix).collect();
+    if keep.is_empty() || st.channels != k {
+        return layer;
+    }
+    let x: Vec<f32> = keep.iter().flat_map(|&i| rows[i * k..(i + 1) * k].iter().copied()).collect();
+    let static_acts = scheme.static_acts();
+    let qmax = scheme.act_qmax();
+    let xq: Vec<f32> = if static_acts {
+        x.iter()
+            .enumerate()
+            .map(|(i, &v)| (v / steps[i % k]).round_ties_even().clamp(-qmax - 1.0, qmax) * steps[i % k])
+            .collect()
+    } else {
+        x.clone()
+    };
+    if static_acts {
+        layer.act_sqnr_db = Some(report::sqnr_db(x.iter().zip(&xq).map(|(&a, &b)| (a as f64, b as f64))));
+    }
+    // Float: x W^T with W = W' diag(s)^-1. Quantized: round(x/s) deq(Q(W'))^T = deq(Q(x)) (deq(Q(W')) diag(s)^-1)^T.
+    let unfold = |w: &[f32]| -> Vec<f32> { w.iter().enumerate().map(|(i, &v)| v / steps[i % k]).collect() };
+    let r = keep.len();
+    let (mut y, mut yq) = (vec![0f32; r * n], vec![0f32; r * n]);
+    crate::clip::gemm_nt(&x, &unfold(folded), &mut y, r, k, n);
+    crate::clip::gemm_nt(&xq, &unfold(&deq_w), &mut yq, r, k, n);
+    let num: f64 = y.iter().zip(&yq).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let den: f64 = y.iter().map(|&a| (a as f64).powi(2)).sum();
+    layer.calibration_rows = r;
+    layer.output_rel_error = Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 });
+    layer
 }
 
 /// Every quantizable linear, grouped by the activation it reads (in topological order).
@@ -296,10 +369,14 @@ impl Pass for Quantize {
         if groups.is_empty() {
             return Ok(PassOutcome::unchanged());
         }
-        let need_stats = scheme.static_acts() || scheme.gptq;
+        let reporting = ctx.report_mut().is_some();
+        let need_stats = scheme.static_acts() || scheme.gptq || reporting;
         let stats = if need_stats {
-            let request =
-                StatsRequest { values: groups.iter().map(|(x, _)| *x).collect(), gram: scheme.gptq, sample_rows: 0 };
+            let request = StatsRequest {
+                values: groups.iter().map(|(x, _)| *x).collect(),
+                gram: scheme.gptq,
+                sample_rows: if reporting { REPORT_ROWS } else { 0 },
+            };
             ctx.activation_stats(graph, &request)?.into_iter().cloned().map(Some).collect::<Vec<_>>()
         } else {
             vec![None; groups.len()]
@@ -363,6 +440,14 @@ impl Pass for Quantize {
                 };
                 let out = Value::new(site.node, 0);
                 let lname = graph.value_name(out).to_string();
+                if reporting {
+                    let act_clip = clip_ratios(graph, site.node, "act_clip", k);
+                    let layer =
+                        layer_report(&lname, &folded, &q, &d, (n, k), &steps, &act_clip, &clip, stats.as_ref(), scheme);
+                    if let Some(r) = ctx.report_mut() {
+                        r.layers.push(layer);
+                    }
+                }
                 let qw = graph
                     .add_constant(&format!("{lname}.qweight"), grid_tensor(&q, vec![n, k], scheme.weight_dtype()))?;
                 let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
