@@ -14,5 +14,6 @@ if ((${#need_apt[@]})); then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}"
 fi
+bash scripts/mlir.sh  # LLVM/MLIR 22 for the compiler crate (melior)
 command -v cargo >/dev/null || { echo "[setup] a Rust toolchain (cargo) is required: https://rustup.rs" >&2; exit 1; }
 bash scripts/fixtures.sh >/dev/null

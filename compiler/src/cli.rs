@@ -138,6 +138,15 @@ struct CompileArgs {
     /// Do not read or write the on-disk statistics cache (<model>.qcc-stats/).
     #[arg(long)]
     no_stats_cache: bool,
+    /// Emit the lowered GPU code: `mlir` or `ptx`, to stdout, or KIND=FILE (repeatable).
+    #[arg(long, value_name = "KIND[=FILE]")]
+    emit: Vec<crate::lower::artifact::Emit>,
+    /// Tokens per sequence the GPU memory plan (-o x.qcc) is sized for.
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    max_tokens: u64,
+    /// Batch size the GPU memory plan (-o x.qcc) is sized for.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    max_batch: u64,
 }
 
 #[derive(Args)]
@@ -450,10 +459,18 @@ fn compile(a: CompileArgs) -> Result<()> {
     if a.pass_stats {
         eprint!("{}", stats.render());
     }
-    if let Some(out) = &a.output {
-        save_model(out, &a.model, &graph)?;
-    }
-    Ok(())
+    // Lowering to the GPU plan (--emit, -o x.qcc) and writing the output: compiler/src/lower/artifact.rs.
+    let scheme = if a.passes.is_some() { "custom".to_string() } else { a.opt_level.to_string() };
+    let options = crate::lower::LowerOptions { max_batch: a.max_batch, max_tokens: a.max_tokens };
+    crate::lower::artifact::finish_compile(
+        &graph,
+        &a.model,
+        a.output.as_deref(),
+        &a.emit,
+        &options,
+        a.print_ir_after_all,
+        &scheme,
+    )
 }
 
 fn filter(names: &[String], all: bool) -> PassFilter {

@@ -4,6 +4,8 @@ pub mod calibrate;
 pub mod cli;
 pub mod eval;
 pub mod gguf;
+pub mod lower;
+pub mod mlir;
 pub mod model;
 pub mod npy;
 pub mod onnx;

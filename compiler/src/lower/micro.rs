@@ -1,0 +1,203 @@
+//! Launches of the runtime's CUDA micro-kernels (runtime/kernels/<module>.cu, compiled by NVRTC at load).
+//! This file is the contract with the runtime: module and entry names, the argument order, and the
+//! launch geometry the kernels must be written for (grid-stride loops make them correct for any
+//! problem size within the geometry). Every micro-kernel writes an f32 (or the float output type)
+//! result; an output quantization on the op becomes a generated epilogue kernel after it.
+//!
+//! | op | module | entry | args | grid | block | shared |
+//! |----|--------|-------|------|------|-------|--------|
+//! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}` | x, w, scale, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
+//! | `linear` | `linear` | `linear_{X}_w{W}[_bias]` | x, w, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
+//! | `attention` | `attention` | `attention_{X}[_mask]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32) | [S, Hq, B] | [128,1,1] | 4 * T_max |
+//! | `hadamard` | `hadamard` | `hadamard_{X}` | x, out, rows, n | [rows, 1, 1] | [128,1,1] | 8 * n |
+//!
+//! Layouts: x [M, K] row-major (M = product of the leading dims); weights [N, K] row-major as in the
+//! weights file (int4 packed two per byte along K, low nibble first; the runtime may repack at
+//! load); scale, bias [N] f32; y [M, N]. Activation dtypes X: `i16` (int4/int8 values with 16-bit
+//! prefix rows), `i8`, `i4` (one value per byte), or a float type (weight-only quantization; with
+//! `_a{bits}` quantized per row dynamically as `qcc_ir::OpKind::IntLinear` says). Attention: q
+//! [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], all contiguous; the mask
+//! is [S, T] f32 broadcast over batch and heads; `causal` = 1 masks keys after the query's position
+//! counted from the end (key t visible for query s iff t <= T - S + s). Hadamard: rows of n elements,
+//! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64).
+
+use super::{const_of, join, shapes, LowerError, Lowerer, View};
+use qcc_ir::{DType, NodeId};
+use qcc_runtime::artifact::{Arg, DimExpr, Launch};
+
+/// Rows and columns of one int_linear/linear block tile (the grid above).
+pub const LINEAR_TILE_N: i64 = 64;
+pub const LINEAR_TILE_M: i64 = 16;
+
+fn buffer(v: &View) -> Arg {
+    Arg::Buffer(v.buffer)
+}
+
+/// The float result of a micro-kernel and, when the op quantizes its output, the generated epilogue
+/// that turns it into the node's value.
+fn float_result(l: &mut Lowerer, id: NodeId, dims: Vec<DimExpr>) -> Result<(View, Option<DType>), LowerError> {
+    let quant = l.quant(id, dims.last())?;
+    let name = l.output_name(id);
+    match quant {
+        None => {
+            let out = l.arena(name, l.output_dtype(id), dims);
+            Ok((out, None))
+        }
+        Some(q) => {
+            let tmp = l.arena(format!("{name}.f32"), DType::F32, dims);
+            Ok((tmp, Some(q.output_dtype())))
+        }
+    }
+}
+
+/// Emits the quantization epilogue after a micro-kernel when the op has one.
+fn finish(l: &mut Lowerer, id: NodeId, result: View, quantized: Option<DType>) -> Result<View, LowerError> {
+    let Some(out_dtype) = quantized else { return Ok(result) };
+    let quant = l.quant(id, result.dims.last())?;
+    let dims = result.dims.clone();
+    l.emit_pointwise(id, super::PointwiseOp::Identity, vec![result], dims, out_dtype, quant, l.output_name(id))
+}
+
+/// `int_linear` and `linear`.
+pub(super) fn linear(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
+    let kind = l.graph.node(id).op.kind;
+    let x = l.input(id, 0, None)?;
+    let x = l.contiguous(id, x)?;
+    let w = l.input(id, 1, None)?;
+    let (Some(n), Some(k)) = (w.dims.first().and_then(const_of), w.dims.get(1).and_then(const_of)) else {
+        return Err(l.err(id, format!("the weight must be a constant [N, K], got [{}]", join(&w.dims))));
+    };
+    if w.dims.len() != 2 || x.dims.last().and_then(const_of) != Some(k) {
+        return Err(l.err(id, format!("x [{}] does not end in K = {k} of the weight", join(&x.dims))));
+    }
+    let is_int = kind == qcc_ir::OpKind::IntLinear;
+    let (scale, bias_port) = if is_int { (Some(l.input(id, 2, None)?), 3) } else { (None, 2) };
+    let bias = match l.graph.input(id, bias_port) {
+        Some(_) => Some(l.input(id, bias_port, None)?),
+        None => None,
+    };
+    let m = shapes::product(&x.dims[..x.dims.len() - 1]);
+    let mut dims = x.dims.clone();
+    if let Some(last) = dims.last_mut() {
+        *last = DimExpr::Const(n as i64);
+    }
+    let (y, quantized) = float_result(l, id, dims)?;
+    let mut entry = if is_int {
+        format!("int_linear_x{}_w{}", x.dtype, w.dtype)
+    } else {
+        format!("linear_{}_w{}", x.dtype, w.dtype)
+    };
+    if let Some(bits) = l.graph.node(id).op.int("act_bits").filter(|_| is_int && x.dtype.is_float()) {
+        entry.push_str(&format!("_a{bits}"));
+    }
+    if bias.is_some() {
+        entry.push_str("_bias");
+    }
+    if is_int {
+        entry.push_str(&format!("_{}", y.dtype));
+    }
+    let mut args = vec![buffer(&x), buffer(&w)];
+    args.extend(scale.as_ref().map(buffer));
+    args.extend(bias.as_ref().map(buffer));
+    args.push(buffer(&y));
+    args.extend([Arg::I64(m.clone()), Arg::I64(DimExpr::Const(n as i64)), Arg::I64(DimExpr::Const(k as i64))]);
+    l.launch_micro(Launch {
+        node: super::label(l.graph, id),
+        module: if is_int { "int_linear" } else { "linear" }.to_string(),
+        entry,
+        grid: [
+            shapes::ceil_div(&DimExpr::Const(n as i64), LINEAR_TILE_N),
+            shapes::ceil_div(&m, LINEAR_TILE_M),
+            DimExpr::Const(1),
+        ],
+        block: [128, 1, 1],
+        shared_bytes: 0,
+        args,
+    });
+    finish(l, id, y, quantized)
+}
+
+pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
+    let mut qkv = Vec::new();
+    for port in 0..3 {
+        let v = l.input(id, port, None)?;
+        qkv.push(l.contiguous(id, v)?);
+    }
+    let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
+    if q.dims.len() != 4 || k.dims.len() != 4 || v.dims.len() != 4 {
+        return Err(l.err(id, "q, k and v must have rank 4"));
+    }
+    let (b, hq, s, d) = (q.dims[0].clone(), q.dims[1].clone(), q.dims[2].clone(), q.dims[3].clone());
+    let (hkv, t, dv) = (k.dims[1].clone(), k.dims[2].clone(), v.dims[3].clone());
+    let scores = vec![b.clone(), hq.clone(), s.clone(), t.clone()];
+    let mask = match l.graph.input(id, 3) {
+        Some(_) => {
+            let m = l.input(id, 3, Some(&scores))?;
+            let lead = m.dims.len().saturating_sub(2);
+            let ok = m.dims.len() >= 2
+                && m.dims[..lead].iter().all(shapes::is_one)
+                && m.dims[lead..].iter().zip(&scores[2..]).all(|(a, b)| shapes::same(a, b))
+                && m.dtype == DType::F32;
+            if !ok {
+                return Err(
+                    l.err(id, format!("the mask [{}] must be f32 [.., S, T] with unit leading dims", join(&m.dims)))
+                );
+            }
+            Some(l.contiguous(id, m)?)
+        }
+        None => None,
+    };
+    let op = &l.graph.node(id).op;
+    let scale = op.float("scale").unwrap_or_else(|| {
+        let dd = const_of(&d).unwrap_or(1) as f32;
+        1.0 / dd.sqrt()
+    });
+    let causal = op.int("causal").unwrap_or(0);
+    let (out, quantized) = float_result(l, id, vec![b.clone(), hq.clone(), s.clone(), dv.clone()])?;
+    let t_max = shapes::at_max(&t, &l.max).ok_or_else(|| l.err(id, format!("key length {t} cannot be sized")))?;
+    let mut entry = format!("attention_{}", q.dtype);
+    if mask.is_some() {
+        entry.push_str("_mask");
+    }
+    let mut args = vec![buffer(q), buffer(k), buffer(v)];
+    args.extend(mask.as_ref().map(buffer));
+    args.push(buffer(&out));
+    for dim in [&b, &hq, &hkv, &s, &t, &d, &dv] {
+        args.push(Arg::I64(dim.clone()));
+    }
+    args.push(Arg::I64(DimExpr::Const(causal)));
+    args.push(Arg::F32(scale));
+    l.launch_micro(Launch {
+        node: super::label(l.graph, id),
+        module: "attention".to_string(),
+        entry,
+        grid: [s, hq, b],
+        block: [128, 1, 1],
+        shared_bytes: u32::try_from(4 * t_max).map_err(|_| l.err(id, "key length too large for shared memory"))?,
+        args,
+    });
+    finish(l, id, out, quantized)
+}
+
+pub(super) fn hadamard(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
+    let x = l.input(id, 0, None)?;
+    let x = l.contiguous(id, x)?;
+    let Some(n) = x.dims.last().and_then(const_of) else {
+        return Err(l.err(id, "the transformed (last) axis must have a known extent"));
+    };
+    if l.graph.node(id).op.int("size") != Some(n as i64) {
+        return Err(l.err(id, format!("attribute size differs from the last dimension {n}")));
+    }
+    let rows = shapes::product(&x.dims[..x.dims.len() - 1]);
+    let (out, quantized) = float_result(l, id, x.dims.clone())?;
+    l.launch_micro(Launch {
+        node: super::label(l.graph, id),
+        module: "hadamard".to_string(),
+        entry: format!("hadamard_{}", x.dtype),
+        grid: [rows.clone(), DimExpr::Const(1), DimExpr::Const(1)],
+        block: [128, 1, 1],
+        shared_bytes: u32::try_from(8 * n).map_err(|_| l.err(id, "size too large for shared memory"))?,
+        args: vec![buffer(&x), buffer(&out), Arg::I64(rows), Arg::I64(DimExpr::Const(n as i64))],
+    });
+    finish(l, id, out, quantized)
+}
