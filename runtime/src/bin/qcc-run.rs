@@ -7,13 +7,20 @@
 //! qcc-run check                every W4 kernel variant against the exact CPU reference (bit-exact)
 //! qcc-run bench [--quick] [--out FILE]
 //!                              W4 kernels vs cuBLAS fp16 at Llama-2-7B / SmolLM2 shapes, M = 1, 16, 128, 2048
+//! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N]
+//!                              run a compiled artifact (model.qcc) on the GPU; compare every output with
+//!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3)
+//! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W]
+//!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
 //! ```
 //! Exit status: 0 on success, 1 on a failed check or error, 2 on bad usage, 3 when no GPU is present.
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, Gpu};
+use qcc_runtime::artifact::{compare, npy};
+use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, CudaExecutor, ExecutorError, Gpu};
+use qcc_runtime::RtTensor;
 
 fn open_gpu() -> Result<Gpu, ExitCode> {
     match Gpu::new(0) {
@@ -134,8 +141,26 @@ fn main() -> ExitCode {
             Ok(gpu) => run_bench(&gpu, quick, out).map(|_| ExitCode::SUCCESS),
             Err(code) => return code,
         },
+        "run" | "eval" => {
+            // SAFETY: only probes dlopen for libcuda.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                println!("SKIPPED: no CUDA driver (libcuda could not be loaded)");
+                return ExitCode::from(3);
+            }
+            let done = if cmd == "run" { run_artifact(&args[1..]) } else { eval_artifact(&args[1..]) };
+            return match done {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         _ => {
-            eprintln!("usage: qcc-run info | ptx DIR | check | bench [--quick] [--out FILE]");
+            eprintln!(
+                "usage: qcc-run info | ptx DIR | check | bench [--quick] [--out FILE] | run ART .. | eval ART .."
+            );
             return ExitCode::from(2);
         }
     };
@@ -143,4 +168,138 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::from(1)
     })
+}
+
+/// Values of a repeatable `--flag VALUE` option.
+fn option_values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+}
+
+fn option<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    option_values(args, flag).into_iter().last()
+}
+
+fn load_artifact(args: &[String]) -> Result<CudaExecutor, String> {
+    let art = args.first().filter(|a| !a.starts_with("--")).ok_or("missing the artifact directory")?;
+    let t0 = std::time::Instant::now();
+    let exec = CudaExecutor::load(std::path::Path::new(art), 0).map_err(|e| e.to_string())?;
+    println!(
+        "device: {}\nloaded {art} ({} {}, {} launches, arena {:.1} MiB) in {:.2} s",
+        exec.gpu().describe(),
+        exec.manifest.model,
+        exec.manifest.scheme,
+        exec.manifest.launches.len(),
+        exec.manifest.arena_bytes as f64 / (1u64 << 20) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(exec)
+}
+
+/// `qcc-run run`: outputs written and/or compared with CPU reference outputs. Ok(false) = mismatch.
+fn run_artifact(args: &[String]) -> Result<bool, String> {
+    let mut exec = load_artifact(args)?;
+    let mut inputs = Vec::new();
+    for spec in option_values(args, "--input") {
+        let (name, file) = spec.split_once('=').ok_or(format!("--input '{spec}' is not NAME=FILE.npy"))?;
+        inputs.push((name.to_string(), npy::read(std::path::Path::new(file)).map_err(|e| e.to_string())?));
+    }
+    let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let repeat: usize =
+        option(args, "--repeat").map(|r| r.parse().map_err(|e| format!("--repeat: {e}"))).transpose()?.unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let outputs = exec.run(&refs).map_err(|e| e.to_string())?;
+    println!("first run (inputs, prologue, launches, outputs): {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
+    if repeat > 0 {
+        let values = exec.prepare(&refs).map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        for _ in 0..repeat {
+            let t = std::time::Instant::now();
+            exec.launch_all(&values).map_err(|e| e.to_string())?;
+            exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        println!("launches only: median {:.3} ms over {repeat} runs (min {:.3})", times[repeat / 2], times[0]);
+    }
+    if let Some(dir) = option(args, "--output-dir") {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
+        for (name, t) in &outputs {
+            npy::write(&std::path::Path::new(dir).join(format!("{}.npy", file_stem(name))), t)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let tolerance: f64 = option(args, "--tolerance")
+        .map(|t| t.parse().map_err(|e| format!("--tolerance: {e}")))
+        .transpose()?
+        .unwrap_or(1e-3);
+    let mut ok = true;
+    if let Some(dir) = option(args, "--reference") {
+        for (name, t) in &outputs {
+            let path = std::path::Path::new(dir).join(format!("{}.npy", file_stem(name)));
+            let reference = npy::read(&path).map_err(|e| e.to_string())?;
+            match compare::agreement(t, &reference) {
+                Some(a) => {
+                    let pass = a.passes(tolerance);
+                    ok &= pass;
+                    println!("{} {name}: {a} (tolerance {tolerance:e})", if pass { "PASS" } else { "FAIL" });
+                }
+                None => {
+                    ok = false;
+                    println!("FAIL {name}: shape {:?} vs reference {:?}", t.shape(), reference.shape());
+                }
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// Same file-name mapping as `qcc run --output-dir` (characters outside [A-Za-z0-9._-] become '_').
+fn file_stem(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+}
+
+/// `qcc-run eval`: perplexity over consecutive windows of `--ctx` tokens of `--ids`.
+fn eval_artifact(args: &[String]) -> Result<bool, String> {
+    let mut exec = load_artifact(args)?;
+    let ids_path = option(args, "--ids").ok_or("missing --ids FILE.npy")?;
+    let ids = npy::read(std::path::Path::new(ids_path)).map_err(|e| e.to_string())?;
+    let ids = ids.to_i64_vec().ok_or("--ids must hold integers")?;
+    let ctx: usize =
+        option(args, "--ctx").map(|c| c.parse().map_err(|e| format!("--ctx: {e}"))).transpose()?.unwrap_or(512);
+    let windows: usize = option(args, "--windows")
+        .map(|w| w.parse().map_err(|e| format!("--windows: {e}")))
+        .transpose()?
+        .unwrap_or(usize::MAX);
+    let input = exec.manifest.inputs.first().map(|i| i.name.clone()).ok_or("the artifact has no input")?;
+    let (mut nll, mut count, mut used) = (0f64, 0usize, 0usize);
+    let t0 = std::time::Instant::now();
+    for window in ids.chunks(ctx).filter(|w| w.len() == ctx).take(windows) {
+        let t = RtTensor::from_vec(&[1, ctx], window.to_vec()).ok_or("bad window")?;
+        let outputs = exec.run(&[(input.as_str(), t)]).map_err(|e: ExecutorError| e.to_string())?;
+        let logits = outputs.first().map(|(_, t)| t.to_f64_vec()).ok_or("no output")?;
+        let vocab = logits.len() / ctx;
+        for pos in 0..ctx - 1 {
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            let target = usize::try_from(window[pos + 1])
+                .ok()
+                .filter(|&t| t < vocab)
+                .ok_or("token id outside the vocabulary")?;
+            nll += lse - row[target];
+            count += 1;
+        }
+        used += 1;
+    }
+    if count == 0 {
+        return Err(format!("fewer than {ctx} tokens in {ids_path}"));
+    }
+    println!(
+        "{{\"model\": \"{}\", \"scheme\": \"{}\", \"tokens\": {count}, \"windows\": {used}, \"ppl\": {:.4}, \"seconds\": {:.3}}}",
+        exec.manifest.model,
+        exec.manifest.scheme,
+        (nll / count as f64).exp(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(true)
 }

@@ -14,10 +14,14 @@ pub mod check;
 #[cfg(feature = "cuda")]
 pub mod device;
 #[cfg(feature = "cuda")]
+pub mod executor;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
 
 #[cfg(feature = "cuda")]
 pub use device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+#[cfg(feature = "cuda")]
+pub use executor::{CudaExecutor, ExecutorError};
 
 /// Errors of the CUDA runtime.
 #[cfg(feature = "cuda")]

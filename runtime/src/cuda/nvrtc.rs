@@ -17,8 +17,15 @@ use super::CudaError;
 pub const COMMON_HEADER: &str = include_str!("../../kernels/common.cuh");
 
 /// (file stem, source) of every kernel translation unit.
-pub const KERNEL_SOURCES: &[(&str, &str)] =
-    &[("w4_gemv", include_str!("../../kernels/w4_gemv.cu")), ("w4a4_gemm", include_str!("../../kernels/w4a4_gemm.cu"))];
+pub const KERNEL_SOURCES: &[(&str, &str)] = &[
+    ("w4_gemv", include_str!("../../kernels/w4_gemv.cu")),
+    ("w4a4_gemm", include_str!("../../kernels/w4a4_gemm.cu")),
+    // Micro-kernels launched by compiled artifacts (compiler/src/lower/micro.rs).
+    ("int_linear", include_str!("../../kernels/int_linear.cu")),
+    ("linear", include_str!("../../kernels/linear.cu")),
+    ("attention", include_str!("../../kernels/attention.cu")),
+    ("hadamard", include_str!("../../kernels/hadamard.cu")),
+];
 
 /// The architecture every kernel is built for.
 pub const TARGET_ARCH: &str = "sm_90";
@@ -99,10 +106,21 @@ pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
         }
         return Err(CudaError::NvrtcMissing);
     }
-    let src = full_source(name)?;
+    let text = compile_source(name, &full_source(name)?)?;
+    if let Ok(mut c) = cache.lock() {
+        c.insert(name.to_string(), text.clone());
+    }
+    Ok(text)
+}
+
+/// Compiles one full CUDA C++ translation unit (`label` names it in errors) to PTX for sm_90.
+pub fn compile_source(label: &str, src: &str) -> Result<String, CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NvrtcMissing);
+    }
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(TARGET_ARCH),
-        name: Some(format!("{name}.cu")),
+        name: Some(format!("{label}.cu")),
         options: vec![
             "-std=c++17".into(),
             "--extra-device-vectorization".into(),
@@ -111,15 +129,11 @@ pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
         ],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(|e| match e {
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            CudaError::Compile { kernel: name.to_string(), log: log.to_string_lossy().into_owned() }
+            CudaError::Compile { kernel: label.to_string(), log: log.to_string_lossy().into_owned() }
         }
-        other => CudaError::Compile { kernel: name.to_string(), log: format!("{other:?}") },
+        other => CudaError::Compile { kernel: label.to_string(), log: format!("{other:?}") },
     })?;
-    let text = ptx.to_src();
-    if let Ok(mut c) = cache.lock() {
-        c.insert(name.to_string(), text.clone());
-    }
-    Ok(text)
+    Ok(ptx.to_src())
 }

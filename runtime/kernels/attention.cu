@@ -1,0 +1,98 @@
+// Micro-kernel of the `attention` op as qcc's lowering launches it (compiler/src/lower/micro.rs):
+// softmax(q k^T * scale + mask) v per head, grouped-query (query head h reads KV head h / (Hq/Hkv)),
+// causal masking counted from the end (key t visible for query s iff t <= T - S + s), computed in
+// f32 like the CPU executor (runtime/src/cpu/ops/fused.rs `attention`): scores, row max, exp(x - max),
+// sum, p = e / sum, then out = p v. Output in q's float type (the lowering adds any quantization).
+//
+// Geometry: grid [S, Hq, B], 128 threads, dynamic shared memory 4 * T_max bytes (the score row).
+// Layouts: q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] f32.
+
+QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+QCC_DEVICE u16 f32_to_bf16(float v) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, float v) { p[i] = v; } };
+struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
+struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };
+
+#define ATT_THREADS 128
+#define QCC_INF __int_as_float(0x7f800000)
+
+// Block-wide reduction (max or sum) over ATT_THREADS threads.
+template <bool MAX>
+__device__ float block_reduce(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = MAX ? fmaxf(v, other) : v + other;
+  }
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < ATT_THREADS / 32; ++w) r = MAX ? fmaxf(r, scratch[w]) : r + scratch[w];
+  return r;
+}
+
+template <class X, bool MASK>
+__device__ void attention_impl(const typename X::S* q, const typename X::S* k, const typename X::S* v,
+                               const float* mask, typename X::S* out, long B, long Hq, long Hkv, long S,
+                               long T, long D, long Dv, long causal, float scale) {
+  extern __shared__ float scores[];
+  __shared__ float scratch[ATT_THREADS / 32];
+  long s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (s >= S || h >= Hq || b >= B) return;
+  long hk = h / (Hq / Hkv);
+  const typename X::S* qrow = q + ((b * Hq + h) * S + s) * D;
+  const typename X::S* kh = k + (b * Hkv + hk) * T * D;
+  const typename X::S* vh = v + (b * Hkv + hk) * T * Dv;
+  long last_visible = causal ? T - S + s : T - 1;
+  float local_max = -QCC_INF;
+  for (long t = threadIdx.x; t < T; t += ATT_THREADS) {
+    float x;
+    if (t > last_visible) {
+      x = -QCC_INF;
+    } else {
+      float dot = 0.0f;
+      for (long d = 0; d < D; ++d) dot = fmaf(X::get(qrow, d), X::get(kh, t * D + d), dot);
+      x = __fmul_rn(dot, scale);
+      if (MASK) x = __fadd_rn(x, mask[s * T + t]);
+    }
+    scores[t] = x;
+    local_max = fmaxf(local_max, x);
+  }
+  float row_max = block_reduce<true>(local_max, scratch);
+  if (!(row_max > -QCC_INF && row_max < QCC_INF)) row_max = 0.0f;
+  float local_sum = 0.0f;
+  for (long t = threadIdx.x; t < T; t += ATT_THREADS) {
+    float e = expf(scores[t] - row_max);
+    scores[t] = e;
+    local_sum += e;
+  }
+  float sum = block_reduce<false>(local_sum, scratch);
+  __syncthreads();
+  for (long t = threadIdx.x; t < T; t += ATT_THREADS)
+    if (sum > 0.0f) scores[t] = __fdiv_rn(scores[t], sum);
+  __syncthreads();
+  typename X::S* orow = out + ((b * Hq + h) * S + s) * Dv;
+  for (long d = threadIdx.x; d < Dv; d += ATT_THREADS) {
+    float acc = 0.0f;
+    for (long t = 0; t <= last_visible && t < T; ++t) acc = fmaf(scores[t], X::get(vh, t * Dv + d), acc);
+    X::put(orow, d, acc);
+  }
+}
+
+#define ATT_ENTRY(XN)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN(                              \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, T_##XN::S* out, long B, long Hq,      \
+      long Hkv, long S, long T, long D, long Dv, long causal, float scale) {                             \
+    attention_impl<T_##XN, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);        \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN##_mask(                       \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const float* mask, T_##XN::S* out,     \
+      long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale) {            \
+    attention_impl<T_##XN, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);            \
+  }
+ATT_ENTRY(f32) ATT_ENTRY(f16) ATT_ENTRY(bf16)

@@ -1,0 +1,58 @@
+// Micro-kernel of the `hadamard` op as qcc's lowering launches it (compiler/src/lower/micro.rs):
+// y = x H_n^T / sqrt(n) over rows of n elements, H_n = qcc_ir::hadamard::Hadamard::new(n) (any
+// construction: Sylvester 2^k, Paley / Kronecker sizes such as 1536 = 12 x 128, block-diagonal
+// fallback). The runtime builds the n x n matrix of +-1/0 entries on the host and appends two
+// arguments to the manifest's: its device pointer and the f64 scale 1/sqrt(block size) (1/sqrt(n)
+// unless the fallback's blocks are smaller). Like the CPU executor (runtime/src/cpu/ops/fused.rs `hadamard`), the
+// sums are taken in f64 and rounded once to the output type.
+//
+// Geometry: grid [rows], 128 threads, dynamic shared memory 8 * n bytes (the row in f64).
+
+QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+QCC_DEVICE u16 f32_to_bf16(float v) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+QCC_DEVICE u16 f64_to_f16(double v) {
+  u16 h;
+  asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(v));
+  return h;
+}
+QCC_DEVICE u16 f64_to_bf16(double v) {
+  u16 h;
+  asm("cvt.rn.bf16.f64 %0, %1;" : "=h"(h) : "d"(v));
+  return h;
+}
+struct T_f32 { typedef float S; static __device__ double get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, double v) { p[i] = __double2float_rn(v); } };
+struct T_f16 { typedef u16 S; static __device__ double get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_f16(v); } };
+struct T_bf16 { typedef u16 S; static __device__ double get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_bf16(v); } };
+
+template <class X>
+__device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long rows, long n, const i8* h,
+                              double inv_sqrt) {
+  extern __shared__ double row[];
+  for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+    __syncthreads();
+    for (long j = threadIdx.x; j < n; j += blockDim.x) row[j] = X::get(x, r * n + j);
+    __syncthreads();
+    for (long i = threadIdx.x; i < n; i += blockDim.x) {
+      const i8* hi = h + i * n;
+      double acc = 0.0;
+      for (long j = 0; j < n; ++j) {
+        int e = hi[j];
+        if (e > 0) acc += row[j];
+        else if (e < 0) acc -= row[j];
+      }
+      X::put(out, r * n + i, acc * inv_sqrt);
+    }
+  }
+}
+
+#define HAD_ENTRY(XN)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(128) hadamard_##XN(const T_##XN::S* x, T_##XN::S* out,    \
+                                                                  long rows, long n, const i8* h,         \
+                                                                  double inv_sqrt) {                     \
+    hadamard_impl<T_##XN>(x, out, rows, n, h, inv_sqrt);                                                         \
+  }
+HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)

@@ -1,0 +1,570 @@
+//! The CUDA executor of compiled artifacts (`model.qcc/`): follows the manifest's plan.
+//!
+//! Loading: [`Manifest::load`] (format version, checksums, references), the graph (`model.qir`,
+//! for weight tensors and the host prologue), one device arena of `arena_bytes` (filled with 0xFF
+//! bytes, so a value no kernel wrote reads as NaN or -1), one device buffer per weight, the
+//! generated PTX modules as they are and the micro-kernel sources through NVRTC (with
+//! `kernels/common.cuh` prepended; PTX cached per process and on disk under `QCC_CACHE_DIR` or
+//! `~/.cache/qcc/nvrtc`, keyed by the source's sha256). Every launch's function is resolved at load
+//! so a missing entry fails before anything runs.
+//!
+//! Running: symbols are bound from the input shapes, inputs are copied into their buffers, the host
+//! prologue (if any) runs on the CPU executor over the part of the graph it needs and its values
+//! are copied into their buffers, the launches run in order on one stream with grids and i64
+//! arguments evaluated from the symbols, and the outputs are copied back. `QCC_CUDA_SYNC=1` (or
+//! [`CudaExecutor::set_sync_each`]) synchronizes after every launch so a fault names its launch.
+//!
+//! Runtime-supplied arguments: a `hadamard` micro-kernel launch gets two arguments appended to the
+//! manifest's (the device matrix of `qcc_ir::hadamard::Hadamard::new(n)` as i8 and the f64 scale
+//! 1/sqrt(block)), see `runtime/kernels/hadamard.cu`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use ndarray::{ArrayD, IxDyn};
+use qcc_ir::{DType, Graph, GraphOutput, NodeId};
+
+use super::{nvrtc, CudaError, Gpu};
+use crate::artifact::{
+    artifact_path, sha256_hex, Arg, Buffer, Manifest, ManifestError, ModuleKind, Place, SymbolValues,
+};
+use crate::cpu::{CpuExecutor, ExecError};
+use crate::RtTensor;
+
+/// Why an artifact could not be loaded or run on the GPU.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error("loading the graph {path}: {what}")]
+    Graph { path: PathBuf, what: String },
+    #[error("host prologue: {0}")]
+    Prologue(#[from] ExecError),
+    #[error("weight buffer {buffer} (`{tensor}`): {what}")]
+    Weight { buffer: u32, tensor: String, what: String },
+    #[error("input `{name}`: {what}")]
+    Input { name: String, what: String },
+    #[error("launch {index} (node `{node}`, {module}::{entry}): {what}")]
+    Launch { index: usize, node: String, module: String, entry: String, what: String },
+    #[error("buffer {id} (`{name}`): {what}")]
+    Buffer { id: u32, name: String, what: String },
+}
+
+/// One kernel argument value, ready to push.
+#[derive(Debug, Clone, Copy)]
+enum ArgVal {
+    Ptr(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+}
+
+/// Bytes one element takes in a device buffer of the arena: int4 and bool values take a byte.
+pub fn element_bytes(dtype: DType) -> usize {
+    dtype.bits().div_ceil(8).max(1)
+}
+
+/// The bytes of `t` converted to `dtype` as a device buffer holds them.
+pub fn device_bytes(t: &RtTensor, dtype: DType) -> Vec<u8> {
+    match t.cast(dtype) {
+        RtTensor::I4(a) => a.iter().map(|&v| v as u8).collect(),
+        RtTensor::U4(a) => a.iter().copied().collect(),
+        other => match other.to_ir_tensor().bytes() {
+            Ok(b) => b.to_vec(),
+            Err(_) => Vec::new(),
+        },
+    }
+}
+
+/// A tensor read back from a device buffer.
+pub fn tensor_from_device(dtype: DType, dims: &[usize], bytes: Vec<u8>) -> Result<RtTensor, String> {
+    let shape = IxDyn(dims);
+    let bad = |e: ndarray::ShapeError| e.to_string();
+    Ok(match dtype {
+        DType::I4 => {
+            RtTensor::I4(ArrayD::from_shape_vec(shape, bytes.into_iter().map(|b| b as i8).collect()).map_err(bad)?)
+        }
+        DType::U4 => RtTensor::U4(ArrayD::from_shape_vec(shape, bytes).map_err(bad)?),
+        DType::Bool => {
+            RtTensor::Bool(ArrayD::from_shape_vec(shape, bytes.into_iter().map(|b| b != 0).collect()).map_err(bad)?)
+        }
+        _ => {
+            let t = qcc_ir::Tensor::from_bytes(dtype, dims.to_vec(), bytes::Bytes::from(bytes))
+                .map_err(|e| e.to_string())?;
+            RtTensor::from_ir_tensor(&t).map_err(|e| e.to_string())?
+        }
+    })
+}
+
+/// Compiles a micro-kernel source (common header prepended) to PTX, cached in the process and on disk.
+fn micro_ptx(name: &str, src: &str) -> Result<String, CudaError> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let full = format!("{}\n#line 1 \"{name}.cu\"\n{src}", nvrtc::COMMON_HEADER);
+    let key = sha256_hex(full.as_bytes());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(ptx);
+    }
+    let disk = disk_cache_dir().map(|d| d.join(format!("{name}-{key}.ptx")));
+    let ptx = match disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        Some(ptx) => ptx,
+        None => {
+            let ptx = nvrtc::compile_source(name, &full)?;
+            if let Some(path) = &disk {
+                // A cache that cannot be written only costs a recompile next time.
+                if let Some(parent) = path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, &ptx).is_ok() {
+                    let _ = std::fs::rename(&tmp, path);
+                }
+            }
+            ptx
+        }
+    };
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, ptx.clone());
+    }
+    Ok(ptx)
+}
+
+fn disk_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("QCC_CACHE_DIR") {
+        return Some(PathBuf::from(dir).join("nvrtc"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qcc/nvrtc"))
+}
+
+/// The part of `graph` that computes `values` (plus every graph input), with those as its outputs.
+fn prologue_graph(graph: &Graph, values: &[String]) -> Result<Graph, ExecutorError> {
+    let mut g = graph.clone();
+    let mut targets = Vec::new();
+    for name in values {
+        let v = g.value_by_name(name).ok_or_else(|| ExecutorError::Graph {
+            path: PathBuf::from("model.qir"),
+            what: format!("host prologue value `{name}` is not in the graph"),
+        })?;
+        targets.push(v);
+    }
+    let mut keep: HashSet<NodeId> = g.graph_inputs().iter().copied().collect();
+    let mut stack: Vec<NodeId> = targets.iter().map(|v| v.node).collect();
+    while let Some(id) = stack.pop() {
+        if keep.insert(id) || g.graph_inputs().contains(&id) {
+            stack.extend(g.inputs(id).into_iter().flatten().map(|v| v.node).filter(|n| !keep.contains(n)));
+        }
+    }
+    let all: Vec<NodeId> = g.node_ids().collect();
+    for id in all {
+        if !keep.contains(&id) {
+            g.remove_node(id);
+        }
+    }
+    *g.graph_outputs_mut() =
+        targets.into_iter().zip(values).map(|(value, name)| GraphOutput { name: name.clone(), value }).collect();
+    Ok(g)
+}
+
+/// Device data of a weight buffer: the graph constant of that name (converted to the buffer's
+/// dtype if they differ; int4 stays packed as in the weights file), or for `X.step` the `step`
+/// tensor attribute of the node producing `X`.
+fn weight_bytes(graph: &Graph, buffer: &Buffer, tensor: &str) -> Result<Vec<u8>, ExecutorError> {
+    let err = |what: String| ExecutorError::Weight { buffer: buffer.id, tensor: tensor.to_string(), what };
+    let dtype = DType::from_name(&buffer.dtype).ok_or_else(|| err(format!("unknown dtype {}", buffer.dtype)))?;
+    let found = match graph.value_by_name(tensor).and_then(|v| graph.constant(v)) {
+        Some(t) => t.clone(),
+        None => {
+            let attr = tensor.strip_suffix(".step").and_then(|producer| {
+                let v = graph.value_by_name(producer)?;
+                graph.node(v.node).op.tensor("step").cloned()
+            });
+            attr.ok_or_else(|| err("no graph constant (or step attribute) of that name".into()))?
+        }
+    };
+    if found.dtype == dtype {
+        return found.bytes().map(|b| b.to_vec()).map_err(|e| err(e.to_string()));
+    }
+    let rt = RtTensor::from_ir_tensor(&found).map_err(|e| err(e.to_string()))?;
+    Ok(device_bytes(&rt, dtype))
+}
+
+/// A loaded artifact on one GPU.
+pub struct CudaExecutor {
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    gpu: Gpu,
+    arena: CudaSlice<u8>,
+    weights: HashMap<u32, CudaSlice<u8>>,
+    functions: Vec<CudaFunction>,
+    /// Runtime-supplied arguments appended to each launch's.
+    extra_args: Vec<Vec<ArgVal>>,
+    _tables: Vec<CudaSlice<i8>>,
+    prologue: Option<CpuExecutor>,
+    sync_each: bool,
+}
+
+impl CudaExecutor {
+    /// Loads artifact `dir` onto device `ordinal`.
+    pub fn load(dir: &Path, ordinal: usize) -> Result<CudaExecutor, ExecutorError> {
+        let manifest = Manifest::load(dir)?;
+        let gpu = Gpu::new(ordinal)?;
+        let graph_path = manifest.graph_path(dir)?;
+        let graph = qcc_ir::text::load(&graph_path)
+            .map_err(|e| ExecutorError::Graph { path: graph_path.clone(), what: e.to_string() })?;
+        let stream = gpu.stream.clone();
+
+        let mut arena = stream.alloc_zeros::<u8>(manifest.arena_bytes.max(1) as usize).map_err(CudaError::from)?;
+        {
+            let (ptr, _sync) = arena.device_ptr_mut(&stream);
+            // SAFETY: the range is exactly the allocation just made on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xFF, manifest.arena_bytes as usize, stream.cu_stream())
+            }
+            .map_err(CudaError::from)?;
+        }
+
+        let mut weights = HashMap::new();
+        for buffer in &manifest.buffers {
+            if let Place::Weight { tensor } = &buffer.place {
+                let bytes = weight_bytes(&graph, buffer, tensor)?;
+                let slice = if bytes.is_empty() {
+                    stream.alloc_zeros::<u8>(1).map_err(CudaError::from)?
+                } else {
+                    stream.clone_htod(&bytes).map_err(CudaError::from)?
+                };
+                weights.insert(buffer.id, slice);
+            }
+        }
+
+        let mut modules = HashMap::new();
+        for module in &manifest.modules {
+            let path = artifact_path(dir, &module.path)?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
+            let ptx = match module.kind {
+                ModuleKind::Generated => text,
+                ModuleKind::Micro => micro_ptx(&module.name, &text)?,
+            };
+            let loaded = gpu.ctx.load_module(Ptx::from_src(ptx)).map_err(CudaError::from)?;
+            modules.insert(module.name.clone(), (module.kind, loaded));
+        }
+
+        let mut functions = Vec::new();
+        let mut extra_args = Vec::new();
+        let mut tables = Vec::new();
+        let mut hadamard_tables: HashMap<i64, (u64, f64)> = HashMap::new();
+        for (index, launch) in manifest.launches.iter().enumerate() {
+            let fail = |what: String| ExecutorError::Launch {
+                index,
+                node: launch.node.clone(),
+                module: launch.module.clone(),
+                entry: launch.entry.clone(),
+                what,
+            };
+            let (kind, module) = modules.get(&launch.module).ok_or_else(|| fail("module not loaded".into()))?;
+            let f = module.load_function(&launch.entry).map_err(|e| fail(format!("no such entry: {e}")))?;
+            if launch.shared_bytes > 48 * 1024 {
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    launch.shared_bytes as i32,
+                )
+                .map_err(|e| fail(format!("shared memory {} bytes: {e}", launch.shared_bytes)))?;
+            }
+            let mut extra = Vec::new();
+            if *kind == ModuleKind::Micro && launch.module == "hadamard" {
+                let n = match launch.args.get(3) {
+                    Some(Arg::I64(e)) => e.eval(&SymbolValues::new()).map_err(|e| fail(e.to_string()))?,
+                    _ => return Err(fail("expected args x, out, rows, n".into())),
+                };
+                let (ptr, scale) = match hadamard_tables.get(&n) {
+                    Some(t) => *t,
+                    None => {
+                        let size = usize::try_from(n).ok().filter(|&n| n > 0 && n <= 1 << 15);
+                        let size = size.ok_or_else(|| fail(format!("hadamard size {n}")))?;
+                        let h = qcc_ir::hadamard::Hadamard::new(size);
+                        let mut table = Vec::with_capacity(size * size);
+                        for i in 0..size {
+                            for j in 0..size {
+                                table.push(h.entry(i, j));
+                            }
+                        }
+                        let slice = stream.clone_htod(&table).map_err(CudaError::from)?;
+                        let ptr = slice.device_ptr(&stream).0;
+                        tables.push(slice);
+                        let t = (ptr, 1.0 / (h.block_size() as f64).sqrt());
+                        hadamard_tables.insert(n, t);
+                        t
+                    }
+                };
+                extra = vec![ArgVal::Ptr(ptr), ArgVal::F64(scale)];
+            }
+            functions.push(f);
+            extra_args.push(extra);
+        }
+
+        let prologue = match &manifest.host_prologue {
+            Some(p) if !p.values.is_empty() => Some(CpuExecutor::new(&prologue_graph(&graph, &p.values)?)?),
+            _ => None,
+        };
+        stream.synchronize().map_err(CudaError::from)?;
+        let sync_each = std::env::var_os("QCC_CUDA_SYNC").is_some_and(|v| v == "1");
+        Ok(CudaExecutor {
+            manifest,
+            dir: dir.to_path_buf(),
+            gpu,
+            arena,
+            weights,
+            functions,
+            extra_args,
+            _tables: tables,
+            prologue,
+            sync_each,
+        })
+    }
+
+    /// Synchronize after every launch (slower; a fault then names its launch).
+    pub fn set_sync_each(&mut self, on: bool) {
+        self.sync_each = on;
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Symbol values implied by the input shapes.
+    pub fn bind_symbols(&self, inputs: &[(&str, RtTensor)]) -> Result<SymbolValues, ExecutorError> {
+        let mut given: Vec<(String, i64)> = Vec::new();
+        for io in &self.manifest.inputs {
+            let (_, t) = inputs
+                .iter()
+                .find(|(n, _)| *n == io.name)
+                .ok_or_else(|| ExecutorError::Input { name: io.name.clone(), what: "missing".into() })?;
+            if t.shape().len() != io.dims.len() {
+                return Err(ExecutorError::Input {
+                    name: io.name.clone(),
+                    what: format!("rank {} but the plan has {} dims", t.shape().len(), io.dims.len()),
+                });
+            }
+            for (d, &actual) in io.dims.iter().zip(t.shape()) {
+                if let crate::artifact::DimExpr::Sym(s) = d {
+                    match given.iter().find(|(n, _)| n == s) {
+                        Some((_, v)) if *v != actual as i64 => {
+                            return Err(ExecutorError::Input {
+                                name: io.name.clone(),
+                                what: format!("symbol {s} is {v} elsewhere but {actual} here"),
+                            })
+                        }
+                        Some(_) => {}
+                        None => given.push((s.clone(), actual as i64)),
+                    }
+                }
+            }
+        }
+        let refs: Vec<(&str, i64)> = given.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+        let values = self.manifest.symbol_values(&refs)?;
+        for io in &self.manifest.inputs {
+            let (_, t) = inputs.iter().find(|(n, _)| *n == io.name).expect("checked above");
+            for (d, &actual) in io.dims.iter().zip(t.shape()) {
+                if d.eval(&values)? != actual as i64 {
+                    return Err(ExecutorError::Input {
+                        name: io.name.clone(),
+                        what: format!("shape {:?} does not match the plan's {d}", t.shape()),
+                    });
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    fn buffer_ptr(&self, id: u32) -> Result<u64, String> {
+        let buffer = self.manifest.buffer(id).ok_or_else(|| format!("unknown buffer {id}"))?;
+        match &buffer.place {
+            Place::Arena { offset, .. } => Ok(self.arena.device_ptr(&self.gpu.stream).0 + offset),
+            Place::Weight { .. } => Ok(self
+                .weights
+                .get(&id)
+                .ok_or_else(|| format!("weight buffer {id} not loaded"))?
+                .device_ptr(&self.gpu.stream)
+                .0),
+            Place::Host => Err(format!("buffer {id} (`{}`) lives on the host", buffer.name)),
+        }
+    }
+
+    /// Element count and byte range of an arena buffer for these symbol values.
+    fn arena_range(&self, buffer: &Buffer, values: &SymbolValues) -> Result<(Vec<usize>, u64, usize), ExecutorError> {
+        let bad = |what: String| ExecutorError::Buffer { id: buffer.id, name: buffer.name.clone(), what };
+        let Place::Arena { offset, bytes } = buffer.place else {
+            return Err(bad("not an arena buffer".into()));
+        };
+        let dtype = DType::from_name(&buffer.dtype).ok_or_else(|| bad(format!("dtype {}", buffer.dtype)))?;
+        let mut dims = Vec::new();
+        for d in &buffer.dims {
+            let v = d.eval(values)?;
+            dims.push(usize::try_from(v).map_err(|_| bad(format!("negative size {d} = {v}")))?);
+        }
+        let len = dims.iter().product::<usize>() * element_bytes(dtype);
+        if len as u64 > bytes {
+            return Err(bad(format!("{len} bytes needed, {bytes} planned")));
+        }
+        Ok((dims, offset, len))
+    }
+
+    fn upload(&mut self, buffer: &Buffer, t: &RtTensor, values: &SymbolValues) -> Result<(), ExecutorError> {
+        let (dims, offset, len) = self.arena_range(buffer, values)?;
+        let dtype = DType::from_name(&buffer.dtype).unwrap_or(DType::F32);
+        if t.shape() != dims.as_slice() {
+            return Err(ExecutorError::Buffer {
+                id: buffer.id,
+                name: buffer.name.clone(),
+                what: format!("value has shape {:?}, buffer {:?}", t.shape(), dims),
+            });
+        }
+        let bytes = device_bytes(t, dtype);
+        if bytes.len() != len {
+            return Err(ExecutorError::Buffer {
+                id: buffer.id,
+                name: buffer.name.clone(),
+                what: format!("{} bytes for a {len}-byte range", bytes.len()),
+            });
+        }
+        if len > 0 {
+            let start = offset as usize;
+            let mut view = self.arena.slice_mut(start..start + len);
+            self.gpu.stream.memcpy_htod(&bytes, &mut view).map_err(CudaError::from)?;
+        }
+        Ok(())
+    }
+
+    fn download(&self, buffer: &Buffer, values: &SymbolValues) -> Result<RtTensor, ExecutorError> {
+        let (dims, offset, len) = self.arena_range(buffer, values)?;
+        let dtype = DType::from_name(&buffer.dtype).unwrap_or(DType::F32);
+        let start = offset as usize;
+        let bytes = if len == 0 {
+            Vec::new()
+        } else {
+            self.gpu.stream.clone_dtoh(&self.arena.slice(start..start + len)).map_err(CudaError::from)?
+        };
+        tensor_from_device(dtype, &dims, bytes).map_err(|what| ExecutorError::Buffer {
+            id: buffer.id,
+            name: buffer.name.clone(),
+            what,
+        })
+    }
+
+    /// Copies the inputs in and runs the host prologue; returns the symbol values.
+    pub fn prepare(&mut self, inputs: &[(&str, RtTensor)]) -> Result<SymbolValues, ExecutorError> {
+        let values = self.bind_symbols(inputs)?;
+        for io in self.manifest.inputs.clone() {
+            let buffer = self.manifest.buffer(io.buffer).cloned().ok_or_else(|| ExecutorError::Input {
+                name: io.name.clone(),
+                what: format!("unknown buffer {}", io.buffer),
+            })?;
+            if matches!(buffer.place, Place::Arena { .. }) {
+                let (_, t) = inputs.iter().find(|(n, _)| *n == io.name).expect("bound above");
+                self.upload(&buffer, t, &values)?;
+            }
+        }
+        if let Some(prologue) = &self.prologue {
+            let results = prologue.run(inputs)?;
+            for (name, t) in results {
+                let targets: Vec<Buffer> = self
+                    .manifest
+                    .buffers
+                    .iter()
+                    .filter(|b| b.name == name && matches!(b.place, Place::Arena { .. }))
+                    .cloned()
+                    .collect();
+                for buffer in targets {
+                    self.upload(&buffer, &t, &values)?;
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    /// Enqueues every launch of the plan (no synchronization unless `sync_each`).
+    pub fn launch_all(&self, values: &SymbolValues) -> Result<(), ExecutorError> {
+        for (index, launch) in self.manifest.launches.iter().enumerate() {
+            let fail = |what: String| ExecutorError::Launch {
+                index,
+                node: launch.node.clone(),
+                module: launch.module.clone(),
+                entry: launch.entry.clone(),
+                what,
+            };
+            let mut grid = [0u32; 3];
+            for (g, e) in grid.iter_mut().zip(&launch.grid) {
+                let v = e.eval(values)?;
+                *g = u32::try_from(v).map_err(|_| fail(format!("grid size {e} = {v}")))?;
+            }
+            if grid.contains(&0) {
+                continue;
+            }
+            let mut args = Vec::with_capacity(launch.args.len() + 2);
+            for arg in &launch.args {
+                args.push(match arg {
+                    Arg::Buffer(id) => ArgVal::Ptr(self.buffer_ptr(*id).map_err(fail)?),
+                    Arg::I64(e) => ArgVal::I64(e.eval(values)?),
+                    Arg::F32(x) => ArgVal::F32(*x),
+                });
+            }
+            args.extend(self.extra_args[index].iter().copied());
+            let cfg = LaunchConfig {
+                grid_dim: (grid[0], grid[1], grid[2]),
+                block_dim: (launch.block[0], launch.block[1], launch.block[2]),
+                shared_mem_bytes: launch.shared_bytes,
+            };
+            let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
+            for a in &args {
+                match a {
+                    ArgVal::Ptr(p) => builder.arg(p),
+                    ArgVal::I64(v) => builder.arg(v),
+                    ArgVal::F32(v) => builder.arg(v),
+                    ArgVal::F64(v) => builder.arg(v),
+                };
+            }
+            // SAFETY: the argument list follows the manifest (checked against the kernels by the
+            // GPU check); pointers are into buffers sized by the plan for these symbol values.
+            unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
+            if self.sync_each {
+                self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the plan on `inputs`; outputs in manifest order with their names.
+    pub fn run(&mut self, inputs: &[(&str, RtTensor)]) -> Result<Vec<(String, RtTensor)>, ExecutorError> {
+        let values = self.prepare(inputs)?;
+        self.launch_all(&values)?;
+        self.gpu.stream.synchronize().map_err(CudaError::from)?;
+        self.outputs(&values)
+    }
+
+    /// Copies the graph outputs back.
+    pub fn outputs(&self, values: &SymbolValues) -> Result<Vec<(String, RtTensor)>, ExecutorError> {
+        let mut out = Vec::new();
+        for io in &self.manifest.outputs {
+            let buffer = self.manifest.buffer(io.buffer).ok_or_else(|| ExecutorError::Input {
+                name: io.name.clone(),
+                what: format!("unknown buffer {}", io.buffer),
+            })?;
+            out.push((io.name.clone(), self.download(buffer, values)?));
+        }
+        Ok(out)
+    }
+
+    /// Reads any arena buffer by IR value name (debugging: compare an intermediate with the CPU).
+    pub fn read_value(&self, name: &str, values: &SymbolValues) -> Result<Option<RtTensor>, ExecutorError> {
+        match self.manifest.buffers.iter().find(|b| b.name == name && matches!(b.place, Place::Arena { .. })) {
+            Some(b) => Ok(Some(self.download(b, values)?)),
+            None => Ok(None),
+        }
+    }
+}
