@@ -12,9 +12,35 @@ use rayon::prelude::*;
 /// Relative dampening added to H's diagonal (GPTQ's default 1%).
 const DAMP: f64 = 0.01;
 
+/// The column order and inverse-Hessian factor of one layer input, shared by every linear reading it.
+pub struct Factor {
+    perm: Vec<usize>,
+    u: Vec<f32>,
+}
+
+impl Factor {
+    /// `h` is `[k x k]`; `None` if it is not positive definite after dampening.
+    pub fn new(h: &[f64], k: usize) -> Option<Factor> {
+        // Act-order: round the columns with the largest input energy first, while the most columns
+        // remain to absorb their error (GPTQ's `act_order`; it matters most on small models).
+        let mut perm: Vec<usize> = (0..k).collect();
+        perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+        let hp: Vec<f64> = (0..k * k).map(|i| h[perm[i / k] * k + perm[i % k]]).collect();
+        Some(Factor { u: inverse_hessian_factor(&hp, k)?, perm })
+    }
+}
+
 /// Quantizes `w` (`[n x k]` row-major) with per-row steps from the row absmax times `clip`; returns grid
 /// values and steps. `h` is `[k x k]`.
 pub fn quantize(w: &[f32], n: usize, k: usize, h: &[f64], clip: &[f32], scheme: &Scheme) -> (Vec<f32>, Vec<f32>) {
+    match Factor::new(h, k) {
+        Some(f) => quantize_with(w, n, k, &f, clip, scheme),
+        None => crate::quantize::quantize_weight_rtn(w, n, k, clip, scheme),
+    }
+}
+
+/// As [`quantize`], with the factor of H computed once per layer input.
+pub fn quantize_with(w: &[f32], n: usize, k: usize, f: &Factor, clip: &[f32], scheme: &Scheme) -> (Vec<f32>, Vec<f32>) {
     let qmax = scheme.weight_qmax();
     let steps: Vec<f32> = (0..n)
         .map(|r| {
@@ -22,14 +48,7 @@ pub fn quantize(w: &[f32], n: usize, k: usize, h: &[f64], clip: &[f32], scheme: 
             (amax * clip[r] / qmax).max(1e-12)
         })
         .collect();
-    // Act-order: round the columns with the largest input energy first, while the most columns remain
-    // to absorb their error (GPTQ's `act_order`; it matters most on small models).
-    let mut perm: Vec<usize> = (0..k).collect();
-    perm.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
-    let hp: Vec<f64> = (0..k * k).map(|i| h[perm[i / k] * k + perm[i % k]]).collect();
-    let Some(u) = inverse_hessian_factor(&hp, k) else {
-        return crate::quantize::quantize_weight_rtn(w, n, k, clip, scheme);
-    };
+    let (perm, u) = (&f.perm, &f.u);
     let mut q = vec![0f32; n * k];
     q.par_chunks_mut(k).zip(w.par_chunks(k)).zip(steps.par_iter()).for_each(|((qrow, wrow), &d)| {
         let mut row: Vec<f32> = perm.iter().map(|&c| wrow[c]).collect();
@@ -50,6 +69,19 @@ pub fn quantize(w: &[f32], n: usize, k: usize, h: &[f64], clip: &[f32], scheme: 
     (q, steps)
 }
 
+/// Inner product with four independent partial sums, so the compiler can vectorise it.
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (xc, yc) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail: f64 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for l in 0..4 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// U (row-major, f32) with H^-1 = U^T U after dampening; `None` if H is not positive definite.
 fn inverse_hessian_factor(h: &[f64], k: usize) -> Option<Vec<f32>> {
     let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
@@ -68,7 +100,7 @@ fn inverse_hessian_factor(h: &[f64], k: usize) -> Option<Vec<f32>> {
     // In-place lower Cholesky (row-oriented).
     for i in 0..k {
         for j in 0..=i {
-            let s: f64 = (0..j).map(|p| a[i * k + p] * a[j * k + p]).sum();
+            let s = dot(&a[i * k..i * k + j], &a[j * k..j * k + j]);
             let v = a[i * k + j] - s;
             if i == j {
                 if v <= 0.0 {
@@ -88,7 +120,7 @@ fn inverse_hessian_factor(h: &[f64], k: usize) -> Option<Vec<f32>> {
             let mut col = vec![0f64; k];
             col[c] = 1.0 / a[c * k + c];
             for i in c + 1..k {
-                let s: f64 = a[i * k + c..i * k + i].iter().zip(&col[c..i]).map(|(x, y)| x * y).sum();
+                let s = dot(&a[i * k + c..i * k + i], &col[c..i]);
                 col[i] = -s / a[i * k + i];
             }
             col

@@ -422,6 +422,15 @@ impl Pass for Quantize {
             };
             let hessian =
                 stats.as_ref().and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
+            // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1; one factor
+            // serves every linear reading x.
+            let factor = match (&hessian, scheme.gptq) {
+                (Some(h), true) => {
+                    let hs: Vec<f64> = (0..k * k).map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64)).collect();
+                    gptq::Factor::new(&hs, k)
+                }
+                _ => None,
+            };
             for site in sites {
                 let w = site.weight.to_f32_vec().map_err(|e| {
                     PassError::node(graph.value_name(Value::new(site.node, 0)), OpKind::Linear, e.to_string())
@@ -429,14 +438,9 @@ impl Pass for Quantize {
                 let (n, k) = (site.n, site.k);
                 let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
                 let clip = clip_ratios(graph, site.node, "weight_clip", n);
-                let (q, d) = match (&hessian, scheme.gptq) {
-                    (Some(h), true) => {
-                        // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1.
-                        let hs: Vec<f64> =
-                            (0..k * k).map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64)).collect();
-                        gptq::quantize(&folded, n, k, &hs, &clip, scheme)
-                    }
-                    _ => quantize_weight_rtn(&folded, n, k, &clip, scheme),
+                let (q, d) = match &factor {
+                    Some(f) => gptq::quantize_with(&folded, n, k, f, &clip, scheme),
+                    None => quantize_weight_rtn(&folded, n, k, &clip, scheme),
                 };
                 let out = Value::new(site.node, 0);
                 let lname = graph.value_name(out).to_string();
