@@ -2,6 +2,7 @@
 mod conformance;
 mod equivalence;
 mod filetests;
+mod lower;
 mod onnx_import;
 mod passes;
 mod quantize;

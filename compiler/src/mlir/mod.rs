@@ -125,10 +125,15 @@ impl Mlir {
 
     fn parse(&self, name: &str, source: &str) -> Result<Module<'_>, MlirError> {
         self.take_diagnostics();
-        let module = Module::parse(&self.context, source)
-            .ok_or_else(|| MlirError::Parse { module: name.to_string(), diagnostics: self.take_diagnostics() })?;
+        let module = Module::parse(&self.context, source).ok_or_else(|| MlirError::Parse {
+            module: name.to_string(),
+            diagnostics: annotate(source, &self.take_diagnostics()),
+        })?;
         if !module.as_operation().verify() {
-            return Err(MlirError::Verify { module: name.to_string(), diagnostics: self.take_diagnostics() });
+            return Err(MlirError::Verify {
+                module: name.to_string(),
+                diagnostics: annotate(source, &self.take_diagnostics()),
+            });
         }
         Ok(module)
     }
@@ -146,7 +151,7 @@ impl Mlir {
             manager.run(&mut module).map_err(|_| MlirError::Stage {
                 stage: stage.to_string(),
                 module: name.to_string(),
-                diagnostics: self.take_diagnostics(),
+                diagnostics: annotate(source, &self.take_diagnostics()),
             })?;
             if keep_stages {
                 compiled.stages.push((stage.to_string(), module.as_operation().to_string()));
@@ -155,6 +160,34 @@ impl Mlir {
         compiled.ptx = binaries(&module).map_err(|what| MlirError::Binary { module: name.to_string(), what })?;
         Ok(compiled)
     }
+}
+
+/// Adds to each diagnostic line that points into `source` (`loc("-":LINE:COL)`) the kernel it is in
+/// and that kernel's own location, which names the graph node and op it was generated for.
+fn annotate(source: &str, diagnostics: &str) -> String {
+    let lines: Vec<&str> = source.lines().collect();
+    let kernel_at = |line: usize| -> Option<String> {
+        let start = (0..line.min(lines.len())).rev().find(|&i| lines[i].trim_start().starts_with("gpu.func @"))?;
+        let name = lines[start].trim_start().trim_start_matches("gpu.func @").split('(').next()?.to_string();
+        let end = (start..lines.len()).find(|&i| lines[i].trim_start().starts_with("} loc("));
+        let origin = end.map(|i| lines[i].trim_start().trim_start_matches("} ").to_string()).unwrap_or_default();
+        Some(format!("[in kernel @{name} {origin}]"))
+    };
+    diagnostics
+        .lines()
+        .map(|l| {
+            let line_no = l
+                .split("loc(\"-\":")
+                .nth(1)
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            match line_no.and_then(kernel_at) {
+                Some(k) => format!("{l} {k}"),
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The PTX of every `gpu.binary` in a module after `gpu-module-to-binary{format=isa}`.
