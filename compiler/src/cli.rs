@@ -46,6 +46,8 @@ enum Command {
     Passes,
     /// Write a Hugging Face tokenizer.json built from a GGUF file's tokenizer metadata.
     Tokenizer(TokenizerArgs),
+    /// Print a quantization report (from `qcc compile --report FILE`) as a table.
+    Report(ReportArgs),
     /// Time the CPU executor on one window of a language model (and onnxruntime with --ort, in the same run).
     Bench(BenchArgs),
 }
@@ -147,6 +149,18 @@ struct CompileArgs {
     /// Batch size the GPU memory plan (-o x.qcc) is sized for.
     #[arg(long, value_name = "N", default_value_t = 1)]
     max_batch: u64,
+    /// Write per-layer quantization diagnostics (SQNR, output error, clip ratios, outlier channels) as JSON.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A report written by `qcc compile --report FILE`.
+    report: PathBuf,
+    /// How many of the worst layers (by output error) to detail.
+    #[arg(long, default_value_t = 10)]
+    worst: usize,
 }
 
 #[derive(Args)]
@@ -254,6 +268,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run(a) => run_model(a),
         Command::Eval(a) => evaluate(a),
         Command::Passes => emit(&Registry::standard().describe()),
+        Command::Report(a) => emit(&crate::report::render(&crate::report::load(&a.report)?, a.worst)),
         Command::Bench(a) => bench(a),
         Command::Tokenizer(a) => {
             let t = crate::tokenizer::from_gguf(&crate::gguf::GgufMetadata::read(&a.from_gguf)?)?;
@@ -398,6 +413,12 @@ fn compile(a: CompileArgs) -> Result<()> {
     let registry = Registry::standard();
     let mut pipeline_text = a.passes.clone().unwrap_or_else(|| a.opt_level.pipeline());
     if let Some(mode) = &a.weight_rounding {
+        // The flag overrides whatever rounding the level chose.
+        for existing in
+            [",weight-rounding=gptq", ",weight-rounding=rtn", "weight-rounding=gptq,", "weight-rounding=rtn,"]
+        {
+            pipeline_text = pipeline_text.replace(existing, "");
+        }
         pipeline_text = pipeline_text
             .replace("quantize{", &format!("quantize{{weight-rounding={mode},"))
             .replace("quantize,", &format!("quantize{{weight-rounding={mode}}},"));
@@ -453,11 +474,21 @@ fn compile(a: CompileArgs) -> Result<()> {
             ctx.set_stats_store(std::sync::Arc::new(crate::calibrate::DiskStore::beside(&a.model)));
         }
     }
+    let before = match &a.report {
+        Some(_) => {
+            ctx.enable_report();
+            crate::report::outliers_before(&graph, &ctx)?
+        }
+        None => Default::default(),
+    };
     PassManager::new(pipeline).run_with_context(&mut graph, &mut ctx, &mut refs)?;
     drop(refs);
     drop(instruments);
     if a.pass_stats {
         eprint!("{}", stats.render());
+    }
+    if let (Some(path), Some(report)) = (&a.report, ctx.take_report()) {
+        crate::report::write(path, report, &a.model, &pipeline_text, &before)?;
     }
     // Lowering to the GPU plan (--emit, -o x.qcc) and writing the output: compiler/src/lower/artifact.rs.
     let scheme = if a.passes.is_some() { "custom".to_string() } else { a.opt_level.to_string() };

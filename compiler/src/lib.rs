@@ -9,4 +9,5 @@ pub mod mlir;
 pub mod model;
 pub mod npy;
 pub mod onnx;
+pub mod report;
 pub mod tokenizer;
