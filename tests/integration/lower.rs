@@ -244,6 +244,20 @@ fn standalone_quantize_and_float_cast() {
 }
 
 #[test]
+fn kv_cache_concat_and_unary_ops() {
+    // The KV-cache append: each input is copied into its slice of the output (offset past * 64).
+    let lowered = check(
+        "concat_unary",
+        r#"graph @t(%past: f32[batch,2,past,4], %new: f32[batch,2,seq,4]) -> (%kv, %s) {
+  %kv = concat(%past, %new) {axis = 2} : f32[batch,2,total,4]
+  %s = sigmoid(%new) : f32[batch,2,seq,4]
+  return %kv, %s
+}"#,
+    );
+    assert_eq!(lowered.outputs[0].dims[2].to_string(), "(past + seq)");
+}
+
+#[test]
 fn unsupported_ops_name_the_node_and_op() {
     let graph = qcc_ir::text::parse(
         r#"graph @t(%x: f32[batch,seq,4]) -> (%y) {
@@ -313,17 +327,31 @@ fn artifact_manifest_loads_back_with_checksums() {
     assert!(err.contains("checksum") && err.contains("qcc_generated.ptx"), "{err}");
 }
 
+fn smollm2(file: &str) -> Lowered {
+    let mut graph = qcc::cli::load_model(&qcc_tests::smollm2_dir().join(file)).unwrap();
+    let registry = qcc_passes::Registry::standard();
+    let pipeline = registry.parse_pipeline(&qcc_passes::OptLevel::None.pipeline()).unwrap();
+    qcc_passes::PassManager::new(pipeline).run(&mut graph, &mut []).unwrap();
+    let lowered = lower(&graph, &LowerOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    assemble(file, &lowered);
+    // Every size uses only the declared symbols (what Manifest::validate checks on load).
+    let declared: Vec<&str> = lowered.symbols.iter().map(|s| s.name.as_str()).collect();
+    let mut used = Vec::new();
+    for b in &lowered.buffers {
+        b.dims.iter().for_each(|d| d.symbols(&mut used));
+    }
+    for l in &lowered.launches {
+        l.grid.iter().for_each(|d| d.symbols(&mut used));
+    }
+    assert!(used.iter().all(|s| declared.contains(&s.as_str())), "{file}: undeclared symbol among {used:?}");
+    lowered
+}
+
 /// The real SmolLM2 model, unquantized (-O none): every node lowers, the PTX assembles, and the
 /// arena is far smaller than the sum of its buffers.
 #[test]
 fn smollm2_lowers_end_to_end() {
-    let graph = qcc::cli::load_model(&qcc_tests::smollm2_onnx()).unwrap();
-    let registry = qcc_passes::Registry::standard();
-    let pipeline = registry.parse_pipeline(&qcc_passes::OptLevel::None.pipeline()).unwrap();
-    let mut graph = graph;
-    qcc_passes::PassManager::new(pipeline).run(&mut graph, &mut []).unwrap();
-    let lowered = lower(&graph, &LowerOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-    assemble("smollm2", &lowered);
+    let lowered = smollm2("smollm2-135m.onnx");
     let count = |entry: &str| lowered.launches.iter().filter(|l| l.entry.starts_with(entry)).count();
     assert_eq!(count("linear_f32"), 211, "7 projections x 30 layers + the LM head");
     assert_eq!(count("attention_f32"), 30);
@@ -337,4 +365,12 @@ fn smollm2_lowers_end_to_end() {
         })
         .sum();
     assert!(lowered.arena_bytes * 4 < total, "arena {} of {total}", lowered.arena_bytes);
+}
+
+/// The KV-cache variant: past keys/values are graph inputs, the appended caches graph outputs.
+#[test]
+fn smollm2_kv_cache_lowers_end_to_end() {
+    let lowered = smollm2("smollm2-135m-kv.onnx");
+    assert_eq!(lowered.outputs.len(), 1 + 2 * 30, "logits and present.{{0..29}}.{{key,value}}");
+    assert_eq!(lowered.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["batch", "past_seq", "seq"]);
 }

@@ -238,6 +238,8 @@ pub struct Strided {
     pub buffer: u32,
     pub dtype: DType,
     pub strides: [DimExpr; 4],
+    /// Element offset of the view's first element in the buffer (concat writes, slices).
+    pub offset: DimExpr,
 }
 
 /// The element-wise kernels.
@@ -254,6 +256,13 @@ pub enum PointwiseOp {
     /// A copy (materialises a strided view), a float conversion, or with a quantization the
     /// epilogue of a micro-kernel's float result.
     Identity,
+    Neg,
+    Exp,
+    Sqrt,
+    Reciprocal,
+    Relu,
+    /// 1 / (1 + exp(-x)) for x >= 0, exp(x) / (1 + exp(x)) otherwise (the CPU's two branches).
+    Sigmoid,
 }
 
 impl PointwiseOp {
@@ -266,12 +275,24 @@ impl PointwiseOp {
             PointwiseOp::Swiglu => "swiglu",
             PointwiseOp::Rotary => "rotary",
             PointwiseOp::Identity => "copy",
+            PointwiseOp::Neg => "neg",
+            PointwiseOp::Exp => "exp",
+            PointwiseOp::Sqrt => "sqrt",
+            PointwiseOp::Reciprocal => "reciprocal",
+            PointwiseOp::Relu => "relu",
+            PointwiseOp::Sigmoid => "sigmoid",
         }
     }
 
     pub fn arity(self) -> usize {
         match self {
-            PointwiseOp::Identity => 1,
+            PointwiseOp::Identity
+            | PointwiseOp::Neg
+            | PointwiseOp::Exp
+            | PointwiseOp::Sqrt
+            | PointwiseOp::Reciprocal
+            | PointwiseOp::Relu
+            | PointwiseOp::Sigmoid => 1,
             PointwiseOp::Rotary => 3,
             _ => 2,
         }
@@ -279,8 +300,9 @@ impl PointwiseOp {
 }
 
 /// An element-wise kernel over a 4-D iteration space `dims` (leading dims padded with 1).
-/// Parameters: out, inputs..., [per-channel step]; total, d0..d3, out strides, input strides;
-/// [scalar step]. One thread per element, [`POINTWISE_BLOCK`] threads per block.
+/// Parameters: out, inputs..., [per-channel step]; total, d0..d3, then per operand (out first) its
+/// four strides and its element offset; [scalar step]. One thread per element,
+/// [`POINTWISE_BLOCK`] threads per block.
 pub fn pointwise(
     op: PointwiseOp,
     out: &Strided,
@@ -313,6 +335,8 @@ pub fn pointwise(
             params.push(format!("%s{t}_{i}: i64"));
             args.push(Arg::I64(stride.clone()));
         }
+        params.push(format!("%o{t}: i64"));
+        args.push(Arg::I64(s.offset.clone()));
     }
     if let Some(Quant { step: Step::Scalar(v), .. }) = quant {
         params.push("%step: f32".into());
@@ -334,16 +358,13 @@ pub fn pointwise(
     let c0 = b.binop("divui", &t, &d[1], "index");
     let coords = [c0, c1, c2, c3.clone()];
     let offset = |b: &mut Body, t: usize, coords: &[String; 4]| -> String {
-        let mut acc: Option<String> = None;
+        let mut acc = b.arg_index(&format!("%o{t}"));
         for (k, c) in coords.iter().enumerate() {
             let s = b.arg_index(&format!("%s{t}_{k}"));
             let term = b.binop("muli", c, &s, "index");
-            acc = Some(match acc {
-                None => term,
-                Some(a) => b.binop("addi", &a, &term, "index"),
-            });
+            acc = b.binop("addi", &acc, &term, "index");
         }
-        acc.unwrap_or_default()
+        acc
     };
     let out_off = offset(&mut b, 0, &coords);
     let mut loaded = Vec::new();
@@ -362,6 +383,30 @@ pub fn pointwise(
             PointwiseOp::Mul => b.binop("mulf", &x[0], &x[1], "f32"),
             PointwiseOp::Div => b.binop("divf", &x[0], &x[1], "f32"),
             PointwiseOp::Identity => x[0].clone(),
+            PointwiseOp::Neg => b.v(&format!("arith.negf {} : f32", x[0])),
+            PointwiseOp::Exp => emit_exp(&mut b, &x[0]),
+            PointwiseOp::Sqrt => b.intrinsic("llvm.sqrt.f32", &x[0], "f32"),
+            PointwiseOp::Reciprocal => {
+                let one = b.f32(1.0);
+                b.binop("divf", &one, &x[0], "f32")
+            }
+            PointwiseOp::Relu => {
+                // x if x > 0 or NaN, else 0 (the CPU's rule).
+                let zero = b.f32(0.0);
+                let keep = b.v(&format!("arith.cmpf ugt, {}, {zero} : f32", x[0]));
+                b.v(&format!("arith.select {keep}, {}, {zero} : f32", x[0]))
+            }
+            PointwiseOp::Sigmoid => {
+                let zero = b.f32(0.0);
+                let one = b.f32(1.0);
+                let nonneg = b.v(&format!("arith.cmpf oge, {}, {zero} : f32", x[0]));
+                let neg = b.v(&format!("arith.negf {} : f32", x[0]));
+                let arg = b.v(&format!("arith.select {nonneg}, {neg}, {} : f32", x[0]));
+                let e = emit_exp(&mut b, &arg);
+                let den = b.binop("addf", &one, &e, "f32");
+                let num = b.v(&format!("arith.select {nonneg}, {one}, {e} : f32"));
+                b.binop("divf", &num, &den, "f32")
+            }
             PointwiseOp::Swiglu => {
                 let neg = b.v(&format!("arith.negf {} : f32", x[0]));
                 let e = emit_exp(&mut b, &neg);

@@ -197,9 +197,15 @@ impl<'g> Lowerer<'g> {
         View { buffer, dtype, dims, strides }
     }
 
+    /// The IR's dims of `v`; a symbol the graph inputs do not define (e.g. an output's own name for
+    /// a size, `total_seq`) counts as unknown.
     fn declared_dims(&self, v: Value) -> Option<Dims> {
         let ty = self.graph.value_type(v);
-        Some(ty.shape.as_ref()?.dims().iter().map(shapes::from_ir).collect())
+        let dims = ty.shape.as_ref()?.dims().iter().map(|d| match d {
+            qcc_ir::Dim::Sym(s) if !self.max.contains_key(&**s) => DimExpr::sym(shapes::UNKNOWN),
+            d => shapes::from_ir(d),
+        });
+        Some(dims.collect())
     }
 
     /// The view of an input value of node `id`. Constants become weight buffers; host values become
@@ -293,6 +299,24 @@ impl<'g> Lowerer<'g> {
                 self.elementwise(id, op)?
             }
             Rotary => self.rotary(id)?,
+            Concat => self.concat(id)?,
+            Neg | Exp | Sqrt | Reciprocal | Relu | Sigmoid => {
+                let op = match kind {
+                    Neg => PointwiseOp::Neg,
+                    Exp => PointwiseOp::Exp,
+                    Sqrt => PointwiseOp::Sqrt,
+                    Reciprocal => PointwiseOp::Reciprocal,
+                    Relu => PointwiseOp::Relu,
+                    _ => PointwiseOp::Sigmoid,
+                };
+                let x = self.input(id, 0, None)?;
+                let dtype = self.output_dtype(id);
+                if !x.dtype.is_float() || !dtype.is_float() {
+                    return Err(self.err(id, format!("{kind} on {} is not lowered (float only)", x.dtype)));
+                }
+                let dims = x.dims.clone();
+                self.emit_pointwise(id, op, vec![x], dims, dtype, None, self.output_name(id))?
+            }
             Cast => {
                 let x = self.input(id, 0, None)?;
                 let to = self.output_dtype(id);
@@ -316,9 +340,12 @@ impl<'g> Lowerer<'g> {
     fn reshape(&mut self, id: NodeId) -> Result<View, LowerError> {
         let x = self.input(id, 0, None)?;
         let x = self.contiguous(id, x)?;
+        if self.graph.node(id).op.kind == OpKind::Identity {
+            return Ok(x);
+        }
         let declared = self.declared_dims(self.output(id)).ok_or_else(|| self.err(id, "output of unknown rank"))?;
         // Unknown output dims: the non-unit dims of input and output correspond one to one when the op
-        // only inserts or removes unit dims (squeeze, unsqueeze, identity).
+        // only inserts or removes unit dims (squeeze, unsqueeze).
         let mut dims = declared.clone();
         if dims.iter().any(shapes::has_unknown) {
             let known_in: Vec<&DimExpr> = x.dims.iter().filter(|d| !shapes::is_one(d)).collect();
@@ -554,23 +581,89 @@ impl<'g> Lowerer<'g> {
             return Err(self.err(id, format!("rank {} > 4 is not lowered", dims.len())));
         }
         let out = self.arena(name, dtype, dims.clone());
+        let mut strides = vec![DimExpr::Const(0); 4 - dims.len()];
+        strides.extend(out.strides.iter().cloned());
+        let pad = |v: Vec<DimExpr>| -> [DimExpr; 4] { [v[0].clone(), v[1].clone(), v[2].clone(), v[3].clone()] };
+        let out_strided = Strided { buffer: out.buffer, dtype, strides: pad(strides), offset: DimExpr::Const(0) };
+        self.emit_pointwise_into(id, op, &inputs, &dims, out_strided, quant)?;
+        Ok(out)
+    }
+
+    /// Emits an element-wise kernel over `dims` writing through `out` (a strided view).
+    fn emit_pointwise_into(
+        &mut self,
+        id: NodeId,
+        op: PointwiseOp,
+        inputs: &[View],
+        dims: &Dims,
+        out: Strided,
+        quant: Option<Quant>,
+    ) -> Result<(), LowerError> {
+        if dims.len() > 4 {
+            return Err(self.err(id, format!("rank {} > 4 is not lowered", dims.len())));
+        }
         let pad = |d: Dims, fill: DimExpr| -> [DimExpr; 4] {
             let mut v = vec![fill; 4 - d.len()];
             v.extend(d);
             [v[0].clone(), v[1].clone(), v[2].clone(), v[3].clone()]
         };
-        let out_strided = Strided { buffer: out.buffer, dtype, strides: pad(out.strides.clone(), DimExpr::Const(0)) };
         let ins: Vec<Strided> = inputs
             .iter()
             .map(|v| Strided {
                 buffer: v.buffer,
                 dtype: v.dtype,
-                strides: pad(shapes::broadcast_strides(&v.dims, &v.strides, &dims), DimExpr::Const(0)),
+                strides: pad(shapes::broadcast_strides(&v.dims, &v.strides, dims), DimExpr::Const(0)),
+                offset: DimExpr::Const(0),
             })
             .collect();
-        let k = kernels::pointwise(op, &out_strided, &ins, &pad(dims, DimExpr::Const(1)), quant.as_ref())
+        let k = kernels::pointwise(op, &out, &ins, &pad(dims.clone(), DimExpr::Const(1)), quant.as_ref())
             .ok_or_else(|| self.err(id, "unsupported element types"))?;
         self.launch_generated(id, k);
+        Ok(())
+    }
+
+    /// `concat`: each input copied into its slice of a fresh contiguous tensor.
+    fn concat(&mut self, id: NodeId) -> Result<View, LowerError> {
+        let mut inputs = Vec::new();
+        for port in 0..self.graph.node(id).num_inputs {
+            if self.graph.input(id, port).is_some() {
+                inputs.push(self.input(id, port, None)?);
+            }
+        }
+        let Some(first) = inputs.first() else { return Err(self.err(id, "no inputs")) };
+        let rank = first.dims.len() as i64;
+        let axis = self.graph.node(id).op.int("axis").unwrap_or(0);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        if !(0..rank).contains(&axis) {
+            return Err(self.err(id, format!("axis {axis} out of range for rank {rank}")));
+        }
+        let axis = axis as usize;
+        let mut dims = first.dims.clone();
+        for v in &inputs[1..] {
+            let same_rest = v.dims.len() == dims.len()
+                && v.dims.iter().zip(&dims).enumerate().all(|(i, (a, b))| i == axis || shapes::same(a, b));
+            if !same_rest || v.dtype != first.dtype {
+                return Err(
+                    self.err(id, format!("inputs [{}] and [{}] do not concatenate", join(&first.dims), join(&v.dims)))
+                );
+            }
+            dims[axis] = shapes::add(&dims[axis], &v.dims[axis]);
+        }
+        let out = self.arena(self.output_name(id), first.dtype, dims);
+        let mut start = DimExpr::Const(0);
+        for v in inputs {
+            let mut strides = vec![DimExpr::Const(0); 4 - v.dims.len()];
+            strides.extend(out.strides.iter().cloned());
+            let target = Strided {
+                buffer: out.buffer,
+                dtype: out.dtype,
+                strides: [strides[0].clone(), strides[1].clone(), strides[2].clone(), strides[3].clone()],
+                offset: shapes::mul(&start, &out.strides[axis]),
+            };
+            start = shapes::add(&start, &v.dims[axis]);
+            let part_dims = v.dims.clone();
+            self.emit_pointwise_into(id, PointwiseOp::Identity, &[v], &part_dims, target, None)?;
+        }
         Ok(out)
     }
 
@@ -746,5 +839,6 @@ fn op_name(op: PointwiseOp) -> &'static str {
         PointwiseOp::Swiglu => "swiglu",
         PointwiseOp::Rotary => "rotary",
         PointwiseOp::Identity => "copy",
+        _ => "unary",
     }
 }

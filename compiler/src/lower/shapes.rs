@@ -42,6 +42,15 @@ pub fn mul(a: &DimExpr, b: &DimExpr) -> DimExpr {
     }
 }
 
+/// `a + b`, folding constants and zeros.
+pub fn add(a: &DimExpr, b: &DimExpr) -> DimExpr {
+    match (a, b) {
+        (DimExpr::Const(x), DimExpr::Const(y)) => DimExpr::Const(x.saturating_add(*y)),
+        (DimExpr::Const(0), other) | (other, DimExpr::Const(0)) => other.clone(),
+        _ => DimExpr::add(a.clone(), b.clone()),
+    }
+}
+
 /// `ceil(a / b)`, folding constants.
 pub fn ceil_div(a: &DimExpr, b: i64) -> DimExpr {
     match a {
