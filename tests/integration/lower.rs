@@ -231,6 +231,27 @@ fn attention_and_hadamard_get_quantization_epilogues() {
 }
 
 #[test]
+fn epilogue_stores_in_the_order_of_its_transposed_reader() {
+    // attention -> quantize epilogue -> transpose -> reshape -> o_proj: the epilogue writes
+    // [B, S, H, D] directly, so the reshape is free and no copy precedes the micro-kernel.
+    let lowered = check(
+        "epilogue_transposed",
+        r#"graph @t(%q: f32[batch,2,seq,4], %k: f32[batch,2,seq,4], %v: f32[batch,2,seq,4]) -> (%y) {
+  %w = constant {value = dense<i8[2,8] [1, -2, 3, -4, 5, -6, 7, -8, 1, 1, 1, 1, 1, 1, 1, 1]>} : i8[2,8]
+  %s = constant {value = dense<f32[2] [0.5, 0.25]>} : f32[2]
+  %shape = constant {value = dense<i64[3] [0, 0, 8]>} : i64[3]
+  %a = attention(%q, %k, %v) {causal = 1, prefix_to = i16, prefix_tokens = 1, scale = 0.5, to = i4} : i16[batch,2,seq,4]
+  %at = transpose(%a) {perm = [0, 2, 1, 3]} : i16[batch,seq,2,4]
+  %ar = reshape(%at, %shape) : i16[batch,seq,8]
+  %y = int_linear(%ar, %w, %s) : f32[batch,seq,2]
+  return %y
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["attention_f32", "copy_f32_i16_qi4_p1", "int_linear_xi16_wi8_f32"]);
+}
+
+#[test]
 fn standalone_quantize_and_float_cast() {
     check(
         "quantize_cast",
@@ -255,6 +276,24 @@ fn kv_cache_concat_and_unary_ops() {
 }"#,
     );
     assert_eq!(lowered.outputs[0].dims[2].to_string(), "(past + seq)");
+}
+
+#[test]
+fn half_precision_graph() {
+    // An fp16 model: generated kernels load and store f16 and compute in f32; linear is a micro-kernel.
+    let lowered = check(
+        "fp16",
+        r#"graph @t(%x: f16[batch,seq,8], %r: f16[batch,seq,8]) -> (%y) {
+  %g = constant {value = dense<f16[8] [0.5, 2.0, -1.0, 3.0, 1.0, 1.0, 0.25, 4.0]>} : f16[8]
+  %w = constant {value = dense<f16[2,8] [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]>} : f16[2,8]
+  %n = rms_norm(%x, %g) {epsilon = 1e-5} : f16[batch,seq,8]
+  %s = add(%n, %r) : f16[batch,seq,8]
+  %y = linear(%s, %w) : f16[batch,seq,2]
+  return %y
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["rms_norm_f16_f16_k8", "add_f16_f16_f16", "linear_f16_wf16"]);
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //! - **views**: `reshape`, `flatten`, `squeeze`, `unsqueeze`, `identity` of a contiguous value and
 //!   every `transpose` are free: they alias their input's buffer with other dims and strides.
 //!   Generated kernels read strided inputs; a micro-kernel input (or a reshape) that is not
-//!   contiguous is materialised by a generated copy kernel.
+//!   contiguous is materialised by a generated copy kernel. A generated kernel whose only reader
+//!   is a transpose stores its result in the transposed order, so that view is contiguous (the
+//!   attention epilogue writes [B, S, H, D] for o_proj directly).
 //! - **generated kernels** ([`kernels`]): `gather` (embedding rows), `rms_norm` (+ output
 //!   quantization), `add`/`sub`/`mul`/`div` (broadcasting), `swiglu` (+ quantization), `rotary`,
 //!   `cast` between float types, `quantize`, copies, and the quantization epilogue of micro-kernels.
@@ -24,6 +26,8 @@
 //! over a 4-D iteration space (dims padded with leading 1s), 256 threads per block; row kernels one
 //! warp per row, 4 rows per block. Buffers hold one element per slot in the dtype's natural width;
 //! int4 *activations* take one byte each (sign-extended i8), packed int4 exists only in weights.
+//!
+//! A launch whose grid evaluates to zero in some dimension (an empty KV cache) does nothing.
 //!
 //! Sizes are [`DimExpr`]s over the graph's symbols; the arena is planned with every symbol at its
 //! maximum ([`LowerOptions`]: `batch` at `max_batch`, every other symbol at `max_tokens`).
@@ -580,13 +584,49 @@ impl<'g> Lowerer<'g> {
         if dims.len() > 4 {
             return Err(self.err(id, format!("rank {} > 4 is not lowered", dims.len())));
         }
-        let out = self.arena(name, dtype, dims.clone());
+        let out = match self.layout_for_transpose(id, &name, &dims) {
+            Some(perm) => {
+                // Stored in the order its only reader, a transpose, produces: that view is then
+                // contiguous (free to reshape, fit for micro-kernels) and this one is strided.
+                let physical: Dims = perm.iter().map(|&a| dims[a].clone()).collect();
+                let stored = self.arena(name, dtype, physical);
+                let mut strides = vec![DimExpr::Const(0); dims.len()];
+                for (i, &a) in perm.iter().enumerate() {
+                    strides[a] = stored.strides[i].clone();
+                }
+                View { buffer: stored.buffer, dtype, dims: dims.clone(), strides }
+            }
+            None => self.arena(name, dtype, dims.clone()),
+        };
         let mut strides = vec![DimExpr::Const(0); 4 - dims.len()];
         strides.extend(out.strides.iter().cloned());
         let pad = |v: Vec<DimExpr>| -> [DimExpr; 4] { [v[0].clone(), v[1].clone(), v[2].clone(), v[3].clone()] };
         let out_strided = Strided { buffer: out.buffer, dtype, strides: pad(strides), offset: DimExpr::Const(0) };
         self.emit_pointwise_into(id, op, &inputs, &dims, out_strided, quant)?;
         Ok(out)
+    }
+
+    /// The permutation of the single `transpose` that reads node `id`'s output (named `name`, of
+    /// `dims`), when that is its only use and not a graph output.
+    fn layout_for_transpose(&self, id: NodeId, name: &str, dims: &Dims) -> Option<Vec<usize>> {
+        let v = self.output(id);
+        if self.graph.value_name(v) != name || self.graph.graph_outputs().iter().any(|o| o.value == v) {
+            return None;
+        }
+        let users = self.graph.users(v);
+        let [(user, 0)] = users.as_slice() else { return None };
+        let op = &self.graph.node(*user).op;
+        if op.kind != OpKind::Transpose {
+            return None;
+        }
+        let rank = dims.len();
+        let perm: Vec<usize> = match op.ints("perm") {
+            Some(p) => p.iter().map(|&a| usize::try_from(a).ok()).collect::<Option<_>>()?,
+            None => (0..rank).rev().collect(),
+        };
+        let mut sorted = perm.clone();
+        sorted.sort_unstable();
+        (sorted == (0..rank).collect::<Vec<_>>()).then_some(perm)
     }
 
     /// Emits an element-wise kernel over `dims` writing through `out` (a strided view).
