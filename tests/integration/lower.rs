@@ -265,14 +265,15 @@ fn standalone_quantize_and_float_cast() {
 }
 
 #[test]
-fn kv_cache_concat_and_unary_ops() {
+fn kv_cache_concat_unary_ops_and_softmax() {
     // The KV-cache append: each input is copied into its slice of the output (offset past * 64).
     let lowered = check(
         "concat_unary",
-        r#"graph @t(%past: f32[batch,2,past,4], %new: f32[batch,2,seq,4]) -> (%kv, %s) {
+        r#"graph @t(%past: f32[batch,2,past,4], %new: f32[batch,2,seq,4]) -> (%kv, %s, %p) {
   %kv = concat(%past, %new) {axis = 2} : f32[batch,2,total,4]
   %s = sigmoid(%new) : f32[batch,2,seq,4]
-  return %kv, %s
+  %p = softmax(%kv) {axis = -1} : f32[batch,2,total,4]
+  return %kv, %s, %p
 }"#,
     );
     assert_eq!(lowered.outputs[0].dims[2].to_string(), "(past + seq)");

@@ -595,6 +595,89 @@ pub fn rms_norm(
     })
 }
 
+/// `softmax` over rows of `k` contiguous elements (the last axis), one warp per row, as the CPU
+/// computes it: m = max (NaN ignored; 0 when not finite), e = exp(x - m) in f32, the sum of e in f64,
+/// y = e * f32(1 / sum). Every lane takes the max and the sum over the whole row sequentially, then
+/// writes its strided share. Parameters: out, x; rows, k.
+pub fn softmax_rows(out: (u32, DType), x: (u32, DType), rows: DimExpr, k: DimExpr) -> Option<Kernel> {
+    let (out_ty, x_ty) = (storage_type(out.1)?, storage_type(x.1)?);
+    let params =
+        [format!("%out: {}", memref(out_ty)), format!("%x: {}", memref(x_ty)), "%rows: i64".into(), "%k: i64".into()];
+    let args = vec![Arg::Buffer(out.0), Arg::Buffer(x.0), Arg::I64(rows.clone()), Arg::I64(k)];
+    let mut b = Body::new();
+    let tid = b.v("gpu.thread_id x");
+    let bid = b.v("gpu.block_id x");
+    let warp_size = b.index(32);
+    let per_block = b.index(ROWS_PER_BLOCK as i64);
+    let warp = b.binop("divui", &tid, &warp_size, "index");
+    let lane = b.binop("remui", &tid, &warp_size, "index");
+    let first = b.binop("muli", &bid, &per_block, "index");
+    let row = b.binop("addi", &first, &warp, "index");
+    let rows_i = b.arg_index("%rows");
+    let inside = b.v(&format!("arith.cmpi ult, {row}, {rows_i} : index"));
+    b.open(&format!("scf.if {inside}"));
+    let k_i = b.arg_index("%k");
+    let base = b.binop("muli", &row, &k_i, "index");
+    let zero = b.index(0);
+    let one = b.index(1);
+    let neg_inf = b.f32(f32::NEG_INFINITY);
+    let load_f32 = |b: &mut Body, j: &str| {
+        let at = b.binop("addi", &base, j, "index");
+        let v = b.load("%x", x_ty, &at);
+        b.widen_to_f32(&v, x_ty)
+    };
+    let (j, m) = (format!("%j{}", b.next), format!("%m{}", b.next));
+    b.next += 1;
+    let max = b.v(&format!("scf.for {j} = {zero} to {k_i} step {one} iter_args({m} = {neg_inf}) -> (f32) {{"));
+    b.indent += 1;
+    let v = load_f32(&mut b, &j);
+    // `v > m ? v : m` ignores NaN like the CPU's fold.
+    let greater = b.v(&format!("arith.cmpf ogt, {v}, {m} : f32"));
+    let next = b.v(&format!("arith.select {greater}, {v}, {m} : f32"));
+    b.line(&format!("scf.yield {next} : f32"));
+    b.close("");
+    let inf = b.f32(f32::INFINITY);
+    let below = b.v(&format!("arith.cmpf olt, {max}, {inf} : f32"));
+    let above = b.v(&format!("arith.cmpf ogt, {max}, {neg_inf} : f32"));
+    let finite = b.binop("andi", &below, &above, "i1");
+    let zero_f = b.f32(0.0);
+    let max = b.v(&format!("arith.select {finite}, {max}, {zero_f} : f32"));
+    let zero_f64 = b.f64(0.0);
+    let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
+    b.next += 1;
+    let sum = b.v(&format!("scf.for {j} = {zero} to {k_i} step {one} iter_args({acc} = {zero_f64}) -> (f64) {{"));
+    b.indent += 1;
+    let v = load_f32(&mut b, &j);
+    let d = b.binop("subf", &v, &max, "f32");
+    let e = emit_exp(&mut b, &d);
+    let ed = b.v(&format!("arith.extf {e} : f32 to f64"));
+    let next = b.binop("addf", &acc, &ed, "f64");
+    b.line(&format!("scf.yield {next} : f64"));
+    b.close("");
+    let one_f64 = b.f64(1.0);
+    let inv = b.binop("divf", &one_f64, &sum, "f64");
+    let inv = b.v(&format!("arith.truncf {inv} : f64 to f32"));
+    let j = format!("%j{}", b.next);
+    b.next += 1;
+    b.open(&format!("scf.for {j} = {lane} to {k_i} step {warp_size}"));
+    let v = load_f32(&mut b, &j);
+    let d = b.binop("subf", &v, &max, "f32");
+    let e = emit_exp(&mut b, &d);
+    let y = b.binop("mulf", &e, &inv, "f32");
+    let y = b.narrow_from_f32(&y, out_ty);
+    let at = b.binop("addi", &base, &j, "index");
+    b.store(&y, "%out", out_ty, &at);
+    b.close("");
+    b.close("");
+    Some(Kernel {
+        base: format!("softmax_{}_{}", x.1, out.1),
+        text: function(&params, &b.text),
+        args,
+        grid: [super::shapes::ceil_div(&rows, ROWS_PER_BLOCK as i64), DimExpr::Const(1), DimExpr::Const(1)],
+        block: [32 * ROWS_PER_BLOCK, 1, 1],
+    })
+}
+
 /// Embedding lookup `out[r, c] = table[ids[r], c]` (gather on axis 0 of a [V, D] table with i64
 /// ids). Negative ids count from the end as in ONNX; ids outside [-V, V) give zeros (the CPU
 /// executor reports an error instead). Parameters: out, table, ids; total, d, v.

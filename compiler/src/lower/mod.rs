@@ -15,8 +15,9 @@
 //!   is a transpose stores its result in the transposed order, so that view is contiguous (the
 //!   attention epilogue writes [B, S, H, D] for o_proj directly).
 //! - **generated kernels** ([`kernels`]): `gather` (embedding rows), `rms_norm` (+ output
-//!   quantization), `add`/`sub`/`mul`/`div` (broadcasting), `swiglu` (+ quantization), `rotary`,
-//!   `cast` between float types, `quantize`, copies, and the quantization epilogue of micro-kernels.
+//!   quantization), `softmax` (last axis), `add`/`sub`/`mul`/`div` (broadcasting), `swiglu`
+//!   (+ quantization), `rotary`, `concat`, `neg`/`exp`/`sqrt`/`reciprocal`/`relu`/`sigmoid`, `cast`
+//!   between float types, `quantize`, copies, and the quantization epilogue of micro-kernels.
 //! - **micro-kernels** ([`micro`]): `int_linear`, `linear`, `attention`, `hadamard`. They write
 //!   f32; an output quantization on them becomes a generated epilogue kernel.
 //!
@@ -304,6 +305,23 @@ impl<'g> Lowerer<'g> {
             }
             Rotary => self.rotary(id)?,
             Concat => self.concat(id)?,
+            Softmax => {
+                let x = self.input(id, 0, None)?;
+                let x = self.contiguous(id, x)?;
+                let rank = x.dims.len() as i64;
+                let axis = self.graph.node(id).op.int("axis").unwrap_or(-1);
+                if rank == 0 || (axis != -1 && axis != rank - 1) {
+                    return Err(self.err(id, "softmax is lowered over the last axis only"));
+                }
+                let dtype = self.output_dtype(id);
+                let out = self.arena(self.output_name(id), dtype, x.dims.clone());
+                let rows = shapes::product(&x.dims[..x.dims.len() - 1]);
+                let k = x.dims[x.dims.len() - 1].clone();
+                let kernel = kernels::softmax_rows((out.buffer, dtype), (x.buffer, x.dtype), rows, k)
+                    .ok_or_else(|| self.err(id, "unsupported element types"))?;
+                self.launch_generated(id, kernel);
+                out
+            }
             Neg | Exp | Sqrt | Reciprocal | Relu | Sigmoid => {
                 let op = match kind {
                     Neg => PointwiseOp::Neg,
