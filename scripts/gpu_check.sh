@@ -6,6 +6,11 @@
 #   cargo build --release -p qcc-runtime --features cuda --bin qcc-run
 #   mkdir -p .gpu && strip -o .gpu/qcc-run target/release/qcc-run && .gpu/qcc-run ptx .gpu/ptx
 # then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick]
+#
+# `bash scripts/gpu_check.sh --artifacts` instead checks compiled artifacts (built here by
+# scripts/gpu_artifacts.sh into .gpu/art/): for each of fp32, w8a8, w4a4, `qcc-run verify` (every
+# value the GPU computes against the CPU executor's, launch by launch: integers exactly, floats by
+# max relative error) and `qcc-run run` (GPU logits against the CPU reference logits written here).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -31,6 +36,22 @@ echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; } \
   2>&1 | tee "$OUT/device.txt"
 status=0
+if [[ "${1:-}" == "--artifacts" ]]; then
+  shift
+  ART="$ROOT/.gpu/art"
+  export QCC_CACHE_DIR=/tmp/qcc-cache
+  for name in fp32 w8a8 w4a4; do
+    [[ -d "$ART/$name.qcc" ]] || { echo "missing $ART/$name.qcc (run scripts/gpu_artifacts.sh)"; status=1; continue; }
+    echo "== $name: verify (GPU vs CPU executor, every value)"
+    QCC_CUDA_SYNC=1 "$BIN" verify "$ART/$name.qcc" --input input_ids="$ART/ids.npy" > "$OUT/verify-$name.txt" 2>&1 || status=1
+    grep -v '^PASS' "$OUT/verify-$name.txt" | tail -n 25
+    echo "== $name: logits against the CPU reference"
+    "$BIN" run "$ART/$name.qcc" --input input_ids="$ART/ids.npy" --reference "$ART/ref-$name" --repeat 20 \
+      --output-dir "/tmp/gpu-$name" 2>&1 | tee "$OUT/run-$name.txt" || status=1
+  done
+  echo "gpu_check status: $status"
+  exit $status
+fi
 "$BIN" info 2>&1 | tee "$OUT/info.txt" || status=1
 "$BIN" check > "$OUT/check.txt" 2>&1 || status=1
 echo "check: $(grep -c '^PASS' "$OUT/check.txt") passed, $(grep -c '^FAIL' "$OUT/check.txt") failed"

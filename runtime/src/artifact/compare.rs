@@ -43,8 +43,11 @@ pub fn agreement(actual: &RtTensor, reference: &RtTensor) -> Option<Agreement> {
     if actual.shape() != reference.shape() {
         return None;
     }
-    let integer = !reference.dtype().is_float();
-    let (a, r) = (actual.to_f64_vec(), reference.to_f64_vec());
+    Some(agreement_of_values(&actual.to_f64_vec(), &reference.to_f64_vec(), !reference.dtype().is_float()))
+}
+
+/// [`agreement`] over flat values (same length; extra values of either side are ignored).
+pub fn agreement_of_values(a: &[f64], r: &[f64], integer: bool) -> Agreement {
     let mut out = Agreement {
         elements: r.len(),
         differing: 0,
@@ -55,7 +58,7 @@ pub fn agreement(actual: &RtTensor, reference: &RtTensor) -> Option<Agreement> {
         integer,
     };
     let (mut diff2, mut ref2, mut ref_max) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(&r) {
+    for (&x, &y) in a.iter().zip(r) {
         if x.to_bits() != y.to_bits() && x != y {
             out.differing += 1;
         }
@@ -73,7 +76,7 @@ pub fn agreement(actual: &RtTensor, reference: &RtTensor) -> Option<Agreement> {
     }
     out.max_rel = if ref_max > 0.0 { out.max_abs / ref_max } else { out.max_abs };
     out.norm_rel = if ref2 > 0.0 { (diff2 / ref2).sqrt() } else { diff2.sqrt() };
-    Some(out)
+    out
 }
 
 #[cfg(test)]

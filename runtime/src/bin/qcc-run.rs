@@ -10,6 +10,12 @@
 //! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N]
 //!                              run a compiled artifact (model.qcc) on the GPU; compare every output with
 //!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3)
+//! qcc-run plan ART              GPU-less check of the plan: every launch's entry exists in its module (micro-
+//!                              kernels compiled with NVRTC) and its parameters match the launch's arguments
+//! qcc-run verify ART --input NAME=FILE.npy.. [--tolerance T]
+//!                              run the artifact's graph on the CPU executor here and compare, after every
+//!                              launch, each buffer it touched with the CPU's value of that name
+//!                              (integers exactly, floats by max relative error)
 //! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W]
 //!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
 //! ```
@@ -141,13 +147,37 @@ fn main() -> ExitCode {
             Ok(gpu) => run_bench(&gpu, quick, out).map(|_| ExitCode::SUCCESS),
             Err(code) => return code,
         },
-        "run" | "eval" => {
+        "plan" => {
+            let Some(dir) = args.get(1) else {
+                eprintln!("usage: qcc-run plan ART");
+                return ExitCode::from(2);
+            };
+            return match qcc_runtime::cuda::executor::check_plan(std::path::Path::new(dir)) {
+                Ok(problems) if problems.is_empty() => {
+                    println!("plan ok: every launch matches its kernel");
+                    ExitCode::SUCCESS
+                }
+                Ok(problems) => {
+                    problems.iter().for_each(|p| println!("PROBLEM {p}"));
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        "run" | "eval" | "verify" => {
             // SAFETY: only probes dlopen for libcuda.
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
                 println!("SKIPPED: no CUDA driver (libcuda could not be loaded)");
                 return ExitCode::from(3);
             }
-            let done = if cmd == "run" { run_artifact(&args[1..]) } else { eval_artifact(&args[1..]) };
+            let done = match cmd {
+                "run" => run_artifact(&args[1..]),
+                "verify" => verify_artifact(&args[1..]),
+                _ => eval_artifact(&args[1..]),
+            };
             return match done {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
@@ -195,14 +225,89 @@ fn load_artifact(args: &[String]) -> Result<CudaExecutor, String> {
     Ok(exec)
 }
 
-/// `qcc-run run`: outputs written and/or compared with CPU reference outputs. Ok(false) = mismatch.
-fn run_artifact(args: &[String]) -> Result<bool, String> {
-    let mut exec = load_artifact(args)?;
+fn read_inputs(args: &[String]) -> Result<Vec<(String, RtTensor)>, String> {
     let mut inputs = Vec::new();
     for spec in option_values(args, "--input") {
         let (name, file) = spec.split_once('=').ok_or(format!("--input '{spec}' is not NAME=FILE.npy"))?;
         inputs.push((name.to_string(), npy::read(std::path::Path::new(file)).map_err(|e| e.to_string())?));
     }
+    Ok(inputs)
+}
+
+/// `qcc-run verify`: every value the GPU computes against the CPU executor's, launch by launch.
+fn verify_artifact(args: &[String]) -> Result<bool, String> {
+    let mut exec = load_artifact(args)?;
+    let inputs = read_inputs(args)?;
+    let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let tolerance: f64 = option(args, "--tolerance")
+        .map(|t| t.parse().map_err(|e| format!("--tolerance: {e}")))
+        .transpose()?
+        .unwrap_or(1e-3);
+    let graph_path = exec.manifest.graph_path(&exec.dir).map_err(|e| e.to_string())?;
+    let graph = qcc_ir::text::load(&graph_path).map_err(|e| format!("{}: {e}", graph_path.display()))?;
+    let cpu = qcc_runtime::CpuExecutor::new(&graph).map_err(|e| e.to_string())?;
+    let mut reference: std::collections::HashMap<String, RtTensor> = Default::default();
+    let t0 = std::time::Instant::now();
+    cpu.run_observed(&refs, &mut |v, t| {
+        reference.insert(graph.value_name(v).to_string(), t.clone());
+    })
+    .map_err(|e| e.to_string())?;
+    println!("CPU executor: {} values in {:.2} s", reference.len(), t0.elapsed().as_secs_f64());
+    let values = exec.prepare(&refs).map_err(|e| e.to_string())?;
+    let mut checked = std::collections::HashSet::new();
+    let (mut ok, mut int_values, mut int_exact, mut worst_float) = (true, 0usize, 0usize, 0f64);
+    for index in 0..exec.manifest.launches.len() {
+        exec.launch_one(index, &values).map_err(|e| e.to_string())?;
+        exec.gpu().stream.synchronize().map_err(|e| format!("launch {index}: {e}"))?;
+        let launch = exec.manifest.launches[index].clone();
+        for arg in &launch.args {
+            let qcc_runtime::artifact::Arg::Buffer(id) = arg else { continue };
+            let Some(buffer) = exec.manifest.buffer(*id).cloned() else { continue };
+            let Some(cpu_value) = reference.get(&buffer.name) else { continue };
+            if !checked.insert(*id) {
+                continue;
+            }
+            let Some(gpu_value) = exec.read_buffer(*id, &values).map_err(|e| e.to_string())? else { continue };
+            if gpu_value.len() != cpu_value.len() {
+                println!(
+                    "SKIP {:<48} {} elements on the GPU, {} on the CPU",
+                    buffer.name,
+                    gpu_value.len(),
+                    cpu_value.len()
+                );
+                continue;
+            }
+            let integer = !cpu_value.dtype().is_float();
+            let a = compare::agreement_of_values(&gpu_value.to_f64_vec(), &cpu_value.to_f64_vec(), integer);
+            let pass = a.passes(tolerance);
+            ok &= pass;
+            if integer {
+                int_values += 1;
+                int_exact += usize::from(a.differing == 0);
+            } else {
+                worst_float = worst_float.max(a.max_rel);
+            }
+            println!(
+                "{} [{index:>3} {}] {:<40} {:>6} {a}",
+                if pass { "PASS" } else { "FAIL" },
+                launch.entry,
+                buffer.name,
+                cpu_value.dtype().name()
+            );
+        }
+    }
+    println!(
+        "verify: {} values compared; integer values exact: {int_exact} of {int_values}; worst float max rel {worst_float:.3e}; {}",
+        checked.len(),
+        if ok { "PASS" } else { "FAIL" }
+    );
+    Ok(ok)
+}
+
+/// `qcc-run run`: outputs written and/or compared with CPU reference outputs. Ok(false) = mismatch.
+fn run_artifact(args: &[String]) -> Result<bool, String> {
+    let mut exec = load_artifact(args)?;
+    let inputs = read_inputs(args)?;
     let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let repeat: usize =
         option(args, "--repeat").map(|r| r.parse().map_err(|e| format!("--repeat: {e}"))).transpose()?.unwrap_or(0);

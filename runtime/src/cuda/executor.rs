@@ -418,7 +418,8 @@ impl CudaExecutor {
     fn upload(&mut self, buffer: &Buffer, t: &RtTensor, values: &SymbolValues) -> Result<(), ExecutorError> {
         let (dims, offset, len) = self.arena_range(buffer, values)?;
         let dtype = DType::from_name(&buffer.dtype).unwrap_or(DType::F32);
-        if t.shape() != dims.as_slice() {
+        // Unit dims may differ between the graph's value and the plan's buffer: sizes must agree.
+        if t.len() != dims.iter().product::<usize>() {
             return Err(ExecutorError::Buffer {
                 id: buffer.id,
                 name: buffer.name.clone(),
@@ -490,51 +491,55 @@ impl CudaExecutor {
 
     /// Enqueues every launch of the plan (no synchronization unless `sync_each`).
     pub fn launch_all(&self, values: &SymbolValues) -> Result<(), ExecutorError> {
-        for (index, launch) in self.manifest.launches.iter().enumerate() {
-            let fail = |what: String| ExecutorError::Launch {
-                index,
-                node: launch.node.clone(),
-                module: launch.module.clone(),
-                entry: launch.entry.clone(),
-                what,
+        (0..self.manifest.launches.len()).try_for_each(|i| self.launch_one(i, values))
+    }
+
+    /// Enqueues launch `index` of the plan.
+    pub fn launch_one(&self, index: usize, values: &SymbolValues) -> Result<(), ExecutorError> {
+        let launch = &self.manifest.launches[index];
+        let fail = |what: String| ExecutorError::Launch {
+            index,
+            node: launch.node.clone(),
+            module: launch.module.clone(),
+            entry: launch.entry.clone(),
+            what,
+        };
+        let mut grid = [0u32; 3];
+        for (g, e) in grid.iter_mut().zip(&launch.grid) {
+            let v = e.eval(values)?;
+            *g = u32::try_from(v).map_err(|_| fail(format!("grid size {e} = {v}")))?;
+        }
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        let mut args = Vec::with_capacity(launch.args.len() + 2);
+        for arg in &launch.args {
+            args.push(match arg {
+                Arg::Buffer(id) => ArgVal::Ptr(self.buffer_ptr(*id).map_err(fail)?),
+                Arg::I64(e) => ArgVal::I64(e.eval(values)?),
+                Arg::F32(x) => ArgVal::F32(*x),
+            });
+        }
+        args.extend(self.extra_args[index].iter().copied());
+        let cfg = LaunchConfig {
+            grid_dim: (grid[0], grid[1], grid[2]),
+            block_dim: (launch.block[0], launch.block[1], launch.block[2]),
+            shared_mem_bytes: launch.shared_bytes,
+        };
+        let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
+        for a in &args {
+            match a {
+                ArgVal::Ptr(p) => builder.arg(p),
+                ArgVal::I64(v) => builder.arg(v),
+                ArgVal::F32(v) => builder.arg(v),
+                ArgVal::F64(v) => builder.arg(v),
             };
-            let mut grid = [0u32; 3];
-            for (g, e) in grid.iter_mut().zip(&launch.grid) {
-                let v = e.eval(values)?;
-                *g = u32::try_from(v).map_err(|_| fail(format!("grid size {e} = {v}")))?;
-            }
-            if grid.contains(&0) {
-                continue;
-            }
-            let mut args = Vec::with_capacity(launch.args.len() + 2);
-            for arg in &launch.args {
-                args.push(match arg {
-                    Arg::Buffer(id) => ArgVal::Ptr(self.buffer_ptr(*id).map_err(fail)?),
-                    Arg::I64(e) => ArgVal::I64(e.eval(values)?),
-                    Arg::F32(x) => ArgVal::F32(*x),
-                });
-            }
-            args.extend(self.extra_args[index].iter().copied());
-            let cfg = LaunchConfig {
-                grid_dim: (grid[0], grid[1], grid[2]),
-                block_dim: (launch.block[0], launch.block[1], launch.block[2]),
-                shared_mem_bytes: launch.shared_bytes,
-            };
-            let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
-            for a in &args {
-                match a {
-                    ArgVal::Ptr(p) => builder.arg(p),
-                    ArgVal::I64(v) => builder.arg(v),
-                    ArgVal::F32(v) => builder.arg(v),
-                    ArgVal::F64(v) => builder.arg(v),
-                };
-            }
-            // SAFETY: the argument list follows the manifest (checked against the kernels by the
-            // GPU check); pointers are into buffers sized by the plan for these symbol values.
-            unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
-            if self.sync_each {
-                self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
-            }
+        }
+        // SAFETY: the argument list follows the manifest (checked against the kernels by the
+        // GPU check); pointers are into buffers sized by the plan for these symbol values.
+        unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
+        if self.sync_each {
+            self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
         }
         Ok(())
     }
@@ -560,11 +565,136 @@ impl CudaExecutor {
         Ok(out)
     }
 
-    /// Reads any arena buffer by IR value name (debugging: compare an intermediate with the CPU).
-    pub fn read_value(&self, name: &str, values: &SymbolValues) -> Result<Option<RtTensor>, ExecutorError> {
-        match self.manifest.buffers.iter().find(|b| b.name == name && matches!(b.place, Place::Arena { .. })) {
+    /// Reads arena buffer `id` as it is now (debugging: compare an intermediate with the CPU).
+    pub fn read_buffer(&self, id: u32, values: &SymbolValues) -> Result<Option<RtTensor>, ExecutorError> {
+        match self.manifest.buffer(id).filter(|b| matches!(b.place, Place::Arena { .. })) {
             Some(b) => Ok(Some(self.download(b, values)?)),
             None => Ok(None),
         }
     }
+}
+
+/// Parameter widths in bytes of every `.entry` of a PTX module.
+pub fn ptx_entry_params(ptx: &str) -> HashMap<String, Vec<usize>> {
+    let mut entries = HashMap::new();
+    let mut lines = ptx.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.trim().strip_prefix(".visible .entry ").or_else(|| line.trim().strip_prefix(".entry "))
+        else {
+            continue;
+        };
+        let name = rest.split('(').next().unwrap_or("").trim().to_string();
+        let mut params = Vec::new();
+        if !rest.contains(')') {
+            for p in lines.by_ref() {
+                let p = p.trim();
+                if p.starts_with(')') {
+                    break;
+                }
+                let width = [
+                    (".u64", 8),
+                    (".b64", 8),
+                    (".s64", 8),
+                    (".f64", 8),
+                    (".u32", 4),
+                    (".b32", 4),
+                    (".s32", 4),
+                    (".f32", 4),
+                ]
+                .iter()
+                .find(|(t, _)| p.contains(t))
+                .map_or(0, |(_, w)| *w);
+                params.push(width);
+                if p.ends_with(')') {
+                    break;
+                }
+            }
+        }
+        entries.insert(name, params);
+    }
+    entries
+}
+
+/// Checks a loaded manifest against its kernels without a GPU: every launch's entry exists in its
+/// module's PTX (micro-kernels compiled with NVRTC), and the entry's parameter widths match the
+/// launch's arguments (plus the runtime-supplied ones). Returns one line per problem.
+pub fn check_plan(dir: &Path) -> Result<Vec<String>, ExecutorError> {
+    let manifest = Manifest::load(dir)?;
+    let mut entries = HashMap::new();
+    for module in &manifest.modules {
+        let path = artifact_path(dir, &module.path)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
+        let ptx = match module.kind {
+            ModuleKind::Generated => text,
+            ModuleKind::Micro => micro_ptx(&module.name, &text)?,
+        };
+        entries.insert(module.name.clone(), ptx_entry_params(&ptx));
+    }
+    let mut problems = Vec::new();
+    for (index, launch) in manifest.launches.iter().enumerate() {
+        let at = format!("launch {index} (node `{}`, {}::{})", launch.node, launch.module, launch.entry);
+        let Some(params) = entries.get(&launch.module).and_then(|m| m.get(&launch.entry)) else {
+            problems.push(format!("{at}: no such entry"));
+            continue;
+        };
+        let mut widths: Vec<usize> = launch.args.iter().map(|a| if matches!(a, Arg::F32(_)) { 4 } else { 8 }).collect();
+        if launch.module == "hadamard" {
+            widths.extend([8, 8]);
+        }
+        if &widths != params {
+            problems.push(format!("{at}: arguments of widths {widths:?}, the kernel takes {params:?}"));
+        }
+        let threads: u32 = launch.block.iter().product();
+        if threads > 1024 {
+            problems.push(format!("{at}: {threads} threads per block"));
+        }
+    }
+    // Weights: each buffer's data exists and has the planned size.
+    let graph_path = manifest.graph_path(dir)?;
+    let graph = qcc_ir::text::load(&graph_path)
+        .map_err(|e| ExecutorError::Graph { path: graph_path.clone(), what: e.to_string() })?;
+    let no_symbols = SymbolValues::new();
+    for buffer in &manifest.buffers {
+        let Place::Weight { tensor } = &buffer.place else { continue };
+        let bytes = weight_bytes(&graph, buffer, tensor)?;
+        let dtype = DType::from_name(&buffer.dtype).unwrap_or(DType::F32);
+        let numel: i64 = buffer.dims.iter().map(|d| d.eval(&no_symbols)).product::<Result<i64, _>>()?;
+        let expected = dtype.storage_bytes(numel as usize);
+        if bytes.len() != expected {
+            problems.push(format!(
+                "weight buffer {} (`{tensor}`): {} bytes, {expected} planned",
+                buffer.id,
+                bytes.len()
+            ));
+        }
+    }
+    // Host prologue: runs on the CPU for a short sequence and yields its planned shapes.
+    if let Some(p) = manifest.host_prologue.as_ref().filter(|p| !p.values.is_empty()) {
+        let prologue = CpuExecutor::new(&prologue_graph(&graph, &p.values)?)?;
+        let given: Vec<(&str, i64)> =
+            manifest.symbols.iter().map(|s| (s.name.as_str(), (s.max as i64).min(8))).collect();
+        let values = manifest.symbol_values(&given)?;
+        let mut inputs = Vec::new();
+        for io in &manifest.inputs {
+            let dims: Vec<usize> =
+                io.dims.iter().map(|d| d.eval(&values).map(|v| v as usize)).collect::<Result<_, _>>()?;
+            let dtype = DType::from_name(&io.dtype).unwrap_or(DType::F32);
+            let zeros = RtTensor::from_vec(&dims, vec![0f32; dims.iter().product()]).map(|t| t.cast(dtype));
+            inputs.push((io.name.as_str(), zeros.unwrap_or_else(|| RtTensor::scalar(0f32))));
+        }
+        for (name, t) in prologue.run(&inputs)? {
+            for b in manifest.buffers.iter().filter(|b| b.name == name) {
+                let dims: Vec<usize> =
+                    b.dims.iter().map(|d| d.eval(&values).map(|v| v as usize)).collect::<Result<_, _>>()?;
+                if dims.iter().product::<usize>() != t.len() {
+                    problems.push(format!(
+                        "host prologue value `{name}`: shape {:?}, buffer {} planned {dims:?}",
+                        t.shape(),
+                        b.id
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
 }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Builds, here on the CPU, everything the GPU check of compiled artifacts needs, under .gpu/art/
+# (small enough to travel with the `run` tool, carry [".gpu"]):
+#   - the real SmolLM2 cut to its first LAYERS layers, VOCAB vocabulary rows and CTX rotary positions
+#     (scripts/make_smollm2_onnx.py --layers/--vocab/--ctx), in .cache/gpu-art/model/
+#   - a calibration text and an evaluation token sequence whose tokens all fall inside that
+#     vocabulary (the cut embedding has VOCAB rows), from the fixture texts
+#   - artifacts fp32.qcc (-O none), w8a8.qcc, w4a4.qcc (`qcc compile ... -o X.qcc`, plan for SEQ tokens)
+#   - CPU-executor reference logits: ref-<scheme>/logits.npy (`qcc run X.qcc --input ... --output-dir`)
+# Then: cargo build --release -p qcc-runtime --features cuda --bin qcc-run &&
+#       strip -o .gpu/qcc-run target/release/qcc-run; on the device: bash scripts/gpu_check.sh --artifacts
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+LAYERS="${LAYERS:-1}" VOCAB="${VOCAB:-2048}" CTX="${CTX:-1024}" SEQ="${SEQ:-128}"
+PY="$ROOT/.cache/venv/bin/python"
+WORK="$ROOT/.cache/gpu-art"
+OUT="$ROOT/.gpu/art"
+QCC="${QCC:-}"
+if [[ -z "$QCC" ]]; then
+  for q in target/release/qcc target/debug/qcc; do [[ -x $q ]] && { QCC="$ROOT/$q"; break; }; done
+fi
+[[ -x "$QCC" ]] || { echo "no qcc binary: cargo build --release -p qcc (or set QCC)" >&2; exit 1; }
+echo "qcc: $QCC ($(stat -c %y "$QCC"))"
+
+mkdir -p "$WORK" "$OUT"
+"$PY" scripts/make_smollm2_onnx.py --layers "$LAYERS" --vocab "$VOCAB" --ctx "$CTX" --out "$WORK/model"
+cp .cache/models/smollm2-135m/tokenizer.json "$WORK/model/tokenizer.json"
+
+# Texts inside the cut vocabulary: drop the character spans of out-of-vocabulary tokens and
+# re-encode until every token id is < VOCAB.
+"$PY" - "$WORK" "$OUT" "$VOCAB" "$SEQ" <<'EOF'
+import sys
+import numpy as np
+from tokenizers import Tokenizer
+work, out, vocab, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tok = Tokenizer.from_file(f"{work}/model/tokenizer.json")
+
+def in_vocab(text):
+    for _ in range(8):
+        enc = tok.encode(text, add_special_tokens=False)
+        bad = [(a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i >= vocab]
+        if not bad:
+            return text, enc.ids
+        keep, last = [], 0
+        for a, b in bad:
+            keep.append(text[last:a])
+            last = b
+        keep.append(text[last:])
+        text = "".join(keep)
+    enc = tok.encode(text, add_special_tokens=False)
+    return text, [i for i in enc.ids if i < vocab]
+
+calib, _ = in_vocab(open(".cache/data/calib.txt").read())
+open(f"{work}/calib.txt", "w").write(calib)
+_, ids = in_vocab(open(".cache/data/sotu-last.txt").read())
+assert len(ids) >= seq and max(ids) < vocab
+np.save(f"{out}/ids.npy", np.array(ids[:seq], dtype=np.int64).reshape(1, seq))
+print(f"calibration text {len(calib)} chars; eval ids: {seq} of {len(ids)} in-vocabulary tokens")
+EOF
+
+for scheme in none w8a8 w4a4; do
+  name=$scheme; [[ $scheme == none ]] && name=fp32
+  rm -rf "$OUT/$name.qcc" "$OUT/ref-$name"
+  /usr/bin/time -f "$name: compile %e s, %M KB peak" "$QCC" compile "$WORK/model/smollm2-135m.onnx" -O "$scheme" \
+    --calib "$WORK/calib.txt" --calib-samples 8 --calib-ctx 128 --max-tokens "$SEQ" -o "$OUT/$name.qcc"
+  [[ -f "$OUT/$name.qcc/manifest.json" ]] || { echo "$name.qcc has no GPU plan (manifest.json)" >&2; exit 1; }
+  "$QCC" run "$OUT/$name.qcc" --input input_ids="$OUT/ids.npy" --output-dir "$OUT/ref-$name"
+done
+rm -rf "$OUT"/*.qcc/model.qir.safetensors.tmp* 2>/dev/null || true
+du -sh "$OUT" "$OUT"/*
