@@ -555,7 +555,7 @@ impl<'g> Lowerer<'g> {
         if step.numel() != 1 && axis != -1 && axis != rank - 1 {
             return Err(self.err(id, "per-channel steps are lowered on the last axis only"));
         }
-        let step = qcc_ir::Tensor { dtype: step.dtype, dims: step.dims.clone(), data: step.data.clone() };
+        let step_dtype = step.dtype;
         let step_f32 = if step.dtype == DType::F32 {
             step
         } else {
@@ -566,13 +566,11 @@ impl<'g> Lowerer<'g> {
         let quant = if step_f32.numel() == 1 {
             self.quant_of(id, to, prefix_tokens, prefix_to, Some(&step_f32), x.dims.last())?
         } else {
+            if x.dims.last().and_then(const_of) != Some(step_f32.numel() as u64) || step_dtype != DType::F32 {
+                return Err(self.err(id, "a per-channel step must be an f32 vector of the last axis"));
+            }
             let name = self.graph.value_name(step_value).to_string();
             let view = self.weight(&name, DType::F32, vec![DimExpr::Const(step_f32.numel() as i64)]);
-            if x.dims.last().and_then(const_of) != Some(step_f32.numel() as u64)
-                || self.bufs[view.buffer as usize].dtype != DType::F32
-            {
-                return Err(self.err(id, "the step must be an f32 vector of the last axis"));
-            }
             Quant { to, prefix_tokens, prefix_to, step: Step::PerChannel(view.buffer) }
         };
         let dims = x.dims.clone();
