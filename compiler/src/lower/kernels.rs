@@ -301,8 +301,9 @@ impl PointwiseOp {
 
 /// An element-wise kernel over a 4-D iteration space `dims` (leading dims padded with 1).
 /// Parameters: out, inputs..., [per-channel step]; total, d0..d3, then per operand (out first) its
-/// four strides and its element offset; [scalar step]. One thread per element,
-/// [`POINTWISE_BLOCK`] threads per block.
+/// four strides and its element offset, each only when not a compile-time constant (constants are
+/// baked into the kernel); [scalar step]. One thread per element, [`POINTWISE_BLOCK`] threads per
+/// block.
 pub fn pointwise(
     op: PointwiseOp,
     out: &Strided,
@@ -323,20 +324,26 @@ pub fn pointwise(
         args.push(Arg::Buffer(*buffer));
     }
     let total = super::shapes::product(dims);
-    params.push("%total: i64".into());
-    args.push(Arg::I64(total.clone()));
+    // Sizes known at compile time become constants of the kernel (cheaper index math, fewer
+    // arguments); the others are i64 parameters.
+    let mut consts = Body::new();
+    let mut size = |name: String, value: &DimExpr, params: &mut Vec<String>, args: &mut Vec<Arg>| match value {
+        DimExpr::Const(c) => consts.line(&format!("%{name} = arith.constant {c} : i64")),
+        _ => {
+            params.push(format!("%{name}: i64"));
+            args.push(Arg::I64(value.clone()));
+        }
+    };
+    size("total".into(), &total, &mut params, &mut args);
     for (i, d) in dims.iter().enumerate() {
-        params.push(format!("%d{i}: i64"));
-        args.push(Arg::I64(d.clone()));
+        size(format!("d{i}"), d, &mut params, &mut args);
     }
     let strided: Vec<&Strided> = std::iter::once(out).chain(inputs).collect();
     for (t, s) in strided.iter().enumerate() {
         for (i, stride) in s.strides.iter().enumerate() {
-            params.push(format!("%s{t}_{i}: i64"));
-            args.push(Arg::I64(stride.clone()));
+            size(format!("s{t}_{i}"), stride, &mut params, &mut args);
         }
-        params.push(format!("%o{t}: i64"));
-        args.push(Arg::I64(s.offset.clone()));
+        size(format!("o{t}"), &s.offset, &mut params, &mut args);
     }
     if let Some(Quant { step: Step::Scalar(v), .. }) = quant {
         params.push("%step: f32".into());
@@ -344,6 +351,7 @@ pub fn pointwise(
     }
 
     let mut b = Body::new();
+    b.text = consts.text;
     let i = b.global_index();
     let n = b.arg_index("%total");
     let inside = b.v(&format!("arith.cmpi ult, {i}, {n} : index"));
