@@ -72,8 +72,9 @@ pub fn compile_gpu(graph: &Graph, options: &LowerOptions, print_stages: bool) ->
 }
 
 /// The compile command's output step: `--emit` requests and the `-o` file or artifact. A `.qcc` output
-/// gets the GPU plan; if lowering fails and nothing was explicitly emitted, the CPU artifact is still
-/// written and a warning says why the plan is missing.
+/// gets the GPU plan, and `--print-ir-after-all` (`print_stages`) also prints the MLIR stages; if
+/// lowering fails and nothing was explicitly emitted, the CPU artifact is still written and a warning
+/// says why the plan is missing.
 #[allow(clippy::too_many_arguments)]
 pub fn finish_compile(
     graph: &Graph,
@@ -85,7 +86,7 @@ pub fn finish_compile(
     scheme: &str,
 ) -> Result<()> {
     let wants_artifact = output.is_some_and(|o| o.extension().is_some_and(|e| e == "qcc"));
-    if emits.is_empty() && !wants_artifact {
+    if emits.is_empty() && !wants_artifact && !print_stages {
         if let Some(out) = output {
             crate::cli::save_model(out, source_model, graph)?;
         }
@@ -95,7 +96,7 @@ pub fn finish_compile(
     let gpu = match gpu {
         Ok(g) => Some(g),
         Err(e) if emits.is_empty() => {
-            eprintln!("warning: no GPU plan in the artifact: {e:#}");
+            eprintln!("warning: not lowered to the GPU (no plan in the artifact): {e:#}");
             None
         }
         Err(e) => return Err(e),
