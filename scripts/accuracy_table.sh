@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 QCC=${QCC:-$(ls -t target/release/qcc target/debug/qcc 2>/dev/null | head -1)}  # the newer build
 MODEL=.cache/models/smollm2-135m/smollm2-135m.onnx
-LIMIT=${LIMIT:-100}
+LIMIT=${LIMIT:-30}
 QUICK=${1:-}
 OUT=docs/accuracy.md
 WORK=$(mktemp -d)
@@ -19,12 +19,14 @@ add() { NAMES+=("$1"); PIPES+=("$2"); }
 add "fp32" ""
 add "w8a8 (-O w8a8)" "$($QCC compile "$MODEL" -O w8a8 --show-pipeline)"
 add "w4a16 (-O w4a16)" "$($QCC compile "$MODEL" -O w4a16 --show-pipeline)"
-add "w4a4 RTN, no transforms" "$S,quantize{a=4,skip=lm-head,w=4},$LM,qsm"
-add "w4a4 rotation only" "$S,fold-norm-weights,rotate,quantize{a=4,skip=lm-head,w=4},$LM,qsm"
-add "w4a4 smoothing only" "$S,smooth,quantize{a=4,skip=lm-head,w=4},$LM,qsm"
-add "w4a4 full (-O w4a4)" "$($QCC compile "$MODEL" -O w4a4 --show-pipeline)"
-add "w4a4 full + GPTQ" "$($QCC compile "$MODEL" -O w4a4 --weight-rounding gptq --show-pipeline)"
+add "w4a4 RTN, no transforms" "$S,quantize{a=4,prefix=1,skip=lm-head,w=4},$LM,qsm"
+add "w4a4 rotation only" "$S,fold-norm-weights,rotate,quantize{a=4,prefix=1,skip=lm-head,w=4},$LM,qsm"
+add "w4a4 smoothing only" "$S,smooth,quantize{a=4,prefix=1,skip=lm-head,w=4},$LM,qsm"
+add "w4a4 full, RTN weights" "$($QCC compile "$MODEL" -O w4a4 --weight-rounding rtn --show-pipeline)"
+add "w4a4 full + GPTQ (-O w4a4)" "$($QCC compile "$MODEL" -O w4a4 --show-pipeline)"
 add "w4a4 full, dynamic per-token" "$($QCC compile "$MODEL" -O w4a4 --show-pipeline | sed -e 's/clip{[^}]*},//' -e 's/quantize{a=4,prefix=1,/quantize{a=4,act=dynamic,/' )"
+add "w4a8 (-O w4a8)" "$($QCC compile "$MODEL" -O w4a8 --show-pipeline)"
+add "fp8 e4m3 (-O fp8)" "$($QCC compile "$MODEL" -O fp8 --show-pipeline)"
 
 ppl() { $QCC eval "$1" --perplexity "$2" --ctx 512 --windows "$3" --json 2>/dev/null | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["ppl"])'; }
 acc() { $QCC eval "$1" --task "$2" --limit "$LIMIT" --json 2>/dev/null | python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["acc"])'; }

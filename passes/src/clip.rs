@@ -4,10 +4,11 @@
 //! Matches: every activation read by constant-weight `linear`s (one group per activation, as `quantize`
 //! groups them). For each group, on a reservoir sample of calibration rows X (position 0 left out when
 //! `prefix > 0`, since those rows are kept in 16 bits):
-//! - activation ranges: channel k's range is min(absmax_k, tau) * beta, with tau a quantile of the
-//!   channels' absmax values and beta in [0.3, 1]; a coordinate search (beta, then tau, then beta
-//!   refined) keeps the (tau, beta) whose fully quantized layer (QSM-folded weights, round to nearest)
-//!   gives the smallest ||X W^T - Q(X) Q(W)^T||^2. Outlier channels get the smallest ratios.
+//! - activation ranges: channel k's range is beta * min(absmax_k, tau)^gamma * tau^(1 - gamma), with tau
+//!   a quantile of the channels' absmax values, beta in [0.3, 1] and gamma in [0, 1] (1: per-channel
+//!   ranges; 0: one shared range, which leaves the QSM-folded weight columns evenly scaled). A
+//!   coordinate search (beta, gamma, tau, then beta refined) keeps the candidate whose fully quantized
+//!   layer (folded weights, round to nearest) gives the smallest ||X W^T - Q(X) Q(W)^T||^2.
 //! - weight ratios: per output channel, the ratio in {1, 0.95, ..., 0.6} minimising the output error of
 //!   that row, sum_k E[x_k^2] e_k^2 (the diagonal of X^T X; cross terms ignored to keep it linear in K).
 //!
@@ -29,6 +30,12 @@ pub const ENTRY: PassEntry = PassEntry {
         OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
         OptionSpec { key: "rows", kind: OptionKind::Int, default: "128", help: "calibration rows per layer" },
         OptionSpec { key: "skip", kind: OptionKind::Str, default: "", help: "substring of linears to leave alone" },
+        OptionSpec {
+            key: "gram",
+            kind: OptionKind::Bool,
+            default: "false",
+            help: "also collect X^T X, so a following GPTQ quantize needs no second calibration pass",
+        },
     ],
     build: |o: &PassOptions| {
         let scheme = Scheme {
@@ -42,7 +49,12 @@ pub const ENTRY: PassEntry = PassEntry {
         if !matches!(scheme.w_bits, 4 | 8) || !matches!(scheme.a_bits, 4 | 8 | 16) {
             return Err(PassError::Other("clip: w must be 4 or 8, a 4, 8 or 16".into()));
         }
-        Ok(Box::new(Clip { scheme, rows: o.usize("rows")?.max(8), skip: o.str("skip")?.to_string() }))
+        Ok(Box::new(Clip {
+            scheme,
+            rows: o.usize("rows")?.max(8),
+            skip: o.str("skip")?.to_string(),
+            gram: o.bool("gram")?,
+        }))
     },
 };
 
@@ -50,10 +62,14 @@ pub struct Clip {
     scheme: Scheme,
     rows: usize,
     skip: String,
+    gram: bool,
 }
 
 const TAU_QUANTILES: [f64; 6] = [1.0, 0.99, 0.97, 0.93, 0.85, 0.7];
 const BETAS: [f32; 8] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3];
+/// Exponents blending per-channel ranges (1) with one shared range (0): the activation steps are folded
+/// into the weight columns (QSM), so uneven steps cost weight precision that per-channel ranges win back.
+const GAMMAS: [f32; 5] = [1.0, 0.75, 0.5, 0.25, 0.0];
 const WEIGHT_RATIOS: [f32; 9] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6];
 
 /// Squared error of the fully quantized layer against the float layer on rows `x` (`[r x k]`).
@@ -123,7 +139,7 @@ impl Pass for Clip {
             return Ok(PassOutcome::unchanged());
         }
         let request =
-            StatsRequest { values: groups.iter().map(|(x, _)| *x).collect(), gram: false, sample_rows: self.rows };
+            StatsRequest { values: groups.iter().map(|(x, _)| *x).collect(), gram: self.gram, sample_rows: self.rows };
         let stats: Vec<_> = ctx.activation_stats(graph, &request)?.into_iter().cloned().collect();
         let mut rewrites = 0;
         let mut clipped_channels = 0usize;
@@ -152,10 +168,12 @@ impl Pass for Clip {
             let share = shared_step_groups(graph, *x, k);
             let mut best = (f64::INFINITY, vec![1f32; k]);
             if s.a_bits < 16 {
-                let try_candidate = |q: f64, beta: f32, best: &mut (f64, Vec<f32>)| {
+                let try_candidate = |q: f64, beta: f32, gamma: f32, best: &mut (f64, Vec<f32>)| {
                     let tau = quantile(absmax, q);
-                    let ratios: Vec<f32> =
-                        absmax.iter().map(|&a| if a > 0.0 { a.min(tau) / a * beta } else { 1.0 }).collect();
+                    let ratios: Vec<f32> = absmax
+                        .iter()
+                        .map(|&a| if a > 0.0 { a.min(tau).powf(gamma) * tau.powf(1.0 - gamma) / a * beta } else { 1.0 })
+                        .collect();
                     let steps = activation_steps(absmax, &ratios, &share, s.act_qmax());
                     let err = layer_error(&xs, r, k, &weights, &steps, s);
                     if err < best.0 {
@@ -170,20 +188,26 @@ impl Pass for Clip {
                 // a finer scale around the winner.
                 let mut beta_best = 1.0;
                 for &beta in &BETAS {
-                    if try_candidate(1.0, beta, &mut best) {
+                    if try_candidate(1.0, beta, 1.0, &mut best) {
                         beta_best = beta;
+                    }
+                }
+                let mut gamma_best = 1.0;
+                for &gamma in &GAMMAS[1..] {
+                    if try_candidate(1.0, beta_best, gamma, &mut best) {
+                        gamma_best = gamma;
                     }
                 }
                 let mut q_best = 1.0;
                 for &q in &TAU_QUANTILES[1..] {
-                    if try_candidate(q, beta_best, &mut best) {
+                    if try_candidate(q, beta_best, gamma_best, &mut best) {
                         q_best = q;
                     }
                 }
                 for delta in [-0.05f32, 0.05] {
                     let beta = beta_best + delta;
                     if beta > 0.2 && beta <= 1.0 {
-                        try_candidate(q_best, beta, &mut best);
+                        try_candidate(q_best, beta, gamma_best, &mut best);
                     }
                 }
             }

@@ -41,18 +41,18 @@ impl OptLevel {
         // measured cheapest for accuracy, and it needs no second calibration pass.
         let tail = match self {
             OptLevel::None => return STRUCTURAL.to_string(),
-            OptLevel::W8A8 => "quantize{a=8,prefix=1,skip=lm-head,w=8},quantize{a=16,w=8},qsm",
-            OptLevel::W4A16 => "quantize{a=16,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
-            OptLevel::W4A8 => "fold-norm-weights,rotate,clip{a=8,prefix=1,skip=lm-head,w=4},quantize{a=8,prefix=1,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
-            OptLevel::W4A4 => "fold-norm-weights,rotate,clip{a=4,prefix=1,skip=lm-head,w=4},quantize{a=4,prefix=1,skip=lm-head,w=4},quantize{a=16,w=8},qsm",
+            OptLevel::W8A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=8},quantize{a=8,prefix=1,skip=lm-head,w=8,weight-rounding=gptq},quantize{a=16,w=8},qsm",
+            OptLevel::W4A16 => "fold-norm-weights,rotate,clip{a=16,gram=true,skip=lm-head,w=4},quantize{a=16,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
+            OptLevel::W4A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=4},quantize{a=8,prefix=1,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
+            OptLevel::W4A4 => "fold-norm-weights,rotate,clip{a=4,gram=true,prefix=1,skip=lm-head,w=4},quantize{a=4,prefix=1,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
             OptLevel::Fp8 => "quantize{a=8,format=fp8,skip=lm-head,w=8},quantize{a=16,w=8},qsm",
         };
         format!("{STRUCTURAL},{tail},eliminate-dead-code")
     }
 
-    /// Whether the level quantizes activations statically (needs calibration).
+    /// Whether the level needs a calibration set (static activation steps, clipping or GPTQ).
     pub fn needs_calibration(self) -> bool {
-        !matches!(self, OptLevel::None | OptLevel::W4A16)
+        !matches!(self, OptLevel::None)
     }
 }
 
