@@ -85,7 +85,7 @@ fn inputs_for(g: &Graph) -> Option<Vec<(String, RtTensor)>> {
 
 /// A case with a `// calibrate` line gets a calibration set of 3 deterministic samples (inputs shaped as
 /// for the numerical check, values varied per sample).
-fn calibration_set(g: &Graph) -> qcc_passes::CalibrationSet {
+pub(crate) fn calibration_set(g: &Graph) -> qcc_passes::CalibrationSet {
     let samples = (0..3)
         .map(|seed| {
             inputs_for(g)

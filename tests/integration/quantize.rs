@@ -82,3 +82,55 @@ fn int_linear_is_exact_integer_arithmetic() {
     // rms of ones is 1: y = gamma; row 0 (prefix) keeps 16 bits, row 1 clamps to [-8, 7]; 2.5 -> 2, -3.5 -> -4.
     assert_eq!(out[0].1.to_f64_vec(), vec![2.0, -4.0, 100.0, 0.0, 2.0, -4.0, 7.0, 0.0]);
 }
+
+/// `quantize` with a report enabled records one entry per linear whose weight SQNR matches an
+/// independent recomputation from the quantized graph (grid values times steps against W diag(s)).
+#[test]
+fn quantize_report_matches_the_quantized_graph() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/quantize/quantize.qir");
+    let text = std::fs::read_to_string(path).unwrap();
+    let case = text.split("// -----").next().unwrap();
+    let graph = qcc_ir::text::parse(case).unwrap();
+    let mut ctx = PassContext::new();
+    ctx.set_calibration(crate::filetests::calibration_set(&graph));
+    ctx.enable_report();
+    let mut quantized = graph.clone();
+    let pipeline = Registry::standard().parse_pipeline("quantize{a=8,w=8}").unwrap();
+    PassManager::new(pipeline).run_with_context(&mut quantized, &mut ctx, &mut []).unwrap();
+    let report = ctx.take_report().unwrap();
+    let linears = graph.node_ids().filter(|&id| graph.node(id).op.kind == OpKind::Linear).count();
+    assert_eq!(report.layers.len(), linears);
+    for layer in &report.layers {
+        // The float weight W and its activation step s, from the original and the quantized graph.
+        let id = graph.node_ids().find(|&id| graph.node(id).outputs[0].name == layer.name).unwrap();
+        let w = graph.constant(graph.input(id, 1).unwrap()).unwrap().to_f32_vec().unwrap();
+        let qid = quantized.node_ids().find(|&id| quantized.node(id).outputs[0].name == layer.name).unwrap();
+        let qnode = quantized.node(qid);
+        assert_eq!(qnode.op.kind, OpKind::IntLinear);
+        let cst = |port| quantized.constant(quantized.input(qid, port).unwrap()).unwrap().to_f32_vec().unwrap();
+        let (q, d) = (cst(1), cst(2));
+        let quant = quantized.input(qid, 0).unwrap();
+        let s = quantized.constant(quantized.input(quant.node, 1).unwrap()).unwrap().to_f32_vec().unwrap();
+        let k = layer.in_channels;
+        let (mut sig, mut err) = (0f64, 0f64);
+        for (i, (&wv, &qv)) in w.iter().zip(&q).enumerate() {
+            let folded = wv as f64 * s[i % k] as f64;
+            sig += folded * folded;
+            err += (folded - qv as f64 * d[i / k] as f64).powi(2);
+        }
+        let want = 10.0 * (sig / err).log10();
+        assert!(
+            (layer.weight_sqnr_db - want).abs() < 1e-3,
+            "{}: report {} vs {want}",
+            layer.name,
+            layer.weight_sqnr_db
+        );
+        // 8-bit per-channel grids keep ~6 dB per bit; activations too; the layer output barely moves.
+        assert!(layer.weight_sqnr_db > 30.0, "{}: {}", layer.name, layer.weight_sqnr_db);
+        assert!(layer.act_sqnr_db.unwrap() > 25.0, "{}: {:?}", layer.name, layer.act_sqnr_db);
+        let e = layer.output_rel_error.unwrap();
+        assert!(e > 0.0 && e < 0.05, "{}: output error {e}", layer.name);
+        let top = &layer.outliers_after.top;
+        assert!(!top.is_empty() && top.windows(2).all(|p| p[0].1 >= p[1].1), "{}: {top:?}", layer.name);
+    }
+}
