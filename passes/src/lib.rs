@@ -19,6 +19,7 @@ pub mod verify;
 pub mod calibration;
 pub mod canonicalize;
 pub mod clip;
+pub mod convert_precision;
 pub mod eliminate_dead_code;
 pub mod fold_constants;
 pub mod fold_norm_weights;
@@ -69,5 +70,6 @@ pub(crate) fn all_pass_entries() -> Vec<PassEntry> {
         smooth::ENTRY,
         reconstruct_dims::ENTRY,
         symmetrize::ENTRY,
+        convert_precision::ENTRY,
     ]
 }

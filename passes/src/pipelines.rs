@@ -1,4 +1,4 @@
-//! The named optimisation levels (`-O none|w8a8|w4a16|w4a8|w4a4|fp8`) as pipeline strings.
+//! The named optimisation levels (`-O none|fp16|w8a8|w4a16|w4a8|w4a4|fp8`) as pipeline strings.
 //!
 //! Each level is a plain pipeline string so `qcc compile --show-pipeline -O w4a4` prints exactly what
 //! runs and the same string can be edited and passed back with `--passes`.
@@ -12,6 +12,7 @@ pub const STRUCTURAL: &str = "fold-constants,canonicalize,fuse-rms-norm,fuse-lay
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OptLevel {
     None,
+    Fp16,
     W8A8,
     W4A16,
     W4A8,
@@ -20,12 +21,20 @@ pub enum OptLevel {
 }
 
 impl OptLevel {
-    pub const ALL: [OptLevel; 6] =
-        [OptLevel::None, OptLevel::W8A8, OptLevel::W4A16, OptLevel::W4A8, OptLevel::W4A4, OptLevel::Fp8];
+    pub const ALL: [OptLevel; 7] = [
+        OptLevel::None,
+        OptLevel::Fp16,
+        OptLevel::W8A8,
+        OptLevel::W4A16,
+        OptLevel::W4A8,
+        OptLevel::W4A4,
+        OptLevel::Fp8,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             OptLevel::None => "none",
+            OptLevel::Fp16 => "fp16",
             OptLevel::W8A8 => "w8a8",
             OptLevel::W4A16 => "w4a16",
             OptLevel::W4A8 => "w4a8",
@@ -41,6 +50,7 @@ impl OptLevel {
         // measured cheapest for accuracy, and it needs no second calibration pass.
         let tail = match self {
             OptLevel::None => return STRUCTURAL.to_string(),
+            OptLevel::Fp16 => "convert-precision{to=f16}",
             OptLevel::W8A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=8},quantize{a=8,prefix=1,skip=lm-head,w=8,weight-rounding=gptq},quantize{a=16,w=8},qsm",
             OptLevel::W4A16 => "fold-norm-weights,rotate,clip{a=16,gram=true,skip=lm-head,w=4},quantize{a=16,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
             OptLevel::W4A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=4},quantize{a=8,prefix=1,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
@@ -52,7 +62,7 @@ impl OptLevel {
 
     /// Whether the level needs a calibration set (static activation steps, clipping or GPTQ).
     pub fn needs_calibration(self) -> bool {
-        !matches!(self, OptLevel::None)
+        !matches!(self, OptLevel::None | OptLevel::Fp16)
     }
 }
 
@@ -63,7 +73,7 @@ impl fmt::Display for OptLevel {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown optimisation level '{0}'; valid levels: none, w8a8, w4a16, w4a8, w4a4, fp8")]
+#[error("unknown optimisation level '{0}'; valid levels: none, fp16, w8a8, w4a16, w4a8, w4a4, fp8")]
 pub struct UnknownOptLevel(pub String);
 
 impl FromStr for OptLevel {

@@ -38,7 +38,7 @@ __device__ float block_reduce(float v, float* scratch) {
 
 template <class X, bool MASK>
 __device__ void attention_impl(const typename X::S* q, const typename X::S* k, const typename X::S* v,
-                               const float* mask, typename X::S* out, long B, long Hq, long Hkv, long S,
+                               const typename X::S* mask, typename X::S* out, long B, long Hq, long Hkv, long S,
                                long T, long D, long Dv, long causal, float scale) {
   extern __shared__ float scores[];
   __shared__ float scratch[ATT_THREADS / 32];
@@ -58,7 +58,7 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
       float dot = 0.0f;
       for (long d = 0; d < D; ++d) dot = fmaf(X::get(qrow, d), X::get(kh, t * D + d), dot);
       x = __fmul_rn(dot, scale);
-      if (MASK) x = __fadd_rn(x, mask[s * T + t]);
+      if (MASK) x = __fadd_rn(x, X::get(mask, s * T + t));
     }
     scores[t] = x;
     local_max = fmaxf(local_max, x);
@@ -91,7 +91,7 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
     attention_impl<T_##XN, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);        \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN##_mask(                       \
-      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const float* mask, T_##XN::S* out,     \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, \
       long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale) {            \
     attention_impl<T_##XN, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);            \
   }

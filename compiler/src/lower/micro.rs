@@ -17,7 +17,7 @@
 //! prefix rows), `i8`, `i4` (one value per byte), or a float type (weight-only quantization; with
 //! `_a{bits}` quantized per row dynamically as `qcc_ir::OpKind::IntLinear` says). Attention: q
 //! [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], all contiguous; the mask
-//! is [S, T] f32 broadcast over batch and heads; `causal` = 1 masks keys after the query's position
+//! is [S, T] of q's type broadcast over batch and heads; `causal` = 1 masks keys after the query's position
 //! counted from the end (key t visible for query s iff t <= T - S + s). Hadamard: rows of n elements,
 //! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64).
 
@@ -137,11 +137,16 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
             let ok = m.dims.len() >= 2
                 && m.dims[..lead].iter().all(shapes::is_one)
                 && m.dims[lead..].iter().zip(&scores[2..]).all(|(a, b)| shapes::same(a, b))
-                && m.dtype == DType::F32;
+                && m.dtype == q.dtype;
             if !ok {
-                return Err(
-                    l.err(id, format!("the mask [{}] must be f32 [.., S, T] with unit leading dims", join(&m.dims)))
-                );
+                return Err(l.err(
+                    id,
+                    format!(
+                        "the mask [{}] must be {} [.., S, T] (q's type) with unit leading dims",
+                        join(&m.dims),
+                        q.dtype
+                    ),
+                ));
             }
             Some(l.contiguous(id, m)?)
         }
