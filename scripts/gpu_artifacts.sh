@@ -5,14 +5,17 @@
 #     (scripts/make_smollm2_onnx.py --layers/--vocab/--ctx), in .cache/gpu-art/model/
 #   - a calibration text and an evaluation token sequence whose tokens all fall inside that
 #     vocabulary (the cut embedding has VOCAB rows), from the fixture texts
-#   - artifacts fp32.qcc (-O none), w8a8.qcc, w4a4.qcc (`qcc compile ... -o X.qcc`, plan for SEQ tokens)
+#   - artifacts fp32.qcc (-O none), fp16.qcc (-O fp16), w8a8.qcc, w4a4.qcc (`qcc compile ... -o X.qcc`, plan for SEQ tokens)
+#   - kv-fp16.qcc: the KV-cache variant of the model (-O fp16) and a 16-token prompt, for `qcc-run generate`
 #   - CPU-executor reference logits: ref-<scheme>/logits.npy (`qcc run X.qcc --input ... --output-dir`)
 # Then: cargo build --release -p qcc-runtime --features cuda --bin qcc-run &&
-#       strip -o .gpu/qcc-run target/release/qcc-run; on the device: bash scripts/gpu_check.sh --artifacts
+#       strip -o .gpu/qcc-run target/release/qcc-run; optionally the micro-kernel tests:
+#       cargo test --release -p qcc-runtime --features cuda --test cuda_executor --no-run, stripped to
+#       .gpu/cuda_executor; on the device: bash scripts/gpu_check.sh --artifacts
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-LAYERS="${LAYERS:-1}" VOCAB="${VOCAB:-2048}" CTX="${CTX:-1024}" SEQ="${SEQ:-128}"
+LAYERS="${LAYERS:-1}" VOCAB="${VOCAB:-1024}" CTX="${CTX:-1024}" SEQ="${SEQ:-128}"
 PY="$ROOT/.cache/venv/bin/python"
 WORK="$ROOT/.cache/gpu-art"
 OUT="$ROOT/.gpu/art"
@@ -56,10 +59,13 @@ open(f"{work}/calib.txt", "w").write(calib)
 _, ids = in_vocab(open(".cache/data/sotu-last.txt").read())
 assert len(ids) >= seq and max(ids) < vocab
 np.save(f"{out}/ids.npy", np.array(ids[:seq], dtype=np.int64).reshape(1, seq))
+# A shorter sequence than the plan's maximum: sizes bound at run time (checked on the GPU by verify).
+np.save(f"{out}/ids-77.npy", np.array(ids[seq:seq + 77], dtype=np.int64).reshape(1, 77))
+np.save(f"{out}/prompt.npy", np.array(ids[:16], dtype=np.int64).reshape(1, 16))
 print(f"calibration text {len(calib)} chars; eval ids: {seq} of {len(ids)} in-vocabulary tokens")
 EOF
 
-for scheme in none w8a8 w4a4; do
+for scheme in none fp16 w8a8 w4a4; do
   name=$scheme; [[ $scheme == none ]] && name=fp32
   rm -rf "$OUT/$name.qcc" "$OUT/ref-$name"
   /usr/bin/time -f "$name: compile %e s, %M KB peak" "$QCC" compile "$WORK/model/smollm2-135m.onnx" -O "$scheme" \
@@ -67,5 +73,10 @@ for scheme in none w8a8 w4a4; do
   [[ -f "$OUT/$name.qcc/manifest.json" ]] || { echo "$name.qcc has no GPU plan (manifest.json)" >&2; exit 1; }
   "$QCC" run "$OUT/$name.qcc" --input input_ids="$OUT/ids.npy" --output-dir "$OUT/ref-$name"
 done
+# Generation with the KV cache: the same cut model with past_key_values.* inputs, fp16 (the quantized
+# levels calibrate only single-input models so far).
+rm -rf "$OUT/kv-fp16.qcc"
+"$QCC" compile "$WORK/model/smollm2-135m-kv.onnx" -O fp16 --max-tokens "$SEQ" -o "$OUT/kv-fp16.qcc"
+[[ -f "$OUT/kv-fp16.qcc/manifest.json" ]] || { echo "kv-fp16.qcc has no GPU plan" >&2; exit 1; }
 rm -rf "$OUT"/*.qcc/model.qir.safetensors.tmp* 2>/dev/null || true
 du -sh "$OUT" "$OUT"/*

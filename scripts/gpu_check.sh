@@ -8,7 +8,7 @@
 # then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick]
 #
 # `bash scripts/gpu_check.sh --artifacts` instead checks compiled artifacts (built here by
-# scripts/gpu_artifacts.sh into .gpu/art/): for each of fp32, w8a8, w4a4, `qcc-run verify` (every
+# scripts/gpu_artifacts.sh into .gpu/art/): for each of fp32, fp16, w8a8, w4a4, `qcc-run verify` (every
 # value the GPU computes against the CPU executor's, launch by launch: integers exactly, floats by
 # max relative error) and `qcc-run run` (GPU logits against the CPU reference logits written here).
 set -uo pipefail
@@ -40,15 +40,28 @@ if [[ "${1:-}" == "--artifacts" ]]; then
   shift
   ART="$ROOT/.gpu/art"
   export QCC_CACHE_DIR=/tmp/qcc-cache
-  for name in fp32 w8a8 w4a4; do
-    [[ -d "$ART/$name.qcc" ]] || { echo "missing $ART/$name.qcc (run scripts/gpu_artifacts.sh)"; status=1; continue; }
+  for name in fp32 fp16 w8a8 w4a4; do
+    [[ -d "$ART/$name.qcc" ]] || { echo "== $name: not carried this time ($ART/$name.qcc missing), skipped"; continue; }
     echo "== $name: verify (GPU vs CPU executor, every value)"
     QCC_CUDA_SYNC=1 "$BIN" verify "$ART/$name.qcc" --input input_ids="$ART/ids.npy" > "$OUT/verify-$name.txt" 2>&1 || status=1
     grep -v '^PASS' "$OUT/verify-$name.txt" | tail -n 25
     echo "== $name: logits against the CPU reference"
     "$BIN" run "$ART/$name.qcc" --input input_ids="$ART/ids.npy" --reference "$ART/ref-$name" --repeat 20 \
-      --output-dir "/tmp/gpu-$name" 2>&1 | tee "$OUT/run-$name.txt" || status=1
+      --graph --output-dir "/tmp/gpu-$name" 2>&1 | tee "$OUT/run-$name.txt" || status=1
   done
+  if [[ -d "$ART/kv-fp16.qcc" ]]; then
+    echo "== kv-fp16: greedy generation with the KV cache on the device"
+    "$BIN" generate "$ART/kv-fp16.qcc" --ids "$ART/prompt.npy" --max-tokens 16 --check 2>&1 | tee "$OUT/generate.txt" || status=1
+  fi
+  for name in w8a8 w4a4; do
+    echo "== $name: verify with 77 tokens (plan made for more)"
+    "$BIN" verify "$ART/$name.qcc" --input input_ids="$ART/ids-77.npy" | tail -n 1 || status=1
+  done
+  if [[ -x "$ROOT/.gpu/cuda_executor" ]]; then
+    echo "== micro-kernels against the CPU executor (runtime/tests/cuda_executor.rs)"
+    "$ROOT/.gpu/cuda_executor" --nocapture --test-threads 1 > /tmp/cuda_executor.txt 2>&1 || status=1
+    grep -E '^(int_linear|hadamard|attention|test |test result)|panicked' -A2 /tmp/cuda_executor.txt
+  fi
   echo "gpu_check status: $status"
   exit $status
 fi

@@ -7,7 +7,7 @@
 //! qcc-run check                every W4 kernel variant against the exact CPU reference (bit-exact)
 //! qcc-run bench [--quick] [--out FILE]
 //!                              W4 kernels vs cuBLAS fp16 at Llama-2-7B / SmolLM2 shapes, M = 1, 16, 128, 2048
-//! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N]
+//! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N [--graph]]
 //!                              run a compiled artifact (model.qcc) on the GPU; compare every output with
 //!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3)
 //! qcc-run plan ART              GPU-less check of the plan: every launch's entry exists in its module (micro-
@@ -16,6 +16,11 @@
 //!                              run the artifact's graph on the CPU executor here and compare, after every
 //!                              launch, each buffer it touched with the CPU's value of that name
 //!                              (integers exactly, floats by max relative error)
+//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--check]
+//!                              greedy decoding with the KV cache kept on the device (an artifact compiled
+//!                              from a model with past_key_values.* inputs and present.* outputs); one
+//!                              decode step is also timed as a CUDA graph; --check recomputes the whole
+//!                              sequence without cache on the GPU and on the CPU executor and compares
 //! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W]
 //!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
 //! ```
@@ -167,7 +172,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        "run" | "eval" | "verify" => {
+        "run" | "eval" | "verify" | "generate" => {
             // SAFETY: only probes dlopen for libcuda.
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
                 println!("SKIPPED: no CUDA driver (libcuda could not be loaded)");
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
             let done = match cmd {
                 "run" => run_artifact(&args[1..]),
                 "verify" => verify_artifact(&args[1..]),
+                "generate" => generate(&args[1..]),
                 _ => eval_artifact(&args[1..]),
             };
             return match done {
@@ -315,9 +321,13 @@ fn run_artifact(args: &[String]) -> Result<bool, String> {
     let outputs = exec.run(&refs).map_err(|e| e.to_string())?;
     println!("first run (inputs, prologue, launches, outputs): {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
     if repeat > 0 {
+        // Inputs and host-prologue values live in arena ranges that later buffers reuse: upload them
+        // again before every replay (outside the timed region).
         let values = exec.prepare(&refs).map_err(|e| e.to_string())?;
         let mut times = Vec::new();
         for _ in 0..repeat {
+            exec.prepare(&refs).map_err(|e| e.to_string())?;
+            exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
             let t = std::time::Instant::now();
             exec.launch_all(&values).map_err(|e| e.to_string())?;
             exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
@@ -325,6 +335,28 @@ fn run_artifact(args: &[String]) -> Result<bool, String> {
         }
         times.sort_by(f64::total_cmp);
         println!("launches only: median {:.3} ms over {repeat} runs (min {:.3})", times[repeat / 2], times[0]);
+        if args.iter().any(|a| a == "--graph") {
+            // The same launches as one CUDA graph: replay time, and outputs identical to the eager run's.
+            let graph = exec.capture(&values).map_err(|e| e.to_string())?;
+            let mut times = Vec::new();
+            for _ in 0..repeat {
+                exec.prepare(&refs).map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                let t = std::time::Instant::now();
+                graph.launch().map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            let replayed = exec.outputs(&values).map_err(|e| e.to_string())?;
+            let same = replayed.iter().zip(&outputs).all(|((_, a), (_, b))| a == b);
+            println!(
+                "CUDA graph replay: median {:.3} ms over {repeat} runs (min {:.3}); outputs {} the eager run's",
+                times[repeat / 2],
+                times[0],
+                if same { "bit-identical to" } else { "DIFFER from" }
+            );
+        }
     }
     if let Some(dir) = option(args, "--output-dir") {
         std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
@@ -407,4 +439,158 @@ fn eval_artifact(args: &[String]) -> Result<bool, String> {
         t0.elapsed().as_secs_f64()
     );
     Ok(true)
+}
+
+fn argmax(row: &[f64]) -> usize {
+    row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+/// `qcc-run generate`: greedy decoding with a device-resident KV cache.
+fn generate(args: &[String]) -> Result<bool, String> {
+    let mut exec = load_artifact(args)?;
+    let ids_path = option(args, "--ids").ok_or("missing --ids FILE.npy")?;
+    let prompt = npy::read(std::path::Path::new(ids_path)).map_err(|e| e.to_string())?;
+    let prompt = prompt.to_i64_vec().ok_or("--ids must hold integers")?;
+    let max_new: usize = option(args, "--max-tokens").map(|c| c.parse().map_err(|e| format!("--max-tokens: {e}"))).transpose()?.unwrap_or(16);
+    let id_input = "input_ids";
+    let pasts: Vec<(String, String, Vec<i64>)> = exec
+        .manifest
+        .inputs
+        .iter()
+        .filter(|i| i.name != id_input)
+        .map(|i| {
+            let present = i.name.replacen("past_key_values.", "present.", 1);
+            let fixed: Vec<i64> = i.dims.iter().map(|d| if let qcc_runtime::artifact::DimExpr::Const(c) = d { *c } else { -1 }).collect();
+            (i.name.clone(), present, fixed)
+        })
+        .collect();
+    if pasts.is_empty() || !pasts.iter().all(|(_, p, _)| exec.manifest.outputs.iter().any(|o| &o.name == p)) {
+        return Err("the artifact needs past_key_values.* inputs with matching present.* outputs".into());
+    }
+    // Cache shapes: the batch and past-length dims are the symbolic ones ([batch, heads, past, head_dim]).
+    let cache_shape = |fixed: &[i64], past: usize| -> Vec<usize> {
+        let mut sym = 0;
+        fixed
+            .iter()
+            .map(|&c| {
+                if c >= 0 {
+                    c as usize
+                } else {
+                    sym += 1;
+                    if sym == 1 { 1 } else { past }
+                }
+            })
+            .collect()
+    };
+    let empty = exec.gpu().stream.alloc_zeros::<u8>(1).map_err(|e| e.to_string())?;
+    let mut cache: Vec<(cudarc::driver::CudaSlice<u8>, Vec<usize>)> =
+        pasts.iter().map(|(_, _, fixed)| (empty.clone(), cache_shape(fixed, 0))).collect();
+    let mut tokens = prompt.clone();
+    let mut step_logits: Vec<Vec<f64>> = Vec::new();
+    let mut step_ms = Vec::new();
+    let mut feed: Vec<i64> = prompt.clone();
+    let mut graph_report = String::new();
+    for step in 0..max_new {
+        let ids = RtTensor::from_vec(&[1, feed.len()], feed.clone()).ok_or("bad ids")?;
+        let device: Vec<(&str, &cudarc::driver::CudaSlice<u8>, Vec<usize>)> =
+            pasts.iter().zip(&cache).map(|((name, _, _), (data, shape))| (name.as_str(), data, shape.clone())).collect();
+        let t = std::time::Instant::now();
+        let values = exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
+        exec.launch_all(&values).map_err(|e| e.to_string())?;
+        exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+        let logits = exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
+        let vocab = logits.len() / feed.len();
+        let last = logits[logits.len() - vocab..].to_vec();
+        let mut next_cache = Vec::new();
+        for (_, present, _) in &pasts {
+            next_cache.push(exec.keep_output(present, &values).map_err(|e| e.to_string())?);
+        }
+        let elapsed = t.elapsed().as_secs_f64() * 1e3;
+        if step > 0 {
+            step_ms.push(elapsed);
+        }
+        if step == max_new / 2 && step > 0 {
+            // One decode step (fixed sizes) as a CUDA graph: replay time against the eager launches.
+            let graph = exec.capture(&values).map_err(|e| e.to_string())?;
+            let (mut eager, mut replay) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                let t = std::time::Instant::now();
+                exec.launch_all(&values).map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                eager.push(t.elapsed().as_secs_f64() * 1e3);
+                exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                let t = std::time::Instant::now();
+                graph.launch().map_err(|e| e.to_string())?;
+                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+                replay.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let replayed = exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
+            eager.sort_by(f64::total_cmp);
+            replay.sort_by(f64::total_cmp);
+            graph_report = format!(
+                "decode step {step} (past {}): eager launches {:.3} ms, CUDA graph replay {:.3} ms (medians of 20); graph logits {} the eager step's",
+                tokens.len() - 1,
+                eager[10],
+                replay[10],
+                if replayed[replayed.len() - vocab..] == last[..] { "bit-identical to" } else { "DIFFER from" }
+            );
+        }
+        let next = argmax(&last) as i64;
+        step_logits.push(last);
+        let past = tokens.len();
+        cache = next_cache;
+        for ((_, _, fixed), c) in pasts.iter().zip(cache.iter_mut()) {
+            c.1 = cache_shape(fixed, past);
+        }
+        tokens.push(next);
+        feed = vec![next];
+    }
+    let generated = &tokens[prompt.len()..];
+    println!("generated ids: {generated:?}");
+    step_ms.sort_by(f64::total_cmp);
+    if !step_ms.is_empty() {
+        println!(
+            "decode: {} steps, median {:.3} ms per token (inputs, cache copies, launches, logits read back)",
+            step_ms.len(),
+            step_ms[step_ms.len() / 2]
+        );
+    }
+    if !graph_report.is_empty() {
+        println!("{graph_report}");
+    }
+    if !args.iter().any(|a| a == "--check") {
+        return Ok(true);
+    }
+    // Recompute the whole sequence (no cache) on the GPU and on the CPU executor.
+    let full = &tokens[..tokens.len() - 1];
+    let ids = RtTensor::from_vec(&[1, full.len()], full.to_vec()).ok_or("bad ids")?;
+    let mut all_inputs: Vec<(&str, RtTensor)> = vec![(id_input, ids.clone())];
+    for (name, _, fixed) in &pasts {
+        let shape = cache_shape(fixed, 0);
+        all_inputs.push((name.as_str(), RtTensor::from_vec(&shape, Vec::<f32>::new()).ok_or("bad cache")?));
+    }
+    let gpu_full = exec.run(&all_inputs).map_err(|e| e.to_string())?;
+    let graph_path = exec.manifest.graph_path(&exec.dir).map_err(|e| e.to_string())?;
+    let graph = qcc_ir::text::load(&graph_path).map_err(|e| format!("{}: {e}", graph_path.display()))?;
+    let cpu = qcc_runtime::CpuExecutor::new(&graph).map_err(|e| e.to_string())?;
+    let cpu_full = cpu.run(&all_inputs).map_err(|e| e.to_string())?;
+    let rows = |outs: &[(String, RtTensor)]| -> Vec<f64> {
+        outs.iter().find(|(n, _)| n == "logits").map(|(_, t)| t.to_f64_vec()).unwrap_or_default()
+    };
+    let (g, c) = (rows(&gpu_full), rows(&cpu_full));
+    let vocab = c.len() / full.len();
+    let first = prompt.len() - 1;
+    let kv: Vec<f64> = step_logits.iter().flatten().copied().collect();
+    let tail = |v: &[f64]| v[first * vocab..].to_vec();
+    let kv_vs_cpu = compare::agreement_of_values(&kv, &tail(&c), false);
+    let full_vs_cpu = compare::agreement_of_values(&tail(&g), &tail(&c), false);
+    let cpu_tokens: Vec<i64> = (0..generated.len()).map(|i| argmax(&c[(first + i) * vocab..(first + i + 1) * vocab]) as i64).collect();
+    println!("KV-cache GPU logits vs CPU recompute: {kv_vs_cpu}");
+    println!("no-cache GPU logits vs CPU recompute: {full_vs_cpu}");
+    let same = cpu_tokens == generated;
+    println!("greedy tokens: CPU (teacher-forced argmax) {cpu_tokens:?} {} the GPU's", if same { "equal" } else { "DIFFER from" });
+    Ok(same && kv_vs_cpu.passes(1e-2))
 }

@@ -339,19 +339,29 @@ impl CudaExecutor {
 
     /// Symbol values implied by the input shapes.
     pub fn bind_symbols(&self, inputs: &[(&str, RtTensor)]) -> Result<SymbolValues, ExecutorError> {
+        let shapes: Vec<(&str, Vec<usize>)> = inputs.iter().map(|(n, t)| (*n, t.shape().to_vec())).collect();
+        self.bind_shapes(&shapes)
+    }
+
+    /// Symbol values implied by the shapes of the inputs (every graph input must be named).
+    pub fn bind_shapes(&self, shapes: &[(&str, Vec<usize>)]) -> Result<SymbolValues, ExecutorError> {
+        let shape_of = |name: &str| -> Result<&Vec<usize>, ExecutorError> {
+            shapes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s)
+                .ok_or_else(|| ExecutorError::Input { name: name.to_string(), what: "missing".into() })
+        };
         let mut given: Vec<(String, i64)> = Vec::new();
         for io in &self.manifest.inputs {
-            let (_, t) = inputs
-                .iter()
-                .find(|(n, _)| *n == io.name)
-                .ok_or_else(|| ExecutorError::Input { name: io.name.clone(), what: "missing".into() })?;
-            if t.shape().len() != io.dims.len() {
+            let shape = shape_of(&io.name)?;
+            if shape.len() != io.dims.len() {
                 return Err(ExecutorError::Input {
                     name: io.name.clone(),
-                    what: format!("rank {} but the plan has {} dims", t.shape().len(), io.dims.len()),
+                    what: format!("rank {} but the plan has {} dims", shape.len(), io.dims.len()),
                 });
             }
-            for (d, &actual) in io.dims.iter().zip(t.shape()) {
+            for (d, &actual) in io.dims.iter().zip(shape) {
                 if let crate::artifact::DimExpr::Sym(s) = d {
                     match given.iter().find(|(n, _)| n == s) {
                         Some((_, v)) if *v != actual as i64 => {
@@ -369,12 +379,12 @@ impl CudaExecutor {
         let refs: Vec<(&str, i64)> = given.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         let values = self.manifest.symbol_values(&refs)?;
         for io in &self.manifest.inputs {
-            let (_, t) = inputs.iter().find(|(n, _)| *n == io.name).expect("checked above");
-            for (d, &actual) in io.dims.iter().zip(t.shape()) {
+            let shape = shape_of(&io.name)?;
+            for (d, &actual) in io.dims.iter().zip(shape) {
                 if d.eval(&values)? != actual as i64 {
                     return Err(ExecutorError::Input {
                         name: io.name.clone(),
-                        what: format!("shape {:?} does not match the plan's {d}", t.shape()),
+                        what: format!("shape {shape:?} does not match the plan's {d}"),
                     });
                 }
             }
@@ -458,6 +468,88 @@ impl CudaExecutor {
         })
     }
 
+    /// The arena buffer of graph input or output `name`.
+    fn io_buffer(&self, name: &str) -> Result<Buffer, ExecutorError> {
+        let io = self.manifest.inputs.iter().chain(&self.manifest.outputs).find(|io| io.name == name);
+        let io = io.ok_or_else(|| ExecutorError::Input { name: name.into(), what: "no such graph input or output".into() })?;
+        self.manifest.buffer(io.buffer).cloned().ok_or_else(|| ExecutorError::Input {
+            name: name.into(),
+            what: format!("unknown buffer {}", io.buffer),
+        })
+    }
+
+    /// A device copy of output `name` as the last run left it (e.g. a KV cache's `present.*`,
+    /// fed back as the next step's `past_*` with [`CudaExecutor::prepare_with_device`]).
+    pub fn keep_output(&self, name: &str, values: &SymbolValues) -> Result<(CudaSlice<u8>, Vec<usize>), ExecutorError> {
+        let buffer = self.io_buffer(name)?;
+        let (dims, offset, len) = self.arena_range(&buffer, values)?;
+        let stream = &self.gpu.stream;
+        let mut kept = stream.alloc_zeros::<u8>(len.max(1)).map_err(CudaError::from)?;
+        if len > 0 {
+            let start = offset as usize;
+            stream
+                .memcpy_dtod(&self.arena.slice(start..start + len), &mut kept.slice_mut(0..len))
+                .map_err(CudaError::from)?;
+        }
+        Ok((kept, dims))
+    }
+
+    /// [`CudaExecutor::prepare`] where some inputs already live on the device (`(name, data, shape)`,
+    /// data in the input's dtype, as [`CudaExecutor::keep_output`] returns it): those are copied device
+    /// to device; the host prologue sees zeros of their shape (it reads only shapes).
+    pub fn prepare_with_device(
+        &mut self,
+        host: &[(&str, RtTensor)],
+        device: &[(&str, &CudaSlice<u8>, Vec<usize>)],
+    ) -> Result<SymbolValues, ExecutorError> {
+        let mut shapes: Vec<(&str, Vec<usize>)> = host.iter().map(|(n, t)| (*n, t.shape().to_vec())).collect();
+        shapes.extend(device.iter().map(|(n, _, s)| (*n, s.clone())));
+        let values = self.bind_shapes(&shapes)?;
+        for (name, t) in host {
+            let buffer = self.io_buffer(name)?;
+            if matches!(buffer.place, Place::Arena { .. }) {
+                self.upload(&buffer, t, &values)?;
+            }
+        }
+        for (name, data, _) in device {
+            let buffer = self.io_buffer(name)?;
+            let (_, offset, len) = self.arena_range(&buffer, &values)?;
+            if len > 0 {
+                let start = offset as usize;
+                if data.len() < len {
+                    return Err(ExecutorError::Input { name: name.to_string(), what: format!("{} bytes for {len}", data.len()) });
+                }
+                let stream = self.gpu.stream.clone();
+                stream
+                    .memcpy_dtod(&data.slice(0..len), &mut self.arena.slice_mut(start..start + len))
+                    .map_err(CudaError::from)?;
+            }
+        }
+        if let Some(prologue) = &self.prologue {
+            let mut all: Vec<(&str, RtTensor)> = host.to_vec();
+            for (name, _, shape) in device {
+                let dtype = self.manifest.inputs.iter().find(|i| i.name == *name).and_then(|i| DType::from_name(&i.dtype));
+                let zeros = RtTensor::from_vec(shape, vec![0f32; shape.iter().product()]).map(|t| t.cast(dtype.unwrap_or(DType::F32)));
+                all.push((name, zeros.unwrap_or_else(|| RtTensor::scalar(0f32))));
+            }
+            let results = prologue.run(&all)?;
+            for (name, t) in results {
+                let targets: Vec<Buffer> =
+                    self.manifest.buffers.iter().filter(|b| b.name == name && matches!(b.place, Place::Arena { .. })).cloned().collect();
+                for buffer in targets {
+                    self.upload(&buffer, &t, &values)?;
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    /// Reads graph output `name` (after a run with these symbol values).
+    pub fn read_output(&self, name: &str, values: &SymbolValues) -> Result<RtTensor, ExecutorError> {
+        let buffer = self.io_buffer(name)?;
+        self.download(&buffer, values)
+    }
+
     /// Copies the inputs in and runs the host prologue; returns the symbol values.
     pub fn prepare(&mut self, inputs: &[(&str, RtTensor)]) -> Result<SymbolValues, ExecutorError> {
         let values = self.bind_symbols(inputs)?;
@@ -496,6 +588,10 @@ impl CudaExecutor {
 
     /// Enqueues launch `index` of the plan.
     pub fn launch_one(&self, index: usize, values: &SymbolValues) -> Result<(), ExecutorError> {
+        self.launch_inner(index, values, self.sync_each)
+    }
+
+    fn launch_inner(&self, index: usize, values: &SymbolValues, sync: bool) -> Result<(), ExecutorError> {
         let launch = &self.manifest.launches[index];
         let fail = |what: String| ExecutorError::Launch {
             index,
@@ -538,10 +634,27 @@ impl CudaExecutor {
         // SAFETY: the argument list follows the manifest (checked against the kernels by the
         // GPU check); pointers are into buffers sized by the plan for these symbol values.
         unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
-        if self.sync_each {
+        if sync {
             self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Captures every launch of the plan for these symbol values into one CUDA graph (what a decode
+    /// step replays: the sizes are baked in, so one graph serves one set of symbol values).
+    pub fn capture(&self, values: &SymbolValues) -> Result<cudarc::driver::CudaGraph, ExecutorError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let stream = &self.gpu.stream;
+        stream.synchronize().map_err(CudaError::from)?;
+        stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(CudaError::from)?;
+        // No synchronization inside a capture.
+        let launched = (0..self.manifest.launches.len()).try_for_each(|i| self.launch_inner(i, values, false));
+        let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        launched?;
+        let graph = graph.map_err(CudaError::from)?;
+        let graph = graph.ok_or_else(|| CudaError::Mismatch("stream capture produced no graph".into()))?;
+        graph.upload().map_err(CudaError::from)?;
+        Ok(graph)
     }
 
     /// Runs the plan on `inputs`; outputs in manifest order with their names.
