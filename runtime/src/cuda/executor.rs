@@ -471,11 +471,12 @@ impl CudaExecutor {
     /// The arena buffer of graph input or output `name`.
     fn io_buffer(&self, name: &str) -> Result<Buffer, ExecutorError> {
         let io = self.manifest.inputs.iter().chain(&self.manifest.outputs).find(|io| io.name == name);
-        let io = io.ok_or_else(|| ExecutorError::Input { name: name.into(), what: "no such graph input or output".into() })?;
-        self.manifest.buffer(io.buffer).cloned().ok_or_else(|| ExecutorError::Input {
-            name: name.into(),
-            what: format!("unknown buffer {}", io.buffer),
-        })
+        let io =
+            io.ok_or_else(|| ExecutorError::Input { name: name.into(), what: "no such graph input or output".into() })?;
+        self.manifest
+            .buffer(io.buffer)
+            .cloned()
+            .ok_or_else(|| ExecutorError::Input { name: name.into(), what: format!("unknown buffer {}", io.buffer) })
     }
 
     /// A device copy of output `name` as the last run left it (e.g. a KV cache's `present.*`,
@@ -517,7 +518,10 @@ impl CudaExecutor {
             if len > 0 {
                 let start = offset as usize;
                 if data.len() < len {
-                    return Err(ExecutorError::Input { name: name.to_string(), what: format!("{} bytes for {len}", data.len()) });
+                    return Err(ExecutorError::Input {
+                        name: name.to_string(),
+                        what: format!("{} bytes for {len}", data.len()),
+                    });
                 }
                 let stream = self.gpu.stream.clone();
                 stream
@@ -528,14 +532,21 @@ impl CudaExecutor {
         if let Some(prologue) = &self.prologue {
             let mut all: Vec<(&str, RtTensor)> = host.to_vec();
             for (name, _, shape) in device {
-                let dtype = self.manifest.inputs.iter().find(|i| i.name == *name).and_then(|i| DType::from_name(&i.dtype));
-                let zeros = RtTensor::from_vec(shape, vec![0f32; shape.iter().product()]).map(|t| t.cast(dtype.unwrap_or(DType::F32)));
+                let dtype =
+                    self.manifest.inputs.iter().find(|i| i.name == *name).and_then(|i| DType::from_name(&i.dtype));
+                let zeros = RtTensor::from_vec(shape, vec![0f32; shape.iter().product()])
+                    .map(|t| t.cast(dtype.unwrap_or(DType::F32)));
                 all.push((name, zeros.unwrap_or_else(|| RtTensor::scalar(0f32))));
             }
             let results = prologue.run(&all)?;
             for (name, t) in results {
-                let targets: Vec<Buffer> =
-                    self.manifest.buffers.iter().filter(|b| b.name == name && matches!(b.place, Place::Arena { .. })).cloned().collect();
+                let targets: Vec<Buffer> = self
+                    .manifest
+                    .buffers
+                    .iter()
+                    .filter(|b| b.name == name && matches!(b.place, Place::Arena { .. }))
+                    .cloned()
+                    .collect();
                 for buffer in targets {
                     self.upload(&buffer, &t, &values)?;
                 }
