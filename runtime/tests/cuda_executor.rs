@@ -106,7 +106,12 @@ fn run_case(
                 buffer: *b,
             })
             .collect(),
-        outputs: vec![Io { name: "y".into(), dtype: out_buffer.dtype.clone(), dims: out_buffer.dims.clone(), buffer: output }],
+        outputs: vec![Io {
+            name: "y".into(),
+            dtype: out_buffer.dtype.clone(),
+            dims: out_buffer.dims.clone(),
+            buffer: output,
+        }],
         buffers: plan.buffers,
         arena_bytes: plan.arena,
         modules: vec![Module {
@@ -156,7 +161,10 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
     let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
     let x = match x_dtype {
         // Row 0 holds 16-bit prefix values, the others int4 values (as the w4a4 graphs carry them).
-        DType::I16 => RtTensor::from_vec(&[m, k], (0..m * k).map(|i| if i < k { rng.int(-32768, 32767) as i16 } else { rng.int(-8, 7) as i16 }).collect()),
+        DType::I16 => RtTensor::from_vec(
+            &[m, k],
+            (0..m * k).map(|i| if i < k { rng.int(-32768, 32767) as i16 } else { rng.int(-8, 7) as i16 }).collect(),
+        ),
         DType::I8 => RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-128, 127) as i8).collect()),
         _ => RtTensor::from_vec(&[m, k], (0..m * k).map(|i| rng.float() * if i < k { 300.0 } else { 3.0 }).collect()),
     }
@@ -285,11 +293,16 @@ fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
             ins.push(g.add_input("mask", TensorType::known(DType::F32, &[s, t])).unwrap());
         }
         let scale = 0.17f32;
-        let op = Op::new(OpKind::Attention).with("scale", qcc_ir::Attr::Float(scale)).with("causal", qcc_ir::Attr::Int(1));
+        let op =
+            Op::new(OpKind::Attention).with("scale", qcc_ir::Attr::Float(scale)).with("causal", qcc_ir::Attr::Int(1));
         let y = g.add_op(op, &ins, TensorType::known(dtype, &[b, hq, s, dv]));
         g.add_output("y", y);
         let mut plan = Plan { buffers: vec![], arena: 0 };
-        let (bq, bk, bv) = (plan.arena("q", dtype, &[b, hq, s, d]), plan.arena("k", dtype, &[b, hkv, t, d]), plan.arena("v", dtype, &[b, hkv, t, dv]));
+        let (bq, bk, bv) = (
+            plan.arena("q", dtype, &[b, hq, s, d]),
+            plan.arena("k", dtype, &[b, hkv, t, d]),
+            plan.arena("v", dtype, &[b, hkv, t, dv]),
+        );
         let bm = with_mask.then(|| plan.arena("mask", DType::F32, &[s, t]));
         let by = plan.arena("y", dtype, &[b, hq, s, dv]);
         let mut args = vec![Arg::Buffer(bq), Arg::Buffer(bk), Arg::Buffer(bv)];
