@@ -822,3 +822,42 @@ pub fn check_plan(dir: &Path) -> Result<Vec<String>, ExecutorError> {
     }
     Ok(problems)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_bytes_round_trip_with_one_byte_per_int4_value() {
+        let i4 = RtTensor::I4(ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![-8i8, 7, 0, -1, 3, -5]).unwrap());
+        let bytes = device_bytes(&i4, DType::I4);
+        assert_eq!(bytes, vec![0xF8, 7, 0, 0xFF, 3, 0xFB]); // sign-extended bytes, not packed nibbles
+        assert_eq!(tensor_from_device(DType::I4, &[2, 3], bytes).unwrap(), i4);
+        let x = RtTensor::from_vec(&[3], vec![1.5f32, -2.0, 65504.0]).unwrap();
+        let h = device_bytes(&x, DType::F16);
+        assert_eq!(h, vec![0x00, 0x3E, 0x00, 0xC0, 0xFF, 0x7B]); // IEEE half bit patterns
+        assert_eq!(tensor_from_device(DType::F16, &[3], h).unwrap().cast(DType::F32), x);
+        let ids = RtTensor::from_vec(&[2], vec![504i64, -1]).unwrap();
+        assert_eq!(tensor_from_device(DType::I64, &[2], device_bytes(&ids, DType::I64)).unwrap(), ids);
+        assert_eq!(element_bytes(DType::I4), 1);
+        assert_eq!(element_bytes(DType::Bool), 1);
+        assert_eq!(element_bytes(DType::F16), 2);
+    }
+
+    #[test]
+    fn prologue_graph_keeps_only_what_the_values_need() {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", qcc_ir::TensorType::known(DType::F32, &[2, 3])).unwrap();
+        let shape = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[x], qcc_ir::TensorType::known(DType::I64, &[2]));
+        let neg = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Neg), &[x], qcc_ir::TensorType::known(DType::F32, &[2, 3]));
+        g.add_output("y", neg);
+        let shape_name = g.value_name(shape).to_string();
+        let pruned = prologue_graph(&g, std::slice::from_ref(&shape_name)).unwrap();
+        assert_eq!(pruned.node_count(), 2, "input and shape only");
+        let exec = CpuExecutor::new(&pruned).unwrap();
+        let out = exec.run(&[("x", RtTensor::from_vec(&[2, 3], vec![0f32; 6]).unwrap())]).unwrap();
+        assert_eq!(out[0].0, shape_name);
+        assert_eq!(out[0].1.to_i64_vec().unwrap(), vec![2, 3]);
+        assert!(prologue_graph(&g, &["missing".to_string()]).is_err());
+    }
+}
