@@ -45,6 +45,7 @@ pub const ENTRY: PassEntry = PassEntry {
             dynamic: false,
             prefix: o.usize("prefix")?,
             gptq: false,
+            fp4: false,
         };
         if !matches!(scheme.w_bits, 4 | 8) || !matches!(scheme.a_bits, 4 | 8 | 16) {
             return Err(PassError::Other("clip: w must be 4 or 8, a 4, 8 or 16".into()));

@@ -141,7 +141,7 @@ mod tests {
     use super::*;
 
     fn scheme() -> Scheme {
-        Scheme { w_bits: 4, a_bits: 16, fp8: false, dynamic: false, prefix: 0, gptq: true }
+        Scheme { w_bits: 4, a_bits: 16, fp8: false, dynamic: false, prefix: 0, gptq: true, fp4: false }
     }
 
     #[test]

@@ -34,7 +34,12 @@ pub const ENTRY: PassEntry = PassEntry {
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec { key: "w", kind: OptionKind::Int, default: "4", help: "weight bits (4 or 8)" },
     OptionSpec { key: "a", kind: OptionKind::Int, default: "4", help: "activation bits (4, 8; 16 = float)" },
-    OptionSpec { key: "format", kind: OptionKind::Str, default: "int", help: "int or fp8 (e4m3)" },
+    OptionSpec {
+        key: "format",
+        kind: OptionKind::Str,
+        default: "int",
+        help: "int, fp8 (e4m3), or auto (w=4: int4 or fp4 e2m1 weights per layer, by layer-output error)",
+    },
     OptionSpec { key: "act", kind: OptionKind::Str, default: "static", help: "static or dynamic (per token)" },
     OptionSpec { key: "prefix", kind: OptionKind::Int, default: "0", help: "leading tokens kept in 16 bits" },
     OptionSpec { key: "weight-rounding", kind: OptionKind::Str, default: "rtn", help: "rtn or gptq" },
@@ -54,12 +59,18 @@ pub struct Scheme {
     pub dynamic: bool,
     pub prefix: usize,
     pub gptq: bool,
+    /// Weights on the fp4 (e2m1) grid {0, 0.5, 1, 1.5, 2, 3, 4, 6} instead of int4 (`format=auto` picks
+    /// this per layer). Twice an e2m1 value is an integer in [-12, 12], stored as int8 with half the step,
+    /// so fp4 layers run on the same int8 tensor cores.
+    pub fp4: bool,
 }
 
 impl Scheme {
     pub fn weight_qmax(&self) -> f32 {
         if self.fp8 {
             448.0
+        } else if self.fp4 {
+            6.0
         } else {
             ((1u32 << (self.w_bits - 1)) - 1) as f32
         }
@@ -74,6 +85,7 @@ impl Scheme {
     pub fn weight_dtype(&self) -> DType {
         match (self.fp8, self.w_bits) {
             (true, _) => DType::F8E4M3,
+            _ if self.fp4 => DType::I8,
             (false, 4) => DType::I4,
             _ => DType::I8,
         }
@@ -94,6 +106,9 @@ impl Scheme {
 pub struct Quantize {
     scheme: Scheme,
     skip: String,
+    /// `format=auto`: per layer, the int4 or fp4 weight grid, whichever gives the smaller layer-output
+    /// error on calibration rows (the MoFQ idea).
+    auto_format: bool,
 }
 
 impl Quantize {
@@ -112,10 +127,11 @@ impl Quantize {
         if !matches!(a, 4 | 8 | 16) {
             return Err(bad("a", a.to_string(), "4, 8 or 16"));
         }
-        let fp8 = match o.str("format")? {
-            "int" => false,
-            "fp8" => true,
-            other => return Err(bad("format", other.into(), "int or fp8")),
+        let (fp8, auto) = match o.str("format")? {
+            "int" => (false, false),
+            "fp8" => (true, false),
+            "auto" if w == 4 => (false, true),
+            other => return Err(bad("format", other.into(), "int, fp8, or auto (w=4: int4 or fp4 per layer)")),
         };
         let dynamic = match o.str("act")? {
             "static" => false,
@@ -127,8 +143,8 @@ impl Quantize {
             "gptq" => true,
             other => return Err(bad("weight-rounding", other.into(), "rtn or gptq")),
         };
-        let scheme = Scheme { w_bits: w, a_bits: a, fp8, dynamic, prefix: o.usize("prefix")?, gptq };
-        Ok(Quantize { scheme, skip: o.str("skip")?.to_string() })
+        let scheme = Scheme { w_bits: w, a_bits: a, fp8, dynamic, prefix: o.usize("prefix")?, gptq, fp4: false };
+        Ok(Quantize { scheme, skip: o.str("skip")?.to_string(), auto_format: auto })
     }
 }
 
@@ -170,6 +186,11 @@ fn layer_report(
         weight_bits: if scheme.fp8 { 8 } else { scheme.w_bits },
         act_bits: scheme.a_bits,
         weight_rounding: if scheme.gptq { "gptq" } else { "rtn" }.to_string(),
+        weight_format: match (scheme.fp8, scheme.fp4) {
+            (true, _) => "fp8".to_string(),
+            (_, true) => "fp4".to_string(),
+            _ => format!("int{}", scheme.w_bits),
+        },
         weight_sqnr_db,
         act_clip_mean,
         act_clip_min,
@@ -211,6 +232,16 @@ fn layer_report(
     layer.calibration_rows = r;
     layer.output_rel_error = Some(if den > 0.0 { (num / den).sqrt() } else { 0.0 });
     layer
+}
+
+/// ||X (W' - deq(Q))^T||^2 over calibration rows `x` (`[r x k]`, folded domain): the output error the
+/// weight rounding alone adds.
+fn weight_output_error(x: &[f32], folded: &[f32], q: &[f32], d: &[f32], n: usize, k: usize) -> f64 {
+    let diff: Vec<f32> = folded.iter().zip(q).enumerate().map(|(i, (&w, &g))| w - g * d[i / k]).collect();
+    let r = x.len() / k;
+    let mut e = vec![0f32; r * n];
+    crate::clip::gemm_nt(x, &diff, &mut e, r, k, n);
+    e.iter().map(|&v| (v as f64) * (v as f64)).sum()
 }
 
 /// Every quantizable linear, grouped by the activation it reads (in topological order).
@@ -328,12 +359,31 @@ pub fn quantize_weight_rtn(w: &[f32], n: usize, k: usize, clip: &[f32], scheme: 
 
 /// One value rounded to the weight grid (int: round half to even and clamp; fp8: e4m3 rounding).
 pub fn round_to_grid(v: f32, scheme: &Scheme) -> f32 {
+    if scheme.fp4 {
+        return round_to_e2m1(v);
+    }
     if scheme.fp8 {
         qcc_ir::f8e4m3_to_f32(qcc_ir::f32_to_f8e4m3(v.clamp(-448.0, 448.0)))
     } else {
         let qmax = scheme.weight_qmax();
         v.round_ties_even().clamp(-qmax - 1.0, qmax)
     }
+}
+
+/// The e2m1 values, non-negative half; ties go to the even code (the one with a zero mantissa bit).
+const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// Nearest fp4 (e2m1) value, clamped to +-6.
+pub fn round_to_e2m1(v: f32) -> f32 {
+    let a = v.abs().min(6.0);
+    let mut best = 0usize;
+    for (i, &g) in E2M1.iter().enumerate().skip(1) {
+        let (d, db) = ((a - g).abs(), (a - E2M1[best]).abs());
+        if d < db || (d == db && i % 2 == 0) {
+            best = i;
+        }
+    }
+    E2M1[best].copysign(v)
 }
 
 /// Grid values as a tensor of the scheme's weight dtype.
@@ -370,18 +420,19 @@ impl Pass for Quantize {
             return Ok(PassOutcome::unchanged());
         }
         let reporting = ctx.report_mut().is_some();
-        let need_stats = scheme.static_acts() || scheme.gptq || reporting;
+        let need_stats = scheme.static_acts() || scheme.gptq || reporting || self.auto_format;
         let stats = if need_stats {
             let request = StatsRequest {
                 values: groups.iter().map(|(x, _)| *x).collect(),
                 gram: scheme.gptq,
-                sample_rows: if reporting { REPORT_ROWS } else { 0 },
+                sample_rows: if reporting || self.auto_format { REPORT_ROWS } else { 0 },
             };
             ctx.activation_stats(graph, &request)?.into_iter().cloned().map(Some).collect::<Vec<_>>()
         } else {
             vec![None; groups.len()]
         };
         let mut rewrites = 0;
+        let mut fp4_layers = 0;
         for ((x, sites), stats) in groups.into_iter().zip(stats) {
             if !ctx.try_rewrite() {
                 break;
@@ -420,6 +471,14 @@ impl Pass for Quantize {
             } else {
                 x
             };
+            // Calibration rows in the folded domain (x / s), for choosing a layer's weight format.
+            let steps_ref = &steps;
+            let sample_x: Option<Vec<f32>> = stats.as_ref().and_then(|st| {
+                let (rows, pos) = (st.sample_rows.as_ref()?, st.sample_positions.as_ref()?);
+                let keep: Vec<usize> = (0..pos.len()).filter(|&i| pos[i] as usize >= scheme.prefix).collect();
+                (st.channels == k && !keep.is_empty())
+                    .then(|| keep.iter().flat_map(|&i| (0..k).map(move |c| rows[i * k + c] / steps_ref[c])).collect())
+            });
             let hessian =
                 stats.as_ref().and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
             // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1; one factor
@@ -438,22 +497,55 @@ impl Pass for Quantize {
                 let (n, k) = (site.n, site.k);
                 let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
                 let clip = clip_ratios(graph, site.node, "weight_clip", n);
-                let (q, d) = match &factor {
+                let round = |scheme: &Scheme| match &factor {
                     Some(f) => gptq::quantize_with(&folded, n, k, f, &clip, scheme),
                     None => quantize_weight_rtn(&folded, n, k, &clip, scheme),
+                };
+                let (q, d) = round(scheme);
+                let fp4_scheme = Scheme { fp4: true, ..scheme.clone() };
+                let (mut q, mut d, layer_scheme) = match (&sample_x, self.auto_format) {
+                    (Some(xs), true) => {
+                        let (qf, df) = round(&fp4_scheme);
+                        if weight_output_error(xs, &folded, &qf, &df, n, k)
+                            < weight_output_error(xs, &folded, &q, &d, n, k)
+                        {
+                            fp4_layers += 1;
+                            (qf, df, &fp4_scheme)
+                        } else {
+                            (q, d, scheme)
+                        }
+                    }
+                    _ => (q, d, scheme),
                 };
                 let out = Value::new(site.node, 0);
                 let lname = graph.value_name(out).to_string();
                 if reporting {
                     let act_clip = clip_ratios(graph, site.node, "act_clip", k);
-                    let layer =
-                        layer_report(&lname, &folded, &q, &d, (n, k), &steps, &act_clip, &clip, stats.as_ref(), scheme);
+                    let layer = layer_report(
+                        &lname,
+                        &folded,
+                        &q,
+                        &d,
+                        (n, k),
+                        &steps,
+                        &act_clip,
+                        &clip,
+                        stats.as_ref(),
+                        layer_scheme,
+                    );
                     if let Some(r) = ctx.report_mut() {
                         r.layers.push(layer);
                     }
                 }
-                let qw = graph
-                    .add_constant(&format!("{lname}.qweight"), grid_tensor(&q, vec![n, k], scheme.weight_dtype()))?;
+                if layer_scheme.fp4 {
+                    // Twice an e2m1 value is an integer in [-12, 12]: store that, with half the step.
+                    q.iter_mut().for_each(|v| *v *= 2.0);
+                    d.iter_mut().for_each(|v| *v *= 0.5);
+                }
+                let qw = graph.add_constant(
+                    &format!("{lname}.qweight"),
+                    grid_tensor(&q, vec![n, k], layer_scheme.weight_dtype()),
+                )?;
                 let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
                 let bias = graph.input(site.node, 2);
                 let mut inputs = vec![qx, qw, scale];
@@ -470,7 +562,33 @@ impl Pass for Quantize {
                 rewrites += 1;
             }
         }
-        ctx.note(format!("{rewrites} linears quantized"));
+        if self.auto_format {
+            ctx.note(format!("{rewrites} linears quantized, {fp4_layers} on the fp4 (e2m1) grid"));
+        } else {
+            ctx.note(format!("{rewrites} linears quantized"));
+        }
         Ok(PassOutcome::rewrites(rewrites))
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn e2m1_rounding_hits_the_grid_with_ties_to_even_codes() {
+        for (v, want) in
+            [(0.2, 0.0), (0.3, 0.5), (1.2, 1.0), (1.3, 1.5), (2.6, 3.0), (4.9, 4.0), (5.1, 6.0), (9.0, 6.0)]
+        {
+            assert_eq!(round_to_e2m1(v), want, "{v}");
+            assert_eq!(round_to_e2m1(-v), -want, "{}", -v);
+        }
+        // Ties: 0.25 between codes 0 (0.0) and 1 (0.5) -> 0.0; 2.5 between 2.0 (code 4) and 3.0 (code 5) -> 2.0;
+        // 5.0 between 4.0 (code 6) and 6.0 (code 7) -> 4.0.
+        assert_eq!(round_to_e2m1(0.25), 0.0);
+        assert_eq!(round_to_e2m1(2.5), 2.0);
+        assert_eq!(round_to_e2m1(5.0), 4.0);
+        // Twice every grid value is an integer in [-12, 12].
+        assert!(E2M1.iter().all(|g| (2.0 * g).fract() == 0.0 && 2.0 * g <= 12.0));
     }
 }

@@ -29,6 +29,9 @@ pub struct LayerReport {
     /// 16 for float activations; otherwise the static (or dynamic) activation bits.
     pub act_bits: u32,
     pub weight_rounding: String,
+    /// int4, int8, fp4 (e2m1, `format=auto`) or fp8.
+    #[serde(default)]
+    pub weight_format: String,
     /// 10 log10(||W'||^2 / ||W' - deq(Q(W'))||^2) of the step-folded weight W' = W diag(s).
     pub weight_sqnr_db: f64,
     /// Same for the activations on calibration rows (None when activations stay float).

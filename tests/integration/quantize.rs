@@ -34,8 +34,9 @@ fn w8a8_satisfies_qsm_and_keeps_perplexity() {
     let ids = tokenizer.encode(text.as_str(), false).unwrap().get_ids()[..CTX].to_vec();
     let (fp32, w8a8) = (ppl(&graph, &ids), ppl(&quantized, &ids));
     eprintln!("perplexity on 1 x {CTX} tokens: fp32 {fp32:.3}, w8a8 {w8a8:.3} (ratio {:.4})", w8a8 / fp32);
-    // Measured 1.096 with the default 16 x 256 calibration (-O w8a8 on 3 x 512 tokens: 1.08).
-    assert!(w8a8 / fp32 < 1.15, "w8a8 perplexity {w8a8:.3} against fp32 {fp32:.3}");
+    // -O w8a8 (rotation, layer-error clipping, GPTQ) measured 1.013 on 3 x 512 tokens with 64 x 256
+    // calibration tokens; plain round-to-nearest static w8a8 measured 1.08-1.10.
+    assert!(w8a8 / fp32 < 1.05, "w8a8 perplexity {w8a8:.3} against fp32 {fp32:.3}");
 }
 
 /// int_linear on int4 activations (i16 on the first row) and int4 weights, with sums beyond f32's exact
