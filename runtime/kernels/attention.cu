@@ -1,8 +1,8 @@
 // Micro-kernel of the `attention` op as qcc's lowering launches it (compiler/src/lower/micro.rs):
 // softmax(q k^T * scale + mask) v per head, grouped-query (query head h reads KV head h / (Hq/Hkv)),
 // causal masking counted from the end (key t visible for query s iff t <= T - S + s), computed in
-// f32 like the CPU executor (runtime/src/cpu/ops/fused.rs `attention`): scores, row max, exp(x - max),
-// sum, p = e / sum, then out = p v. Output in q's float type (the lowering adds any quantization).
+// f32 like the CPU executor (runtime/src/cpu/ops/fused.rs `attention`): scores, row max, exp(x - max)
+// and the row sum in f64 (rounded to f32), p = e / sum, then out = p v. Output in q's float type (the lowering adds any quantization).
 //
 // Geometry: grid [S, Hq, B], 128 threads, dynamic shared memory 4 * T_max bytes (the score row).
 // Layouts: q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] f32.
@@ -36,12 +36,25 @@ __device__ float block_reduce(float v, float* scratch) {
   return r;
 }
 
+// Block-wide f64 sum over ATT_THREADS threads.
+__device__ double block_sum_f64(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double r = scratch[0];
+  for (int w = 1; w < ATT_THREADS / 32; ++w) r += scratch[w];
+  return r;
+}
+
 template <class X, bool MASK>
 __device__ void attention_impl(const typename X::S* q, const typename X::S* k, const typename X::S* v,
                                const typename X::S* mask, typename X::S* out, long B, long Hq, long Hkv, long S,
                                long T, long D, long Dv, long causal, float scale) {
   extern __shared__ float scores[];
   __shared__ float scratch[ATT_THREADS / 32];
+  __shared__ double dscratch[ATT_THREADS / 32];
   long s = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   if (s >= S || h >= Hq || b >= B) return;
   long hk = h / (Hq / Hkv);
@@ -65,13 +78,15 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   }
   float row_max = block_reduce<true>(local_max, scratch);
   if (!(row_max > -QCC_INF && row_max < QCC_INF)) row_max = 0.0f;
-  float local_sum = 0.0f;
+  // exp and the row sum in f64, rounded once to f32: independent of the math library and of the
+  // summation order (the CPU sums sequentially, this kernel as a tree), so both sides agree bit for bit.
+  double local_sum = 0.0;
   for (long t = threadIdx.x; t < T; t += ATT_THREADS) {
-    float e = expf(scores[t] - row_max);
+    float e = (float)exp((double)__fsub_rn(scores[t], row_max));
     scores[t] = e;
-    local_sum += e;
+    local_sum += (double)e;
   }
-  float sum = block_reduce<false>(local_sum, scratch);
+  float sum = (float)block_sum_f64(local_sum, dscratch);
   __syncthreads();
   for (long t = threadIdx.x; t < T; t += ATT_THREADS)
     if (sum > 0.0f) scores[t] = __fdiv_rn(scores[t], sum);

@@ -151,12 +151,15 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
                 }
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let max = if max.is_finite() { max } else { 0.0 };
-                let mut sum = 0f32;
+                // exp and the sum in f64, rounded once to f32: the GPU kernel does the same, so the
+                // result does not depend on either side's expf or on the summation order.
+                let mut sum64 = 0f64;
                 row.mapv_inplace(|x| {
-                    let e = (x - max).exp();
-                    sum += e;
+                    let e = ((x - max) as f64).exp() as f32;
+                    sum64 += e as f64;
                     e
                 });
+                let sum = sum64 as f32;
                 if sum > 0.0 {
                     row.mapv_inplace(|x| x / sum);
                 }
