@@ -7,15 +7,6 @@
 // Geometry: grid [S, Hq, B], 128 threads, dynamic shared memory 4 * T_max bytes (the score row).
 // Layouts: q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] f32.
 
-QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-QCC_DEVICE u16 f32_to_bf16(float v) {
-  u16 h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return h;
-}
-struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, float v) { p[i] = v; } };
-struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
-struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };
 
 #define ATT_THREADS 128
 #define QCC_INF __int_as_float(0x7f800000)

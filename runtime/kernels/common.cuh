@@ -79,3 +79,15 @@ QCC_DEVICE u16 epilogue(int acc, float sx, float sw, const float* bias, const u1
   if (residual) v = __fadd_rn(v, f16_to_f32(residual[(size_t)m * ldn + n]));
   return f32_to_f16(v);
 }
+
+// bf16 conversions and float element access by qcc dtype name (T_f32/T_f16/T_bf16: a storage type S
+// read and written as f32), shared by the micro-kernels.
+QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+QCC_DEVICE u16 f32_to_bf16(float v) {
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, float v) { p[i] = v; } };
+struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
+struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };

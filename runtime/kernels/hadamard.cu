@@ -6,14 +6,9 @@
 // unless the fallback's blocks are smaller). Like the CPU executor (runtime/src/cpu/ops/fused.rs `hadamard`), the
 // sums are taken in f64 and rounded once to the output type.
 //
+// Element access in f64 (D_*: read and written as f64, rounded once to the storage type).
 // Geometry: grid [rows], 128 threads, dynamic shared memory 8 * n bytes (the row in f64).
 
-QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-QCC_DEVICE u16 f32_to_bf16(float v) {
-  u16 h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return h;
-}
 QCC_DEVICE u16 f64_to_f16(double v) {
   u16 h;
   asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(v));
@@ -24,9 +19,9 @@ QCC_DEVICE u16 f64_to_bf16(double v) {
   asm("cvt.rn.bf16.f64 %0, %1;" : "=h"(h) : "d"(v));
   return h;
 }
-struct T_f32 { typedef float S; static __device__ double get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, double v) { p[i] = __double2float_rn(v); } };
-struct T_f16 { typedef u16 S; static __device__ double get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_f16(v); } };
-struct T_bf16 { typedef u16 S; static __device__ double get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_bf16(v); } };
+struct D_f32 { typedef float S; static __device__ double get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, double v) { p[i] = __double2float_rn(v); } };
+struct D_f16 { typedef u16 S; static __device__ double get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_f16(v); } };
+struct D_bf16 { typedef u16 S; static __device__ double get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_bf16(v); } };
 
 template <class X>
 __device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long rows, long n, const i8* h,
@@ -50,9 +45,9 @@ __device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long r
 }
 
 #define HAD_ENTRY(XN)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(128) hadamard_##XN(const T_##XN::S* x, T_##XN::S* out,    \
+  extern "C" __global__ void __launch_bounds__(128) hadamard_##XN(const D_##XN::S* x, D_##XN::S* out,    \
                                                                   long rows, long n, const i8* h,         \
                                                                   double inv_sqrt) {                     \
-    hadamard_impl<T_##XN>(x, out, rows, n, h, inv_sqrt);                                                         \
+    hadamard_impl<D_##XN>(x, out, rows, n, h, inv_sqrt);                                                         \
   }
 HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)

@@ -6,18 +6,9 @@
 #define TILE_N 64
 #define TILE_M 16
 
-QCC_DEVICE float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
-QCC_DEVICE u16 f32_to_bf16(float v) {
-  u16 h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return h;
-}
 
 // Element access by qcc dtype name. int4 activations take one byte each (sign-extended i8);
 // int4 weights are packed two per byte along K, low nibble first.
-struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, float v) { p[i] = v; } };
-struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
-struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };
 
 // y = x w^T (+ bias), float operands, f32 accumulation, written in x's type.
 template <class X, class W, bool BIAS>
