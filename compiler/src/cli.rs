@@ -181,6 +181,37 @@ struct RunArgs {
     /// tokenizer.json (or .gguf) to use instead of the one beside the model.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Where to run: `cpu` (the reference executor, any model) or `cuda[:N]` (a compiled artifact, X.qcc).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+}
+
+/// An execution device of `qcc run/eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+    }
 }
 
 #[derive(Args)]
@@ -209,9 +240,9 @@ struct EvalArgs {
     json: bool,
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Execution device (only cpu for now).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where to run: `cpu` (the reference executor, any model) or `cuda[:N]` (a compiled artifact, X.qcc).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
 }
 
 #[derive(Args)]
@@ -517,28 +548,42 @@ fn filter(names: &[String], all: bool) -> PassFilter {
 
 fn run_model(a: RunArgs) -> Result<()> {
     if let Some(prompt) = &a.prompt {
-        let path = model::kv_sibling(&a.model).unwrap_or_else(|| a.model.clone());
-        let graph = load_model(&path)?;
         let tokenizer = crate::tokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
         let ids = tokenizer.encode(prompt.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
         let eos = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("<|endoftext|>"));
         let start = Instant::now();
-        let out = model::generate(&graph, &ids, a.max_tokens, eos)?;
+        let out = match a.device {
+            Device::Cpu => {
+                let path = model::kv_sibling(&a.model).unwrap_or_else(|| a.model.clone());
+                model::generate(&load_model(&path)?, &ids, a.max_tokens, eos)?
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let mut decoder = model::cuda::decoder(model::cuda::load(&a.model, ordinal)?)?;
+                model::greedy(decoder.as_mut(), &ids, a.max_tokens, eos)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
+        };
         let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
         println!("{prompt}{text}");
         let secs = start.elapsed().as_secs_f64();
         eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s)", out.len(), out.len() as f64 / secs);
         return Ok(());
     }
-    let graph = load_model(&a.model)?;
     let mut inputs: Vec<(String, RtTensor)> = Vec::new();
     for spec in &a.input {
         let (name, file) = spec.split_once('=').ok_or_else(|| anyhow!("--input '{spec}' is not NAME=FILE.npy"))?;
         inputs.push((name.to_string(), crate::npy::read(Path::new(file))?));
     }
-    let executor = CpuExecutor::new(&graph)?;
     let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let outputs = executor.run(&refs)?;
+    let outputs = match a.device {
+        Device::Cpu => CpuExecutor::new(&load_model(&a.model)?)?.run(&refs)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => model::cuda::load(&a.model, ordinal)?.run(&refs)?,
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
+    };
     match &a.output_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -555,21 +600,31 @@ fn run_model(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn evaluate(a: EvalArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("--device {}: only the cpu executor exists so far", a.device);
+/// The whole-sequence model `qcc eval` measures, on the device asked for.
+fn language_model(path: &Path, device: Device) -> Result<Box<dyn LanguageModel>> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuLanguageModel::new(&load_model(path)?)?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let exec = model::cuda::load(path, ordinal)?;
+            Ok(Box::new(model::cuda::CudaLanguageModel(qcc_runtime::cuda::CudaLm::new(exec)?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
     }
+}
+
+fn evaluate(a: EvalArgs) -> Result<()> {
     let start = Instant::now();
-    let graph = load_model(&a.model)?;
-    let mut lm = CpuLanguageModel::new(&graph)?;
+    let mut lm = language_model(&a.model, a.device)?;
     let tokenizer = crate::tokenizer::for_model(&a.model, a.tokenizer.as_deref())?;
     let progress = !a.json || std::io::IsTerminal::is_terminal(&std::io::stderr());
     let model_name = a.model.display().to_string();
     let report = if let Some(text_path) = &a.perplexity {
         let text = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
         let ids = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-        let r = eval::perplexity(&mut lm as &mut dyn LanguageModel, &ids, a.ctx, a.windows, progress)?;
-        json!({"model": model_name, "dataset": text_path.display().to_string(), "tokens": r.tokens,
+        let r = eval::perplexity(lm.as_mut(), &ids, a.ctx, a.windows, progress)?;
+        json!({"model": model_name, "device": a.device.to_string(), "dataset": text_path.display().to_string(), "tokens": r.tokens,
                "windows": r.windows, "ctx": a.ctx, "ppl": r.ppl, "seconds": start.elapsed().as_secs_f64()})
     } else if let Some(task) = &a.task {
         let dir = a.tasks_dir.clone().unwrap_or_else(default_tasks_dir);
@@ -578,8 +633,8 @@ fn evaluate(a: EvalArgs) -> Result<()> {
             bail!("task '{task}': {} not found (use --tasks-dir)", path.display());
         }
         let requests = eval::read_requests(&path, a.limit)?;
-        let r = eval::zero_shot(&mut lm, &tokenizer, &requests, progress)?;
-        json!({"model": model_name, "dataset": task, "docs": r.docs, "tokens": null, "acc": r.acc,
+        let r = eval::zero_shot(lm.as_mut(), &tokenizer, &requests, progress)?;
+        json!({"model": model_name, "device": a.device.to_string(), "dataset": task, "docs": r.docs, "tokens": null, "acc": r.acc,
                "acc_norm": r.acc_norm, "seconds": start.elapsed().as_secs_f64()})
     } else {
         bail!("say what to evaluate: --perplexity FILE or --task NAME");

@@ -128,36 +128,125 @@ impl KvDecoder {
     }
 }
 
-/// Greedy generation: up to `max_tokens` new tokens, stopping early at `eos`. Uses the KV cache when the
-/// graph has one, otherwise recomputes the whole sequence each step.
-pub fn generate(graph: &Graph, prompt: &[u32], max_tokens: usize, eos: Option<u32>) -> anyhow::Result<Vec<u32>> {
+/// Something that continues a sequence: `feed` runs `ids` after everything fed so far and returns the
+/// logits of the last position (a KV-cache graph, or a whole-sequence model that recomputes).
+pub trait Decoder {
+    fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits>;
+}
+
+impl Decoder for KvDecoder {
+    fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+        KvDecoder::feed(self, ids)
+    }
+}
+
+/// A whole-sequence [`LanguageModel`] as a [`Decoder`]: every step recomputes the full sequence.
+pub struct Recompute<M: LanguageModel> {
+    pub model: M,
+    seq: Vec<u32>,
+}
+
+impl<M: LanguageModel> Recompute<M> {
+    pub fn new(model: M) -> Self {
+        Recompute { model, seq: Vec::new() }
+    }
+}
+
+impl<M: LanguageModel> Decoder for Recompute<M> {
+    fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+        self.seq.extend_from_slice(ids);
+        let all = self.model.logits(&self.seq)?;
+        Ok(Logits { vocab: all.vocab, data: all.row(self.seq.len() - 1).to_vec() })
+    }
+}
+
+/// Greedy decoding: up to `max_tokens` new tokens after `prompt`, stopping early at `eos`.
+pub fn greedy(
+    decoder: &mut dyn Decoder,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: Option<u32>,
+) -> anyhow::Result<Vec<u32>> {
     anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
     let mut out = Vec::new();
-    if KvDecoder::accepts(graph) {
-        let mut dec = KvDecoder::new(graph)?;
-        let mut logits = dec.feed(prompt)?;
-        for _ in 0..max_tokens {
-            let next = logits.argmax(0);
-            out.push(next);
-            if Some(next) == eos || out.len() == max_tokens {
-                break;
-            }
-            logits = dec.feed(&[next])?;
+    let mut logits = decoder.feed(prompt)?;
+    for _ in 0..max_tokens {
+        let next = logits.argmax(0);
+        out.push(next);
+        if Some(next) == eos || out.len() == max_tokens {
+            break;
         }
-    } else {
-        let mut model = CpuLanguageModel::new(graph)?;
-        let mut seq = prompt.to_vec();
-        for _ in 0..max_tokens {
-            let logits = model.logits(&seq)?;
-            let next = logits.argmax(seq.len() - 1);
-            out.push(next);
-            seq.push(next);
-            if Some(next) == eos {
-                break;
-            }
-        }
+        logits = decoder.feed(&[next])?;
     }
     Ok(out)
+}
+
+/// Greedy generation on the CPU executor: uses the KV cache when the graph has one, otherwise
+/// recomputes the whole sequence each step.
+pub fn generate(graph: &Graph, prompt: &[u32], max_tokens: usize, eos: Option<u32>) -> anyhow::Result<Vec<u32>> {
+    if KvDecoder::accepts(graph) {
+        greedy(&mut KvDecoder::new(graph)?, prompt, max_tokens, eos)
+    } else {
+        greedy(&mut Recompute::new(CpuLanguageModel::new(graph)?), prompt, max_tokens, eos)
+    }
+}
+
+/// Compiled artifacts (`model.qcc/` with its GPU plan) on a CUDA device: `qcc eval/run --device cuda`.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::{Decoder, Logits};
+    use crate::eval::LanguageModel;
+    use anyhow::{anyhow, Context};
+    use qcc_runtime::cuda::{CudaExecutor, CudaKvDecoder, CudaLm};
+    use std::path::Path;
+
+    /// Loads `artifact` (a `qcc compile -o X.qcc` directory) onto device `ordinal`.
+    pub fn load(artifact: &Path, ordinal: usize) -> anyhow::Result<CudaExecutor> {
+        if !artifact.join("manifest.json").is_file() {
+            return Err(anyhow!(
+                "{}: --device cuda runs compiled artifacts (a directory with manifest.json); compile first with \
+                 `qcc compile MODEL -O LEVEL -o model.qcc`",
+                artifact.display()
+            ));
+        }
+        let exec = CudaExecutor::load(artifact, ordinal)
+            .with_context(|| format!("{} on cuda:{ordinal}", artifact.display()))?;
+        tracing::info!(device = %exec.gpu().describe(), "loaded {}", artifact.display());
+        Ok(exec)
+    }
+
+    fn ids_i64(ids: &[u32]) -> Vec<i64> {
+        ids.iter().map(|&i| i64::from(i)).collect()
+    }
+
+    /// Whole-sequence logits on the GPU.
+    pub struct CudaLanguageModel(pub CudaLm);
+
+    impl LanguageModel for CudaLanguageModel {
+        fn logits(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+            let l = self.0.logits(&ids_i64(ids))?;
+            Ok(Logits { vocab: l.vocab, data: l.data })
+        }
+    }
+
+    /// Decoding with the KV cache on the GPU.
+    pub struct CudaDecoder(pub CudaKvDecoder);
+
+    impl Decoder for CudaDecoder {
+        fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
+            let data = self.0.feed(&ids_i64(ids))?;
+            Ok(Logits { vocab: data.len(), data })
+        }
+    }
+
+    /// The decoder an artifact supports: its KV cache when it has one, else recomputation.
+    pub fn decoder(exec: CudaExecutor) -> anyhow::Result<Box<dyn Decoder>> {
+        if CudaKvDecoder::accepts(&exec.manifest) {
+            Ok(Box::new(CudaDecoder(CudaKvDecoder::new(exec)?)))
+        } else {
+            Ok(Box::new(super::Recompute::new(CudaLanguageModel(CudaLm::new(exec)?))))
+        }
+    }
 }
 
 /// The KV-cache sibling of a model file, `<stem>-kv.onnx`, when it exists.

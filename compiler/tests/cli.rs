@@ -228,3 +228,54 @@ fn real_model_eval_json_and_generation() {
     assert!(g.status.success(), "{}", stderr(&g));
     assert!(stdout(&g).starts_with("The capital of France is Paris."), "{}", stdout(&g));
 }
+
+/// `--device cuda` runs compiled artifacts: an ONNX model is refused with a hint, an unknown device is a
+/// usage error, and an artifact either runs on the GPU (same outputs as the CPU executor, 1e-3
+/// relative) or, on a machine without one, fails with one line naming the missing driver or device.
+#[test]
+fn device_cuda_runs_artifacts_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_model(dir.path());
+    let x = RtTensor::from_vec(&[2, 3], vec![1.0f32, 1.0, 1.0, -1.0, 0.5, -2.0]).unwrap();
+    let x_path = dir.path().join("x.npy");
+    qcc::npy::write(&x_path, &x).unwrap();
+    let input = format!("x={}", x_path.display());
+
+    let onnx = qcc(&["run", m.to_str().unwrap(), "--device", "cuda", "--input", &input]);
+    assert_eq!(onnx.status.code(), Some(1));
+    assert!(stderr(&onnx).contains("--device cuda runs compiled artifacts"), "{}", stderr(&onnx));
+    let bad = qcc(&["run", m.to_str().unwrap(), "--device", "tpu", "--input", &input]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("unknown device 'tpu'"), "{}", stderr(&bad));
+
+    let art = dir.path().join("small.qcc");
+    let c = qcc(&["compile", m.to_str().unwrap(), "-O", "none", "-o", art.to_str().unwrap()]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let out_dir = dir.path().join("gpu");
+    let g = qcc(&[
+        "run",
+        art.to_str().unwrap(),
+        "--device",
+        "cuda",
+        "--input",
+        &input,
+        "--output-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    if g.status.success() {
+        let y = qcc::npy::read(&out_dir.join("y.npy")).unwrap().to_f64_vec();
+        let want = [3.5, 1.5, 0.5, 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "GPU {y:?} vs {want:?}");
+        }
+    } else {
+        let err = stderr(&g);
+        assert_eq!(g.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("small.qcc on cuda:0") && (err.contains("CUDA driver") || err.contains("CUDA device")),
+            "{err}"
+        );
+        eprintln!("no GPU here: {}", err.trim());
+    }
+}

@@ -16,12 +16,16 @@ pub mod device;
 #[cfg(feature = "cuda")]
 pub mod executor;
 #[cfg(feature = "cuda")]
+pub mod lm;
+#[cfg(feature = "cuda")]
 pub mod nvrtc;
 
 #[cfg(feature = "cuda")]
 pub use device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 #[cfg(feature = "cuda")]
 pub use executor::{CudaExecutor, ExecutorError};
+#[cfg(feature = "cuda")]
+pub use lm::{CudaKvDecoder, CudaLm};
 
 /// Errors of the CUDA runtime.
 #[cfg(feature = "cuda")]
