@@ -64,6 +64,12 @@ np.save(f"{out}/ids.npy", np.array(ids[:seq], dtype=np.int64).reshape(1, seq))
 # A shorter sequence than the plan's maximum: sizes bound at run time (checked on the GPU by verify).
 np.save(f"{out}/ids-77.npy", np.array(ids[seq:seq + 77], dtype=np.int64).reshape(1, 77))
 np.save(f"{out}/prompt.npy", np.array(ids[:16], dtype=np.int64).reshape(1, 16))
+# Text for `qcc eval/run --device cuda` (the compiler's CLI on the GPU): in-vocabulary SOTU text.
+text, _ = in_vocab(open(".cache/data/sotu-last.txt").read())
+open(f"{out}/eval.txt", "w").write(text[:6000])
+prompt = next(p for p in (tok.decode(ids[:n]) for n in range(16, 0, -1))
+              if max(tok.encode(p, add_special_tokens=False).ids) < vocab)
+open(f"{out}/prompt.txt", "w").write(prompt)
 print(f"calibration text {len(calib)} chars; eval ids: {seq} of {len(ids)} in-vocabulary tokens")
 EOF
 
@@ -81,6 +87,21 @@ done
 if [[ "$KV" == 1 ]]; then
   "$QCC" compile "$WORK/model/smollm2-135m-kv.onnx" -O fp16 --max-tokens "$SEQ" -o "$OUT/kv-fp16.qcc"
   [[ -f "$OUT/kv-fp16.qcc/manifest.json" ]] || { echo "kv-fp16.qcc has no GPU plan" >&2; exit 1; }
+fi
+# CPU references for the compiler's own CLI with --device cuda (gpu_check.sh --artifacts, when .gpu/qcc.xz
+# is carried): perplexity of the w4a4 artifact and greedy text from the KV-cache artifact.
+if [[ -d "$OUT/w4a4.qcc" ]]; then
+  "$QCC" eval "$OUT/w4a4.qcc" --perplexity "$OUT/eval.txt" --ctx 64 --windows 8 --json > "$OUT/ref-eval-w4a4.json"
+  cat "$OUT/ref-eval-w4a4.json"
+fi
+if [[ -d "$OUT/kv-fp16.qcc" ]]; then
+  "$QCC" run "$OUT/kv-fp16.qcc" --prompt "$(cat "$OUT/prompt.txt")" --max-tokens 12 > "$OUT/ref-run-kv-fp16.txt"
+  cat "$OUT/ref-run-kv-fp16.txt"
+fi
+# The compiler itself (statically linked MLIR, no GPU libraries needed at build time), compressed to travel.
+if [[ "${CARRY_QCC:-0}" == 1 ]]; then
+  strip -o "$WORK/qcc" "$QCC" && xz -T2 -6 -c "$WORK/qcc" > "$ROOT/.gpu/qcc.xz"
+  ls -la "$ROOT/.gpu/qcc.xz"
 fi
 rm -rf "$OUT"/*.qcc/model.qir.safetensors.tmp* 2>/dev/null || true
 du -sh "$OUT" "$OUT"/*
