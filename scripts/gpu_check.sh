@@ -5,7 +5,10 @@
 # The GPU machine has no Rust toolchain: build here and carry the stripped binary (and PTX fallback):
 #   cargo build --release -p qcc-runtime --features cuda --bin qcc-run
 #   mkdir -p .gpu && strip -o .gpu/qcc-run target/release/qcc-run && .gpu/qcc-run ptx .gpu/ptx
-# then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick]
+# then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick] [--profile] [--e2e] [--no-bench]
+#   --profile: Nsight Compute on the decode GEMV variants and cuBLAS fp16 at 11008x4096, M=1 (ncu-gemv.txt)
+#   --e2e:     the end-to-end decode benchmark (qcc-run bench --e2e: W4A4 vs fp16, Llama-2-7B shape)
+#   --no-bench: skip the kernel benchmark (check still runs)
 #
 # `bash scripts/gpu_check.sh --artifacts` instead checks compiled artifacts (built here by
 # scripts/gpu_artifacts.sh into .gpu/art/): for each of fp32, fp16, w8a8, w4a4, `qcc-run verify` (every
@@ -53,6 +56,33 @@ if [[ "${1:-}" == "--artifacts" ]]; then
     echo "== kv-fp16: greedy generation with the KV cache on the device"
     "$BIN" generate "$ART/kv-fp16.qcc" --ids "$ART/prompt.npy" --max-tokens 16 --check 2>&1 | tee "$OUT/generate.txt" || status=1
   fi
+  for name in fp16 w4a4; do
+    [[ -d "$ART/$name.qcc" ]] || continue
+    echo "== $name: perplexity on the GPU (runtime CudaLm, the path of qcc eval --device cuda) vs the CPU executor"
+    "$BIN" eval "$ART/$name.qcc" --ids "$ART/ids.npy" --ctx 64 --check > "$OUT/eval-$name.txt" 2>&1 || status=1
+    tail -n 2 "$OUT/eval-$name.txt"
+  done
+  if [[ -f "$ROOT/.gpu/qcc.xz" ]]; then
+    xz -dc "$ROOT/.gpu/qcc.xz" > /tmp/qcc && chmod +x /tmp/qcc
+    echo "== qcc eval --device cuda (the compiler's CLI) vs its CPU run here: $(cat "$ART/ref-eval-w4a4.json")"
+    /tmp/qcc eval "$ART/w4a4.qcc" --device cuda --perplexity "$ART/eval.txt" --ctx 64 --windows 8 --json \
+      2>&1 | tee "$OUT/qcc-eval-cuda.txt" || status=1
+    gpu_ppl="$(grep -o '"ppl":[0-9.e+-]*' "$OUT/qcc-eval-cuda.txt" | cut -d: -f2)"
+    cpu_ppl="$(grep -o '"ppl":[0-9.e+-]*' "$ART/ref-eval-w4a4.json" | cut -d: -f2)"
+    awk -v g="$gpu_ppl" -v c="$cpu_ppl" 'BEGIN { r = (g - c) / c; if (r < 0) r = -r;
+      printf "%s qcc eval --device cuda ppl %s vs cpu %s: relative difference %.2e (bound 1e-3)\n", (g != "" && r <= 1e-3) ? "PASS" : "FAIL", g, c, r;
+      exit !(g != "" && r <= 1e-3) }' | tee -a "$OUT/qcc-eval-cuda.txt" || status=1
+    if [[ -d "$ART/kv-fp16.qcc" ]]; then
+      echo "== qcc run --device cuda --prompt (KV cache on the GPU) vs its CPU run here"
+      /tmp/qcc run "$ART/kv-fp16.qcc" --device cuda --prompt "$(cat "$ART/prompt.txt")" --max-tokens 12 > "$OUT/qcc-run-cuda.txt" 2> "$OUT/qcc-run-cuda.err" || status=1
+      cat "$OUT/qcc-run-cuda.txt" "$OUT/qcc-run-cuda.err"
+      if cmp -s "$OUT/qcc-run-cuda.txt" "$ART/ref-run-kv-fp16.txt"; then
+        echo "PASS generated text equals the CPU executor's"
+      else
+        echo "FAIL generated text differs from the CPU executor's: $(cat "$ART/ref-run-kv-fp16.txt")"; status=1
+      fi
+    fi
+  fi
   for name in w8a8 w4a4; do
     echo "== $name: verify with 77 tokens (plan made for more)"
     "$BIN" verify "$ART/$name.qcc" --input input_ids="$ART/ids-77.npy" | tail -n 1 || status=1
@@ -65,12 +95,43 @@ if [[ "${1:-}" == "--artifacts" ]]; then
   echo "gpu_check status: $status"
   exit $status
 fi
+profile=0; e2e=0; bench=1; bench_args=()
+for a in "$@"; do
+  case "$a" in
+    --profile) profile=1 ;;
+    --e2e) e2e=1 ;;
+    --no-bench) bench=0 ;;
+    *) bench_args+=("$a") ;;
+  esac
+done
 "$BIN" info 2>&1 | tee "$OUT/info.txt" || status=1
 "$BIN" check > "$OUT/check.txt" 2>&1 || status=1
 echo "check: $(grep -c '^PASS' "$OUT/check.txt") passed, $(grep -c '^FAIL' "$OUT/check.txt") failed"
 grep -v '^PASS' "$OUT/check.txt"
-"$BIN" bench "$@" --out "$OUT/bench.txt" > "$OUT/bench-log.txt" 2>&1 || { status=1; tail -n 20 "$OUT/bench-log.txt"; }
-head -n 1 "$OUT/bench.txt"
-sed -n '/== summary/,$p' "$OUT/bench.txt"
+if ((profile)); then
+  echo "== ncu: decode GEMV 11008x4096 M=1 (ours and cuBLAS fp16)"
+  NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
+  if [[ -n "$NCU" ]]; then
+    timeout 240 "$NCU" --clock-control none -k 'regex:gemv|gemm|xmma|sm90' \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats \
+      --metrics dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,smsp__warps_issue_stalled_long_scoreboard_per_warp_active.pct,sm__warps_active.avg.pct_of_peak_sustained_active \
+      "$BIN" bench --profile ${QCC_PROFILE_KERNELS:-} > "$OUT/ncu-gemv.txt" 2>&1 || status=1
+    grep -E '^  [a-z_0-9]+(gemv|gemm)|^  [^ ].*\(|Duration|DRAM Throughput|Memory Throughput|dram__bytes_read|dram__throughput|sectors_pipe|requests_pipe|long_scoreboard|Achieved Occupancy|Theoretical Occupancy|Registers Per|Waves Per SM|Block Limit Reg|sm__warps_active|Warp Cycles Per Issued' "$OUT/ncu-gemv.txt" | head -n 200
+  else
+    echo "ncu not found"
+  fi
+fi
+if ((e2e)); then
+  "$BIN" bench --e2e --out "$OUT/e2e.txt" > "$OUT/e2e-log.txt" 2>&1 || { status=1; tail -n 30 "$OUT/e2e-log.txt"; }
+  cat "$OUT/e2e.txt" 2>/dev/null
+fi
+if ((bench)); then
+  "$BIN" bench "${bench_args[@]}" --out "$OUT/bench.txt" > "$OUT/bench-log.txt" 2>&1 || { status=1; tail -n 20 "$OUT/bench-log.txt"; }
+  head -n 1 "$OUT/bench.txt"
+  echo "== every variant, 11008x4096 M=1"
+  grep -E '11008x4096 +M=1 ' "$OUT/bench.txt" | grep -v '== summary'
+  sed -n '/== summary/,$p' "$OUT/bench.txt"
+fi
 echo "gpu_check status: $status"
 exit $status

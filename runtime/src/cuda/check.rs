@@ -5,7 +5,7 @@
 use half::f16;
 
 use super::device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
-use super::pack::{pack_int4_split, reference_w4_linear, Epilogue, SplitMix64};
+use super::pack::{pack_int4_split, pack_int4_tiled, reference_w4_linear, Epilogue, SplitMix64};
 use super::CudaError;
 use cudarc::driver::DevicePtr;
 
@@ -107,7 +107,12 @@ pub fn run_case(gpu: &Gpu, case: CheckCase) -> Result<CheckReport, CudaError> {
     let want = reference_w4_linear(&x, &w, m, n, k, &ep);
 
     let bad_shape = |what: &str| CudaError::BadShape { kernel: case.kernel.name(), what: what.to_string() };
-    let w_packed = pack_int4_split(&w, n, k).ok_or_else(|| bad_shape("weights do not pack"))?;
+    let mut w_packed = pack_int4_split(&w, n, k).ok_or_else(|| bad_shape("weights do not pack"))?;
+    if let KernelChoice::Gemv(v) = case.kernel {
+        if v.tiled() {
+            w_packed = pack_int4_tiled(&w_packed, n, k).ok_or_else(|| bad_shape("weights do not tile"))?;
+        }
+    }
     let stream = &gpu.stream;
     let d_w = stream.clone_htod(&w_packed)?;
     let d_x = match act {

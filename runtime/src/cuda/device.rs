@@ -42,32 +42,83 @@ pub enum ActBits {
     A8,
 }
 
+/// Weight layout a GEMV variant reads (runtime/src/cuda/pack.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvLayout {
+    /// Split-nibble rows [N, K/8] ([`super::pack::pack_int4_split`]).
+    Rows,
+    /// Tiled [N/8][ceil(K/128)][32][4] ([`super::pack::pack_int4_tiled`]): 512 contiguous bytes per
+    /// warp load.
+    Tiled,
+    /// Tiled, with the `.L2::256B` prefetch hint on the weight loads.
+    TiledPrefetch,
+    /// Tiled, software-pipelined loop (next batch's loads in flight during this batch's MMAs).
+    TiledPipelined,
+    /// Tiled, cp.async into a per-warp ring of 4 batches in shared memory.
+    TiledAsync,
+    /// As [`GemvLayout::TiledPipelined`] with two n8 tiles per warp (activations unpacked once).
+    TiledPipelined2,
+}
+
 /// A decode GEMV variant (must match an instantiation in kernels/w4_gemv.cu): activation format,
-/// warps splitting K, and 16-byte weight loads per thread in flight.
+/// warps splitting K, 16-byte weight loads per thread in flight, and weight layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
     pub act: ActBits,
     pub ksplit: u32,
     pub unroll: u32,
+    pub layout: GemvLayout,
 }
 
 impl GemvVariant {
-    pub const ALL: [GemvVariant; 10] = {
-        const fn v(act: ActBits, ksplit: u32, unroll: u32) -> GemvVariant {
-            GemvVariant { act, ksplit, unroll }
+    pub const ALL: [GemvVariant; 39] = {
+        const fn v(act: ActBits, ksplit: u32, unroll: u32, layout: GemvLayout) -> GemvVariant {
+            GemvVariant { act, ksplit, unroll, layout }
         }
         use ActBits::{A4, A8};
+        use GemvLayout::{
+            Rows as R, Tiled as T, TiledAsync as S, TiledPipelined as Q, TiledPipelined2 as Q2, TiledPrefetch as P,
+        };
         [
-            v(A4, 2, 8),
-            v(A4, 4, 4),
-            v(A4, 4, 8),
-            v(A4, 8, 4),
-            v(A4, 16, 2),
-            v(A8, 2, 8),
-            v(A8, 4, 4),
-            v(A8, 4, 8),
-            v(A8, 8, 4),
-            v(A8, 16, 2),
+            v(A4, 2, 8, R),
+            v(A4, 4, 4, R),
+            v(A4, 4, 8, R),
+            v(A4, 8, 4, R),
+            v(A4, 16, 2, R),
+            v(A8, 2, 8, R),
+            v(A8, 4, 4, R),
+            v(A8, 4, 8, R),
+            v(A8, 8, 4, R),
+            v(A8, 16, 2, R),
+            v(A4, 4, 4, T),
+            v(A4, 8, 2, T),
+            v(A4, 8, 4, T),
+            v(A4, 16, 2, T),
+            v(A8, 8, 4, T),
+            v(A8, 16, 2, T),
+            v(A4, 4, 4, P),
+            v(A4, 8, 4, P),
+            v(A4, 16, 2, P),
+            v(A4, 1, 2, Q),
+            v(A4, 1, 4, Q),
+            v(A4, 2, 2, Q),
+            v(A4, 2, 4, Q),
+            v(A4, 4, 2, Q),
+            v(A4, 4, 4, Q),
+            v(A8, 1, 4, Q),
+            v(A8, 2, 2, Q),
+            v(A4, 1, 2, S),
+            v(A4, 1, 4, S),
+            v(A4, 2, 2, S),
+            v(A4, 2, 4, S),
+            v(A4, 4, 2, S),
+            v(A4, 4, 4, S),
+            v(A8, 2, 2, S),
+            v(A4, 2, 2, Q2),
+            v(A4, 2, 4, Q2),
+            v(A4, 4, 2, Q2),
+            v(A4, 4, 4, Q2),
+            v(A4, 8, 2, Q2),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -75,7 +126,47 @@ impl GemvVariant {
             ActBits::A4 => "w4a4",
             ActBits::A8 => "w4a8",
         };
-        format!("{act}_gemv_ks{}_u{}", self.ksplit, self.unroll)
+        let layout = match self.layout {
+            GemvLayout::Rows => "gemv",
+            GemvLayout::Tiled => "gemvt",
+            GemvLayout::TiledPrefetch => "gemvtp",
+            GemvLayout::TiledPipelined => "gemvq",
+            GemvLayout::TiledAsync => "gemva",
+            GemvLayout::TiledPipelined2 => "gemvq2",
+        };
+        format!("{act}_{layout}_ks{}_u{}", self.ksplit, self.unroll)
+    }
+    /// u32 words of the weight operand of an [n, k] matrix in this variant's layout.
+    pub fn weight_words(&self, n: usize, k: usize) -> usize {
+        match self.layout {
+            GemvLayout::Rows => n * k / 8,
+            GemvLayout::Tiled
+            | GemvLayout::TiledPrefetch
+            | GemvLayout::TiledPipelined
+            | GemvLayout::TiledAsync
+            | GemvLayout::TiledPipelined2 => super::pack::tiled_words(n, k),
+        }
+    }
+    /// Dynamic shared memory of a launch (the cp.async ring of the `gemva` kernels: 4 stages).
+    pub fn shared_bytes(&self) -> u32 {
+        match self.layout {
+            GemvLayout::TiledAsync => {
+                let pieces = match self.act {
+                    ActBits::A4 => 3,
+                    ActBits::A8 => 5,
+                };
+                self.ksplit * 4 * self.unroll * pieces * 512
+            }
+            _ => 0,
+        }
+    }
+    /// Whether the weights are in the tiled layout.
+    pub fn tiled(&self) -> bool {
+        self.layout != GemvLayout::Rows
+    }
+    /// Looks a variant up by kernel name.
+    pub fn by_name(name: &str) -> Option<GemvVariant> {
+        Self::ALL.into_iter().find(|v| v.kernel_name() == name)
     }
 }
 
@@ -199,11 +290,20 @@ impl Gpu {
         if a.m > 16 {
             return Err(CudaError::BadShape { kernel: name, what: format!("M={} > 16 (use the GEMM)", a.m) });
         }
-        let f = self.function("w4_gemv", &name)?;
+        // The pipelined kernels have a twin without the MMA's rows 8..15 for M <= 8.
+        let pipelined = matches!(variant.layout, GemvLayout::TiledPipelined | GemvLayout::TiledPipelined2);
+        let entry = if pipelined && a.m <= 8 { format!("{name}_m8") } else { name.clone() };
+        let f = self.function("w4_gemv", &entry)?;
+        let smem = variant.shared_bytes();
+        if smem > 0 {
+            // Static + dynamic shared memory above 48 KiB needs the opt-in (set whenever used).
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+        }
+        let tiles_per_block = if variant.layout == GemvLayout::TiledPipelined2 { 2 } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: ((a.n / 8) as u32, 1, 1),
+            grid_dim: ((a.n / 8).div_ceil(tiles_per_block) as u32, 1, 1),
             block_dim: (variant.ksplit * 32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         self.launch_linear(&f, &name, cfg, a)
     }

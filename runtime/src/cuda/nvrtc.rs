@@ -25,6 +25,8 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("linear", include_str!("../../kernels/linear.cu")),
     ("attention", include_str!("../../kernels/attention.cu")),
     ("hadamard", include_str!("../../kernels/hadamard.cu")),
+    // Decoder kernels of the end-to-end decode benchmark (src/cuda/e2e.rs).
+    ("decoder", include_str!("../../kernels/decoder.cu")),
 ];
 
 /// The architecture every kernel is built for.

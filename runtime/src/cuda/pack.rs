@@ -48,6 +48,47 @@ pub fn unpack_int4_split(words: &[u32]) -> Vec<i8> {
     out
 }
 
+/// Number of u32 words of the tiled GEMV weight layout of an [n, k] int4 matrix (`n % 8 == 0`,
+/// `k % 8 == 0`): n/8 tiles of ceil(k/128) chunks of 512 bytes.
+pub fn tiled_words(n: usize, k: usize) -> usize {
+    n / 8 * k.div_ceil(128) * 128
+}
+
+/// Reorders split-nibble words [n, k/8] (from [`pack_int4_split`]) into the tiled layout of the
+/// `gemvt` kernels (runtime/kernels/w4_gemv.cu): `[n/8][ceil(k/128)][32 lanes][4 words]`, where lane
+/// `l` holds words `4*(l%4)..4*(l%4)+4` of chunk c of row `8*tile + l/4`, zero past k (zero int4
+/// values, which add nothing). Returns `None` unless `n % 8 == 0`, `k % 8 == 0` and the length fits.
+pub fn pack_int4_tiled(words: &[u32], n: usize, k: usize) -> Option<Vec<u32>> {
+    if !n.is_multiple_of(8) || !k.is_multiple_of(8) || words.len() != n.checked_mul(k / 8)? {
+        return None;
+    }
+    let (wpr, chunks) = (k / 8, k.div_ceil(128));
+    let mut out = vec![0u32; tiled_words(n, k)];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let (word, lane, chunk, tile) = (i % 4, (i / 4) % 32, (i / 128) % chunks, i / (128 * chunks));
+        let row = 8 * tile + lane / 4;
+        let col = chunk * 16 + 4 * (lane % 4) + word;
+        if col < wpr {
+            *slot = words[row * wpr + col];
+        }
+    }
+    Some(out)
+}
+
+/// Inverse of [`pack_int4_tiled`]: split-nibble words [n, k/8].
+pub fn unpack_int4_tiled(tiled: &[u32], n: usize, k: usize) -> Vec<u32> {
+    let (wpr, chunks) = (k / 8, k.div_ceil(128));
+    let mut out = vec![0u32; n * wpr];
+    for (row, out_row) in out.chunks_exact_mut(wpr).enumerate() {
+        for (col, w) in out_row.iter_mut().enumerate() {
+            let (tile, g, chunk, within) = (row / 8, row % 8, col / 16, col % 16);
+            let lane = 4 * g + within / 4;
+            *w = tiled[((tile * chunks + chunk) * 32 + lane) * 4 + within % 4];
+        }
+    }
+    out
+}
+
 /// Epilogue inputs shared by the reference and the kernels.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
@@ -146,6 +187,28 @@ mod tests {
                 assert_eq!(hi[j] as i8 as i32, 16 * q[4 + j] as i32);
             }
         }
+    }
+
+    #[test]
+    fn tiled_layout_round_trips_and_pads_with_zeros() {
+        let mut rng = SplitMix64(5);
+        for &(n, k) in &[(16usize, 576usize), (8, 128), (24, 4096), (8, 32)] {
+            let v = rng.i8_vec(n * k, -8, 7);
+            let words = pack_int4_split(&v, n, k).unwrap();
+            let tiled = pack_int4_tiled(&words, n, k).unwrap();
+            assert_eq!(tiled.len(), tiled_words(n, k));
+            assert_eq!(unpack_int4_tiled(&tiled, n, k), words);
+            // Lane 5 of chunk 0 of tile 0 is row 1, words 4..8 (zero padding when k < 64).
+            if k >= 64 {
+                assert_eq!(&tiled[20..24], &words[k / 8 + 4..k / 8 + 8]);
+            } else {
+                assert_eq!(&tiled[20..24], &[0; 4]);
+            }
+            // Everything beyond the real words is zero padding.
+            let nonzero_words = tiled.iter().filter(|&&w| w != 0).count();
+            assert!(nonzero_words <= words.len());
+        }
+        assert!(pack_int4_tiled(&[0; 4], 4, 8).is_none());
     }
 
     #[test]
