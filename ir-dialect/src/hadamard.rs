@@ -126,25 +126,25 @@ impl Hadamard {
             return Err(HadamardError { expected: self.n, actual: x.len() });
         }
         let scale = 1.0 / (self.block as f64).sqrt();
-        let mut column = vec![0f64; self.m];
+        let (m, p) = (self.m, self.pow2);
+        let mut out = vec![0f64; if m > 1 { self.block } else { 0 }];
         for block in x.chunks_exact_mut(self.block) {
-            for row in block.chunks_exact_mut(self.pow2) {
+            for row in block.chunks_exact_mut(p) {
                 fwht(row);
             }
-            if self.m > 1 {
-                for r in 0..self.pow2 {
-                    for (a, c) in column.iter_mut().enumerate() {
-                        let mut acc = 0f64;
-                        for b in 0..self.m {
-                            let h = if transpose { self.dense[b * self.m + a] } else { self.dense[a * self.m + b] };
-                            acc += f64::from(h) * block[b * self.pow2 + r];
+            if m > 1 {
+                // Dense factor: output row a (p values) = sum_b H[a][b] * input row b, accumulated in b
+                // order over whole rows (vectorisable; each element sees the same sums as one at a time).
+                out.fill(0.0);
+                for (a, o) in out.chunks_exact_mut(p).enumerate() {
+                    for (b, xb) in block.chunks_exact(p).enumerate() {
+                        let h = f64::from(if transpose { self.dense[b * m + a] } else { self.dense[a * m + b] });
+                        for (ov, &xv) in o.iter_mut().zip(xb) {
+                            *ov += h * xv;
                         }
-                        *c = acc;
-                    }
-                    for (a, c) in column.iter().enumerate() {
-                        block[a * self.pow2 + r] = *c;
                     }
                 }
+                block.copy_from_slice(&out);
             }
             block.iter_mut().for_each(|v| *v *= scale);
         }

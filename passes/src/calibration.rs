@@ -8,6 +8,10 @@
 //! log-scale |x| histogram per channel (percentiles), and on request the Gram matrix X^T X (GPTQ) and a
 //! fixed reservoir sample of rows (layer-output-error searches).
 //!
+//! Samples run through the executor [`CALIBRATION_BATCH`] at a time, stacked along the batch axis,
+//! when the graph takes that (otherwise one at a time); the per-channel updates run over channel ranges
+//! in parallel, and X^T X is accumulated block-triangle only (it is symmetric).
+//!
 //! Channel = the last axis; every other axis indexes tokens; the token's *position* is its index along
 //! the second-to-last axis (so position 0 of `[B, S, K]` is the first token of each sequence).
 //!
@@ -169,6 +173,29 @@ pub struct CalibrationState {
     preserve_once: bool,
     /// Forward passes over the calibration set run so far (for tests and reports).
     pub collections: usize,
+    /// Where the time of the collections since the last [`PassContext::take_collection_timing`] went.
+    timing: Option<CollectionTiming>,
+}
+
+/// Wall time of statistics collection, split into the executor's forward passes and the statistics
+/// updates (observer), for `--pass-stats` notes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CollectionTiming {
+    pub forward_s: f64,
+    pub observe_s: f64,
+    pub tokens: u64,
+    /// Samples per executor run (1 when the graph did not take batched inputs).
+    pub batch: usize,
+}
+
+impl fmt::Display for CollectionTiming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "calibration over {} tokens in batches of {}: {:.1} s forward, {:.1} s statistics",
+            self.tokens, self.batch, self.forward_s, self.observe_s
+        )
+    }
 }
 
 impl PassContext {
@@ -203,6 +230,11 @@ impl PassContext {
         ctx
     }
 
+    /// The time spent collecting statistics since the last call (`None` if nothing was collected).
+    pub fn take_collection_timing(&mut self) -> Option<CollectionTiming> {
+        self.calibration_state_mut().timing.take()
+    }
+
     /// How many collections (full passes over the calibration set) have run.
     pub fn calibration_collections(&self) -> usize {
         self.calibration_state().collections
@@ -222,6 +254,27 @@ impl PassContext {
         }
         state.cache.clear();
         state.fingerprint = None;
+    }
+
+    /// As [`PassContext::activation_stats`], but moves the statistics out of the cache instead of
+    /// lending them (no copy of the Gram matrices): for the last reader of this graph state, e.g. a pass
+    /// that is about to change the activations. A value requested twice gets a copy the second time.
+    pub fn take_activation_stats(
+        &mut self,
+        graph: &Graph,
+        request: &StatsRequest,
+    ) -> Result<Vec<ChannelStats>, PassError> {
+        self.activation_stats(graph, request)?;
+        let state = self.calibration_state_mut();
+        let values = &request.values;
+        (0..values.len())
+            .map(|i| {
+                let v = &values[i];
+                // Moved out at the value's last occurrence in the request, copied before it.
+                let s = if values[i + 1..].contains(v) { state.cache.get(v).cloned() } else { state.cache.remove(v) };
+                s.ok_or_else(|| PassError::Other(format!("statistics of {v:?} missing")))
+            })
+            .collect()
     }
 
     /// Statistics of `request.values` on the current graph, in request order. Runs the CPU executor over
@@ -260,8 +313,13 @@ impl PassContext {
             let stats = match loaded {
                 Some(stats) => stats,
                 None => {
-                    let collected = collect_stats(graph, &set, &sub, state.progress)?;
+                    let (collected, t) = collect_stats_timed(graph, &set, &sub, state.progress)?;
                     state.collections += 1;
+                    let total = state.timing.get_or_insert_with(Default::default);
+                    total.forward_s += t.forward_s;
+                    total.observe_s += t.observe_s;
+                    total.tokens += t.tokens;
+                    total.batch = t.batch;
                     if let (Some(store), Some(key)) = (&state.store, &store_key) {
                         store.save(key, &encode_stats(&collected));
                     }
@@ -285,9 +343,53 @@ impl PassContext {
 struct Accumulator {
     stats: ChannelStats,
     sum: Vec<f64>,
+    /// Position-0 rows seen so far (for `gram_first`, computed once in `finish`).
+    first_rows: Vec<f32>,
     sample_capacity: usize,
     rows_offered: u64,
     rng: u64,
+}
+
+/// Channels per parallel task when updating the per-channel statistics.
+const CHANNEL_CHUNK: usize = 64;
+
+/// One task's share of the per-channel statistics (a contiguous channel range).
+struct ChannelSlices<'a> {
+    c0: usize,
+    min: &'a mut [f32],
+    max: &'a mut [f32],
+    absmax: &'a mut [f32],
+    sum: &'a mut [f64],
+    absmax_ex: &'a mut [f32],
+    min_ex: &'a mut [f32],
+    max_ex: &'a mut [f32],
+    hist: &'a mut [u32],
+}
+
+impl ChannelSlices<'_> {
+    /// Adds rows of `data` (row-major, `k` columns) to this channel range.
+    fn observe(&mut self, data: &[f32], k: usize, seq: usize) {
+        let len = self.min.len();
+        for (r, full) in data.chunks_exact(k).enumerate() {
+            let row = &full[self.c0..self.c0 + len];
+            for (i, &x) in row.iter().enumerate() {
+                self.min[i] = self.min[i].min(x);
+                self.max[i] = self.max[i].max(x);
+                self.absmax[i] = self.absmax[i].max(x.abs());
+                self.sum[i] += x as f64;
+            }
+            if r % seq != 0 {
+                for (i, &x) in row.iter().enumerate() {
+                    self.absmax_ex[i] = self.absmax_ex[i].max(x.abs());
+                    self.min_ex[i] = self.min_ex[i].min(x);
+                    self.max_ex[i] = self.max_ex[i].max(x);
+                }
+            }
+            for (i, &x) in row.iter().enumerate() {
+                self.hist[i * HIST_BINS + ChannelHistogram::bin(x)] += 1;
+            }
+        }
+    }
 }
 
 impl Accumulator {
@@ -311,6 +413,7 @@ impl Accumulator {
                 sample_positions: (request.sample_rows > 0).then(Vec::new),
             },
             sum: vec![0.0; k],
+            first_rows: Vec::new(),
             sample_capacity: request.sample_rows,
             rows_offered: 0,
             rng: seed | 1,
@@ -328,42 +431,55 @@ impl Accumulator {
     /// Adds a tensor's rows. `data` is row-major with `channels` columns; `seq` is the length of the
     /// second-to-last axis (1 for vectors).
     fn observe(&mut self, data: &[f32], seq: usize) {
+        use rayon::prelude::*;
         let k = self.stats.channels;
         if k == 0 {
             return;
         }
+        let seq = seq.max(1);
         let rows = data.len() / k;
+        let data = &data[..rows * k];
         let s = &mut self.stats;
-        for r in 0..rows {
-            let row = &data[r * k..(r + 1) * k];
-            let first = r % seq.max(1) == 0;
-            for (c, &x) in row.iter().enumerate() {
-                s.min[c] = s.min[c].min(x);
-                s.max[c] = s.max[c].max(x);
-                s.absmax[c] = s.absmax[c].max(x.abs());
-                self.sum[c] += x as f64;
-                s.histogram.counts[c * HIST_BINS + ChannelHistogram::bin(x)] += 1;
-                if !first {
-                    s.absmax_excluding_first[c] = s.absmax_excluding_first[c].max(x.abs());
-                    s.min_excluding_first[c] = s.min_excluding_first[c].min(x);
-                    s.max_excluding_first[c] = s.max_excluding_first[c].max(x);
+        // Per-channel statistics, channel ranges in parallel (each range reads every row).
+        let mut slices: Vec<ChannelSlices> = s
+            .min
+            .chunks_mut(CHANNEL_CHUNK)
+            .zip(s.max.chunks_mut(CHANNEL_CHUNK))
+            .zip(s.absmax.chunks_mut(CHANNEL_CHUNK))
+            .zip(self.sum.chunks_mut(CHANNEL_CHUNK))
+            .zip(s.absmax_excluding_first.chunks_mut(CHANNEL_CHUNK))
+            .zip(s.min_excluding_first.chunks_mut(CHANNEL_CHUNK))
+            .zip(s.max_excluding_first.chunks_mut(CHANNEL_CHUNK))
+            .zip(s.histogram.counts.chunks_mut(CHANNEL_CHUNK * HIST_BINS))
+            .enumerate()
+            .map(|(i, (((((((min, max), absmax), sum), absmax_ex), min_ex), max_ex), hist))| ChannelSlices {
+                c0: i * CHANNEL_CHUNK,
+                min,
+                max,
+                absmax,
+                sum,
+                absmax_ex,
+                min_ex,
+                max_ex,
+                hist,
+            })
+            .collect();
+        let gram = s.gram.as_mut();
+        rayon::join(
+            || slices.par_iter_mut().for_each(|sl| sl.observe(data, k, seq)),
+            || {
+                if let Some(g) = gram {
+                    add_gram(g, data, rows, k);
                 }
-            }
-            if first {
-                if let Some(g) = s.gram_first.as_mut() {
-                    for i in 0..k {
-                        let xi = row[i] as f64;
-                        for j in 0..k {
-                            g[i * k + j] += xi * row[j] as f64;
-                        }
-                    }
-                }
+            },
+        );
+        drop(slices);
+        if s.gram_first.is_some() {
+            for r in (0..rows).step_by(seq) {
+                self.first_rows.extend_from_slice(&data[r * k..(r + 1) * k]);
             }
         }
         s.tokens += rows as u64;
-        if let Some(g) = s.gram.as_mut() {
-            add_gram(g, data, rows, k);
-        }
         if self.sample_capacity > 0 {
             for r in 0..rows {
                 let t = self.rows_offered;
@@ -376,7 +492,7 @@ impl Accumulator {
                 };
                 let Some(slot) = slot else { continue };
                 let row = &data[r * k..(r + 1) * k];
-                let pos = (r % seq.max(1)) as u32;
+                let pos = (r % seq) as u32;
                 let (Some(rows_buf), Some(positions)) =
                     (self.stats.sample_rows.as_mut(), self.stats.sample_positions.as_mut())
                 else {
@@ -395,6 +511,7 @@ impl Accumulator {
 
     fn finish(mut self) -> ChannelStats {
         let s = &mut self.stats;
+        let k = s.channels;
         if s.tokens > 0 {
             for (m, sum) in s.mean.iter_mut().zip(&self.sum) {
                 *m = (sum / s.tokens as f64) as f32;
@@ -410,40 +527,97 @@ impl Accumulator {
                 *v = 0.0;
             }
         }
+        // `add_gram` fills the upper triangle only.
+        if let Some(g) = s.gram.as_mut() {
+            mirror_upper(g, k);
+        }
+        if let Some(g) = s.gram_first.as_mut() {
+            // The position-0 rows' Gram matrix in f64 (exact products, as the rows are few).
+            let first: Vec<f64> = self.first_rows.iter().map(|&v| v as f64).collect();
+            let n = first.len() / k.max(1);
+            if n > 0 {
+                // SAFETY: `first` is [n x k] row-major and `g` is [k x k]; the strides describe exactly that.
+                unsafe {
+                    matrixmultiply::dgemm(
+                        k,
+                        n,
+                        k,
+                        1.0,
+                        first.as_ptr(),
+                        1,
+                        k as isize,
+                        first.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        g.as_mut_ptr(),
+                        k as isize,
+                        1,
+                    );
+                }
+            }
+        }
         self.stats
     }
 }
 
-/// g += X^T X for `rows x k` row-major X, via an f32 GEMM per chunk (exact enough for a Hessian) and
-/// f64 accumulation across chunks.
+/// Copies the upper triangle of the `[k x k]` matrix onto the lower one.
+fn mirror_upper(g: &mut [f64], k: usize) {
+    for i in 0..k {
+        for j in 0..i {
+            g[i * k + j] = g[j * k + i];
+        }
+    }
+}
+
+/// Channels per block of the Gram matrix: only blocks on or above the diagonal are computed.
+const GRAM_BLOCK: usize = 128;
+
+/// Upper triangle (blocks on and above the diagonal) of g += X^T X for `rows x k` row-major X, via one f32
+/// GEMM per block and chunk of rows (exact enough for a Hessian) and f64 accumulation across chunks.
+/// X^T X is symmetric, so the blocks below the diagonal are skipped ([`mirror_upper`] fills them once).
 fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
-    let mut chunk = vec![0f32; k * k];
-    const CHUNK_ROWS: usize = 256;
+    const CHUNK_ROWS: usize = 2048;
+    let nb = k.div_ceil(GRAM_BLOCK);
+    let bound = |b: usize| b * k / nb;
+    let blocks: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
     let mut start = 0;
     while start < rows {
         let n = CHUNK_ROWS.min(rows - start);
         let x = &data[start * k..(start + n) * k];
-        // C[k x k] = X^T[k x n] X[n x k]; X^T is X with swapped strides.
-        unsafe {
-            matrixmultiply::sgemm(
-                k,
-                n,
-                k,
-                1.0,
-                x.as_ptr(),
-                1,
-                k as isize,
-                x.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                chunk.as_mut_ptr(),
-                k as isize,
-                1,
-            );
-        }
-        for (a, &b) in g.iter_mut().zip(&chunk) {
-            *a += b as f64;
+        // Block C[i-range x j-range] = X[:, i]^T X[:, j] (X^T is X with swapped strides), added to g.
+        // One block at a time: matrixmultiply spreads each product over the cores itself.
+        let mut c = Vec::new();
+        for &(bi, bj) in &blocks {
+            let (i0, i1, j0, j1) = (bound(bi), bound(bi + 1), bound(bj), bound(bj + 1));
+            let (m, w) = (i1 - i0, j1 - j0);
+            c.resize(m * w, 0f32);
+            // SAFETY: the A operand starts at column i0 of X and reads m columns of n rows (row stride k),
+            // the B operand column j0 and w columns; both stay inside `x` ([n x k]). C is [m x w].
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    n,
+                    w,
+                    1.0,
+                    x.as_ptr().add(i0),
+                    1,
+                    k as isize,
+                    x.as_ptr().add(j0),
+                    k as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    w as isize,
+                    1,
+                );
+            }
+            for r in 0..m {
+                let grow = &mut g[(i0 + r) * k + j0..(i0 + r) * k + j1];
+                for (a, &b) in grow.iter_mut().zip(&c[r * w..(r + 1) * w]) {
+                    *a += b as f64;
+                }
+            }
         }
         start += n;
     }
@@ -457,13 +631,24 @@ pub fn collect_stats(
     request: &StatsRequest,
     progress: bool,
 ) -> Result<Vec<ChannelStats>, PassError> {
+    collect_stats_timed(graph, set, request, progress).map(|(stats, _)| stats)
+}
+
+/// [`collect_stats`], also returning where the time went.
+fn collect_stats_timed(
+    graph: &Graph,
+    set: &CalibrationSet,
+    request: &StatsRequest,
+    progress: bool,
+) -> Result<(Vec<ChannelStats>, CollectionTiming), PassError> {
+    let started = std::time::Instant::now();
+    let mut observe_time = std::time::Duration::ZERO;
+    let mut tokens = 0u64;
     if set.samples.is_empty() {
         return Err(PassError::Other("the calibration set has no samples".into()));
     }
     let pruned = prune_to(graph, &request.values);
     let exec = CpuExecutor::new(&pruned).map_err(|e| PassError::Other(format!("calibration: {e}")))?;
-    let index: HashMap<Value, usize> = request.values.iter().enumerate().map(|(i, v)| (*v, i)).collect();
-    let mut accs: Vec<Option<Accumulator>> = (0..request.values.len()).map(|_| None).collect();
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(set.samples.len() as u64);
         bar.set_style(
@@ -474,16 +659,121 @@ pub fn collect_stats(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    for sample in &set.samples {
-        let inputs: Vec<(&str, RtTensor)> = sample
-            .iter()
-            .map(|(name, t)| {
-                RtTensor::from_ir_tensor(t)
-                    .map(|rt| (name.as_str(), rt))
-                    .map_err(|e| PassError::Other(format!("calibration input '{name}': {e}")))
+    // Samples run in batches (fewer, larger products); a graph that does not take a batched input
+    // (an error, or a statistic value whose leading axis is not the batch) is run again one sample at
+    // a time from scratch.
+    let mut batch = CALIBRATION_BATCH;
+    let accs = match run_collection(graph, &exec, set, request, batch, &bar, &mut observe_time) {
+        Ok(accs) => accs,
+        Err(Collection::NotBatchable) => {
+            bar.reset();
+            observe_time = std::time::Duration::ZERO;
+            batch = 1;
+            run_collection(graph, &exec, set, request, 1, &bar, &mut observe_time).map_err(Collection::into_error)?
+        }
+        Err(e) => return Err(e.into_error()),
+    };
+    bar.finish_and_clear();
+    if let Some(Some(a)) = accs.first() {
+        tokens = a.stats.tokens;
+    }
+    let finish_start = std::time::Instant::now();
+    let stats = accs
+        .into_iter()
+        .zip(&request.values)
+        .map(|(a, v)| {
+            a.map(Accumulator::finish).ok_or_else(|| {
+                PassError::Other(format!("calibration: value '{}' was never computed", graph.value_name(*v)))
             })
-            .collect::<Result<_, _>>()?;
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    observe_time += finish_start.elapsed();
+    let total = started.elapsed();
+    let timing = CollectionTiming {
+        forward_s: total.saturating_sub(observe_time).as_secs_f64(),
+        observe_s: observe_time.as_secs_f64(),
+        tokens,
+        batch,
+    };
+    Ok((stats, timing))
+}
+
+/// Calibration samples per executor run.
+const CALIBRATION_BATCH: usize = 8;
+
+/// Why a collection stopped.
+enum Collection {
+    /// The batched run does not fit the graph: run one sample at a time.
+    NotBatchable,
+    Failed(PassError),
+}
+
+impl Collection {
+    fn into_error(self) -> PassError {
+        match self {
+            Collection::NotBatchable => PassError::Other("calibration: samples could not be batched".into()),
+            Collection::Failed(e) => e,
+        }
+    }
+}
+
+/// The samples' inputs stacked along axis 0, when every sample has the same input names and each
+/// input is an integer tensor with a leading axis of 1 and the same shape in every sample.
+fn stack_samples(samples: &[Vec<(String, Tensor)>]) -> Option<Vec<(String, RtTensor)>> {
+    let first = samples.first()?;
+    first
+        .iter()
+        .enumerate()
+        .map(|(j, (name, t0))| {
+            if t0.dtype != qcc_ir::DType::I64 || t0.dims.first() != Some(&1) {
+                return None;
+            }
+            let mut values: Vec<i64> = Vec::new();
+            for s in samples {
+                let (n, t) = s.get(j)?;
+                if n != name || t.dtype != t0.dtype || t.dims != t0.dims {
+                    return None;
+                }
+                values.extend(t.to_vec::<i64>().ok()?);
+            }
+            let mut dims = t0.dims.clone();
+            dims[0] = samples.len();
+            let stacked = RtTensor::from_ir_tensor(&Tensor::from_slice(dims, &values)).ok()?;
+            Some((name.clone(), stacked))
+        })
+        .collect()
+}
+
+/// One pass over the calibration set, `batch` samples per executor run; the accumulators in request order.
+fn run_collection(
+    graph: &Graph,
+    exec: &CpuExecutor,
+    set: &CalibrationSet,
+    request: &StatsRequest,
+    batch: usize,
+    bar: &indicatif::ProgressBar,
+    observe_time: &mut std::time::Duration,
+) -> Result<Vec<Option<Accumulator>>, Collection> {
+    let index: HashMap<Value, usize> = request.values.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+    let mut accs: Vec<Option<Accumulator>> = (0..request.values.len()).map(|_| None).collect();
+    for chunk in set.samples.chunks(batch) {
+        let inputs: Vec<(String, RtTensor)> = if batch == 1 {
+            chunk[0]
+                .iter()
+                .map(|(name, t)| {
+                    RtTensor::from_ir_tensor(t)
+                        .map(|rt| (name.clone(), rt))
+                        .map_err(|e| Collection::Failed(PassError::Other(format!("calibration input '{name}': {e}"))))
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            stack_samples(chunk).ok_or(Collection::NotBatchable)?
+        };
+        let (names, tensors): (Vec<String>, Vec<RtTensor>) = inputs.into_iter().unzip();
+        let inputs: Vec<(&str, RtTensor)> = names.iter().map(String::as_str).zip(tensors).collect();
+        let b = chunk.len();
         let mut failure: Option<String> = None;
+        let mut not_batchable = false;
         let mut observer = |v: Value, t: &RtTensor| {
             let Some(&i) = index.get(&v) else { return };
             if !t.dtype().is_float() {
@@ -491,8 +781,23 @@ pub fn collect_stats(
                 return;
             }
             let shape = t.shape();
+            let rank = shape.len();
             let k = shape.last().copied().unwrap_or(1);
-            let seq = if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 };
+            // The sequence length one sample would show (position = row index modulo it).
+            let seq = if batch == 1 {
+                if rank >= 2 {
+                    shape[rank - 2]
+                } else {
+                    1
+                }
+            } else if rank >= 3 && shape[0] == b {
+                shape[rank - 2]
+            } else if rank == 2 && shape[0].is_multiple_of(b) {
+                shape[0] / b
+            } else {
+                not_batchable = true;
+                return;
+            };
             let acc = accs[i].get_or_insert_with(|| Accumulator::new(k, request, 0x9e37_79b9_7f4a_7c15 ^ i as u64));
             if acc.stats.channels != k {
                 failure = Some(format!(
@@ -502,11 +807,13 @@ pub fn collect_stats(
                 ));
                 return;
             }
+            let t0 = std::time::Instant::now();
             let a = t.to_f32();
             match a.as_slice() {
                 Some(s) => acc.observe(s, seq),
                 None => acc.observe(&a.iter().copied().collect::<Vec<_>>(), seq),
             }
+            *observe_time += t0.elapsed();
         };
         // Graph inputs are not produced by a step, so the executor's observer never sees them.
         for (name, t) in &inputs {
@@ -514,21 +821,17 @@ pub fn collect_stats(
                 observer(v, t);
             }
         }
-        exec.run_observed(&inputs, &mut observer).map_err(|e| PassError::Other(format!("calibration: {e}")))?;
-        if let Some(f) = failure {
-            return Err(PassError::Other(format!("calibration: {f}")));
+        let run = exec.run_observed(&inputs, &mut observer);
+        if batch > 1 && (run.is_err() || not_batchable) {
+            return Err(Collection::NotBatchable);
         }
-        bar.inc(1);
+        run.map_err(|e| Collection::Failed(PassError::Other(format!("calibration: {e}"))))?;
+        if let Some(f) = failure {
+            return Err(Collection::Failed(PassError::Other(format!("calibration: {f}"))));
+        }
+        bar.inc(b as u64);
     }
-    bar.finish_and_clear();
-    accs.into_iter()
-        .zip(&request.values)
-        .map(|(a, v)| {
-            a.map(Accumulator::finish).ok_or_else(|| {
-                PassError::Other(format!("calibration: value '{}' was never computed", graph.value_name(*v)))
-            })
-        })
-        .collect()
+    Ok(accs)
 }
 
 /// A copy of `graph` whose outputs are `values` and which keeps only their ancestors (node ids are
@@ -815,6 +1118,51 @@ mod tests {
         ctx.graph_changed();
         ctx.activation_stats(&g, &req).unwrap();
         assert_eq!(ctx.calibration_collections(), 2);
+    }
+
+    #[test]
+    fn batched_collection_matches_one_sample_at_a_time() {
+        // ids [1, 5] -> gather(E[7, 3]) -> [1, 5, 3]: token-id samples, which the collection batches.
+        let mut g = Graph::new("t");
+        let dims = qcc_ir::Shape(vec![qcc_ir::Dim::sym("batch"), qcc_ir::Dim::sym("seq")]);
+        let ids = g.add_input("ids", TensorType::new(DType::I64, dims)).unwrap();
+        let table: Vec<f32> = (0..21).map(|i| ((i * 37) % 11) as f32 - 5.0 + 0.25 * i as f32).collect();
+        let e = g.add_constant("e", Tensor::from_slice(vec![7, 3], &table)).unwrap();
+        let y = g.add_op(Op::new(OpKind::Gather), &[e, ids], TensorType::known(DType::F32, &[1, 5, 3]));
+        g.add_output("y", y);
+        let samples: Vec<Vec<(String, Tensor)>> = (0..CALIBRATION_BATCH + 3)
+            .map(|s| {
+                let window: Vec<i64> = (0..5).map(|t| ((s * 3 + t * 5) % 7) as i64).collect();
+                vec![("ids".to_string(), Tensor::from_slice(vec![1, 5], &window))]
+            })
+            .collect();
+        let set = CalibrationSet { samples, key: "t".into() };
+        let req = StatsRequest { values: vec![y], gram: true, sample_rows: 20 };
+        let pruned = prune_to(&g, &req.values);
+        let exec = CpuExecutor::new(&pruned).unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        let mut t = std::time::Duration::ZERO;
+        let finish = |accs: Vec<Option<Accumulator>>| accs.into_iter().map(|a| a.unwrap().finish()).collect::<Vec<_>>();
+        let one = finish(run_collection(&g, &exec, &set, &req, 1, &bar, &mut t).ok().unwrap());
+        let batched = finish(run_collection(&g, &exec, &set, &req, CALIBRATION_BATCH, &bar, &mut t).ok().unwrap());
+        // Small integers and quarters: every sum is exact, so the two agree exactly.
+        assert_eq!(one, batched);
+        assert_eq!(one[0].tokens, 5 * (CALIBRATION_BATCH as u64 + 3));
+        // And the Gram matrices against a direct sum (position-0 rows too).
+        let rows: Vec<[f32; 3]> = set
+            .samples
+            .iter()
+            .flat_map(|s| s[0].1.to_vec::<i64>().unwrap())
+            .map(|id| [table[id as usize * 3], table[id as usize * 3 + 1], table[id as usize * 3 + 2]])
+            .collect();
+        for i in 0..3 {
+            for j in 0..3 {
+                let want: f64 = rows.iter().map(|r| r[i] as f64 * r[j] as f64).sum();
+                let first: f64 = rows.iter().step_by(5).map(|r| r[i] as f64 * r[j] as f64).sum();
+                assert_eq!(one[0].gram.as_ref().unwrap()[i * 3 + j], want, "{i}{j}");
+                assert_eq!(one[0].gram_first.as_ref().unwrap()[i * 3 + j], first, "{i}{j}");
+            }
+        }
     }
 
     #[test]

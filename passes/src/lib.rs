@@ -41,7 +41,7 @@ pub mod smooth;
 pub mod symmetrize;
 pub(crate) mod weights;
 
-pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, StatsRequest, StatsStore};
+pub use calibration::{CalibrationSet, ChannelHistogram, ChannelStats, CollectionTiming, StatsRequest, StatsStore};
 pub use manager::{
     Bisect, DumpDir, Flow, Instrumentation, InstrumentationError, ManagerError, PassFilter, PassManager, PassReport,
     PassRun, PassStats, PrintIr, RunSummary, StopAfter,

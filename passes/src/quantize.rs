@@ -358,16 +358,33 @@ pub fn quantize_weight_rtn(w: &[f32], n: usize, k: usize, clip: &[f32], scheme: 
 }
 
 /// One value rounded to the weight grid (int: round half to even and clamp; fp8: e4m3 rounding).
+#[inline]
 pub fn round_to_grid(v: f32, scheme: &Scheme) -> f32 {
+    if scheme.fp4 || scheme.fp8 {
+        return round_to_float_grid(v, scheme);
+    }
+    let qmax = scheme.weight_qmax();
+    round_clamped(v, -qmax - 1.0, qmax)
+}
+
+/// The fp4 / fp8 cases of [`round_to_grid`], kept out of line so the integer case inlines.
+#[inline(never)]
+fn round_to_float_grid(v: f32, scheme: &Scheme) -> f32 {
     if scheme.fp4 {
-        return round_to_e2m1(v);
-    }
-    if scheme.fp8 {
-        qcc_ir::f8e4m3_to_f32(qcc_ir::f32_to_f8e4m3(v.clamp(-448.0, 448.0)))
+        round_to_e2m1(v)
     } else {
-        let qmax = scheme.weight_qmax();
-        v.round_ties_even().clamp(-qmax - 1.0, qmax)
+        qcc_ir::f8e4m3_to_f32(qcc_ir::f32_to_f8e4m3(v.clamp(-448.0, 448.0)))
     }
+}
+
+/// `v.round_ties_even().clamp(lo, hi)` for integer bounds of magnitude below 2^22, without a libm call
+/// (the default x86-64 target has no rounding instruction, and `rintf` dominated the clip search):
+/// adding and subtracting 1.5 * 2^23 rounds to the nearest integer, ties to even, in the default
+/// floating-point rounding mode. Equal in value (a -0.0 may come out as 0.0); NaN stays NaN.
+#[inline]
+pub fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
 /// The e2m1 values, non-negative half; ties go to the even code (the one with a zero mantissa bit).
@@ -427,7 +444,8 @@ impl Pass for Quantize {
                 gram: scheme.gptq,
                 sample_rows: if reporting || self.auto_format { REPORT_ROWS } else { 0 },
             };
-            ctx.activation_stats(graph, &request)?.into_iter().cloned().map(Some).collect::<Vec<_>>()
+            // Moved out of the cache (this pass changes the activations, so nothing reads them after).
+            ctx.take_activation_stats(graph, &request)?.into_iter().map(Some).collect::<Vec<_>>()
         } else {
             vec![None; groups.len()]
         };

@@ -155,7 +155,10 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
                 // result does not depend on either side's expf or on the summation order.
                 let mut sum64 = 0f64;
                 row.mapv_inplace(|x| {
-                    let e = ((x - max) as f64).exp() as f32;
+                    let d = (x - max) as f64;
+                    // Below -110, exp(d) rounds to 0 in f32 anyway: skip the libm call (masked entries
+                    // are -inf or a huge negative, and exp's underflow path is slow).
+                    let e = if d < -110.0 { 0.0 } else { d.exp() as f32 };
                     sum64 += e as f64;
                     e
                 });
