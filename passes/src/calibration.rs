@@ -574,26 +574,33 @@ fn mirror_upper(g: &mut [f64], k: usize) {
 const GRAM_BLOCK: usize = 128;
 
 /// Upper triangle (blocks on and above the diagonal) of g += X^T X for `rows x k` row-major X, via one f32
-/// GEMM per block and chunk of rows (exact enough for a Hessian) and f64 accumulation across chunks.
-/// X^T X is symmetric, so the blocks below the diagonal are skipped ([`mirror_upper`] fills them once).
+/// GEMM per block row and chunk of rows (exact enough for a Hessian) and f64 accumulation across chunks;
+/// block rows in parallel. X^T X is symmetric, so the blocks below the diagonal are skipped
+/// ([`mirror_upper`] fills them once).
 fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
+    use rayon::prelude::*;
     const CHUNK_ROWS: usize = 2048;
     let nb = k.div_ceil(GRAM_BLOCK);
     let bound = |b: usize| b * k / nb;
-    let blocks: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
-    let mut start = 0;
-    while start < rows {
-        let n = CHUNK_ROWS.min(rows - start);
-        let x = &data[start * k..(start + n) * k];
-        // Block C[i-range x j-range] = X[:, i]^T X[:, j] (X^T is X with swapped strides), added to g.
-        // One block at a time: matrixmultiply spreads each product over the cores itself.
-        let mut c = Vec::new();
-        for &(bi, bj) in &blocks {
-            let (i0, i1, j0, j1) = (bound(bi), bound(bi + 1), bound(bj), bound(bj + 1));
-            let (m, w) = (i1 - i0, j1 - j0);
-            c.resize(m * w, 0f32);
+    // One task per block row i: C[i-range x (i0..k)] = X[:, i-range]^T X[:, i0..] (X^T is X with swapped
+    // strides), one GEMM per chunk of rows, added to rows i-range of g (disjoint between tasks).
+    let mut tasks: Vec<(usize, &mut [f64])> = Vec::with_capacity(nb);
+    let mut rest = g;
+    for b in 0..nb {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut((bound(b + 1) - bound(b)) * k);
+        tasks.push((b, head));
+        rest = tail;
+    }
+    tasks.par_iter_mut().for_each(|(b, gs)| {
+        let (i0, i1) = (bound(*b), bound(*b + 1));
+        let (m, w) = (i1 - i0, k - i0);
+        let mut c = vec![0f32; m * w];
+        let mut start = 0;
+        while start < rows {
+            let n = CHUNK_ROWS.min(rows - start);
+            let x = &data[start * k..(start + n) * k];
             // SAFETY: the A operand starts at column i0 of X and reads m columns of n rows (row stride k),
-            // the B operand column j0 and w columns; both stay inside `x` ([n x k]). C is [m x w].
+            // the B operand columns i0..k; both stay inside `x` ([n x k]). C is [m x w].
             unsafe {
                 matrixmultiply::sgemm(
                     m,
@@ -603,7 +610,7 @@ fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
                     x.as_ptr().add(i0),
                     1,
                     k as isize,
-                    x.as_ptr().add(j0),
+                    x.as_ptr().add(i0),
                     k as isize,
                     1,
                     0.0,
@@ -613,14 +620,13 @@ fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
                 );
             }
             for r in 0..m {
-                let grow = &mut g[(i0 + r) * k + j0..(i0 + r) * k + j1];
-                for (a, &b) in grow.iter_mut().zip(&c[r * w..(r + 1) * w]) {
-                    *a += b as f64;
+                for (a, &v) in gs[r * k + i0..(r + 1) * k].iter_mut().zip(&c[r * w..(r + 1) * w]) {
+                    *a += v as f64;
                 }
             }
+            start += n;
         }
-        start += n;
-    }
+    });
 }
 
 /// Runs the executor over every sample of `set` and collects statistics of `request.values` (in order).
