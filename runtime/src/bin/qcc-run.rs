@@ -21,7 +21,7 @@
 //!                              from a model with past_key_values.* inputs and present.* outputs); one
 //!                              decode step is also timed as a CUDA graph; --check recomputes the whole
 //!                              sequence without cache on the GPU and on the CPU executor and compares
-//! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W]
+//! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W] [--check [--tolerance T]]
 //!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
 //! ```
 //! Exit status: 0 on success, 1 on a failed check or error, 2 on bad usage, 3 when no GPU is present.
@@ -30,7 +30,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use qcc_runtime::artifact::{compare, npy};
-use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, CudaExecutor, ExecutorError, Gpu};
+use qcc_runtime::cuda::{bench, check, lm, nvrtc, CudaError, CudaExecutor, CudaKvDecoder, CudaLm, Gpu};
 use qcc_runtime::RtTensor;
 
 fn open_gpu() -> Result<Gpu, ExitCode> {
@@ -149,7 +149,11 @@ fn main() -> ExitCode {
             Err(code) => return code,
         },
         "bench" => match open_gpu() {
-            Ok(gpu) => run_bench(&gpu, quick, out).map(|_| ExitCode::SUCCESS),
+            // `--e2e` / `--profile`: runtime/src/cuda/e2e.rs; otherwise the kernel benchmark.
+            Ok(gpu) => match bench::e2e::dispatch(&gpu, &args) {
+                Some(r) => r.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+                None => run_bench(&gpu, quick, out).map(|_| ExitCode::SUCCESS),
+            },
             Err(code) => return code,
         },
         "plan" => {
@@ -430,167 +434,102 @@ fn file_stem(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
 }
 
-/// `qcc-run eval`: perplexity over consecutive windows of `--ctx` tokens of `--ids`.
+/// Loads a graph's CPU executor from the artifact (`model.qir` beside the manifest).
+fn cpu_executor(exec: &CudaExecutor) -> Result<qcc_runtime::CpuExecutor, String> {
+    let graph_path = exec.manifest.graph_path(&exec.dir).map_err(|e| e.to_string())?;
+    let graph = qcc_ir::text::load(&graph_path).map_err(|e| format!("{}: {e}", graph_path.display()))?;
+    qcc_runtime::CpuExecutor::new(&graph).map_err(|e| e.to_string())
+}
+
+fn parsed<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    option(args, flag)
+        .map(|v| v.parse::<T>().map_err(|e| format!("{flag}: {e}")))
+        .transpose()
+        .map(|v| v.unwrap_or(default))
+}
+
+fn read_ids(args: &[String]) -> Result<Vec<i64>, String> {
+    let path = option(args, "--ids").ok_or("missing --ids FILE.npy")?;
+    let ids = npy::read(std::path::Path::new(path)).map_err(|e| format!("{path}: {e}"))?;
+    ids.to_i64_vec().ok_or_else(|| format!("{path}: --ids must hold integers"))
+}
+
+/// `qcc-run eval`: perplexity over consecutive windows of `--ctx` tokens of `--ids` (the same
+/// [`CudaLm`] path as `qcc eval --device cuda`); `--check` also runs every window on the CPU executor
+/// and compares the two perplexities (relative difference <= `--tolerance`, default 1e-3).
 fn eval_artifact(args: &[String]) -> Result<bool, String> {
-    let mut exec = load_artifact(args)?;
-    let ids_path = option(args, "--ids").ok_or("missing --ids FILE.npy")?;
-    let ids = npy::read(std::path::Path::new(ids_path)).map_err(|e| e.to_string())?;
-    let ids = ids.to_i64_vec().ok_or("--ids must hold integers")?;
-    let ctx: usize =
-        option(args, "--ctx").map(|c| c.parse().map_err(|e| format!("--ctx: {e}"))).transpose()?.unwrap_or(512);
-    let windows: usize = option(args, "--windows")
-        .map(|w| w.parse().map_err(|e| format!("--windows: {e}")))
-        .transpose()?
-        .unwrap_or(usize::MAX);
-    let input = exec.manifest.inputs.first().map(|i| i.name.clone()).ok_or("the artifact has no input")?;
-    let (mut nll, mut count, mut used) = (0f64, 0usize, 0usize);
-    let t0 = std::time::Instant::now();
+    let mut lm = CudaLm::new(load_artifact(args)?).map_err(|e| e.to_string())?;
+    let ids = read_ids(args)?;
+    let ctx: usize = parsed(args, "--ctx", 512)?;
+    let windows: usize = parsed(args, "--windows", usize::MAX)?;
+    let tolerance: f64 = parsed(args, "--tolerance", 1e-3)?;
+    let check = args.iter().any(|a| a == "--check");
+    let cpu = if check { Some(cpu_executor(&lm.exec)?) } else { None };
+    let input = lm.exec.manifest.inputs.first().map(|i| i.name.clone()).ok_or("the artifact has no input")?;
+    let (mut nll, mut cpu_nll, mut count, mut used, mut gpu_s) = (0f64, 0f64, 0usize, 0usize, 0f64);
     for window in ids.chunks(ctx).filter(|w| w.len() == ctx).take(windows) {
-        let t = RtTensor::from_vec(&[1, ctx], window.to_vec()).ok_or("bad window")?;
-        let outputs = exec.run(&[(input.as_str(), t)]).map_err(|e: ExecutorError| e.to_string())?;
-        let logits = outputs.first().map(|(_, t)| t.to_f64_vec()).ok_or("no output")?;
-        let vocab = logits.len() / ctx;
-        for pos in 0..ctx - 1 {
-            let row = &logits[pos * vocab..(pos + 1) * vocab];
-            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-            let target = usize::try_from(window[pos + 1])
-                .ok()
-                .filter(|&t| t < vocab)
-                .ok_or("token id outside the vocabulary")?;
-            nll += lse - row[target];
-            count += 1;
-        }
+        let t = std::time::Instant::now();
+        let logits = lm.logits(window).map_err(|e| e.to_string())?;
+        gpu_s += t.elapsed().as_secs_f64();
+        let (sum, n) = lm::next_token_nll(&logits, window)?;
+        nll += sum;
+        count += n;
         used += 1;
+        if let Some(cpu) = &cpu {
+            let t = RtTensor::from_vec(&[1, ctx], window.to_vec()).ok_or("bad window")?;
+            let outputs = cpu.run(&[(input.as_str(), t)]).map_err(|e| e.to_string())?;
+            let row = outputs.iter().find(|(n, _)| n == "logits").or(outputs.first()).ok_or("no CPU output")?;
+            let data: Vec<f32> = row.1.to_f32().iter().copied().collect();
+            let cpu_logits = lm::SequenceLogits { vocab: data.len() / ctx, data };
+            cpu_nll += lm::next_token_nll(&cpu_logits, window)?.0;
+        }
     }
     if count == 0 {
-        return Err(format!("fewer than {ctx} tokens in {ids_path}"));
+        return Err(format!("fewer than {ctx} tokens in the --ids sequence ({})", ids.len()));
     }
+    let ppl = (nll / count as f64).exp();
     println!(
-        "{{\"model\": \"{}\", \"scheme\": \"{}\", \"tokens\": {count}, \"windows\": {used}, \"ppl\": {:.4}, \"seconds\": {:.3}}}",
-        exec.manifest.model,
-        exec.manifest.scheme,
-        (nll / count as f64).exp(),
-        t0.elapsed().as_secs_f64()
+        "{{\"model\": \"{}\", \"scheme\": \"{}\", \"device\": \"cuda\", \"tokens\": {count}, \"windows\": {used}, \"ppl\": {ppl:.6}, \"gpu_seconds\": {gpu_s:.3}}}",
+        lm.exec.manifest.model, lm.exec.manifest.scheme,
     );
-    Ok(true)
-}
-
-fn argmax(row: &[f64]) -> usize {
-    row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
-}
-
-/// `qcc-run generate`: greedy decoding with a device-resident KV cache.
-fn generate(args: &[String]) -> Result<bool, String> {
-    let mut exec = load_artifact(args)?;
-    let ids_path = option(args, "--ids").ok_or("missing --ids FILE.npy")?;
-    let prompt = npy::read(std::path::Path::new(ids_path)).map_err(|e| e.to_string())?;
-    let prompt = prompt.to_i64_vec().ok_or("--ids must hold integers")?;
-    let max_new: usize = option(args, "--max-tokens")
-        .map(|c| c.parse().map_err(|e| format!("--max-tokens: {e}")))
-        .transpose()?
-        .unwrap_or(16);
-    let id_input = "input_ids";
-    let pasts: Vec<(String, String, Vec<i64>)> = exec
-        .manifest
-        .inputs
-        .iter()
-        .filter(|i| i.name != id_input)
-        .map(|i| {
-            let present = i.name.replacen("past_key_values.", "present.", 1);
-            let fixed: Vec<i64> =
-                i.dims.iter().map(|d| if let qcc_runtime::artifact::DimExpr::Const(c) = d { *c } else { -1 }).collect();
-            (i.name.clone(), present, fixed)
-        })
-        .collect();
-    if pasts.is_empty() || !pasts.iter().all(|(_, p, _)| exec.manifest.outputs.iter().any(|o| &o.name == p)) {
-        return Err("the artifact needs past_key_values.* inputs with matching present.* outputs".into());
+    if cpu.is_none() {
+        return Ok(true);
     }
-    // Cache shapes: the batch and past-length dims are the symbolic ones ([batch, heads, past, head_dim]).
-    let cache_shape = |fixed: &[i64], past: usize| -> Vec<usize> {
-        let mut sym = 0;
-        fixed
-            .iter()
-            .map(|&c| {
-                if c >= 0 {
-                    c as usize
-                } else {
-                    sym += 1;
-                    if sym == 1 {
-                        1
-                    } else {
-                        past
-                    }
-                }
-            })
-            .collect()
-    };
-    let empty = exec.gpu().stream.alloc_zeros::<u8>(1).map_err(|e| e.to_string())?;
-    let mut cache: Vec<(cudarc::driver::CudaSlice<u8>, Vec<usize>)> =
-        pasts.iter().map(|(_, _, fixed)| (empty.clone(), cache_shape(fixed, 0))).collect();
+    let cpu_ppl = (cpu_nll / count as f64).exp();
+    let rel = (ppl - cpu_ppl).abs() / cpu_ppl;
+    let ok = rel <= tolerance;
+    println!(
+        "{} perplexity GPU {ppl:.6} vs CPU executor {cpu_ppl:.6}: relative difference {rel:.2e} (bound {tolerance:.0e})",
+        if ok { "PASS" } else { "FAIL" }
+    );
+    Ok(ok)
+}
+
+/// `qcc-run generate`: greedy decoding with a device-resident KV cache ([`CudaKvDecoder`], the path of
+/// `qcc run --device cuda --prompt`); one decode step is also timed as a CUDA graph.
+fn generate(args: &[String]) -> Result<bool, String> {
+    let mut dec = CudaKvDecoder::new(load_artifact(args)?).map_err(|e| e.to_string())?;
+    let prompt = read_ids(args)?;
+    let max_new: usize = parsed(args, "--max-tokens", 16)?;
     let mut tokens = prompt.clone();
-    let mut step_logits: Vec<Vec<f64>> = Vec::new();
+    let mut step_logits: Vec<Vec<f32>> = Vec::new();
     let mut step_ms = Vec::new();
     let mut feed: Vec<i64> = prompt.clone();
     let mut graph_report = String::new();
     for step in 0..max_new {
-        let ids = RtTensor::from_vec(&[1, feed.len()], feed.clone()).ok_or("bad ids")?;
-        let device: Vec<(&str, &cudarc::driver::CudaSlice<u8>, Vec<usize>)> = pasts
-            .iter()
-            .zip(&cache)
-            .map(|((name, _, _), (data, shape))| (name.as_str(), data, shape.clone()))
-            .collect();
-        let t = std::time::Instant::now();
-        let values = exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
-        exec.launch_all(&values).map_err(|e| e.to_string())?;
-        exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
-        let logits = exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
-        let vocab = logits.len() / feed.len();
-        let last = logits[logits.len() - vocab..].to_vec();
-        let mut next_cache = Vec::new();
-        for (_, present, _) in &pasts {
-            next_cache.push(exec.keep_output(present, &values).map_err(|e| e.to_string())?);
-        }
-        let elapsed = t.elapsed().as_secs_f64() * 1e3;
-        if step > 0 {
-            step_ms.push(elapsed);
-        }
         if step == max_new / 2 && step > 0 {
-            // One decode step (fixed sizes) as a CUDA graph: replay time against the eager launches.
-            let graph = exec.capture(&values).map_err(|e| e.to_string())?;
-            let (mut eager, mut replay) = (Vec::new(), Vec::new());
-            for _ in 0..20 {
-                exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
-                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
-                let t = std::time::Instant::now();
-                exec.launch_all(&values).map_err(|e| e.to_string())?;
-                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
-                eager.push(t.elapsed().as_secs_f64() * 1e3);
-                exec.prepare_with_device(&[(id_input, ids.clone())], &device).map_err(|e| e.to_string())?;
-                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
-                let t = std::time::Instant::now();
-                graph.launch().map_err(|e| e.to_string())?;
-                exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
-                replay.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let replayed = exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
-            eager.sort_by(f64::total_cmp);
-            replay.sort_by(f64::total_cmp);
-            graph_report = format!(
-                "decode step {step} (past {}): eager launches {:.3} ms, CUDA graph replay {:.3} ms (medians of 20); graph logits {} the eager step's",
-                tokens.len() - 1,
-                eager[10],
-                replay[10],
-                if replayed[replayed.len() - vocab..] == last[..] { "bit-identical to" } else { "DIFFER from" }
-            );
+            graph_report = time_graph_step(&mut dec, &feed)?;
         }
-        let next = argmax(&last) as i64;
+        let t = std::time::Instant::now();
+        let last = dec.feed(&feed).map_err(|e| e.to_string())?;
+        if step > 0 {
+            step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let next = lm::argmax(&last) as i64;
         step_logits.push(last);
-        let past = tokens.len();
-        cache = next_cache;
-        for ((_, _, fixed), c) in pasts.iter().zip(cache.iter_mut()) {
-            c.1 = cache_shape(fixed, past);
-        }
         tokens.push(next);
         feed = vec![next];
     }
@@ -613,23 +552,41 @@ fn generate(args: &[String]) -> Result<bool, String> {
     // Recompute the whole sequence (no cache) on the GPU and on the CPU executor.
     let full = &tokens[..tokens.len() - 1];
     let ids = RtTensor::from_vec(&[1, full.len()], full.to_vec()).ok_or("bad ids")?;
-    let mut all_inputs: Vec<(&str, RtTensor)> = vec![(id_input, ids.clone())];
-    for (name, _, fixed) in &pasts {
-        let shape = cache_shape(fixed, 0);
-        all_inputs.push((name.as_str(), RtTensor::from_vec(&shape, Vec::<f32>::new()).ok_or("bad cache")?));
+    let mut all_inputs: Vec<(&str, RtTensor)> = vec![("input_ids", ids)];
+    let empty_caches: Vec<(String, Vec<usize>)> = dec
+        .exec
+        .manifest
+        .inputs
+        .iter()
+        .filter(|i| i.name.starts_with("past_key_values."))
+        .map(|i| {
+            let mut symbolic = 0;
+            let dims = i
+                .dims
+                .iter()
+                .map(|d| match d {
+                    qcc_runtime::artifact::DimExpr::Const(c) => *c as usize,
+                    _ => {
+                        symbolic += 1;
+                        usize::from(symbolic == 1)
+                    }
+                })
+                .collect();
+            (i.name.clone(), dims)
+        })
+        .collect();
+    for (name, shape) in &empty_caches {
+        all_inputs.push((name.as_str(), RtTensor::from_vec(shape, Vec::<f32>::new()).ok_or("bad cache")?));
     }
-    let gpu_full = exec.run(&all_inputs).map_err(|e| e.to_string())?;
-    let graph_path = exec.manifest.graph_path(&exec.dir).map_err(|e| e.to_string())?;
-    let graph = qcc_ir::text::load(&graph_path).map_err(|e| format!("{}: {e}", graph_path.display()))?;
-    let cpu = qcc_runtime::CpuExecutor::new(&graph).map_err(|e| e.to_string())?;
-    let cpu_full = cpu.run(&all_inputs).map_err(|e| e.to_string())?;
+    let gpu_full = dec.exec.run(&all_inputs).map_err(|e| e.to_string())?;
+    let cpu_full = cpu_executor(&dec.exec)?.run(&all_inputs).map_err(|e| e.to_string())?;
     let rows = |outs: &[(String, RtTensor)]| -> Vec<f64> {
         outs.iter().find(|(n, _)| n == "logits").map(|(_, t)| t.to_f64_vec()).unwrap_or_default()
     };
     let (g, c) = (rows(&gpu_full), rows(&cpu_full));
     let vocab = c.len() / full.len();
     let first = prompt.len() - 1;
-    let kv: Vec<f64> = step_logits.iter().flatten().copied().collect();
+    let kv: Vec<f64> = step_logits.iter().flatten().map(|&v| v as f64).collect();
     let tail = |v: &[f64]| v[first * vocab..].to_vec();
     let kv_vs_cpu = compare::agreement_of_values(&kv, &tail(&c), false);
     let full_vs_cpu = compare::agreement_of_values(&tail(&g), &tail(&c), false);
@@ -643,6 +600,46 @@ fn generate(args: &[String]) -> Result<bool, String> {
         if same { "equal" } else { "DIFFER from" }
     );
     Ok(same && kv_vs_cpu.passes(1e-2))
+}
+
+fn argmax(row: &[f64]) -> usize {
+    row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+/// Times one decode step (`feed` after the cached positions, cache left as it was) as eager launches
+/// and as a CUDA graph replay; the graph's logits must equal the eager ones.
+fn time_graph_step(dec: &mut CudaKvDecoder, feed: &[i64]) -> Result<String, String> {
+    let values = dec.prepare(feed).map_err(|e| e.to_string())?;
+    let graph = dec.exec.capture(&values).map_err(|e| e.to_string())?;
+    let sync = |dec: &CudaKvDecoder| dec.exec.gpu().stream.synchronize().map_err(|e| e.to_string());
+    let (mut eager, mut replay) = (Vec::new(), Vec::new());
+    let mut outputs = Vec::new();
+    for _ in 0..20 {
+        dec.prepare(feed).map_err(|e| e.to_string())?;
+        sync(dec)?;
+        let t = std::time::Instant::now();
+        dec.exec.launch_all(&values).map_err(|e| e.to_string())?;
+        sync(dec)?;
+        eager.push(t.elapsed().as_secs_f64() * 1e3);
+        let eager_logits = dec.exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
+        dec.prepare(feed).map_err(|e| e.to_string())?;
+        sync(dec)?;
+        let t = std::time::Instant::now();
+        graph.launch().map_err(|e| e.to_string())?;
+        sync(dec)?;
+        replay.push(t.elapsed().as_secs_f64() * 1e3);
+        let replayed = dec.exec.read_output("logits", &values).map_err(|e| e.to_string())?.to_f64_vec();
+        outputs.push(eager_logits == replayed);
+    }
+    eager.sort_by(f64::total_cmp);
+    replay.sort_by(f64::total_cmp);
+    Ok(format!(
+        "decode step (past {}): eager launches {:.3} ms, CUDA graph replay {:.3} ms (medians of 20); graph logits {} the eager step's",
+        dec.past,
+        eager[10],
+        replay[10],
+        if outputs.iter().all(|&same| same) { "bit-identical to" } else { "DIFFER from" }
+    ))
 }
 
 #[cfg(test)]
