@@ -571,19 +571,28 @@ fn run_model(a: RunArgs) -> Result<()> {
         eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s)", out.len(), out.len() as f64 / secs);
         return Ok(());
     }
+    // The model is loaded before the inputs are read, so a bad model is what an error names first.
+    type Runner = Box<dyn FnMut(&[(&str, RtTensor)]) -> Result<Vec<(String, RtTensor)>>>;
+    let mut runner: Runner = match a.device {
+        Device::Cpu => {
+            let executor = CpuExecutor::new(&load_model(&a.model)?)?;
+            Box::new(move |inputs| Ok(executor.run(inputs)?))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let mut executor = model::cuda::load(&a.model, ordinal)?;
+            Box::new(move |inputs| Ok(executor.run(inputs)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
+    };
     let mut inputs: Vec<(String, RtTensor)> = Vec::new();
     for spec in &a.input {
         let (name, file) = spec.split_once('=').ok_or_else(|| anyhow!("--input '{spec}' is not NAME=FILE.npy"))?;
         inputs.push((name.to_string(), crate::npy::read(Path::new(file))?));
     }
     let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let outputs = match a.device {
-        Device::Cpu => CpuExecutor::new(&load_model(&a.model)?)?.run(&refs)?,
-        #[cfg(feature = "cuda")]
-        Device::Cuda(ordinal) => model::cuda::load(&a.model, ordinal)?.run(&refs)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
-    };
+    let outputs = runner(&refs)?;
     match &a.output_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
