@@ -13,7 +13,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 # One build of the workspace; the integration tests are one binary (tests/integration) plus the CLI tests.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$ROOT/.cache/last-test.log"
-# The compiler's default `cuda` feature turns on qcc-runtime's, so the workspace build above already
+# The compiler depends on qcc-runtime with its `cuda` feature, so the workspace build above already
 # linted and ran the CUDA side: NVRTC + ptxas sm_90 validity of every kernel (cuda_ptx, cuda_kernels;
 # no GPU needed) and the GPU tests, which skip with a printed reason where no GPU is present.
 echo "== generated kernels: MLIR -> PTX in-process, every module assembled by ptxas for sm_90 (tests/integration/lower.rs)"

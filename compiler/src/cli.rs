@@ -557,13 +557,10 @@ fn run_model(a: RunArgs) -> Result<()> {
                 let path = model::kv_sibling(&a.model).unwrap_or_else(|| a.model.clone());
                 model::generate(&load_model(&path)?, &ids, a.max_tokens, eos)?
             }
-            #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
                 let mut decoder = model::cuda::decoder(model::cuda::load(&a.model, ordinal)?)?;
                 model::greedy(decoder.as_mut(), &ids, a.max_tokens, eos)?
             }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
         };
         let text = tokenizer.decode(&out, true).map_err(|e| anyhow!("tokenizer: {e}"))?;
         println!("{prompt}{text}");
@@ -578,13 +575,10 @@ fn run_model(a: RunArgs) -> Result<()> {
             let executor = CpuExecutor::new(&load_model(&a.model)?)?;
             Box::new(move |inputs| Ok(executor.run(inputs)?))
         }
-        #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let mut executor = model::cuda::load(&a.model, ordinal)?;
             Box::new(move |inputs| Ok(executor.run(inputs)?))
         }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
     };
     let mut inputs: Vec<(String, RtTensor)> = Vec::new();
     for spec in &a.input {
@@ -613,13 +607,10 @@ fn run_model(a: RunArgs) -> Result<()> {
 fn language_model(path: &Path, device: Device) -> Result<Box<dyn LanguageModel>> {
     match device {
         Device::Cpu => Ok(Box::new(CpuLanguageModel::new(&load_model(path)?)?)),
-        #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let exec = model::cuda::load(path, ordinal)?;
             Ok(Box::new(model::cuda::CudaLanguageModel(qcc_runtime::cuda::CudaLm::new(exec)?)))
         }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => bail!("--device cuda: this qcc was built without the `cuda` feature"),
     }
 }
 

@@ -7,36 +7,7 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 
-/// Logits for every position of one sequence, row-major `[positions, vocab]`.
-pub struct Logits {
-    pub vocab: usize,
-    pub data: Vec<f32>,
-}
-
-impl Logits {
-    pub fn row(&self, position: usize) -> &[f32] {
-        &self.data[position * self.vocab..(position + 1) * self.vocab]
-    }
-
-    /// log p(token | prefix up to `position`), computed in f64 so long windows sum without drift.
-    pub fn log_prob(&self, position: usize, token: u32) -> f64 {
-        let row = self.row(position);
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-        row[token as usize] as f64 - max - sum.ln()
-    }
-
-    pub fn argmax(&self, position: usize) -> u32 {
-        let row = self.row(position);
-        let mut best = 0;
-        for (i, &x) in row.iter().enumerate() {
-            if x > row[best] {
-                best = i;
-            }
-        }
-        best as u32
-    }
-}
+pub use qcc_runtime::Logits;
 
 pub trait LanguageModel {
     /// Next-token logits at every position of `ids` (one sequence, no cache).

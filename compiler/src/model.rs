@@ -24,13 +24,7 @@ fn ids_tensor(ids: &[u32]) -> RtTensor {
 }
 
 fn logits_of(t: &RtTensor, positions: usize) -> anyhow::Result<Logits> {
-    let shape = t.shape().to_vec();
-    let vocab = *shape.last().ok_or_else(|| anyhow!("logits are a scalar"))?;
-    let data: Vec<f32> = t.to_f32().iter().copied().collect();
-    if data.len() != positions * vocab {
-        bail!("logits have shape {shape:?}, expected [1, {positions}, vocab]");
-    }
-    Ok(Logits { vocab, data })
+    Logits::from_tensor(t, positions).map_err(|e| anyhow!(e))
 }
 
 impl CpuLanguageModel {
@@ -122,9 +116,7 @@ impl KvDecoder {
             slot.value = outputs.swap_remove(i).1;
         }
         let logits = outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| anyhow!("no 'logits' output"))?;
-        let all = logits_of(&logits.1, ids.len())?;
-        let vocab = all.vocab;
-        Ok(Logits { vocab, data: all.row(ids.len() - 1).to_vec() })
+        Ok(logits_of(&logits.1, ids.len())?.last_row())
     }
 }
 
@@ -155,8 +147,7 @@ impl<M: LanguageModel> Recompute<M> {
 impl<M: LanguageModel> Decoder for Recompute<M> {
     fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
         self.seq.extend_from_slice(ids);
-        let all = self.model.logits(&self.seq)?;
-        Ok(Logits { vocab: all.vocab, data: all.row(self.seq.len() - 1).to_vec() })
+        Ok(self.model.logits(&self.seq)?.last_row())
     }
 }
 
@@ -192,7 +183,6 @@ pub fn generate(graph: &Graph, prompt: &[u32], max_tokens: usize, eos: Option<u3
 }
 
 /// Compiled artifacts (`model.qcc/` with its GPU plan) on a CUDA device: `qcc eval/run --device cuda`.
-#[cfg(feature = "cuda")]
 pub mod cuda {
     use super::{Decoder, Logits};
     use crate::eval::LanguageModel;
@@ -224,8 +214,7 @@ pub mod cuda {
 
     impl LanguageModel for CudaLanguageModel {
         fn logits(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
-            let l = self.0.logits(&ids_i64(ids))?;
-            Ok(Logits { vocab: l.vocab, data: l.data })
+            Ok(self.0.logits(&ids_i64(ids))?)
         }
     }
 
@@ -234,8 +223,7 @@ pub mod cuda {
 
     impl Decoder for CudaDecoder {
         fn feed(&mut self, ids: &[u32]) -> anyhow::Result<Logits> {
-            let data = self.0.feed(&ids_i64(ids))?;
-            Ok(Logits { vocab: data.len(), data })
+            Ok(self.0.feed(&ids_i64(ids))?)
         }
     }
 

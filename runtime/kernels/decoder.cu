@@ -47,19 +47,25 @@ QCC_DEVICE float dec_block_reduce(float v, float* red) {
   return r;
 }
 
+// Eight values v[0..8) quantized with step s (q = clamp(rint(v / s), -8, 7)) and packed split-nibble:
+// byte j holds q[j] (low nibble) and q[4 + j] (high nibble).
+QCC_DEVICE u32 dec_pack8_int4(const float* v, float s) {
+  u32 w = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int lo = max(-8, min(7, __float2int_rn(__fdiv_rn(v[j], s))));
+    const int hi = max(-8, min(7, __float2int_rn(__fdiv_rn(v[4 + j], s))));
+    w |= (u32)((lo & 15) | ((hi & 15) << 4)) << (8 * j);
+  }
+  return w;
+}
+
 // Symmetric per-row int4 quantization of row[0..D) (shared memory, D % 8 == 0): s = amax / 7,
 // q = clamp(rint(v / s), -8, 7), packed split-nibble into q[D/8]; *sx = s.
 QCC_DEVICE void dec_quant_pack_row(const float* row, int D, float amax, u32* q, float* sx) {
   const float s = fmaxf(amax, 1e-30f) / 7.0f;
   for (int g = threadIdx.x; g < D / 8; g += blockDim.x) {
-    u32 w = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int lo = max(-8, min(7, __float2int_rn(__fdiv_rn(row[8 * g + j], s))));
-      const int hi = max(-8, min(7, __float2int_rn(__fdiv_rn(row[8 * g + 4 + j], s))));
-      w |= (u32)((lo & 15) | ((hi & 15) << 4)) << (8 * j);
-    }
-    q[g] = w;
+    q[g] = dec_pack8_int4(row + 8 * g, s);
   }
   if (threadIdx.x == 0) *sx = s;
 }
@@ -287,14 +293,7 @@ extern "C" __global__ void __launch_bounds__(256) quant_pack_parts(const float* 
   const int gi = blockIdx.x * 256 + threadIdx.x;
   if (gi < F / 8) {
     const float* row = t + (size_t)m * F + 8 * gi;
-    u32 w = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int lo = max(-8, min(7, __float2int_rn(__fdiv_rn(row[j], s))));
-      const int hi = max(-8, min(7, __float2int_rn(__fdiv_rn(row[4 + j], s))));
-      w |= (u32)((lo & 15) | ((hi & 15) << 4)) << (8 * j);
-    }
-    q[(size_t)m * (F / 8) + gi] = w;
+    q[(size_t)m * (F / 8) + gi] = dec_pack8_int4(row, s);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
 }
@@ -342,14 +341,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_parts(const u16*
       v[j] = f16_to_f32(xr[j]);
       if (gamma) v[j] = v[j] * r * f16_to_f32(gamma[8 * gi + j]);
     }
-    u32 w = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int lo = max(-8, min(7, __float2int_rn(__fdiv_rn(v[j], s))));
-      const int hi = max(-8, min(7, __float2int_rn(__fdiv_rn(v[4 + j], s))));
-      w |= (u32)((lo & 15) | ((hi & 15) << 4)) << (8 * j);
-    }
-    q[(size_t)m * (D / 8) + gi] = w;
+    q[(size_t)m * (D / 8) + gi] = dec_pack8_int4(v, s);
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
 }

@@ -12,6 +12,9 @@ pub mod artifact;
 pub mod cpu;
 /// GPU kernels (feature `cuda`) and their host-side layout / reference (always built).
 pub mod cuda;
+/// Logits of one sequence: log-probabilities, argmax, next-token NLL.
+pub mod logits;
 
 pub use cpu::value::{RtTensor, Scalar};
 pub use cpu::{CpuExecutor, ExecError};
+pub use logits::Logits;

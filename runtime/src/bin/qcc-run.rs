@@ -30,8 +30,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use qcc_runtime::artifact::{compare, npy};
-use qcc_runtime::cuda::{bench, check, lm, nvrtc, CudaError, CudaExecutor, CudaKvDecoder, CudaLm, Gpu};
-use qcc_runtime::RtTensor;
+use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, CudaExecutor, CudaKvDecoder, CudaLm, Gpu};
+use qcc_runtime::{Logits, RtTensor};
 
 fn open_gpu() -> Result<Gpu, ExitCode> {
     match Gpu::new(0) {
@@ -468,13 +468,13 @@ fn eval_artifact(args: &[String]) -> Result<bool, String> {
     let tolerance: f64 = parsed(args, "--tolerance", 1e-3)?;
     let check = args.iter().any(|a| a == "--check");
     let cpu = if check { Some(cpu_executor(&lm.exec)?) } else { None };
-    let input = lm.exec.manifest.inputs.first().map(|i| i.name.clone()).ok_or("the artifact has no input")?;
+    let input = lm.input_name().to_string();
     let (mut nll, mut cpu_nll, mut count, mut used, mut gpu_s) = (0f64, 0f64, 0usize, 0usize, 0f64);
     for window in ids.chunks(ctx).filter(|w| w.len() == ctx).take(windows) {
         let t = std::time::Instant::now();
         let logits = lm.logits(window).map_err(|e| e.to_string())?;
         gpu_s += t.elapsed().as_secs_f64();
-        let (sum, n) = lm::next_token_nll(&logits, window)?;
+        let (sum, n) = logits.next_token_nll(window)?;
         nll += sum;
         count += n;
         used += 1;
@@ -482,9 +482,7 @@ fn eval_artifact(args: &[String]) -> Result<bool, String> {
             let t = RtTensor::from_vec(&[1, ctx], window.to_vec()).ok_or("bad window")?;
             let outputs = cpu.run(&[(input.as_str(), t)]).map_err(|e| e.to_string())?;
             let row = outputs.iter().find(|(n, _)| n == "logits").or(outputs.first()).ok_or("no CPU output")?;
-            let data: Vec<f32> = row.1.to_f32().iter().copied().collect();
-            let cpu_logits = lm::SequenceLogits { vocab: data.len() / ctx, data };
-            cpu_nll += lm::next_token_nll(&cpu_logits, window)?.0;
+            cpu_nll += Logits::from_tensor(&row.1, ctx)?.next_token_nll(window)?.0;
         }
     }
     if count == 0 {
@@ -515,7 +513,7 @@ fn generate(args: &[String]) -> Result<bool, String> {
     let prompt = read_ids(args)?;
     let max_new: usize = parsed(args, "--max-tokens", 16)?;
     let mut tokens = prompt.clone();
-    let mut step_logits: Vec<Vec<f32>> = Vec::new();
+    let mut step_logits: Vec<Logits> = Vec::new();
     let mut step_ms = Vec::new();
     let mut feed: Vec<i64> = prompt.clone();
     let mut graph_report = String::new();
@@ -528,7 +526,7 @@ fn generate(args: &[String]) -> Result<bool, String> {
         if step > 0 {
             step_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let next = lm::argmax(&last) as i64;
+        let next = i64::from(last.argmax(0));
         step_logits.push(last);
         tokens.push(next);
         feed = vec![next];
@@ -553,45 +551,23 @@ fn generate(args: &[String]) -> Result<bool, String> {
     let full = &tokens[..tokens.len() - 1];
     let ids = RtTensor::from_vec(&[1, full.len()], full.to_vec()).ok_or("bad ids")?;
     let mut all_inputs: Vec<(&str, RtTensor)> = vec![("input_ids", ids)];
-    let empty_caches: Vec<(String, Vec<usize>)> = dec
-        .exec
-        .manifest
-        .inputs
-        .iter()
-        .filter(|i| i.name.starts_with("past_key_values."))
-        .map(|i| {
-            let mut symbolic = 0;
-            let dims = i
-                .dims
-                .iter()
-                .map(|d| match d {
-                    qcc_runtime::artifact::DimExpr::Const(c) => *c as usize,
-                    _ => {
-                        symbolic += 1;
-                        usize::from(symbolic == 1)
-                    }
-                })
-                .collect();
-            (i.name.clone(), dims)
-        })
-        .collect();
+    let empty_caches = dec.cache_shapes(0);
     for (name, shape) in &empty_caches {
         all_inputs.push((name.as_str(), RtTensor::from_vec(shape, Vec::<f32>::new()).ok_or("bad cache")?));
     }
     let gpu_full = dec.exec.run(&all_inputs).map_err(|e| e.to_string())?;
     let cpu_full = cpu_executor(&dec.exec)?.run(&all_inputs).map_err(|e| e.to_string())?;
-    let rows = |outs: &[(String, RtTensor)]| -> Vec<f64> {
-        outs.iter().find(|(n, _)| n == "logits").map(|(_, t)| t.to_f64_vec()).unwrap_or_default()
+    let logits_of = |outs: &[(String, RtTensor)]| -> Result<Logits, String> {
+        let (_, t) = outs.iter().find(|(n, _)| n == "logits").ok_or("no logits output")?;
+        Logits::from_tensor(t, full.len())
     };
-    let (g, c) = (rows(&gpu_full), rows(&cpu_full));
-    let vocab = c.len() / full.len();
+    let (g, c) = (logits_of(&gpu_full)?, logits_of(&cpu_full)?);
     let first = prompt.len() - 1;
-    let kv: Vec<f64> = step_logits.iter().flatten().map(|&v| v as f64).collect();
-    let tail = |v: &[f64]| v[first * vocab..].to_vec();
+    let kv: Vec<f64> = step_logits.iter().flat_map(|l| &l.data).map(|&v| v as f64).collect();
+    let tail = |l: &Logits| l.data[first * l.vocab..].iter().map(|&v| v as f64).collect::<Vec<f64>>();
     let kv_vs_cpu = compare::agreement_of_values(&kv, &tail(&c), false);
     let full_vs_cpu = compare::agreement_of_values(&tail(&g), &tail(&c), false);
-    let cpu_tokens: Vec<i64> =
-        (0..generated.len()).map(|i| argmax(&c[(first + i) * vocab..(first + i + 1) * vocab]) as i64).collect();
+    let cpu_tokens: Vec<i64> = (0..generated.len()).map(|i| i64::from(c.argmax(first + i))).collect();
     println!("KV-cache GPU logits vs CPU recompute: {kv_vs_cpu}");
     println!("no-cache GPU logits vs CPU recompute: {full_vs_cpu}");
     let same = cpu_tokens == generated;
@@ -600,10 +576,6 @@ fn generate(args: &[String]) -> Result<bool, String> {
         if same { "equal" } else { "DIFFER from" }
     );
     Ok(same && kv_vs_cpu.passes(1e-2))
-}
-
-fn argmax(row: &[f64]) -> usize {
-    row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
 }
 
 /// Times one decode step (`feed` after the cached positions, cache left as it was) as eager launches

@@ -793,18 +793,7 @@ impl Model {
                     }
                     gpu.launch_gemv(gemv[0], &self.w4_args(gpu, &l.w4[0], xq, 0, p(&b.qkv), m))?;
                     if !linears_only {
-                        k.rope_kv(p(&b.qkv), sh.heads, self.past, self.tmax, p(&b.qr), p(&l.kc), p(&l.vc), m)?;
-                        k.attention(
-                            p(&b.qr),
-                            p(&l.kc),
-                            p(&l.vc),
-                            dptr(gpu, &b.part),
-                            p(&b.att),
-                            m,
-                            sh.heads,
-                            self.tmax,
-                            t,
-                        )?;
+                        self.rope_attention(&k, gpu, l, m, t)?;
                         self.norm_quant(&k, plan, p(&b.att), 0, m)?;
                     }
                     gpu.launch_gemv(gemv[1], &self.w4_args(gpu, &l.w4[1], xq, h, h, m))?;
@@ -828,18 +817,7 @@ impl Model {
                     }
                     cublas_linear(blas, p(&l.f16[0]), p(&b.xn), p(&b.qkv), m, 3 * d, d, 0.0)?;
                     if !linears_only {
-                        k.rope_kv(p(&b.qkv), sh.heads, self.past, self.tmax, p(&b.qr), p(&l.kc), p(&l.vc), m)?;
-                        k.attention(
-                            p(&b.qr),
-                            p(&l.kc),
-                            p(&l.vc),
-                            dptr(gpu, &b.part),
-                            p(&b.att),
-                            m,
-                            sh.heads,
-                            self.tmax,
-                            t,
-                        )?;
+                        self.rope_attention(&k, gpu, l, m, t)?;
                     }
                     cublas_linear(blas, p(&l.f16[1]), p(&b.att), h, m, d, d, 1.0)?;
                     if !linears_only {
@@ -858,6 +836,23 @@ impl Model {
         }
         cublas_linear(blas, p(&self.lm), p(&b.xn), p(&b.logits), m, sh.vocab, d, 0.0)?;
         Ok(())
+    }
+
+    /// Rotary on q and k with the new k/v written into layer `l`'s cache, then decode attention over
+    /// `t` positions into `buf.att` (the same on both paths).
+    fn rope_attention(
+        &self,
+        k: &DecoderKernels<'_>,
+        gpu: &Gpu,
+        l: &Layer,
+        m: usize,
+        t: usize,
+    ) -> Result<(), CudaError> {
+        let b = &self.buf;
+        let p = |x: &CudaSlice<u16>| dptr(gpu, x);
+        let heads = self.shape.heads;
+        k.rope_kv(p(&b.qkv), heads, self.past, self.tmax, p(&b.qr), p(&l.kc), p(&l.vc), m)?;
+        k.attention(p(&b.qr), p(&l.kc), p(&l.vc), dptr(gpu, &b.part), p(&b.att), m, heads, self.tmax, t)
     }
 
     fn norm_quant(&self, k: &DecoderKernels<'_>, plan: &W4Plan, x: u64, gamma: u64, m: usize) -> Result<(), CudaError> {

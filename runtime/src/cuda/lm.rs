@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{CudaError, CudaExecutor, ExecutorError};
 use crate::artifact::{DimExpr, Manifest, SymbolValues};
-use crate::RtTensor;
+use crate::{Logits, RtTensor};
 
 /// Name of the token-id input: `input_ids` when present, else the first input.
 fn ids_input(manifest: &Manifest) -> Result<String, ExecutorError> {
@@ -38,29 +38,15 @@ fn ids_tensor(ids: &[i64]) -> RtTensor {
     RtTensor::from_vec(&[1, ids.len()], ids.to_vec()).expect("shape matches length")
 }
 
-/// Row-major `[positions, vocab]` logits of one sequence.
-#[derive(Debug, Clone)]
-pub struct SequenceLogits {
-    pub vocab: usize,
-    pub data: Vec<f32>,
-}
-
-impl SequenceLogits {
-    fn from_tensor(t: &RtTensor, positions: usize) -> Result<Self, ExecutorError> {
-        let vocab = t.shape().last().copied().unwrap_or(0);
-        let data: Vec<f32> = t.to_f32().iter().copied().collect();
-        if vocab == 0 || data.len() != positions * vocab {
-            return Err(ExecutorError::Input {
-                name: "logits".into(),
-                what: format!("shape {:?}, expected [1, {positions}, vocab]", t.shape()),
-            });
-        }
-        Ok(SequenceLogits { vocab, data })
-    }
-
-    pub fn row(&self, position: usize) -> &[f32] {
-        &self.data[position * self.vocab..(position + 1) * self.vocab]
-    }
+/// Reads the logits output of a run that fed `positions` tokens.
+fn read_logits(
+    exec: &CudaExecutor,
+    output: &str,
+    values: &SymbolValues,
+    positions: usize,
+) -> Result<Logits, ExecutorError> {
+    Logits::from_tensor(&exec.read_output(output, values)?, positions)
+        .map_err(|what| ExecutorError::Input { name: output.to_string(), what })
 }
 
 /// Whole-sequence logits of an artifact (batch 1, no cache).
@@ -78,11 +64,16 @@ impl CudaLm {
     }
 
     /// Logits at every position of `ids` (run as one `[1, len]` batch).
-    pub fn logits(&mut self, ids: &[i64]) -> Result<SequenceLogits, ExecutorError> {
+    pub fn logits(&mut self, ids: &[i64]) -> Result<Logits, ExecutorError> {
         let values = self.exec.prepare(&[(self.input.as_str(), ids_tensor(ids))])?;
         self.exec.launch_all(&values)?;
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
-        SequenceLogits::from_tensor(&self.exec.read_output(&self.output, &values)?, ids.len())
+        read_logits(&self.exec, &self.output, &values, ids.len())
+    }
+
+    /// Name of the token-id input.
+    pub fn input_name(&self) -> &str {
+        &self.input
     }
 }
 
@@ -188,59 +179,25 @@ impl CudaKvDecoder {
 
     /// After the launches of a step prepared for `fed` tokens: keeps the new caches and returns the
     /// logits of the last position.
-    pub fn finish(&mut self, fed: usize, values: &SymbolValues) -> Result<Vec<f32>, ExecutorError> {
+    pub fn finish(&mut self, fed: usize, values: &SymbolValues) -> Result<Logits, ExecutorError> {
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
-        let logits = SequenceLogits::from_tensor(&self.exec.read_output(&self.output, values)?, fed)?;
+        let logits = read_logits(&self.exec, &self.output, values, fed)?;
         for slot in &mut self.slots {
             slot.data = Some(self.exec.keep_output(&slot.present, values)?);
         }
         self.past += fed;
-        Ok(logits.row(fed - 1).to_vec())
+        Ok(logits.last_row())
+    }
+
+    /// The cache inputs after `past` positions: (name, shape), e.g. empty caches for `past` = 0.
+    pub fn cache_shapes(&self, past: usize) -> Vec<(String, Vec<usize>)> {
+        self.slots.iter().map(|s| (s.past.clone(), s.shape(past))).collect()
     }
 
     /// Runs `ids` after everything fed so far; returns the logits of the last position.
-    pub fn feed(&mut self, ids: &[i64]) -> Result<Vec<f32>, ExecutorError> {
+    pub fn feed(&mut self, ids: &[i64]) -> Result<Logits, ExecutorError> {
         let values = self.prepare(ids)?;
         self.exec.launch_all(&values)?;
         self.finish(ids.len(), &values)
-    }
-}
-
-/// Index of the largest logit (the first of equal ones).
-pub fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
-}
-
-/// Summed negative log-likelihood (f64) of each next token of `ids` under `logits` (one row per
-/// position), and the number of predictions.
-pub fn next_token_nll(logits: &SequenceLogits, ids: &[i64]) -> Result<(f64, usize), String> {
-    let mut nll = 0f64;
-    for pos in 0..ids.len().saturating_sub(1) {
-        let row = logits.row(pos);
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-        let target = usize::try_from(ids[pos + 1])
-            .ok()
-            .filter(|&t| t < logits.vocab)
-            .ok_or_else(|| format!("token id {} outside the vocabulary of {}", ids[pos + 1], logits.vocab))?;
-        nll += lse - row[target] as f64;
-    }
-    Ok((nll, ids.len().saturating_sub(1)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nll_matches_a_hand_computation() {
-        // Two positions over a vocabulary of 3: -log softmax([0, ln 2, 0])[1] = ln 4 - ln 2 = ln 2,
-        // and a uniform row gives ln 3.
-        let logits = SequenceLogits { vocab: 3, data: vec![0.0, 2f32.ln(), 0.0, 1.0, 1.0, 1.0] };
-        let (nll, n) = next_token_nll(&logits, &[0, 1, 2]).unwrap();
-        assert_eq!(n, 2);
-        assert!((nll - (2f64.ln() + 3f64.ln())).abs() < 1e-6, "{nll}");
-        assert!(next_token_nll(&logits, &[0, 5, 1]).unwrap_err().contains("outside the vocabulary"));
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
     }
 }
