@@ -345,3 +345,39 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_parts(const u16*
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) sx[m] = s;
 }
+
+// --- prefill (a whole sequence at once; src/cuda/e2e.rs `Model::prefill`).
+// Rotary in place on the q and k parts of the fused qkv [T, 3D], position = token index. Grid [H, T],
+// 64 threads.
+extern "C" __global__ void rope_prefill(u16* qkv, int H) {
+  const int h = blockIdx.x, m = blockIdx.y, i = threadIdx.x, D = H * 128;
+  u16* base = qkv + (size_t)m * 3 * D + h * 128;
+  const float inv = powf(10000.f, -(float)i / 64.f);
+  float s, c;
+  sincosf((float)m * inv, &s, &c);
+#pragma unroll
+  for (int part = 0; part < 2; ++part) {
+    u16* p = base + part * D;
+    const float a = f16_to_f32(p[i]), b = f16_to_f32(p[i + 64]);
+    p[i] = f32_to_f16(a * c - b * s);
+    p[i + 64] = f32_to_f16(b * c + a * s);
+  }
+}
+
+// Causal softmax in place over the rows of scores S [H * T, T] f16 (row r is query i = r % T; keys
+// j <= i kept, j > i set to 0), f32 arithmetic. Grid [H * T], 256 threads.
+extern "C" __global__ void __launch_bounds__(256) softmax_causal_f16(u16* s, int T) {
+  __shared__ float red[32];
+  const long long r = blockIdx.x;
+  const int i = (int)(r % T);
+  u16* row = s + r * T;
+  float mx = -3.0e38f;
+  for (int j = threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, f16_to_f32(row[j]));
+  mx = dec_block_reduce<true>(mx, red);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j <= i; j += blockDim.x) sum += __expf(f16_to_f32(row[j]) - mx);
+  sum = dec_block_reduce<false>(sum, red);
+  const float inv = 1.0f / sum;
+  for (int j = threadIdx.x; j < T; j += blockDim.x)
+    row[j] = j <= i ? f32_to_f16(__expf(f16_to_f32(row[j]) - mx) * inv) : (u16)0;
+}

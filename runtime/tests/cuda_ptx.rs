@@ -34,7 +34,7 @@ fn every_kernel_compiles_with_nvrtc_and_assembles_for_sm90() {
         let ptx_path = dir.path().join(format!("{name}.ptx"));
         std::fs::write(&ptx_path, &ptx).unwrap();
         let out = Command::new(ptxas)
-            .arg(format!("-arch={}", nvrtc::TARGET_ARCH))
+            .arg(format!("-arch={}", nvrtc::arch_for(name).replace("compute_", "sm_")))
             .arg("-v")
             .arg("--warn-on-spills")
             .arg(&ptx_path)

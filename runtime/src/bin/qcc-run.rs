@@ -4,9 +4,14 @@
 //! ```text
 //! qcc-run info                 device, NVRTC, kernel compile summary
 //! qcc-run ptx DIR              write every kernel's PTX to DIR/<file>.ptx (fallback input, QCC_PTX_DIR)
-//! qcc-run check                every W4 kernel variant against the exact CPU reference (bit-exact)
-//! qcc-run bench [--quick] [--out FILE]
-//!                              W4 kernels vs cuBLAS fp16 at Llama-2-7B / SmolLM2 shapes, M = 1, 16, 128, 2048
+//! qcc-run check [--only PREFIX] every W4 kernel variant against the exact CPU reference (bit-exact)
+//! qcc-run bench [--quick] [--m 1,16,128,2048] [--out FILE]
+//!                              W4 kernels vs cuBLAS fp16 at Llama-2-7B / SmolLM2 shapes (--quick: Llama
+//!                              only), M = 1, 16, 128, 2048 by default; GEMM variants are timed only
+//!                              after a bit-exact check on the device
+//! qcc-run bench --e2e [--past N] [--batches 1,16] [--prefill T] [--layers L] [--out FILE]
+//!                              Llama-2-7B-shaped decoder from runtime kernels: prefill of T tokens
+//!                              (default 2048, 0 skips) and decode, W4A4 vs fp16 (src/cuda/e2e.rs)
 //! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N [--graph]]
 //!                              run a compiled artifact (model.qcc) on the GPU; compare every output with
 //!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3)
@@ -59,9 +64,12 @@ fn info() -> Result<(), CudaError> {
     Ok(())
 }
 
-fn run_check(gpu: &Gpu) -> Result<bool, CudaError> {
+fn run_check(gpu: &Gpu, only: Option<&str>) -> Result<bool, CudaError> {
     let mut ok = true;
     for case in check::standard_cases() {
+        if only.is_some_and(|p| !case.kernel.name().starts_with(p)) {
+            continue;
+        }
         let report = check::run_case(gpu, case)?;
         ok &= report.mismatches == 0;
         println!("{} {report}", if report.mismatches == 0 { "PASS" } else { "FAIL" });
@@ -69,7 +77,7 @@ fn run_check(gpu: &Gpu) -> Result<bool, CudaError> {
     Ok(ok)
 }
 
-fn run_bench(gpu: &Gpu, quick: bool, out: Option<&str>) -> Result<(), CudaError> {
+fn run_bench(gpu: &Gpu, quick: bool, batches: &[usize], out: Option<&str>) -> Result<(), CudaError> {
     let blas = cudarc::cublas::CudaBlas::new(gpu.stream.clone())?;
     let mut file =
         out.map(std::fs::File::create).transpose().map_err(|e| CudaError::Mismatch(format!("--out: {e}")))?;
@@ -84,7 +92,7 @@ fn run_bench(gpu: &Gpu, quick: bool, out: Option<&str>) -> Result<(), CudaError>
     let mut rows = Vec::new();
     let shapes: Vec<_> = if quick { bench::SHAPES[..3].to_vec() } else { bench::SHAPES.to_vec() };
     for (i, shape) in shapes.iter().enumerate() {
-        for &m in bench::BATCHES {
+        for &m in batches {
             let row = bench::bench_one(gpu, &blas, *shape, m, 1000 + i as u64 * 17 + m as u64)?;
             for line in bench::format_row(&row) {
                 emit(line);
@@ -99,7 +107,7 @@ fn run_bench(gpu: &Gpu, quick: bool, out: Option<&str>) -> Result<(), CudaError>
             "{:<9} {:<7} {:>5}x{:<5} M={:<4} cublas {:>8.2} us",
             row.shape.model, row.shape.name, row.shape.n, row.shape.k, row.m, c
         )];
-        for prefix in ["w4a4_gemv", "w4a8_gemv", "w4a4_gemm"] {
+        for prefix in ["w4a4_gemv", "w4a8_gemv", "w4a4_gemm", "w4a4_wgmma"] {
             if let Some(t) = bench::best(row, prefix) {
                 parts.push(format!("{prefix} {:>8.2} us x{:.2} ({})", t.micros, c / t.micros, t.kernel));
             }
@@ -114,6 +122,15 @@ fn main() -> ExitCode {
     let cmd = args.first().map(String::as_str).unwrap_or("");
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(String::as_str);
     let quick = args.iter().any(|a| a == "--quick");
+    // `bench --m 128,2048`: the batch sizes to run (default bench::BATCHES).
+    let batches: Vec<usize> = args
+        .iter()
+        .position(|a| a == "--m")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| bench::BATCHES.to_vec());
+    // `check --only PREFIX`: only the kernels whose name starts with PREFIX.
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).map(String::as_str);
     let result = match cmd {
         "info" => {
             if let Err(e) = info() {
@@ -145,14 +162,14 @@ fn main() -> ExitCode {
             };
         }
         "check" => match open_gpu() {
-            Ok(gpu) => run_check(&gpu).map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
+            Ok(gpu) => run_check(&gpu, only).map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
             Err(code) => return code,
         },
         "bench" => match open_gpu() {
             // `--e2e` / `--profile`: runtime/src/cuda/e2e.rs; otherwise the kernel benchmark.
             Ok(gpu) => match bench::e2e::dispatch(&gpu, &args) {
                 Some(r) => r.map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }),
-                None => run_bench(&gpu, quick, out).map(|_| ExitCode::SUCCESS),
+                None => run_bench(&gpu, quick, &batches, out).map(|_| ExitCode::SUCCESS),
             },
             Err(code) => return code,
         },
@@ -199,7 +216,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: qcc-run info | ptx DIR | check | bench [--quick] [--out FILE] | run ART .. | eval ART .."
+                "usage: qcc-run info | ptx DIR | check [--only PREFIX] | bench [--quick] [--m LIST] [--out FILE] | run ART .. | eval ART .."
             );
             return ExitCode::from(2);
         }

@@ -245,6 +245,12 @@ pub fn bench_one(gpu: &Gpu, blas: &CudaBlas, shape: LinearShape, m: usize, seed:
     }
     if m > 1 {
         for v in GemmVariant::ALL {
+            // Only variants that pass a bit-exact check on this device are timed (a variant that
+            // computes wrong results or cannot launch here is reported and skipped).
+            if let Err(why) = gemm_verified(gpu, v) {
+                eprintln!("{} {}x{} M={m}: skipped: {why}", v.kernel_name(), n, k);
+                continue;
+            }
             let (micros, method) = time_launches(gpu, sets, |i| gpu.launch_gemm(v, &args_for(i, ActBits::A4)))?;
             ours.push(Timing {
                 kernel: v.kernel_name(),
@@ -293,6 +299,41 @@ pub fn bench_one(gpu: &Gpu, blas: &CudaBlas, shape: LinearShape, m: usize, seed:
     })?;
     let cublas = Timing { kernel: "cublas_f16".into(), method, micros, bytes: set_bytes, flops };
     Ok(BenchRow { shape, m, ours, cublas })
+}
+
+/// Whether GEMM variant `v` computes bit-exact results on `gpu` (a case with M, N and K tails, bias
+/// and residual), checked once per process; `Err` says why not.
+pub fn gemm_verified(gpu: &Gpu, v: GemmVariant) -> Result<(), String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<HashMap<String, Result<(), String>>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    let name = v.kernel_name();
+    if let Some(r) = seen.lock().ok().and_then(|m| m.get(&name).cloned()) {
+        return r;
+    }
+    let case = super::check::CheckCase {
+        kernel: super::check::KernelChoice::Gemm(v),
+        m: 300,
+        n: 584,
+        k: 1056,
+        bias: true,
+        residual: true,
+        values: super::check::Values::Random,
+        seed: 0xC0FFEE,
+    };
+    let r = match super::check::run_case(gpu, case) {
+        Ok(rep) if rep.mismatches == 0 => Ok(()),
+        Ok(rep) => Err(format!("not bit-exact: {rep}")),
+        Err(e) => {
+            gpu.stream.synchronize().ok();
+            Err(format!("check failed: {e}"))
+        }
+    };
+    if let Ok(mut m) = seen.lock() {
+        m.insert(name, r.clone());
+    }
+    r
 }
 
 /// Device-to-device copy bandwidth (bytes read + written per second), the memory ceiling.

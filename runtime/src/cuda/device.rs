@@ -170,28 +170,80 @@ impl GemvVariant {
     }
 }
 
-/// A prefill GEMM tile configuration (must match an instantiation in kernels/w4a4_gemm.cu).
+/// Which prefill GEMM kernel family a [`GemmVariant`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKind {
+    /// kernels/w4a4_gemm.cu: mma.sync m16n8k32, cp.async pipeline.
+    MmaSync,
+    /// kernels/w4a4_wgmma.cu (sm_90a): wgmma m64nNk32 with the activations as the register operand
+    /// and the weights unpacked to int8 in shared memory. `deep`: three int8 weight buffers, one
+    /// wgmma group kept in flight across the barrier; `swizzle`: that buffer in the 128-byte
+    /// swizzle layout (else no swizzle).
+    Wgmma { deep: bool, swizzle: bool },
+}
+
+/// A prefill GEMM tile configuration (must match an instantiation in kernels/w4a4_gemm.cu or
+/// kernels/w4a4_wgmma.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmVariant {
     pub bm: u32,
     pub bn: u32,
     pub warps: u32,
     pub stages: u32,
+    pub kind: GemmKind,
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 5] = [
-        GemmVariant { bm: 128, bn: 128, warps: 8, stages: 4 },
-        GemmVariant { bm: 128, bn: 256, warps: 8, stages: 3 },
-        GemmVariant { bm: 64, bn: 128, warps: 4, stages: 4 },
-        GemmVariant { bm: 64, bn: 256, warps: 8, stages: 4 },
-        GemmVariant { bm: 128, bn: 128, warps: 4, stages: 4 },
-    ];
+    pub const ALL: [GemmVariant; 12] = {
+        const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
+            GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
+        }
+        const fn wg(bn: u32, stages: u32, deep: bool, swizzle: bool) -> GemmVariant {
+            GemmVariant { bm: 128, bn, warps: 8, stages, kind: GemmKind::Wgmma { deep, swizzle } }
+        }
+        [
+            mma(128, 128, 8, 4),
+            mma(128, 256, 8, 3),
+            mma(64, 128, 4, 4),
+            mma(64, 256, 8, 4),
+            mma(128, 128, 4, 4),
+            wg(256, 4, false, false),
+            wg(256, 5, true, false),
+            wg(256, 5, true, true),
+            wg(256, 4, true, false),
+            wg(128, 4, false, false),
+            wg(128, 4, true, false),
+            wg(128, 4, false, true),
+        ]
+    };
     pub fn kernel_name(&self) -> String {
-        format!("w4a4_gemm_{}x{}_w{}", self.bm, self.bn, self.warps)
+        match self.kind {
+            GemmKind::MmaSync => format!("w4a4_gemm_{}x{}_w{}", self.bm, self.bn, self.warps),
+            GemmKind::Wgmma { deep, swizzle } => {
+                let deep = if deep { "_d" } else { "" };
+                let sw = if swizzle { "_sw" } else { "" };
+                format!("w4a4_wgmma_{}x{}_s{}{deep}{sw}", self.bm, self.bn, self.stages)
+            }
+        }
+    }
+    /// The kernel file holding this variant.
+    pub fn file(&self) -> &'static str {
+        match self.kind {
+            GemmKind::MmaSync => "w4a4_gemm",
+            GemmKind::Wgmma { .. } => "w4a4_wgmma",
+        }
     }
     pub fn shared_bytes(&self) -> u32 {
-        self.stages * (self.bm + self.bn) * 64
+        let ring = self.stages * (self.bm + self.bn) * 64;
+        match self.kind {
+            GemmKind::MmaSync => ring,
+            // The int8 weight buffers: 2 (3 when deep) x BN rows x 128 bytes.
+            GemmKind::Wgmma { deep, .. } => ring + if deep { 3 } else { 2 } * self.bn * 128,
+        }
+    }
+    /// Looks a variant up by kernel name.
+    pub fn by_name(name: &str) -> Option<GemmVariant> {
+        Self::ALL.into_iter().find(|v| v.kernel_name() == name)
     }
 }
 
@@ -312,7 +364,7 @@ impl Gpu {
     pub fn launch_gemm(&self, variant: GemmVariant, a: &W4LinearArgs) -> Result<(), CudaError> {
         let name = variant.kernel_name();
         check_w4_shape(&name, a.m, a.n, a.k)?;
-        let f = self.function("w4a4_gemm", &name)?;
+        let f = self.function(variant.file(), &name)?;
         let smem = variant.shared_bytes();
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
         let grid_x = a.n.div_ceil(variant.bn as usize) as u32;

@@ -1,6 +1,12 @@
-//! `qcc-run bench --e2e`: end-to-end decode of a Llama-2-7B-shaped decoder built from the runtime's
-//! kernels (NOT an artifact compiled by qcc: a 7B artifact's weights cannot travel to the GPU
-//! machine), W4A4 against fp16, in the same process on the same device.
+//! `qcc-run bench --e2e`: end-to-end prefill (one sequence of `--prefill T` tokens, default 2048) and
+//! decode of a Llama-2-7B-shaped decoder built from the runtime's kernels (NOT an artifact compiled by
+//! qcc: a 7B artifact's weights cannot travel to the GPU machine), W4A4 against fp16, in the same
+//! process on the same device.
+//!
+//! Prefill ([`Model::prefill`]): every layer on all T tokens with causal attention
+//! ([`prefill_attention`]: cuBLAS strided-batched QK^T and PV around a causal softmax kernel, the same
+//! on both paths), the W4A4 linears on the fastest bit-exact W4A4 GEMM per linear
+//! ([`Model::tune_gemm`]), the final norm + LM head on the last token; no KV-cache write.
 //!
 //! Both sides: 32 layers (d 4096, ffn 11008, 32 heads x 128, vocab 32000), seeded random weights
 //! generated on the device, a KV cache holding `past` tokens, one decode step (token `past`) for a
@@ -23,7 +29,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
 
 use super::time_launches;
-use crate::cuda::device::{ActBits, GemvVariant, Gpu, W4LinearArgs};
+use crate::cuda::device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 use crate::cuda::pack::{unpack_int4_split, SplitMix64};
 use crate::cuda::CudaError;
 
@@ -237,6 +243,29 @@ impl<'a> DecoderKernels<'a> {
         Ok(())
     }
 
+    /// Prefill rotary: q and k of the fused qkv [t, 3 * heads * 128] rotated in place, position =
+    /// token index.
+    pub fn rope_prefill(&self, qkv: u64, heads: usize, t: usize) -> Result<(), CudaError> {
+        let f = self.gpu.function("decoder", "rope_prefill")?;
+        let hh = heads as i32;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(&qkv).arg(&hh);
+        // SAFETY: signature (u16*, int); qkv holds t * 3 * heads * 128 halves.
+        unsafe { b.launch(Self::cfg((heads as u32, t as u32, 1), 64, 0)) }.map_err(launch_err("rope_prefill"))?;
+        Ok(())
+    }
+
+    /// Causal softmax in place over `rows` rows of t scores (row r is query r % t).
+    pub fn softmax_causal(&self, scores: u64, rows: usize, t: usize) -> Result<(), CudaError> {
+        let f = self.gpu.function("decoder", "softmax_causal_f16")?;
+        let tt = t as i32;
+        let mut b = self.gpu.stream.launch_builder(&f);
+        b.arg(&scores).arg(&tt);
+        // SAFETY: signature (u16*, int); scores holds rows * t halves.
+        unsafe { b.launch(Self::cfg((rows as u32, 1, 1), 256, 0)) }.map_err(launch_err("softmax_causal_f16"))?;
+        Ok(())
+    }
+
     /// Decode attention over keys 0..t of the cache (both parts); `part` holds
     /// m * heads * ceil(t / 64) * 130 floats.
     #[allow(clippy::too_many_arguments)]
@@ -305,6 +334,85 @@ pub fn cublas_linear(
             y as *mut _,
             cudaDataType_t::CUDA_R_16F,
             n as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }?;
+    Ok(())
+}
+
+/// Causal prefill attention of one sequence of `t` tokens, the same on both paths: rotary already
+/// applied to `qkv` [t, 3d]; per head S = q k^T / sqrt(128) (cuBLAS fp16 strided-batched, fp32
+/// compute, all t x t scores: the masked half is computed too), causal softmax in place, O = P v
+/// into `out` [t, d] at the head's columns. `scores` holds heads * t * t halves.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention(
+    blas: &CudaBlas,
+    k: &DecoderKernels<'_>,
+    qkv: u64,
+    scores: u64,
+    out: u64,
+    heads: usize,
+    t: usize,
+) -> Result<(), CudaError> {
+    let d = heads * 128;
+    let (ti, ld3) = (t as i32, (3 * d) as i32);
+    let (zero, one, scale) = (0.0f32, 1.0f32, 1.0f32 / (128f32).sqrt());
+    let h16 = cudaDataType_t::CUDA_R_16F;
+    // Column-major views: K_h, Q_h, V_h are 128 x t with ld 3d; S_h^T (keys x queries) t x t.
+    // SAFETY: qkv holds t * 3d halves, scores heads * t * t, out t * d; scalars are host f32.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            ti,
+            ti,
+            128,
+            (&scale) as *const f32 as *const _,
+            (qkv + 2 * d as u64) as *const _,
+            h16,
+            ld3,
+            128,
+            qkv as *const _,
+            h16,
+            ld3,
+            128,
+            (&zero) as *const f32 as *const _,
+            scores as *mut _,
+            h16,
+            ti,
+            (t * t) as i64,
+            heads as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }?;
+    k.softmax_causal(scores, heads * t, t)?;
+    // SAFETY: as above.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_N,
+            cublasOperation_t::CUBLAS_OP_N,
+            128,
+            ti,
+            ti,
+            (&one) as *const f32 as *const _,
+            (qkv + 4 * d as u64) as *const _,
+            h16,
+            ld3,
+            128,
+            scores as *const _,
+            h16,
+            ti,
+            (t * t) as i64,
+            (&zero) as *const f32 as *const _,
+            out as *mut _,
+            h16,
+            d as i32,
+            128,
+            heads as i32,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -607,6 +715,65 @@ pub fn check_decoder_kernels(gpu: &Gpu) -> Result<Vec<KernelCheck>, CudaError> {
             }
         }
         out.push(compare_f16(&format!("attn_decode T={t} (part + combine)"), &want, &o, 2e-3, 1e-3));
+    }
+
+    // Prefill: rotary in place, then causal attention (cuBLAS batched + softmax_causal_f16).
+    {
+        let (heads, t) = (2usize, 70usize);
+        let d = heads * 128;
+        let qkv = f16_vec(&mut rng, t * 3 * d, -1.0, 1.0);
+        let d_qkv = s.clone_htod(&qkv)?;
+        let d_s = s.clone_htod(&vec![0xFFFFu16; heads * t * t])?;
+        let d_o = s.clone_htod(&vec![0xFFFFu16; t * d])?;
+        let blas = CudaBlas::new(gpu.stream.clone())?;
+        k.rope_prefill(dptr(gpu, &d_qkv), heads, t)?;
+        let roped = s.clone_dtoh(&d_qkv)?;
+        prefill_attention(&blas, &k, dptr(gpu, &d_qkv), dptr(gpu, &d_s), dptr(gpu, &d_o), heads, t)?;
+        let o = s.clone_dtoh(&d_o)?;
+        // Rotary reference (f64) on q and k; v untouched.
+        let mut want_r = vec![0f64; t * 3 * d];
+        for m in 0..t {
+            for h in 0..heads {
+                for part in 0..3 {
+                    let b = m * 3 * d + part * d + h * 128;
+                    for i in 0..64 {
+                        let (a, c) = (h2f(qkv[b + i]), h2f(qkv[b + i + 64]));
+                        if part == 2 {
+                            want_r[b + i] = a;
+                            want_r[b + i + 64] = c;
+                        } else {
+                            let inv = 10000f64.powf(-(i as f64) / 64.0);
+                            let (sn, cs) = (m as f64 * inv).sin_cos();
+                            want_r[b + i] = a * cs - c * sn;
+                            want_r[b + i + 64] = c * cs + a * sn;
+                        }
+                    }
+                }
+            }
+        }
+        out.push(compare_f16(&format!("rope_prefill T={t}"), &want_r, &roped, 2e-3, 2e-3));
+        // Attention reference (f64) on the GPU's rotated (f16) q, k, v.
+        let r = |i: usize| h2f(roped[i]);
+        let scale = 1.0 / 128f64.sqrt();
+        let mut want = vec![0f64; t * d];
+        for h in 0..heads {
+            for i in 0..t {
+                let sc: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        (0..128).map(|c| r(i * 3 * d + h * 128 + c) * r(j * 3 * d + d + h * 128 + c)).sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|v| (v - mx).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..128 {
+                    want[i * d + h * 128 + c] =
+                        (0..=i).map(|j| e[j] * r(j * 3 * d + 2 * d + h * 128 + c)).sum::<f64>() / sum;
+                }
+            }
+        }
+        out.push(compare_f16(&format!("prefill attention H={heads} T={t} (causal)"), &want, &o, 1e-2, 3e-3));
     }
     Ok(out)
 }
@@ -1036,6 +1203,209 @@ impl Model {
     }
 }
 
+/// Buffers of a prefill of `t` tokens (one sequence).
+pub struct PrefillBuffers {
+    t: usize,
+    h0: CudaSlice<u16>,
+    h: CudaSlice<u16>,
+    xq: CudaSlice<u32>,
+    sx: CudaSlice<f32>,
+    qkv: CudaSlice<u16>,
+    att: CudaSlice<u16>,
+    gu: CudaSlice<u16>,
+    xn: CudaSlice<u16>,
+    act: CudaSlice<u16>,
+    scores: CudaSlice<u16>,
+    logits: CudaSlice<u16>,
+}
+
+impl PrefillBuffers {
+    pub fn new(gpu: &Gpu, shape: DecoderShape, t: usize) -> Result<Self, CudaError> {
+        let s = &gpu.stream;
+        let (d, f) = (shape.d, shape.ffn);
+        let h0 = unsafe { s.alloc::<u16>(t * d) }?;
+        DecoderKernels::new(gpu).fill_f16(dptr(gpu, &h0), t * d, 0x9E11, -1.0, 1.0)?;
+        let b = PrefillBuffers {
+            t,
+            h0,
+            h: s.alloc_zeros::<u16>(t * d)?,
+            xq: s.alloc_zeros::<u32>(t * d.max(f) / 8)?,
+            sx: s.alloc_zeros::<f32>(t)?,
+            qkv: s.alloc_zeros::<u16>(t * 3 * d)?,
+            att: s.alloc_zeros::<u16>(t * d)?,
+            gu: s.alloc_zeros::<u16>(t * 2 * f)?,
+            xn: s.alloc_zeros::<u16>(t * d)?,
+            act: s.alloc_zeros::<u16>(t * f)?,
+            scores: s.alloc_zeros::<u16>(shape.heads * t * t)?,
+            logits: s.alloc_zeros::<u16>(shape.vocab)?,
+        };
+        // Random (never zero) operands for the GEMM tuning that runs before any prefill.
+        let k = DecoderKernels::new(gpu);
+        k.fill_u32(dptr(gpu, &b.xq), t * d.max(f) / 8, 0x9E12)?;
+        k.fill_f32(dptr(gpu, &b.sx), t, 0x9E13, 0.01, 0.1)?;
+        k.fill_f16(dptr(gpu, &b.xn), t * d, 0x9E14, -1.0, 1.0)?;
+        s.synchronize()?;
+        Ok(b)
+    }
+}
+
+impl Model {
+    /// Prefill GEMM args for linear `lin` at `t` tokens. The W4A4 weights on the device were filled
+    /// (seeded random words) for the tiled GEMV layout; K % 128 == 0 for every Llama linear, so the
+    /// same words read as split-nibble rows [N, K/8] are an equally random weight matrix of the same
+    /// size for the GEMM (a deployment keeps the row layout for prefill, or converts at load).
+    fn gemm_args(&self, gpu: &Gpu, lin: &W4Linear, pb: &PrefillBuffers, residual: u64, y: u64) -> W4LinearArgs {
+        W4LinearArgs {
+            w: dptr(gpu, &lin.w),
+            sw: dptr(gpu, &lin.sw),
+            x: dptr(gpu, &pb.xq),
+            sx: dptr(gpu, &pb.sx),
+            bias: 0,
+            residual,
+            y,
+            m: pb.t,
+            n: lin.n,
+            k: lin.k,
+        }
+    }
+
+    /// Enqueues the prefill of one sequence of `pb.t` tokens: every layer on all tokens (causal
+    /// attention, [`prefill_attention`]), then the final norm and LM head on the last token. W4A4:
+    /// row quantization kernels and the W4A4 GEMM `gemm[i]` for linear i (qkv, o, gate-up, down,
+    /// residual adds in its epilogue); fp16: cuBLAS. The KV cache write is left out on both sides.
+    pub fn prefill(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        path: Path,
+        pb: &PrefillBuffers,
+        gemm: &[GemmVariant; 4],
+    ) -> Result<(), CudaError> {
+        let k = DecoderKernels::new(gpu);
+        let sh = self.shape;
+        let (d, f, t) = (sh.d, sh.ffn, pb.t);
+        let p = |x: &CudaSlice<u16>| dptr(gpu, x);
+        let (h, xq, sx) = (p(&pb.h), dptr(gpu, &pb.xq), dptr(gpu, &pb.sx));
+        // SAFETY: h0 and h are distinct device buffers of t * d halves.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(h, p(&pb.h0), t * d * 2, gpu.stream.cu_stream()) }?;
+        for l in &self.layers {
+            match path {
+                Path::W4A4 => {
+                    k.rmsnorm_quant_a4(h, p(&l.g1), xq, sx, t, d)?;
+                    gpu.launch_gemm(gemm[0], &self.gemm_args(gpu, &l.w4[0], pb, 0, p(&pb.qkv)))?;
+                    k.rope_prefill(p(&pb.qkv), sh.heads, t)?;
+                    prefill_attention(blas, &k, p(&pb.qkv), p(&pb.scores), p(&pb.att), sh.heads, t)?;
+                    k.rmsnorm_quant_a4(p(&pb.att), 0, xq, sx, t, d)?;
+                    gpu.launch_gemm(gemm[1], &self.gemm_args(gpu, &l.w4[1], pb, h, h))?;
+                    k.rmsnorm_quant_a4(h, p(&l.g2), xq, sx, t, d)?;
+                    gpu.launch_gemm(gemm[2], &self.gemm_args(gpu, &l.w4[2], pb, 0, p(&pb.gu)))?;
+                    k.swiglu_quant_a4(p(&pb.gu), xq, sx, t, f, true)?;
+                    gpu.launch_gemm(gemm[3], &self.gemm_args(gpu, &l.w4[3], pb, h, h))?;
+                }
+                Path::F16 => {
+                    k.rmsnorm_f16(h, p(&l.g1), p(&pb.xn), t, d)?;
+                    cublas_linear(blas, p(&l.f16[0]), p(&pb.xn), p(&pb.qkv), t, 3 * d, d, 0.0)?;
+                    k.rope_prefill(p(&pb.qkv), sh.heads, t)?;
+                    prefill_attention(blas, &k, p(&pb.qkv), p(&pb.scores), p(&pb.att), sh.heads, t)?;
+                    cublas_linear(blas, p(&l.f16[1]), p(&pb.att), h, t, d, d, 1.0)?;
+                    k.rmsnorm_f16(h, p(&l.g2), p(&pb.xn), t, d)?;
+                    cublas_linear(blas, p(&l.f16[2]), p(&pb.xn), p(&pb.gu), t, 2 * f, d, 0.0)?;
+                    k.swiglu_f16(p(&pb.gu), p(&pb.act), t, f)?;
+                    cublas_linear(blas, p(&l.f16[3]), p(&pb.act), h, t, d, f, 1.0)?;
+                }
+            }
+        }
+        let last = h + ((t - 1) * d * 2) as u64;
+        k.rmsnorm_f16(last, p(&self.gf), p(&pb.xn), 1, d)?;
+        cublas_linear(blas, p(&self.lm), p(&pb.xn), p(&pb.logits), 1, sh.vocab, d, 0.0)?;
+        Ok(())
+    }
+
+    /// Times [`Self::prefill`] (eager launches between CUDA events, one warm-up, median of `reps`),
+    /// microseconds.
+    pub fn time_prefill(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        path: Path,
+        pb: &PrefillBuffers,
+        gemm: &[GemmVariant; 4],
+        reps: usize,
+    ) -> Result<f64, CudaError> {
+        let stream = &gpu.stream;
+        self.prefill(gpu, blas, path, pb, gemm)?;
+        stream.synchronize()?;
+        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            start.record(stream)?;
+            self.prefill(gpu, blas, path, pb, gemm)?;
+            end.record(stream)?;
+            end.synchronize()?;
+            times.push(start.elapsed_ms(&end)? as f64 * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[reps / 2])
+    }
+
+    /// Picks the fastest verified (bit-exact on this device) W4A4 GEMM per linear at `pb.t` tokens,
+    /// each timed over the layers' weights in turn; also times cuBLAS fp16 on the same shapes.
+    pub fn tune_gemm(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        pb: &PrefillBuffers,
+    ) -> Result<([GemmVariant; 4], Vec<String>), CudaError> {
+        let candidates: Vec<GemmVariant> =
+            GemmVariant::ALL.into_iter().filter(|v| super::gemm_verified(gpu, *v).is_ok()).collect();
+        if candidates.is_empty() {
+            return Err(CudaError::Mismatch("no W4A4 GEMM variant is bit-exact on this device".into()));
+        }
+        let mut best = [candidates[0]; 4];
+        let mut lines = Vec::new();
+        let nl = self.layers.len();
+        let y = dptr(gpu, &pb.gu);
+        for (i, name) in ["qkv", "o", "gate-up", "down"].iter().enumerate() {
+            let lin = &self.layers[0].w4[i];
+            let mut all = Vec::new();
+            for &v in &candidates {
+                let (us, _) = time_launches(gpu, nl, |j| {
+                    gpu.launch_gemm(v, &self.gemm_args(gpu, &self.layers[j].w4[i], pb, 0, y))
+                })?;
+                all.push((v, us));
+            }
+            all.sort_by(|a, b| a.1.total_cmp(&b.1));
+            best[i] = all[0].0;
+            let (cu, _) = time_launches(gpu, nl, |j| {
+                cublas_linear(blas, dptr(gpu, &self.layers[j].f16[i]), dptr(gpu, &pb.xn), y, pb.t, lin.n, lin.k, 0.0)
+            })?;
+            let list: Vec<String> = all.iter().map(|(v, us)| format!("{} {us:.1}", v.kernel_name())).collect();
+            lines.push(format!(
+                "  gemm M={} {name:<7} {}x{}: best {} {:.1} us ({:.0} TOPS) vs cuBLAS fp16 {cu:.1} us = x{:.2} | {}",
+                pb.t,
+                lin.n,
+                lin.k,
+                all[0].0.kernel_name(),
+                all[0].1,
+                2.0 * (pb.t * lin.n * lin.k) as f64 / all[0].1 / 1e6,
+                cu / all[0].1,
+                list.join(", ")
+            ));
+        }
+        Ok((best, lines))
+    }
+
+    /// Logits of the last prefill: (count of non-finite values, mean |logit|).
+    pub fn prefill_logits_summary(&self, gpu: &Gpu, pb: &PrefillBuffers) -> Result<(usize, f64), CudaError> {
+        let v: Vec<u16> = gpu.stream.clone_dtoh(&pb.logits)?;
+        let vals: Vec<f64> = v.iter().map(|&b| h2f(b)).collect();
+        let bad = vals.iter().filter(|x| !x.is_finite()).count();
+        let mean = vals.iter().filter(|x| x.is_finite()).map(|x| x.abs()).sum::<f64>() / vals.len().max(1) as f64;
+        Ok((bad, mean))
+    }
+}
+
 /// GEMV variants the end-to-end benchmark may pick from (tiled W4A4).
 pub fn e2e_candidates() -> Vec<GemvVariant> {
     GemvVariant::ALL.into_iter().filter(|v| v.tiled() && v.act == ActBits::A4).collect()
@@ -1048,6 +1418,7 @@ pub fn run_e2e(gpu: &Gpu, args: &[String], mut emit: impl FnMut(String)) -> Resu
     let batches: Vec<usize> =
         arg("--batches").map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or_else(|| vec![1, 16]);
     let layers: usize = arg("--layers").and_then(|v| v.parse().ok()).unwrap_or(LLAMA2_7B.layers);
+    let prefill_t: usize = arg("--prefill").and_then(|v| v.parse().ok()).unwrap_or(2048);
     let shape = DecoderShape { layers, ..LLAMA2_7B };
     emit(format!("== e2e decode: {}", gpu.describe()));
     emit("   a Llama-2-7B-shaped decoder built from qcc-runtime's kernels (not an artifact compiled by qcc),".into());
@@ -1070,6 +1441,35 @@ pub fn run_e2e(gpu: &Gpu, args: &[String], mut emit: impl FnMut(String)) -> Resu
     emit(format!("   weights made in {:.1} s", t0.elapsed().as_secs_f64()));
     let reps = 15;
     let mut summary = Vec::new();
+    if prefill_t > 0 {
+        let pb = PrefillBuffers::new(gpu, shape, prefill_t)?;
+        let (gemm, lines) = model.tune_gemm(gpu, &blas, &pb)?;
+        lines.into_iter().for_each(&mut emit);
+        let w4 = model.time_prefill(gpu, &blas, Path::W4A4, &pb, &gemm, 5)?;
+        let (bad4, mean4) = model.prefill_logits_summary(gpu, &pb)?;
+        let f16 = model.time_prefill(gpu, &blas, Path::F16, &pb, &gemm, 5)?;
+        let (bad16, mean16) = model.prefill_logits_summary(gpu, &pb)?;
+        emit(format!(
+            "   prefill T={prefill_t}: W4A4 {:.2} ms ({:.0} tok/s) | fp16 {:.2} ms ({:.0} tok/s) | speedup x{:.2}",
+            w4 / 1e3,
+            prefill_t as f64 * 1e6 / w4,
+            f16 / 1e3,
+            prefill_t as f64 * 1e6 / f16,
+            f16 / w4
+        ));
+        emit(format!(
+            "        last-token logits: W4A4 {bad4} non-finite, mean |x| {mean4:.3}; fp16 {bad16} non-finite, mean |x| {mean16:.3}"
+        ));
+        summary.push(format!(
+            "e2e prefill T={prefill_t} (batch 1): W4A4 {:.0} tok/s ({:.2} ms) vs fp16 {:.0} tok/s ({:.2} ms) = x{:.2}; GEMMs {}",
+            prefill_t as f64 * 1e6 / w4,
+            w4 / 1e3,
+            prefill_t as f64 * 1e6 / f16,
+            f16 / 1e3,
+            f16 / w4,
+            gemm.iter().map(|g| g.kernel_name()).collect::<Vec<_>>().join(", ")
+        ));
+    }
     for &m in &batches {
         let (gemv, lines) = model.tune_gemv(gpu, m, &e2e_candidates())?;
         lines.into_iter().for_each(&mut emit);
@@ -1106,7 +1506,10 @@ pub fn run_e2e(gpu: &Gpu, args: &[String], mut emit: impl FnMut(String)) -> Resu
             f16 / w4
         ));
     }
-    emit("== e2e summary (CUDA graph of one decode step, median of 15 replays; prefill not measured)".into());
+    emit(
+        "== e2e summary (decode: CUDA graph of one step, median of 15 replays; prefill: eager launches, median of 5)"
+            .into(),
+    );
     summary.into_iter().for_each(&mut emit);
     Ok(ok)
 }
@@ -1158,7 +1561,7 @@ pub fn run_profile(gpu: &Gpu, names: &[&str]) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// The `qcc-run bench` flags handled here: `--e2e [--past N] [--batches 1,16] [--layers L] [--out FILE]`
+/// The `qcc-run bench` flags handled here: `--e2e [--past N] [--batches 1,16] [--prefill T] [--layers L] [--out FILE]`
 /// and `--profile [VARIANT,...]`. Returns `None` when neither is given (the kernel benchmark runs).
 pub fn dispatch(gpu: &Gpu, args: &[String]) -> Option<Result<bool, CudaError>> {
     let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1));

@@ -21,7 +21,7 @@ pub mod lm;
 pub mod nvrtc;
 
 #[cfg(feature = "cuda")]
-pub use device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+pub use device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 #[cfg(feature = "cuda")]
 pub use executor::{CudaExecutor, ExecutorError};
 #[cfg(feature = "cuda")]

@@ -20,6 +20,8 @@ pub const COMMON_HEADER: &str = include_str!("../../kernels/common.cuh");
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("w4_gemv", include_str!("../../kernels/w4_gemv.cu")),
     ("w4a4_gemm", include_str!("../../kernels/w4a4_gemm.cu")),
+    // Hopper wgmma prefill GEMM: the one file built for sm_90a (see [`arch_for`]).
+    ("w4a4_wgmma", include_str!("../../kernels/w4a4_wgmma.cu")),
     // Micro-kernels launched by compiled artifacts (compiler/src/lower/micro.rs).
     ("int_linear", include_str!("../../kernels/int_linear.cu")),
     ("linear", include_str!("../../kernels/linear.cu")),
@@ -29,8 +31,19 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("decoder", include_str!("../../kernels/decoder.cu")),
 ];
 
-/// The architecture every kernel is built for.
+/// The architecture every kernel is built for (except those named in [`arch_for`]).
 pub const TARGET_ARCH: &str = "sm_90";
+
+/// Architecture for kernel file `name`: `compute_90a` (PTX `.target sm_90a`, which the driver loads
+/// on sm_90 devices only) for the files using Hopper-only instructions (`wgmma`), [`TARGET_ARCH`]
+/// for every other file.
+pub fn arch_for(name: &str) -> &'static str {
+    if name == "w4a4_wgmma" {
+        "compute_90a"
+    } else {
+        TARGET_ARCH
+    }
+}
 
 /// Directories that may hold `libnvrtc.so.13` (env override first, then the project venv).
 pub fn cuda_lib_dirs() -> Vec<PathBuf> {
@@ -108,7 +121,7 @@ pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
         }
         return Err(CudaError::NvrtcMissing);
     }
-    let text = compile_source(name, &full_source(name)?)?;
+    let text = compile_source_for(name, &full_source(name)?, arch_for(name))?;
     if let Ok(mut c) = cache.lock() {
         c.insert(name.to_string(), text.clone());
     }
@@ -117,11 +130,16 @@ pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
 
 /// Compiles one full CUDA C++ translation unit (`label` names it in errors) to PTX for sm_90.
 pub fn compile_source(label: &str, src: &str) -> Result<String, CudaError> {
+    compile_source_for(label, src, TARGET_ARCH)
+}
+
+/// As [`compile_source`], for architecture `arch` (an NVRTC `--gpu-architecture` value).
+pub fn compile_source_for(label: &str, src: &str, arch: &'static str) -> Result<String, CudaError> {
     if !nvrtc_available() {
         return Err(CudaError::NvrtcMissing);
     }
     let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(TARGET_ARCH),
+        arch: Some(arch),
         name: Some(format!("{label}.cu")),
         options: vec![
             "-std=c++17".into(),

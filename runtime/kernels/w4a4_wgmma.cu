@@ -1,0 +1,302 @@
+// Prefill W4A4 GEMM on Hopper's warpgroup tensor cores (wgmma, s8.s8 -> s32; needs sm_90a: this file
+// alone is compiled for it, see nvrtc::arch_for): Y[M, N] = X[M, K] . W[N, K]^T with int4 X and W in
+// the split-nibble layout of common.cuh, exact int32 accumulation, then the shared epilogue
+// (identical to w4a4_gemm.cu, including the exact >> 8 that removes the x16 of each unpacked operand).
+//
+// Roles: wgmma's A operand (64 rows per warpgroup) is the activations, from registers: each thread
+// reads one 16-byte int4 vector per row it owns from shared memory and unpacks it with one shift and
+// two ANDs, exactly as the mma.sync kernel does. wgmma's B operand must be int8 in shared memory, so
+// the weight tile is unpacked by all threads from the int4 staging ring into an int8 buffer in the
+// canonical no-swizzle K-major layout (8x16-byte core matrices; LBO = 128 bytes to the next 16 k,
+// SBO = 256 bytes to the next 8 rows), then fence.proxy.async + a barrier make it visible to wgmma.
+//
+// K order: within a k128 tile a row is 16 words (64 bytes); word w holds k = 8w..8w+7. wgmma step s
+// (k32) uses word s of each of the row's four 16-byte vectors t: logical k 4t..4t+3 <- low nibbles
+// of word 4t+s, 16+4t..16+4t+3 <- its high nibbles. A (registers) and B (shared) apply the same
+// permutation, so the dot products are unchanged.
+//
+// Pipeline (one CTA = NWG consumer warpgroups, all threads also load and unpack; no warp
+// specialisation): STAGES-deep cp.async ring of int4 tiles (A: BM x 64 B, B: BN x 64 B, 16-byte
+// chunks XOR-swizzled by (row >> 1) & 3 so the unpack reads and A-fragment reads are conflict-free);
+// NB int8 B buffers. Iteration kt: A fragments of tile kt, four async wgmmas on buffer kt % NB,
+// cp.async of tile kt + STAGES - 1, unpack of tile kt + 1 into buffer (kt + 1) % NB (overlapping
+// the tensor cores), wgmma.wait_group NB - 2, one barrier. NB = 3 keeps one group in flight across
+// the barrier (two register sets for A, loop unrolled by 2). SW selects the 128-byte-swizzle layout
+// for the int8 buffer (see w4a4_wgmma_body).
+//
+// Requirements (checked on the host): K % 32 == 0, N % 8 == 0, 16-byte aligned rows; tails in M, N
+// and K are zero-filled by cp.async and masked at the store.
+
+QCC_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+QCC_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+QCC_DEVICE void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+QCC_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accesses of `r` across the wgmma issue / wait points.
+QCC_DEVICE void reg_fence(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+QCC_DEVICE void reg_fence_u(u32& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Shared-memory matrix descriptor, no swizzle (layout type 0), base offset 0.
+QCC_DEVICE u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
+  return (u64)((addr >> 4) & 0x3FFFu) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32);
+}
+
+QCC_DEVICE void wgmma_m64n256k32_s8_rs(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63]),
+        "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]), "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]),
+        "+r"(d[72]), "+r"(d[73]), "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+        "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]), "+r"(d[86]), "+r"(d[87]),
+        "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]), "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]),
+        "+r"(d[96]), "+r"(d[97]), "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+        "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
+        "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
+        "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+}
+
+QCC_DEVICE void wgmma_m64n128k32_s8_rs(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+        "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+        "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+        "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+        "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+}
+
+template <int NWG, int BN>
+struct WgmmaOp;
+template <int NWG>
+struct WgmmaOp<NWG, 256> {
+  static __device__ __forceinline__ void run(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+    wgmma_m64n256k32_s8_rs(d, a0, a1, a2, a3, desc);
+  }
+};
+template <int NWG>
+struct WgmmaOp<NWG, 128> {
+  static __device__ __forceinline__ void run(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+    wgmma_m64n128k32_s8_rs(d, a0, a1, a2, a3, desc);
+  }
+};
+
+QCC_DEVICE u32 u4_word(const uint4& v, int s) { return s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w; }
+// Byte offset of 16-byte chunk c of staging row r (64-byte rows, chunks XOR-swizzled).
+QCC_DEVICE int stage_off(int r, int c) { return r * 64 + 16 * (c ^ ((r >> 1) & 3)); }
+
+// SW: the int8 B buffer in the 128-byte-swizzle K-major layout instead of no-swizzle: row n of a
+// k128 tile is 128 contiguous bytes (8-row atoms of 1024 bytes), logical 16-byte chunk c = 2s + kc
+// stored at chunk c ^ (n % 8); step s's descriptor starts 32 s bytes into the atom (SBO = 1024).
+template <int NWG, int BN, int STAGES, bool DEEP, bool SW>
+static __device__ __forceinline__ void w4a4_wgmma_body(const u32* __restrict__ w, const float* __restrict__ sw,
+                                                       const u32* __restrict__ x, const float* __restrict__ sx,
+                                                       const float* __restrict__ bias,
+                                                       const u16* __restrict__ residual, u16* __restrict__ y,
+                                                       int M, int N, int K) {
+  constexpr int THREADS = NWG * 128;
+  constexpr int BM = NWG * 64;
+  constexpr int NB = DEEP ? 3 : 2;
+  constexpr int A_BYTES = BM * 64, B_BYTES = BN * 64;
+  constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  constexpr int BUF_BYTES = BN * 128;  // 4 k32 steps x BN rows x 32 bytes
+  constexpr int NACC = BN / 2;
+  constexpr u32 LBO = SW ? 16 : 128, SBO = SW ? 1024 : 256;
+  static_assert(STAGES >= 3, "the pipeline waits for tile kt + 2 at the end of iteration kt");
+  static_assert(BN == THREADS || BN * 2 == THREADS, "unpack: one or two threads per B row");
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* ring = smem;
+  unsigned char* bufb = smem + STAGES * STAGE_BYTES;
+  const u32 bufb_s = (u32)__cvta_generic_to_shared(bufb);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3;
+  const int g = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int row_bytes = K >> 1;
+  const int ktiles = (K + 127) >> 7;
+  const unsigned char* xb = (const unsigned char*)x;
+  const unsigned char* wb = (const unsigned char*)w;
+
+  auto load_stage = [&](int kt, int slot) {
+    unsigned char* sa = ring + slot * STAGE_BYTES;
+    unsigned char* sb = sa + A_BYTES;
+    const int kbyte = kt * 64;
+#pragma unroll
+    for (int i = tid; i < BM * 4; i += THREADS) {
+      const int r = i >> 2, c = i & 3;
+      const int gr = m0 + r, gk = kbyte + 16 * c;
+      const bool ok = gr < M && gk < row_bytes;
+      cp_async_16(sa + stage_off(r, c), xb + (ok ? (size_t)gr * row_bytes + gk : 0), ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = tid; i < BN * 4; i += THREADS) {
+      const int r = i >> 2, c = i & 3;
+      const int gr = n0 + r, gk = kbyte + 16 * c;
+      const bool ok = gr < N && gk < row_bytes;
+      cp_async_16(sb + stage_off(r, c), wb + (ok ? (size_t)gr * row_bytes + gk : 0), ok ? 16 : 0);
+    }
+  };
+
+  // int4 B tile (staging slot) -> int8 buffer `buf`: step s, row r at s*BN*32 + (r/8)*256 + kc*128 + (r%8)*16.
+  auto unpack_b = [&](int slot, int buf) {
+    const unsigned char* sb = ring + slot * STAGE_BYTES + A_BYTES;
+    unsigned char* dst = bufb + buf * BUF_BYTES;
+    const int r = tid % BN, part = tid / BN;
+    uint4 v[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = *(const uint4*)(sb + stage_off(r, c));
+    unsigned char* rowdst = SW ? dst + (r >> 3) * 1024 + (r & 7) * 128 : dst + (r >> 3) * 256 + (r & 7) * 16;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const u32 w0 = u4_word(v[0], s), w1 = u4_word(v[1], s), w2 = u4_word(v[2], s), w3 = u4_word(v[3], s);
+      if (BN == THREADS || part == 0) {
+        uint4 o;
+        o.x = lo_nibbles_x16(w0);
+        o.y = lo_nibbles_x16(w1);
+        o.z = lo_nibbles_x16(w2);
+        o.w = lo_nibbles_x16(w3);
+        *(uint4*)(SW ? rowdst + 16 * ((2 * s) ^ (r & 7)) : rowdst + s * BN * 32) = o;
+      }
+      if (BN == THREADS || part == 1) {
+        uint4 o;
+        o.x = hi_nibbles_x16(w0);
+        o.y = hi_nibbles_x16(w1);
+        o.z = hi_nibbles_x16(w2);
+        o.w = hi_nibbles_x16(w3);
+        *(uint4*)(SW ? rowdst + 16 * ((2 * s + 1) ^ (r & 7)) : rowdst + s * BN * 32 + 128) = o;
+      }
+    }
+  };
+
+  const int ra = wg * 64 + wq * 16 + g, rb = ra + 8;
+  auto load_a = [&](int slot, u32(&af)[4][4]) {
+    const unsigned char* sa = ring + slot * STAGE_BYTES;
+    const uint4 va = *(const uint4*)(sa + stage_off(ra, tig));
+    const uint4 vb = *(const uint4*)(sa + stage_off(rb, tig));
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const u32 r0 = u4_word(va, s), r1 = u4_word(vb, s);
+      af[s][0] = lo_nibbles_x16(r0);
+      af[s][1] = lo_nibbles_x16(r1);
+      af[s][2] = hi_nibbles_x16(r0);
+      af[s][3] = hi_nibbles_x16(r1);
+    }
+  };
+
+  int acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();
+  unpack_b(0, 0);
+  cp_async_wait<STAGES - 3>();
+  fence_proxy_async();
+  __syncthreads();
+
+  auto iteration = [&](int kt, u32(&af)[4][4]) {
+    load_a(kt % STAGES, af);
+    wgmma_fence();
+    const u32 base = bufb_s + (kt % NB) * BUF_BYTES;
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+      WgmmaOp<NWG, BN>::run(acc, af[s][0], af[s][1], af[s][2], af[s][3],
+                            wg_desc(base + (SW ? 32 * s : s * BN * 32), LBO, SBO) | (SW ? (1ull << 62) : 0ull));
+    wgmma_commit();
+    {
+      const int next = kt + STAGES - 1;
+      if (next < ktiles) load_stage(next, next % STAGES);
+      cp_async_commit();
+    }
+    if (kt + 1 < ktiles) unpack_b((kt + 1) % STAGES, (kt + 1) % NB);
+    fence_proxy_async();
+    wgmma_wait<NB - 2>();
+    cp_async_wait<STAGES - 3>();
+    __syncthreads();
+  };
+
+  u32 af0[4][4], af1[4][4];
+  // Unrolled by two (A register sets af0 / af1) with no branch inside the body: a conditional second
+  // iteration would merge the accumulators at a phi (register moves while wgmmas are in flight, which
+  // makes ptxas serialize them, warning C7513).
+  int kt = 0;
+  for (; kt + 1 < ktiles; kt += 2) {
+    iteration(kt, af0);
+    iteration(kt + 1, af1);
+  }
+  if (kt < ktiles) iteration(kt, af0);
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) reg_fence(acc[i]);
+  cp_async_wait<0>();
+
+  // Accumulator j*4 + 2h + e: row 16*wq + g + 8h of this warpgroup's 64, column 8j + 2*tig + e.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = m0 + wg * 64 + wq * 16 + g + 8 * h;
+    if (m >= M) continue;
+    const float sxm = sx[m];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int n = n0 + 8 * j + 2 * tig;
+      if (n >= N) continue;
+      // Remove the exact x256 (x16 per int4 operand) with an arithmetic shift.
+      const u16 y0 = epilogue(acc[4 * j + 2 * h] >> 8, sxm, sw[n], bias, residual, m, n, N);
+      const u16 y1 = epilogue(acc[4 * j + 2 * h + 1] >> 8, sxm, sw[n + 1], bias, residual, m, n + 1, N);
+      *(u32*)(y + (size_t)m * N + n) = (u32)y0 | ((u32)y1 << 16);
+    }
+  }
+}
+
+// Dynamic shared memory: STAGES * (64 * NWG + BN) * 64 + NB * BN * 128 bytes (device.rs GemmVariant).
+#define QCC_WGMMA(NAME, NWG, BN, STAGES, DEEP, SW, MIN_BLOCKS)                                      \
+  extern "C" __global__ void __launch_bounds__(NWG * 128, MIN_BLOCKS)                               \
+      NAME(const u32* w, const float* sw, const u32* x, const float* sx, const float* bias,        \
+           const u16* residual, u16* y, int M, int N, int K) {                                     \
+    w4a4_wgmma_body<NWG, BN, STAGES, DEEP, SW>(w, sw, x, sx, bias, residual, y, M, N, K);          \
+  }
+
+// (NAME, warpgroups, BN, STAGES, DEEP, SW, MIN_BLOCKS); device.rs GemmVariant::ALL lists them.
+// MIN_BLOCKS = 2 (a 128-register cap) only where ptxas fits it without spills.
+QCC_WGMMA(w4a4_wgmma_128x256_s4, 2, 256, 4, false, false, 1)
+QCC_WGMMA(w4a4_wgmma_128x256_s5_d, 2, 256, 5, true, false, 1)
+QCC_WGMMA(w4a4_wgmma_128x256_s5_d_sw, 2, 256, 5, true, true, 1)
+QCC_WGMMA(w4a4_wgmma_128x256_s4_d, 2, 256, 4, true, false, 1)
+QCC_WGMMA(w4a4_wgmma_128x128_s4, 2, 128, 4, false, false, 2)
+QCC_WGMMA(w4a4_wgmma_128x128_s4_sw, 2, 128, 4, false, true, 1)
+QCC_WGMMA(w4a4_wgmma_128x128_s4_d, 2, 128, 4, true, false, 1)
