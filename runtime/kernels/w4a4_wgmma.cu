@@ -300,3 +300,293 @@ QCC_WGMMA(w4a4_wgmma_128x256_s4_d, 2, 256, 4, true, false, 1)
 QCC_WGMMA(w4a4_wgmma_128x128_s4, 2, 128, 4, false, false, 2)
 QCC_WGMMA(w4a4_wgmma_128x128_s4_sw, 2, 128, 4, false, true, 1)
 QCC_WGMMA(w4a4_wgmma_128x128_s4_d, 2, 128, 4, true, false, 1)
+
+// ---------------------------------------------------------------------------------------------------
+// Warp-specialised variants (w4a4_ws_* and w4a4p8_ws_*): TMA producer, mbarrier rings, no CTA-wide
+// barrier in the main loop. 384 threads = 3 warpgroups:
+//   WG0 (warps 0-3, setmaxnreg.dec): thread 0 issues the TMA copies (cp.async.bulk.tensor, tensor
+//     maps passed as __grid_constant__ parameters, 64-byte swizzle for the int4 tiles) into a
+//     STAGES-deep ring of [A int4 BM x 64 B | B int4 BN x 64 B] slots (full[] barriers with
+//     expect_tx); all 128 threads unpack the int4 weight tile into a second ring of NB int8 tiles
+//     (the canonical K-major layout of the wgmma B operand, same K order as above), then
+//     fence.proxy.async and arrive on full8[] / empty[].
+//   WG1, WG2 (setmaxnreg.inc): consumers, BM/2 token rows each (BM/128 m64 blocks), all BN columns:
+//     wait full[] + full8[], A fragments from the int4 slot (registers, as above), async wgmmas on
+//     the int8 tile, arrive empty[] (A read), wait for the previous tile's wgmmas, arrive empty8[].
+// The TMA runs LOOK = STAGES - NB tiles ahead of the unpack, so the producer's empty[] wait never
+// blocks the unpack (a slot is reused only after its tile's int8 buffer was released).
+//
+// P8 ("pre-unpacked int8 prefill weights", w4a4p8_*): the weights come from a second, pack-time
+// layout (pack.rs pack_int8_wgmma: 16*q as int8, each k128 block in the wgmma K order above, rows
+// padded to a multiple of 128 bytes) — twice the weight bytes of the int4 storage. TMA copies them
+// with the 128-byte swizzle straight into the slot that the consumers hand to wgmma (no unpack
+// warps; WG0 is the producer alone); the activations stay int4 and are unpacked in registers.
+// ---------------------------------------------------------------------------------------------------
+
+struct __align__(64) TmaDesc {
+  u64 v[16];
+};
+
+QCC_DEVICE void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+QCC_DEVICE void mbar_arrive(u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+QCC_DEVICE void mbar_arrive_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase with parity `parity` has completed (parity 1 on a fresh barrier: at once).
+QCC_DEVICE void mbar_wait(u32 bar, u32 parity) {
+  u32 done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+QCC_DEVICE void tma_load_2d(u32 dst, const TmaDesc* desc, int c0, int c1, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(dst),
+      "l"((u64)desc), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+template <int BM, int BN, int STAGES, int NB, bool SW, bool P8, bool PERSIST>
+static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
+                                                    const float* __restrict__ sx, const float* __restrict__ bias,
+                                                    const u16* __restrict__ residual, u16* __restrict__ y, int M,
+                                                    int N, int K) {
+  constexpr int MB = BM / 128;  // m64 blocks per consumer warpgroup
+  constexpr int A_BYTES = BM * 64;
+  constexpr int B8_BYTES = BN * 128;
+  constexpr int SLOT = A_BYTES + (P8 ? B8_BYTES : BN * 64);
+  constexpr int RING8 = P8 ? 0 : NB * B8_BYTES;
+  constexpr int NACC = BN / 2;
+  constexpr int LOOK = P8 ? STAGES : STAGES - NB;
+  constexpr int NB1 = NB > 0 ? NB : 1;  // modulus in code that P8 never runs
+  constexpr bool B_SW = P8 || SW;  // B operand in the 128-byte-swizzle layout
+  constexpr u32 LBO = B_SW ? 16 : 128, SBO = B_SW ? 1024 : 256;
+  static_assert(BM == 128 || BM == 256, "BM");
+  static_assert(BN == 128 || BN == 256, "BN");
+  static_assert(P8 || (NB >= 2 && LOOK >= 1), "ring depths");
+  extern __shared__ unsigned char smem_raw[];
+  const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+  const u32 base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const u32 ring8 = base + STAGES * SLOT;
+  const u32 bars = ring8 + RING8;
+  // Barriers: full[STAGES], empty[STAGES], full8[NB], empty8[NB].
+  auto full = [&](int i) { return bars + 8u * i; };
+  auto empty = [&](int i) { return bars + 8u * (STAGES + i); };
+  auto full8 = [&](int i) { return bars + 8u * (2 * STAGES + i); };
+  auto empty8 = [&](int i) { return bars + 8u * (2 * STAGES + NB + i); };
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ktiles = (K + 127) >> 7;
+  // Work tiles of this CTA: one (grid x = N tiles, y = M tiles), or, PERSIST, tiles blockIdx.x,
+  // blockIdx.x + gridDim.x, ... of the N-fastest order (1-D grid of at most one CTA per SM). Global
+  // k-tile counter q = i * ktiles + kt over this CTA's i-th tile drives both rings' slots and
+  // phases, so the producer and the unpack run on into the next tile during this tile's epilogue.
+  const int tiles_n = (N + BN - 1) / BN;
+  const int ntiles = PERSIST ? tiles_n * ((M + BM - 1) / BM) : 1;
+  const int my_tiles = PERSIST ? (ntiles > (int)blockIdx.x ? (ntiles - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0) : 1;
+  const int Q = my_tiles * ktiles;
+  auto tile_m0 = [&](int q) {
+    return PERSIST ? ((int)blockIdx.x + (q / ktiles) * (int)gridDim.x) / tiles_n * BM : (int)blockIdx.y * BM;
+  };
+  auto tile_n0 = [&](int q) {
+    return PERSIST ? ((int)blockIdx.x + (q / ktiles) * (int)gridDim.x) % tiles_n * BN : (int)blockIdx.x * BN;
+  };
+
+  if (tid == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full(i), 1);
+      mbar_init(empty(i), P8 ? 8 : 12);
+    }
+    if (!P8)
+      for (int i = 0; i < NB; ++i) {
+        mbar_init(full8(i), 4);
+        mbar_init(empty8(i), 8);
+      }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async();
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tw) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tx) : "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ---- producer / unpack warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    auto issue = [&](int q) {
+      const int slot = q % STAGES, t = q % ktiles;
+      mbar_wait(empty(slot), ((q / STAGES) & 1) ^ 1);
+      mbar_arrive_tx(full(slot), SLOT);
+      tma_load_2d(base + slot * SLOT, tx, t * 64, tile_m0(q), full(slot));
+      tma_load_2d(base + slot * SLOT + A_BYTES, tw, P8 ? t * 128 : t * 64, tile_n0(q), full(slot));
+    };
+    if (P8) {
+      if (tid == 0)
+        for (int q = 0; q < Q; ++q) issue(q);
+    } else {
+      if (tid == 0)
+        for (int q = 0; q < LOOK && q < Q; ++q) issue(q);
+      for (int kt = 0; kt < Q; ++kt) {
+        const int b = kt % NB1, slot = kt % STAGES;
+        mbar_wait(empty8(b), ((kt / NB1) & 1) ^ 1);
+        if (tid == 0 && kt + LOOK < Q) issue(kt + LOOK);
+        mbar_wait(full(slot), (kt / STAGES) & 1);
+        const unsigned char* sb = smem + slot * SLOT + A_BYTES;
+        unsigned char* dst = smem + STAGES * SLOT + b * B8_BYTES;
+#pragma unroll
+        for (int rr = 0; rr < BN / 128; ++rr) {
+          const int r = tid + 128 * rr;
+          uint4 v[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) v[c] = *(const uint4*)(sb + stage_off(r, c));
+          unsigned char* rowdst = SW ? dst + (r >> 3) * 1024 + (r & 7) * 128 : dst + (r >> 3) * 256 + (r & 7) * 16;
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const u32 w0 = u4_word(v[0], s), w1 = u4_word(v[1], s), w2 = u4_word(v[2], s), w3 = u4_word(v[3], s);
+            uint4 lo, hi;
+            lo.x = lo_nibbles_x16(w0);
+            lo.y = lo_nibbles_x16(w1);
+            lo.z = lo_nibbles_x16(w2);
+            lo.w = lo_nibbles_x16(w3);
+            hi.x = hi_nibbles_x16(w0);
+            hi.y = hi_nibbles_x16(w1);
+            hi.z = hi_nibbles_x16(w2);
+            hi.w = hi_nibbles_x16(w3);
+            *(uint4*)(SW ? rowdst + 16 * ((2 * s) ^ (r & 7)) : rowdst + s * BN * 32) = lo;
+            *(uint4*)(SW ? rowdst + 16 * ((2 * s + 1) ^ (r & 7)) : rowdst + s * BN * 32 + 128) = hi;
+          }
+        }
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+          mbar_arrive(empty(slot));
+          mbar_arrive(full8(b));
+        }
+      }
+    }
+  } else {
+    // ---- consumer warpgroups
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    const int cw = warp - 4, cg = cw >> 2, wq = cw & 3;
+    const int g = lane >> 2, tig = lane & 3;
+    int acc[MB][NACC];
+
+    auto load_a = [&](int slot, u32(&af)[MB][4][4]) {
+      const unsigned char* sa = smem + slot * SLOT;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int ra = cg * (BM / 2) + mb * 64 + wq * 16 + g;
+        const uint4 va = *(const uint4*)(sa + stage_off(ra, tig));
+        const uint4 vb = *(const uint4*)(sa + stage_off(ra + 8, tig));
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const u32 r0 = u4_word(va, s), r1 = u4_word(vb, s);
+          af[mb][s][0] = lo_nibbles_x16(r0);
+          af[mb][s][1] = lo_nibbles_x16(r1);
+          af[mb][s][2] = hi_nibbles_x16(r0);
+          af[mb][s][3] = hi_nibbles_x16(r1);
+        }
+      }
+    };
+
+    // kt: global k-tile counter q; first: the first k tile of a work tile (nothing to release).
+    auto iteration = [&](int kt, bool first, u32(&af)[MB][4][4]) {
+      const int slot = kt % STAGES;
+      mbar_wait(full(slot), (kt / STAGES) & 1);
+      if (!P8) mbar_wait(full8(kt % NB1), (kt / NB1) & 1);
+      load_a(slot, af);
+      wgmma_fence();
+      const u32 bbase = P8 ? base + slot * SLOT + A_BYTES : ring8 + (kt % NB1) * B8_BYTES;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const u64 desc = wg_desc(bbase + (B_SW ? 32 * s : s * BN * 32), LBO, SBO) | (B_SW ? (1ull << 62) : 0ull);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+          WgmmaOp<2, BN>::run(acc[mb], af[mb][s][0], af[mb][s][1], af[mb][s][2], af[mb][s][3], desc);
+      }
+      wgmma_commit();
+      if (!P8) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty(slot));
+      }
+      wgmma_wait<1>();
+      __syncwarp();
+      if (lane == 0 && !first) mbar_arrive(P8 ? empty((kt - 1) % STAGES) : empty8((kt - 1) % NB1));
+    };
+
+    u32 af0[MB][4][4], af1[MB][4][4];
+    for (int q0 = 0; q0 < Q; q0 += ktiles) {
+    const int m0 = tile_m0(q0), n0 = tile_n0(q0);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) acc[mb][i] = 0;
+    int kt = 0;
+    for (; kt + 1 < ktiles; kt += 2) {
+      iteration(q0 + kt, kt == 0, af0);
+      iteration(q0 + kt + 1, false, af1);
+    }
+    if (kt < ktiles) iteration(q0 + kt, kt == 0, af0);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) reg_fence(acc[mb][i]);
+    // The last k tile's buffers are free once its wgmmas completed.
+    __syncwarp();
+    if (lane == 0) {
+      const int last = q0 + ktiles - 1;
+      mbar_arrive(P8 ? empty(last % STAGES) : empty8(last % NB1));
+    }
+
+    // Accumulator j*4 + 2h + e of block mb: row 16*wq + g + 8h of the block, column 8j + 2*tig + e.
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + cg * (BM / 2) + mb * 64 + wq * 16 + g + 8 * h;
+        if (m >= M) continue;
+        const float sxm = sx[m];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int n = n0 + 8 * j + 2 * tig;
+          if (n >= N) continue;
+          // Remove the exact x256 (x16 per int4 operand) with an arithmetic shift.
+          const u16 y0 = epilogue(acc[mb][4 * j + 2 * h] >> 8, sxm, sw[n], bias, residual, m, n, N);
+          const u16 y1 = epilogue(acc[mb][4 * j + 2 * h + 1] >> 8, sxm, sw[n + 1], bias, residual, m, n + 1, N);
+          *(u32*)(y + (size_t)m * N + n) = (u32)y0 | ((u32)y1 << 16);
+        }
+      }
+    }
+  }
+}
+
+// Dynamic shared memory: 1024 (alignment) + STAGES * slot + NB * BN * 128 (int4 only) + barriers
+// (device.rs GemmVariant::shared_bytes). Tensor maps: tw over the weights (int4: [N, K/2] bytes,
+// box 64 x BN, 64-byte swizzle; P8: [N, Kp] bytes, box 128 x BN, 128-byte swizzle), tx over the
+// activations ([M, K/2] bytes, box 64 x BM, 64-byte swizzle); zero fill out of bounds.
+#define QCC_WS(NAME, BM, BN, STAGES, NB, SW, P8, PERSIST)                                                       \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                               \
+      NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,  \
+           const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K) {   \
+    w4a4_ws_body<BM, BN, STAGES, NB, SW, P8, PERSIST>(&tw, &tx, sw, sx, bias, residual, y, M, N, K);          \
+  }
+
+// (NAME, BM, BN, STAGES, NB, SW, P8, PERSIST); device.rs GemmVariant::ALL lists them. PERSIST = true
+// (grid = min(tiles, SMs), 1-D) is not instantiated: ptxas 13.0 serializes its wgmmas for lack of
+// registers at the 224-register consumer budget (C7512), and 232 spills in the unpack warpgroup.
+QCC_WS(w4a4_ws_256x128_s6_b3, 256, 128, 6, 3, false, false, false)
+QCC_WS(w4a4_ws_256x128_s6_b3_sw, 256, 128, 6, 3, true, false, false)
+QCC_WS(w4a4_ws_256x128_s7_b2, 256, 128, 7, 2, false, false, false)
+QCC_WS(w4a4_ws_128x256_s5_b2, 128, 256, 5, 2, false, false, false)
+QCC_WS(w4a4p8_ws_256x128_s6, 256, 128, 6, 0, true, true, false)
+QCC_WS(w4a4p8_ws_128x256_s4, 128, 256, 4, 0, true, true, false)

@@ -107,7 +107,8 @@ fn run_bench(gpu: &Gpu, quick: bool, batches: &[usize], out: Option<&str>) -> Re
             "{:<9} {:<7} {:>5}x{:<5} M={:<4} cublas {:>8.2} us",
             row.shape.model, row.shape.name, row.shape.n, row.shape.k, row.m, c
         )];
-        for prefix in ["w4a4_gemv", "w4a8_gemv", "w4a4_gemm", "w4a4_wgmma"] {
+        // w4a4p8: weights pre-unpacked to int8 (twice the weight bytes), not the int4 storage.
+        for prefix in ["w4a4_gemv", "w4a8_gemv", "w4a4_gemm", "w4a4_wgmma", "w4a4_ws", "w4a4p8"] {
             if let Some(t) = bench::best(row, prefix) {
                 parts.push(format!("{prefix} {:>8.2} us x{:.2} ({})", t.micros, c / t.micros, t.kernel));
             }

@@ -5,7 +5,7 @@
 use half::f16;
 
 use super::device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
-use super::pack::{pack_int4_split, pack_int4_tiled, reference_w4_linear, Epilogue, SplitMix64};
+use super::pack::{pack_int4_split, pack_int4_tiled, pack_int8_wgmma, reference_w4_linear, Epilogue, SplitMix64};
 use super::CudaError;
 use cudarc::driver::DevicePtr;
 
@@ -113,8 +113,14 @@ pub fn run_case(gpu: &Gpu, case: CheckCase) -> Result<CheckReport, CudaError> {
             w_packed = pack_int4_tiled(&w_packed, n, k).ok_or_else(|| bad_shape("weights do not tile"))?;
         }
     }
+    let w_bytes: Vec<u8> = match case.kernel {
+        KernelChoice::Gemm(v) if v.int8_weights() => {
+            pack_int8_wgmma(&w_packed, n, k).ok_or_else(|| bad_shape("weights do not pack to int8"))?
+        }
+        _ => bytemuck::cast_slice::<u32, u8>(&w_packed).to_vec(),
+    };
     let stream = &gpu.stream;
-    let d_w = stream.clone_htod(&w_packed)?;
+    let d_w = stream.clone_htod(&w_bytes)?;
     let d_x = match act {
         ActBits::A4 => {
             let xp = pack_int4_split(&x, m, k).ok_or_else(|| bad_shape("activations do not pack"))?;

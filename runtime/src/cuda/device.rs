@@ -180,6 +180,14 @@ pub enum GemmKind {
     /// wgmma group kept in flight across the barrier; `swizzle`: that buffer in the 128-byte
     /// swizzle layout (else no swizzle).
     Wgmma { deep: bool, swizzle: bool },
+    /// kernels/w4a4_wgmma.cu `QCC_WS` (sm_90a), warp-specialised: a TMA producer thread, an unpack
+    /// warpgroup writing int8 weight tiles into a ring of `nb` buffers (`swizzle`: 128-byte swizzle
+    /// layout), two consumer warpgroups synchronised by mbarriers only; 384 threads.
+    Ws { nb: u32, swizzle: bool },
+    /// As [`GemmKind::Ws`] with the weights pre-unpacked to int8 at pack time
+    /// ([`super::pack::pack_int8_wgmma`], twice the int4 weight bytes), copied by TMA straight into
+    /// the wgmma B operand (no unpack warps). Not the int4-storage kernel: reported separately.
+    WsInt8Weights,
 }
 
 /// A prefill GEMM tile configuration (must match an instantiation in kernels/w4a4_gemm.cu or
@@ -194,12 +202,18 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 12] = {
+    pub const ALL: [GemmVariant; 18] = {
         const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
         }
         const fn wg(bn: u32, stages: u32, deep: bool, swizzle: bool) -> GemmVariant {
             GemmVariant { bm: 128, bn, warps: 8, stages, kind: GemmKind::Wgmma { deep, swizzle } }
+        }
+        const fn ws(bm: u32, bn: u32, stages: u32, nb: u32, swizzle: bool) -> GemmVariant {
+            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle } }
+        }
+        const fn p8(bm: u32, bn: u32, stages: u32) -> GemmVariant {
+            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::WsInt8Weights }
         }
         [
             mma(128, 128, 8, 4),
@@ -214,6 +228,12 @@ impl GemmVariant {
             wg(128, 4, false, false),
             wg(128, 4, true, false),
             wg(128, 4, false, true),
+            ws(256, 128, 6, 3, false),
+            ws(256, 128, 6, 3, true),
+            ws(256, 128, 7, 2, false),
+            ws(128, 256, 5, 2, false),
+            p8(256, 128, 6),
+            p8(128, 256, 4),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -224,13 +244,31 @@ impl GemmVariant {
                 let sw = if swizzle { "_sw" } else { "" };
                 format!("w4a4_wgmma_{}x{}_s{}{deep}{sw}", self.bm, self.bn, self.stages)
             }
+            GemmKind::Ws { nb, swizzle } => {
+                let sw = if swizzle { "_sw" } else { "" };
+                format!("w4a4_ws_{}x{}_s{}_b{nb}{sw}", self.bm, self.bn, self.stages)
+            }
+            GemmKind::WsInt8Weights => format!("w4a4p8_ws_{}x{}_s{}", self.bm, self.bn, self.stages),
+        }
+    }
+    /// Whether the weights are the pre-unpacked int8 layout ([`super::pack::pack_int8_wgmma`])
+    /// instead of split-nibble int4 rows.
+    pub fn int8_weights(&self) -> bool {
+        self.kind == GemmKind::WsInt8Weights
+    }
+    /// Bytes of the weight operand of an [n, k] matrix in this variant's layout.
+    pub fn weight_bytes(&self, n: usize, k: usize) -> usize {
+        if self.int8_weights() {
+            n * super::pack::int8_wgmma_row_bytes(k)
+        } else {
+            n * k / 2
         }
     }
     /// The kernel file holding this variant.
     pub fn file(&self) -> &'static str {
         match self.kind {
             GemmKind::MmaSync => "w4a4_gemm",
-            GemmKind::Wgmma { .. } => "w4a4_wgmma",
+            GemmKind::Wgmma { .. } | GemmKind::Ws { .. } | GemmKind::WsInt8Weights => "w4a4_wgmma",
         }
     }
     pub fn shared_bytes(&self) -> u32 {
@@ -239,11 +277,67 @@ impl GemmVariant {
             GemmKind::MmaSync => ring,
             // The int8 weight buffers: 2 (3 when deep) x BN rows x 128 bytes.
             GemmKind::Wgmma { deep, .. } => ring + if deep { 3 } else { 2 } * self.bn * 128,
+            // 1024 bytes of alignment slack, the int4 ring, the int8 ring and the mbarriers.
+            GemmKind::Ws { nb, .. } => 1024 + ring + nb * self.bn * 128 + 8 * (2 * self.stages + 2 * nb),
+            GemmKind::WsInt8Weights => 1024 + self.stages * (self.bm * 64 + self.bn * 128) + 16 * self.stages,
         }
     }
     /// Looks a variant up by kernel name.
     pub fn by_name(name: &str) -> Option<GemmVariant> {
         Self::ALL.into_iter().find(|v| v.kernel_name() == name)
+    }
+}
+
+/// A TMA tensor map (`CUtensorMap`, 128 bytes), passed to kernels by value (`__grid_constant__`).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct TensorMap(cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 64-byte-aligned value that the kernel reads as `TmaDesc`.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// A 2-D byte tensor of `rows` rows of `row_bytes` bytes at device address `addr`, copied in
+    /// boxes of `box_bytes` x `box_rows` with swizzle `swizzle`, zero-filled out of bounds.
+    pub fn rows(
+        addr: u64,
+        rows: usize,
+        row_bytes: usize,
+        box_bytes: u32,
+        box_rows: u32,
+        swizzle: cudarc::driver::sys::CUtensorMapSwizzle,
+    ) -> Result<TensorMap, String> {
+        use cudarc::driver::sys;
+        if !addr.is_multiple_of(16) || !row_bytes.is_multiple_of(16) {
+            return Err(format!("tensor map: address {addr:#x} or row stride {row_bytes} not 16-byte aligned"));
+        }
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        let dims: [u64; 2] = [row_bytes as u64, rows as u64];
+        let strides: [u64; 1] = [row_bytes as u64];
+        let boxes: [u32; 2] = [box_bytes, box_rows];
+        let elem: [u32; 2] = [1, 1];
+        // SAFETY: every pointer is valid for the rank (2) the call is given; the map is written.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                2,
+                addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuTensorMapEncodeTiled({rows} x {row_bytes} B, box {box_bytes} x {box_rows}): {r:?}"));
+        }
+        // SAFETY: initialised by the successful call.
+        Ok(TensorMap(unsafe { map.assume_init() }))
     }
 }
 
@@ -377,7 +471,38 @@ impl Gpu {
             block_dim: (variant.warps * 32, 1, 1),
             shared_mem_bytes: smem,
         };
+        if matches!(variant.kind, GemmKind::Ws { .. } | GemmKind::WsInt8Weights) {
+            return self.launch_ws(&f, &name, variant, cfg, a);
+        }
         self.launch_linear(&f, &name, cfg, a)
+    }
+
+    /// Launches a `QCC_WS` kernel: tensor maps over the weights and the activations (by value).
+    fn launch_ws(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        variant: GemmVariant,
+        cfg: LaunchConfig,
+        a: &W4LinearArgs,
+    ) -> Result<(), CudaError> {
+        use cudarc::driver::sys::CUtensorMapSwizzle as Sw;
+        let err = |what: String| CudaError::Launch { kernel: name.to_string(), what };
+        let (w_row, w_box, w_sw) = if variant.int8_weights() {
+            (super::pack::int8_wgmma_row_bytes(a.k), 128, Sw::CU_TENSOR_MAP_SWIZZLE_128B)
+        } else {
+            (a.k / 2, 64, Sw::CU_TENSOR_MAP_SWIZZLE_64B)
+        };
+        let tw = TensorMap::rows(a.w, a.n, w_row, w_box, variant.bn, w_sw).map_err(&err)?;
+        let tx = TensorMap::rows(a.x, a.m, a.k / 2, 64, variant.bm, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
+        let (m, n, k) = (a.m as i32, a.n as i32, a.k as i32);
+        let mut builder = self.stream.launch_builder(f);
+        builder.arg(&tw).arg(&tx).arg(&a.sw).arg(&a.sx).arg(&a.bias).arg(&a.residual).arg(&a.y);
+        builder.arg(&m).arg(&n).arg(&k);
+        // SAFETY: the argument list matches the kernel signature (2 tensor maps by value, 5
+        // pointers, 3 ints); the tensor maps describe the caller's buffers of the documented sizes.
+        unsafe { builder.launch(cfg) }.map_err(|e| err(e.to_string()))?;
+        Ok(())
     }
 
     fn launch_linear(

@@ -1358,7 +1358,11 @@ impl Model {
         pb: &PrefillBuffers,
     ) -> Result<([GemmVariant; 4], Vec<String>), CudaError> {
         let candidates: Vec<GemmVariant> =
-            GemmVariant::ALL.into_iter().filter(|v| super::gemm_verified(gpu, *v).is_ok()).collect();
+            // Int4 weight storage only: the pre-unpacked int8 layout (w4a4p8) is not what e2e holds.
+            GemmVariant::ALL
+                .into_iter()
+                .filter(|v| !v.int8_weights() && super::gemm_verified(gpu, *v).is_ok())
+                .collect();
         if candidates.is_empty() {
             return Err(CudaError::Mismatch("no W4A4 GEMM variant is bit-exact on this device".into()));
         }

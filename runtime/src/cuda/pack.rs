@@ -89,6 +89,38 @@ pub fn unpack_int4_tiled(tiled: &[u32], n: usize, k: usize) -> Vec<u32> {
     out
 }
 
+/// Bytes per row of the pre-unpacked int8 prefill weight layout ([`pack_int8_wgmma`]): K rounded
+/// up to a multiple of 128.
+pub fn int8_wgmma_row_bytes(k: usize) -> usize {
+    k.div_ceil(128) * 128
+}
+
+/// The pre-unpacked int8 prefill weight layout of the `w4a4p8_ws` kernels (runtime/kernels/
+/// w4a4_wgmma.cu): from split-nibble words [n, k/8], rows of [`int8_wgmma_row_bytes`] bytes holding
+/// `16 * q` as int8 (values still on the int4 grid, twice the bytes of the int4 storage), each
+/// 128-k block in the order the kernels feed wgmma: byte `p = 32 s + 16 h + 4 t + j` of block `b`
+/// holds `k = 128 b + 8 (4 t + s) + 4 h + j` (the nibble order the in-kernel unpack produces), zero
+/// past k. Returns `None` unless `k % 8 == 0` and the length is `n * k / 8`.
+pub fn pack_int8_wgmma(words: &[u32], n: usize, k: usize) -> Option<Vec<u8>> {
+    if !k.is_multiple_of(8) || words.len() != n.checked_mul(k / 8)? {
+        return None;
+    }
+    let (wpr, rb) = (k / 8, int8_wgmma_row_bytes(k));
+    let mut out = vec![0u8; n * rb];
+    for (row, out_row) in out.chunks_exact_mut(rb).enumerate() {
+        for (i, byte) in out_row.iter_mut().enumerate() {
+            let (b, p) = (i / 128, i % 128);
+            let (s, h, t, j) = (p / 32, (p / 16) % 2, (p / 4) % 4, p % 4);
+            let w = 16 * b + 4 * t + s;
+            if w < wpr {
+                let v = (words[row * wpr + w] >> (8 * j)) as u8;
+                *byte = if h == 0 { v << 4 } else { v & 0xF0 };
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Epilogue inputs shared by the reference and the kernels.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
@@ -160,6 +192,33 @@ impl SplitMix64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn int8_wgmma_layout_holds_every_value_times_16_in_kernel_order() {
+        let (n, k) = (3, 160); // a K tail: the second 128-k block holds 32 values
+        let mut rng = super::SplitMix64(7);
+        let q = rng.i8_vec(n * k, -8, 7);
+        let words = super::pack_int4_split(&q, n, k).unwrap();
+        let p = super::pack_int8_wgmma(&words, n, k).unwrap();
+        assert_eq!(p.len(), n * 256);
+        let mut seen = vec![false; n * k];
+        for row in 0..n {
+            for i in 0..256 {
+                let (b, pp) = (i / 128, i % 128);
+                let (s, h, t, j) = (pp / 32, (pp / 16) % 2, (pp / 4) % 4, pp % 4);
+                let kk = 128 * b + 8 * (4 * t + s) + 4 * h + j;
+                let v = p[row * 256 + i] as i8;
+                if kk < k {
+                    assert_eq!(v as i32, 16 * q[row * k + kk] as i32, "row {row} byte {i} (k {kk})");
+                    seen[row * k + kk] = true;
+                } else {
+                    assert_eq!(v, 0, "row {row} byte {i} past k");
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every value placed once");
+        assert!(super::pack_int8_wgmma(&words, n, k + 8).is_none());
+    }
+
     use super::*;
 
     #[test]
