@@ -121,13 +121,39 @@ impl Hadamard {
         self.apply(x, true)
     }
 
+    /// [`Hadamard::transform`] of each `n`-element row of `src` (f32), with the sums in f64 and each
+    /// result rounded once to f32 into `dst`: bit-identical to widening a row, transforming it and
+    /// narrowing it, without an f64 copy of the whole tensor. `src` and `dst` hold whole rows.
+    pub fn transform_rows_f32(&self, src: &[f32], dst: &mut [f32]) -> Result<(), HadamardError> {
+        if src.len() != dst.len() || !src.len().is_multiple_of(self.n.max(1)) {
+            return Err(HadamardError { expected: self.n, actual: src.len() % self.n.max(1) });
+        }
+        let mut row = vec![0f64; self.n];
+        let mut scratch = self.scratch();
+        for (s, d) in src.chunks_exact(self.n).zip(dst.chunks_exact_mut(self.n)) {
+            row.iter_mut().zip(s).for_each(|(r, &v)| *r = f64::from(v));
+            self.apply_with(&mut row, false, &mut scratch);
+            d.iter_mut().zip(&row).for_each(|(o, &v)| *o = v as f32);
+        }
+        Ok(())
+    }
+
+    fn scratch(&self) -> Vec<f64> {
+        vec![0f64; if self.m > 1 { self.block } else { 0 }]
+    }
+
     fn apply(&self, x: &mut [f64], transpose: bool) -> Result<(), HadamardError> {
         if x.len() != self.n {
             return Err(HadamardError { expected: self.n, actual: x.len() });
         }
+        self.apply_with(x, transpose, &mut self.scratch());
+        Ok(())
+    }
+
+    /// The transform of one row of length n; `out` is [`Hadamard::scratch`].
+    fn apply_with(&self, x: &mut [f64], transpose: bool, out: &mut [f64]) {
         let scale = 1.0 / (self.block as f64).sqrt();
         let (m, p) = (self.m, self.pow2);
-        let mut out = vec![0f64; if m > 1 { self.block } else { 0 }];
         for block in x.chunks_exact_mut(self.block) {
             for row in block.chunks_exact_mut(p) {
                 fwht(row);
@@ -144,11 +170,10 @@ impl Hadamard {
                         }
                     }
                 }
-                block.copy_from_slice(&out);
+                block.copy_from_slice(out);
             }
             block.iter_mut().for_each(|v| *v *= scale);
         }
-        Ok(())
     }
 }
 
@@ -506,5 +531,22 @@ mod tests {
         h.transform(&mut x).unwrap();
         assert!(x.iter().all(|&v| v == 1.0));
         assert!(h.transform(&mut [0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn f32_rows_equal_widened_rows_rounded_once() {
+        for n in [64, 576, 1536, 40] {
+            let h = Hadamard::new(n);
+            let src: Vec<f32> = (0..3 * n).map(|i| ((i * 7919 % 1009) as f32 - 504.0) * 0.0137).collect();
+            let mut dst = vec![0f32; src.len()];
+            h.transform_rows_f32(&src, &mut dst).unwrap();
+            for (s, d) in src.chunks(n).zip(dst.chunks(n)) {
+                let mut wide: Vec<f64> = s.iter().map(|&v| f64::from(v)).collect();
+                h.transform(&mut wide).unwrap();
+                let narrow: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
+                assert_eq!(d, &narrow[..], "n = {n}");
+            }
+        }
+        assert!(Hadamard::new(64).transform_rows_f32(&[0.0; 65], &mut [0.0; 65]).is_err());
     }
 }

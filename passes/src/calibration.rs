@@ -571,30 +571,23 @@ fn mirror_upper(g: &mut [f64], k: usize) {
 }
 
 /// Channels per block of the Gram matrix: only blocks on or above the diagonal are computed.
-const GRAM_BLOCK: usize = 128;
+const GRAM_BLOCK: usize = 384;
 
 /// Upper triangle (blocks on and above the diagonal) of g += X^T X for `rows x k` row-major X, via one f32
-/// GEMM per block row and chunk of rows (exact enough for a Hessian) and f64 accumulation across chunks;
-/// block rows in parallel. X^T X is symmetric, so the blocks below the diagonal are skipped
-/// ([`mirror_upper`] fills them once).
+/// GEMM per block row and chunk of rows (exact enough for a Hessian) and f64 accumulation across chunks.
+/// X^T X is symmetric, so the blocks below the diagonal are skipped ([`mirror_upper`] fills them once).
+/// Block rows are few and wide (about [`GRAM_BLOCK`] channels): each GEMM packs its B operand (X's columns from
+/// the block on) again, so narrow blocks would spend a quarter of the time packing; the GEMMs themselves
+/// run threaded.
 fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
-    use rayon::prelude::*;
     const CHUNK_ROWS: usize = 2048;
-    let nb = k.div_ceil(GRAM_BLOCK);
+    let nb = k.div_ceil(GRAM_BLOCK).max(1);
     let bound = |b: usize| b * k / nb;
-    // One task per block row i: C[i-range x (i0..k)] = X[:, i-range]^T X[:, i0..] (X^T is X with swapped
-    // strides), one GEMM per chunk of rows, added to rows i-range of g (disjoint between tasks).
-    let mut tasks: Vec<(usize, &mut [f64])> = Vec::with_capacity(nb);
-    let mut rest = g;
+    let mut c = Vec::new();
     for b in 0..nb {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut((bound(b + 1) - bound(b)) * k);
-        tasks.push((b, head));
-        rest = tail;
-    }
-    tasks.par_iter_mut().for_each(|(b, gs)| {
-        let (i0, i1) = (bound(*b), bound(*b + 1));
+        let (i0, i1) = (bound(b), bound(b + 1));
         let (m, w) = (i1 - i0, k - i0);
-        let mut c = vec![0f32; m * w];
+        c.resize(m * w, 0f32);
         let mut start = 0;
         while start < rows {
             let n = CHUNK_ROWS.min(rows - start);
@@ -620,13 +613,14 @@ fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) {
                 );
             }
             for r in 0..m {
-                for (a, &v) in gs[r * k + i0..(r + 1) * k].iter_mut().zip(&c[r * w..(r + 1) * w]) {
+                let row = &mut g[(i0 + r) * k + i0..(i0 + r + 1) * k];
+                for (a, &v) in row.iter_mut().zip(&c[r * w..(r + 1) * w]) {
                     *a += v as f64;
                 }
             }
             start += n;
         }
-    });
+    }
 }
 
 /// Runs the executor over every sample of `set` and collects statistics of `request.values` (in order).

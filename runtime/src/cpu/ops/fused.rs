@@ -4,7 +4,7 @@
 //! float type (f64 inputs lose precision there).
 
 use crate::cpu::ops::elementwise::{zip_broadcast, PAR_MIN};
-use crate::cpu::ops::matmul::{as_rows, dgemm, sgemm};
+use crate::cpu::ops::matmul::{dgemm, sgemm};
 use crate::cpu::ops::{bail, broadcast_shapes, float_dispatch, op_err, OpCtx, OpResult};
 use crate::cpu::value::RtTensor;
 use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
@@ -39,7 +39,11 @@ pub fn linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     if !x.dtype().is_float() {
         bail!("linear needs a float input, got {}", x.dtype());
     }
-    let (x2, _) = as_rows(x.to_f32().as_standard_layout().into_owned())?;
+    // A view of x's rows (no copy when x is already contiguous f32).
+    let xf = x.to_f32();
+    let xs = xf.as_standard_layout();
+    let rows = xs.len() / w.shape()[1].max(1);
+    let x2 = xs.view().into_shape_with_order((rows, w.shape()[1])).map_err(|e| op_err!("{e}"))?;
     let wf = w.to_f32();
     let w2 = wf.view().into_dimensionality::<Ix2>().map_err(|e| op_err!("{e}"))?;
     let mut out = Array2::<f32>::zeros((x2.dim().0, n));
@@ -68,6 +72,7 @@ pub fn swiglu(ctx: &OpCtx) -> OpResult<RtTensor> {
     }
     Ok(match (gate, up) {
         (RtTensor::F64(g), RtTensor::F64(u)) => RtTensor::F64(zip_broadcast(g, u, |g, u| g / (1.0 + (-g).exp()) * u)?),
+        (RtTensor::F32(g), RtTensor::F32(u)) => RtTensor::F32(zip_broadcast(g, u, |g, u| g / (1.0 + (-g).exp()) * u)?),
         _ => {
             let (g, u) = (gate.to_f32(), up.to_f32());
             let out = zip_broadcast(&g.into_owned(), &u.into_owned(), |g, u| g / (1.0 + (-g).exp()) * u)?;
@@ -134,49 +139,143 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
     };
     let mut out = ArrayD::<f32>::zeros(IxDyn(&[b, hq, s_len, dv]));
     let group = hq / hkv;
+    // Causal rows are taken in blocks that only compute the keys they can see: a masked probability is
+    // exactly 0, so the skipped columns would add nothing to the products (same sums, half the work). The
+    // query heads sharing one key/value head are stacked into one product (fewer, larger GEMMs; each
+    // element's sum is the same).
+    let block = if causal { ATTENTION_ROW_BLOCK } else { s_len.max(1) };
     for bi in 0..b {
-        for h in 0..hq {
-            let qh = qf.slice(s![bi, h, .., ..]);
-            let kh = kf.slice(s![bi, h / group, .., ..]);
-            let vh = vf.slice(s![bi, h / group, .., ..]);
-            let mut scores = Array2::<f32>::zeros((s_len, t_len));
-            sgemm(qh, kh.t(), &mut scores.view_mut(), scale, 0.0);
-            if let Some(m) = &mask_f {
-                scores += &m.slice(s![bi, h, .., ..]);
-            }
-            let row_op = |(i, mut row): (usize, ndarray::ArrayViewMut1<f32>)| {
-                if causal {
-                    let last_visible = (t_len + i).saturating_sub(s_len);
-                    row.iter_mut().skip(last_visible + 1).for_each(|x| *x = f32::NEG_INFINITY);
+        for kv in 0..hkv {
+            let kh = kf.slice(s![bi, kv, .., ..]);
+            let vh = vf.slice(s![bi, kv, .., ..]);
+            for r0 in (0..s_len).step_by(block) {
+                let r1 = (r0 + block).min(s_len);
+                let rows = r1 - r0;
+                // Keys visible to the block's last row (all of them without a causal mask).
+                let cols = if causal { (t_len + r1).saturating_sub(s_len).min(t_len) } else { t_len };
+                let heads = kv * group..(kv + 1) * group;
+                let mut qs = Array2::<f32>::zeros((group * rows, d));
+                for (g, h) in heads.clone().enumerate() {
+                    qs.slice_mut(s![g * rows..(g + 1) * rows, ..]).assign(&qf.slice(s![bi, h, r0..r1, ..]));
                 }
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let max = if max.is_finite() { max } else { 0.0 };
-                // exp and the sum in f64, rounded once to f32: the GPU kernel does the same, so the
-                // result does not depend on either side's expf or on the summation order.
-                let mut sum64 = 0f64;
-                row.mapv_inplace(|x| {
-                    let d = (x - max) as f64;
-                    // Below -110, exp(d) rounds to 0 in f32 anyway: skip the libm call (masked entries
-                    // are -inf or a huge negative, and exp's underflow path is slow).
-                    let e = if d < -110.0 { 0.0 } else { d.exp() as f32 };
-                    sum64 += e as f64;
-                    e
-                });
-                let sum = sum64 as f32;
-                if sum > 0.0 {
-                    row.mapv_inplace(|x| x / sum);
+                let mut scores = Array2::<f32>::zeros((group * rows, cols));
+                if cols > 0 {
+                    sgemm(qs.view(), kh.slice(s![..cols, ..]).t(), &mut scores.view_mut(), scale, 0.0);
                 }
-            };
-            if s_len * t_len >= PAR_MIN {
-                scores.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(row_op);
-            } else {
-                scores.axis_iter_mut(Axis(0)).enumerate().for_each(row_op);
+                if let Some(m) = &mask_f {
+                    for (g, h) in heads.clone().enumerate() {
+                        let mut part = scores.slice_mut(s![g * rows..(g + 1) * rows, ..]);
+                        part += &m.slice(s![bi, h, r0..r1, ..cols]);
+                    }
+                }
+                let row_op = |(i, mut row): (usize, ndarray::ArrayViewMut1<f32>)| {
+                    if causal {
+                        let last_visible = (t_len + r0 + i % rows).saturating_sub(s_len);
+                        row.iter_mut().skip(last_visible + 1).for_each(|x| *x = f32::NEG_INFINITY);
+                    }
+                    softmax_row(row);
+                };
+                if group * rows * cols >= PAR_MIN {
+                    scores.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(row_op);
+                } else {
+                    scores.axis_iter_mut(Axis(0)).enumerate().for_each(row_op);
+                }
+                let mut os = Array2::<f32>::zeros((group * rows, dv));
+                if cols > 0 {
+                    sgemm(scores.view(), vh.slice(s![..cols, ..]), &mut os.view_mut(), 1.0, 0.0);
+                }
+                for (g, h) in heads.enumerate() {
+                    out.slice_mut(s![bi, h, r0..r1, ..]).assign(&os.slice(s![g * rows..(g + 1) * rows, ..]));
+                }
             }
-            let mut oh = out.slice_mut(s![bi, h, .., ..]);
-            sgemm(scores.view(), vh, &mut oh, 1.0, 0.0);
         }
     }
     Ok(RtTensor::F32(out).cast(q.dtype()))
+}
+
+/// Query rows per block of a causal attention.
+const ATTENTION_ROW_BLOCK: usize = 128;
+
+/// Softmax of one row in place (an all-masked row stays finite: its maximum counts as 0).
+fn softmax_row(mut row: ndarray::ArrayViewMut1<f32>) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = if max.is_finite() { max } else { 0.0 };
+    // exp and the sum in f64, rounded once to f32: the GPU kernel does the same, so the result does not
+    // depend on either side's expf or on the summation order.
+    match row.as_slice_mut() {
+        Some(r) => exp_shifted(r, max),
+        None => row.mapv_inplace(|x| exp_shifted_one(x, max)),
+    }
+    let sum = row.iter().fold(0f64, |s, &e| s + e as f64) as f32;
+    if sum > 0.0 {
+        row.mapv_inplace(|x| x / sum);
+    }
+}
+
+/// x <- e^(x - max) for every element (x <= max), in f64 and rounded once to f32.
+fn exp_shifted(row: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { exp_shifted_avx2(row, max) };
+        return;
+    }
+    row.iter_mut().for_each(|x| *x = exp_shifted_one(*x, max));
+}
+
+/// The same loop compiled for 4-wide f64 vectors (no FMA contraction: results equal the scalar path's).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) {
+    row.iter_mut().for_each(|x| *x = exp_shifted_one(*x, max));
+}
+
+#[inline(always)]
+fn exp_shifted_one(x: f32, max: f32) -> f32 {
+    let d = (x - max) as f64;
+    // Below -110, e^d rounds to 0 in f32 anyway (masked entries are -inf or a huge negative).
+    if d < -110.0 {
+        0.0
+    } else {
+        exp_f64(d) as f32
+    }
+}
+
+/// e^d for d in [-110, 0] (NaN propagates), to about one f64 ulp: d = k ln2 + r with |r| <= ln2/2 (k by
+/// the 1.5 * 2^52 rounding trick, ln2 split in two so k * LN2_HI is exact), e^r by its Taylor series to
+/// r^13 (truncation below 1e-17 relative), times 2^k built from the exponent bits. Vectorises, unlike
+/// libm's exp, and agrees with it after rounding to f32 except where e^d lies within ~2 f64 ulps of an
+/// f32 rounding boundary.
+#[inline(always)]
+fn exp_f64(d: f64) -> f64 {
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const INV_FACT: [f64; 14] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5_040.0,
+        1.0 / 40_320.0,
+        1.0 / 362_880.0,
+        1.0 / 3_628_800.0,
+        1.0 / 39_916_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 6_227_020_800.0,
+    ];
+    let t = d * std::f64::consts::LOG2_E + SHIFTER;
+    let k = t - SHIFTER;
+    let r = (d - k * LN2_HI) - k * LN2_LO;
+    let mut p = INV_FACT[13];
+    for c in INV_FACT[..13].iter().rev() {
+        p = p * r + c;
+    }
+    let ki = (t.to_bits() as i64).wrapping_sub(SHIFTER.to_bits() as i64);
+    f64::from_bits((ki.wrapping_add(1023) as u64) << 52) * p
 }
 
 /// `rms_norm(x, gamma)` over the last axis.
@@ -203,13 +302,61 @@ pub fn hadamard(ctx: &OpCtx) -> OpResult<RtTensor> {
         bail!("hadamard needs a float input, got {}", x.dtype());
     }
     let h = qcc_ir::hadamard::Hadamard::new(n);
-    let mut data = x.cast_array::<f64>().as_standard_layout().into_owned();
-    let flat = data.as_slice_mut().ok_or_else(|| op_err!("non-contiguous data"))?;
-    let rows = |row: &mut [f64]| h.transform(row).map_err(|e| op_err!("{e}"));
-    if flat.len() >= PAR_MIN {
+    let RtTensor::F32(src) = x else {
+        // Other float types round once from f64 to their own type (f16 through f32 would round twice).
+        let mut data = x.cast_array::<f64>().as_standard_layout().into_owned();
+        let flat = data.as_slice_mut().ok_or_else(|| op_err!("non-contiguous data"))?;
+        let rows = |row: &mut [f64]| h.transform(row).map_err(|e| op_err!("{e}"));
         flat.par_chunks_mut(n).try_for_each(rows)?;
+        return Ok(RtTensor::F64(data).cast(x.dtype()));
+    };
+    let src = src.as_standard_layout();
+    let flat = src.as_slice().ok_or_else(|| op_err!("non-contiguous data"))?;
+    let mut out = vec![0f32; flat.len()];
+    // Rows in parallel chunks, each transformed in f64 and rounded once (what the GPU kernel does).
+    let chunk = n * 32;
+    let rows = |(s, d): (&[f32], &mut [f32])| h.transform_rows_f32(s, d).map_err(|e| op_err!("{e}"));
+    if flat.len() >= PAR_MIN {
+        flat.par_chunks(chunk).zip(out.par_chunks_mut(chunk)).try_for_each(rows)?;
     } else {
-        flat.chunks_mut(n).try_for_each(rows)?;
+        flat.chunks(chunk).zip(out.chunks_mut(chunk)).try_for_each(rows)?;
     }
-    Ok(RtTensor::F64(data).cast(x.dtype()))
+    let out = ArrayD::from_shape_vec(IxDyn(x.shape()), out).map_err(|e| op_err!("{e}"))?;
+    Ok(RtTensor::F32(out).cast(x.dtype()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_libm_to_an_ulp_and_after_rounding_to_f32() {
+        let mut worst = 0f64;
+        let mut f32_differences = 0;
+        let n = 200_000;
+        for i in 0..=n {
+            // Uniform over [-110, 0] plus the endpoints.
+            let d = -110.0 * i as f64 / n as f64;
+            let (fast, libm) = (exp_f64(d), d.exp());
+            worst = worst.max(((fast - libm) / libm).abs());
+            f32_differences += usize::from(fast as f32 != libm as f32);
+        }
+        assert!(worst < 4.0 * f64::EPSILON, "worst relative error {worst:e}");
+        assert!(f32_differences <= 2, "{f32_differences} of {n} values round to a different f32");
+        assert!(exp_f64(f64::NAN).is_nan());
+        assert_eq!(exp_shifted_one(f32::NEG_INFINITY, 0.0), 0.0);
+    }
+
+    #[test]
+    fn softmax_row_sums_to_one_and_matches_a_float64_reference() {
+        let xs: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173).collect();
+        let mut row = ndarray::Array1::from(xs.clone());
+        softmax_row(row.view_mut());
+        let max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z: f64 = xs.iter().map(|&x| (x as f64 - max).exp()).sum();
+        for (&p, &x) in row.iter().zip(&xs) {
+            let want = (x as f64 - max).exp() / z;
+            assert!((p as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12, "{p} vs {want}");
+        }
+    }
 }
