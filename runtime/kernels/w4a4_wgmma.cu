@@ -43,7 +43,8 @@ QCC_DEVICE u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
   return (u64)((addr >> 4) & 0x3FFFu) | ((u64)((lbo >> 4) & 0x3FFFu) << 16) | ((u64)((sbo >> 4) & 0x3FFFu) << 32);
 }
 
-QCC_DEVICE void wgmma_m64n256k32_s8_rs(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+QCC_DEVICE void wgmma_m64n256k32_s8_rs(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc,
+                                       u32 scale = 1) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
@@ -72,10 +73,11 @@ QCC_DEVICE void wgmma_m64n256k32_s8_rs(int (&d)[128], u32 a0, u32 a1, u32 a2, u3
         "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]), "+r"(d[110]), "+r"(d[111]),
         "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]), "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]),
         "+r"(d[120]), "+r"(d[121]), "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(scale));
 }
 
-QCC_DEVICE void wgmma_m64n128k32_s8_rs(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+QCC_DEVICE void wgmma_m64n128k32_s8_rs(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc,
+                                       u32 scale = 1) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
@@ -92,21 +94,23 @@ QCC_DEVICE void wgmma_m64n128k32_s8_rs(int (&d)[64], u32 a0, u32 a1, u32 a2, u32
         "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
         "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
         "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(scale));
 }
 
 template <int NWG, int BN>
 struct WgmmaOp;
 template <int NWG>
 struct WgmmaOp<NWG, 256> {
-  static __device__ __forceinline__ void run(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
-    wgmma_m64n256k32_s8_rs(d, a0, a1, a2, a3, desc);
+  static __device__ __forceinline__ void run(int (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc,
+                                             u32 scale = 1) {
+    wgmma_m64n256k32_s8_rs(d, a0, a1, a2, a3, desc, scale);
   }
 };
 template <int NWG>
 struct WgmmaOp<NWG, 128> {
-  static __device__ __forceinline__ void run(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
-    wgmma_m64n128k32_s8_rs(d, a0, a1, a2, a3, desc);
+  static __device__ __forceinline__ void run(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc,
+                                             u32 scale = 1) {
+    wgmma_m64n128k32_s8_rs(d, a0, a1, a2, a3, desc, scale);
   }
 };
 
@@ -355,7 +359,7 @@ QCC_DEVICE void tma_load_2d(u32 dst, const TmaDesc* desc, int c0, int c1, u32 ba
       : "memory");
 }
 
-template <int BM, int BN, int STAGES, int NB, bool SW, bool P8, bool PERSIST>
+template <int BM, int BN, int STAGES, int NB, bool SW, bool P8, bool PERSIST, bool EPI>
 static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
                                                     const float* __restrict__ sx, const float* __restrict__ bias,
                                                     const u16* __restrict__ residual, u16* __restrict__ y, int M,
@@ -478,7 +482,14 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int cw = warp - 4, cg = cw >> 2, wq = cw & 3;
     const int g = lane >> 2, tig = lane & 3;
+    const int ct = cw * 32 + lane - cg * 128;  // thread index within this consumer warpgroup
     int acc[MB][NACC];
+    // EPI: the first k32 step of each work tile overwrites the accumulators (wgmma scale-d = 0), so
+    // no zeroing instructions sit between the tiles' wgmma pipelines; zeroed once for the compiler.
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) acc[mb][i] = 0;
 
     auto load_a = [&](int slot, u32(&af)[MB][4][4]) {
       const unsigned char* sa = smem + slot * SLOT;
@@ -498,7 +509,8 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
       }
     };
 
-    // kt: global k-tile counter q; first: the first k tile of a work tile (nothing to release).
+    // kt: global k-tile counter q; first: the first k tile of a work tile (nothing to release; with
+    // EPI also the accumulator reset).
     auto iteration = [&](int kt, bool first, u32(&af)[MB][4][4]) {
       const int slot = kt % STAGES;
       mbar_wait(full(slot), (kt / STAGES) & 1);
@@ -506,12 +518,14 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
       load_a(slot, af);
       wgmma_fence();
       const u32 bbase = P8 ? base + slot * SLOT + A_BYTES : ring8 + (kt % NB1) * B8_BYTES;
+      const u32 scale0 = (EPI && first) ? 0u : 1u;
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         const u64 desc = wg_desc(bbase + (B_SW ? 32 * s : s * BN * 32), LBO, SBO) | (B_SW ? (1ull << 62) : 0ull);
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb)
-          WgmmaOp<2, BN>::run(acc[mb], af[mb][s][0], af[mb][s][1], af[mb][s][2], af[mb][s][3], desc);
+          WgmmaOp<2, BN>::run(acc[mb], af[mb][s][0], af[mb][s][1], af[mb][s][2], af[mb][s][3], desc,
+                              s == 0 ? scale0 : 1u);
       }
       wgmma_commit();
       if (!P8) {
@@ -523,13 +537,31 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
       if (lane == 0 && !first) mbar_arrive(P8 ? empty((kt - 1) % STAGES) : empty8((kt - 1) % NB1));
     };
 
+    // EPI staging (per consumer warpgroup, after the mbarriers): sw[BN] | bias[BN] | sx[BM/2] of the
+    // current work tile, read from global memory at the tile's start (latency hidden by the main
+    // loop) and written to shared memory after it, so the epilogue has no dependent global loads.
+    constexpr int STG = 2 * BN + BM / 2;
+    float* stg = (float*)(smem + (bars - base) + 256) + cg * STG;
+
     u32 af0[MB][4][4], af1[MB][4][4];
     for (int q0 = 0; q0 < Q; q0 += ktiles) {
     const int m0 = tile_m0(q0), n0 = tile_n0(q0);
+    float r_sw[BN / 128], r_b[BN / 128], r_sx = 0.f;
+    if (EPI) {
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+      for (int i = 0; i < BN / 128; ++i) {
+        const int n = n0 + ct + 128 * i;
+        r_sw[i] = n < N ? sw[n] : 0.f;
+        r_b[i] = (bias != nullptr && n < N) ? bias[n] : 0.f;
+      }
+      const int mr = m0 + cg * (BM / 2) + ct;
+      if (ct < BM / 2 && mr < M) r_sx = sx[mr];
+    } else {
 #pragma unroll
-      for (int i = 0; i < NACC; ++i) acc[mb][i] = 0;
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) acc[mb][i] = 0;
+    }
     int kt = 0;
     for (; kt + 1 < ktiles; kt += 2) {
       iteration(q0 + kt, kt == 0, af0);
@@ -546,6 +578,51 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
     if (lane == 0) {
       const int last = q0 + ktiles - 1;
       mbar_arrive(P8 ? empty(last % STAGES) : empty8(last % NB1));
+    }
+
+    if (EPI && m0 + BM <= M && n0 + BN <= N) {
+      // Whole tile in range: no per-element guards, so the loads below issue back to back.
+      // Warpgroup barrier 1 + cg: the previous tile's epilogue reads are done; then the stores are
+      // visible to the whole warpgroup.
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cg) : "memory");
+#pragma unroll
+      for (int i = 0; i < BN / 128; ++i) {
+        stg[ct + 128 * i] = r_sw[i];
+        stg[BN + ct + 128 * i] = r_b[i];
+      }
+      if (ct < BM / 2) stg[2 * BN + ct] = r_sx;
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cg) : "memory");
+      const bool hb = bias != nullptr, hr = residual != nullptr;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ml = mb * 64 + wq * 16 + g + 8 * h;
+          const int m = m0 + cg * (BM / 2) + ml;
+          const float sxm = stg[2 * BN + ml];
+          u32 res[BN / 8];
+          if (hr) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) res[j] = *(const u32*)(residual + (size_t)m * N + n0 + 8 * j + 2 * tig);
+          }
+#pragma unroll
+          for (int j = 0; j < BN / 8; ++j) {
+            const int nl = 8 * j + 2 * tig;
+            // Same arithmetic as epilogue() (common.cuh): exact >> 8, x sx, x sw, + bias, + residual.
+            float v0 = __fmul_rn(__fmul_rn((float)(acc[mb][4 * j + 2 * h] >> 8), sxm), stg[nl]);
+            float v1 = __fmul_rn(__fmul_rn((float)(acc[mb][4 * j + 2 * h + 1] >> 8), sxm), stg[nl + 1]);
+            if (hb) {
+              v0 = __fadd_rn(v0, stg[BN + nl]);
+              v1 = __fadd_rn(v1, stg[BN + nl + 1]);
+            }
+            if (hr) {
+              v0 = __fadd_rn(v0, f16_to_f32((u16)(res[j] & 0xFFFFu)));
+              v1 = __fadd_rn(v1, f16_to_f32((u16)(res[j] >> 16)));
+            }
+            *(u32*)(y + (size_t)m * N + n0 + nl) = (u32)f32_to_f16(v0) | ((u32)f32_to_f16(v1) << 16);
+          }
+        }
+      continue;
     }
 
     // Accumulator j*4 + 2h + e of block mb: row 16*wq + g + 8h of the block, column 8j + 2*tig + e.
@@ -571,22 +648,28 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
 }
 
 // Dynamic shared memory: 1024 (alignment) + STAGES * slot + NB * BN * 128 (int4 only) + barriers
-// (device.rs GemmVariant::shared_bytes). Tensor maps: tw over the weights (int4: [N, K/2] bytes,
-// box 64 x BN, 64-byte swizzle; P8: [N, Kp] bytes, box 128 x BN, 128-byte swizzle), tx over the
-// activations ([M, K/2] bytes, box 64 x BM, 64-byte swizzle); zero fill out of bounds.
-#define QCC_WS(NAME, BM, BN, STAGES, NB, SW, P8, PERSIST)                                                       \
+// (256 bytes) + the EPI staging, 2 x (2 * BN + BM / 2) floats (device.rs GemmVariant::shared_bytes).
+// Tensor maps: tw over the weights (int4: [N, K/2] bytes, box 64 x BN, 64-byte swizzle; P8: [N, Kp]
+// bytes, box 128 x BN, 128-byte swizzle), tx over the activations ([M, K/2] bytes, box 64 x BM,
+// 64-byte swizzle); zero fill out of bounds.
+#define QCC_WS(NAME, BM, BN, STAGES, NB, SW, P8, PERSIST, EPI)                                      \
   extern "C" __global__ void __launch_bounds__(384, 1)                                               \
       NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,  \
            const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K) {   \
-    w4a4_ws_body<BM, BN, STAGES, NB, SW, P8, PERSIST>(&tw, &tx, sw, sx, bias, residual, y, M, N, K);          \
+    w4a4_ws_body<BM, BN, STAGES, NB, SW, P8, PERSIST, EPI>(&tw, &tx, sw, sx, bias, residual, y, M, N, K); \
   }
 
-// (NAME, BM, BN, STAGES, NB, SW, P8, PERSIST); device.rs GemmVariant::ALL lists them. PERSIST = true
-// (grid = min(tiles, SMs), 1-D) is not instantiated: ptxas 13.0 serializes its wgmmas for lack of
-// registers at the 224-register consumer budget (C7512), and 232 spills in the unpack warpgroup.
-QCC_WS(w4a4_ws_256x128_s6_b3, 256, 128, 6, 3, false, false, false)
-QCC_WS(w4a4_ws_256x128_s6_b3_sw, 256, 128, 6, 3, true, false, false)
-QCC_WS(w4a4_ws_256x128_s7_b2, 256, 128, 7, 2, false, false, false)
-QCC_WS(w4a4_ws_128x256_s5_b2, 128, 256, 5, 2, false, false, false)
-QCC_WS(w4a4p8_ws_256x128_s6, 256, 128, 6, 0, true, true, false)
-QCC_WS(w4a4p8_ws_128x256_s4, 128, 256, 4, 0, true, true, false)
+// (NAME, BM, BN, STAGES, NB, SW, P8, PERSIST, EPI); device.rs GemmVariant::ALL lists them.
+// EPI (`_e`): the epilogue's scales and bias staged in shared memory during the main loop and a
+// guard-free epilogue for whole tiles (the plain form issues one dependent global load chain per
+// 8 columns). PERSIST (`_pe`, with EPI): grid = min(tiles, SMs), 1-D; each CTA walks tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ... with one k-tile counter across tiles, so the TMA producer
+// and the unpack run into the next tile while the consumers finish the current one.
+QCC_WS(w4a4_ws_256x128_s6_b3, 256, 128, 6, 3, false, false, false, false)
+QCC_WS(w4a4_ws_256x128_s6_b3_sw, 256, 128, 6, 3, true, false, false, false)
+QCC_WS(w4a4_ws_256x128_s7_b2, 256, 128, 7, 2, false, false, false, false)
+QCC_WS(w4a4_ws_128x256_s5_b2, 128, 256, 5, 2, false, false, false, false)
+QCC_WS(w4a4p8_ws_256x128_s6, 256, 128, 6, 0, true, true, false, false)
+QCC_WS(w4a4p8_ws_128x256_s4, 128, 256, 4, 0, true, true, false, false)
+QCC_WS(w4a4_ws_256x128_s6_b3_e, 256, 128, 6, 3, false, false, false, true)
+QCC_WS(w4a4_ws_256x128_s6_b3_pe, 256, 128, 6, 3, false, false, true, true)

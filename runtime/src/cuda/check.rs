@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::device::{ActBits, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+use super::device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 use super::pack::{pack_int4_split, pack_int4_tiled, pack_int8_wgmma, reference_w4_linear, Epilogue, SplitMix64};
 use super::CudaError;
 use cudarc::driver::DevicePtr;
@@ -192,6 +192,13 @@ pub fn standard_cases() -> Vec<CheckCase> {
         }
         push(kc, 130, 136, 576, true, true, Values::Random);
         push(kc, 64, 128, 11008, false, false, Values::Extreme);
+        // Whole 256 x 128 tiles next to N / M tails, with bias and residual (the `_e` epilogue's
+        // guard-free path).
+        push(kc, 300, 264, 1056, true, true, Values::Random);
+        if matches!(v.kind, GemmKind::Ws { persist: true, .. }) {
+            // More tiles (3 x 130) than SMs: each persistent CTA walks 2-3 tiles.
+            push(kc, 520, 16520, 288, true, true, Values::Random);
+        }
     }
     cases
 }

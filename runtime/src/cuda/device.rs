@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
@@ -182,8 +182,11 @@ pub enum GemmKind {
     Wgmma { deep: bool, swizzle: bool },
     /// kernels/w4a4_wgmma.cu `QCC_WS` (sm_90a), warp-specialised: a TMA producer thread, an unpack
     /// warpgroup writing int8 weight tiles into a ring of `nb` buffers (`swizzle`: 128-byte swizzle
-    /// layout), two consumer warpgroups synchronised by mbarriers only; 384 threads.
-    Ws { nb: u32, swizzle: bool },
+    /// layout), two consumer warpgroups synchronised by mbarriers only; 384 threads. `epi`: the
+    /// epilogue's scales / bias staged in shared memory during the main loop and a guard-free
+    /// epilogue for whole tiles (`_e`); `persist`: a persistent 1-D grid of min(tiles, SMs) CTAs
+    /// walking the tiles, the producer running into the next tile during the epilogue (`_pe`).
+    Ws { nb: u32, swizzle: bool, epi: bool, persist: bool },
     /// As [`GemmKind::Ws`] with the weights pre-unpacked to int8 at pack time
     /// ([`super::pack::pack_int8_wgmma`], twice the int4 weight bytes), copied by TMA straight into
     /// the wgmma B operand (no unpack warps). Not the int4-storage kernel: reported separately.
@@ -202,7 +205,7 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 18] = {
+    pub const ALL: [GemmVariant; 20] = {
         const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
         }
@@ -210,7 +213,10 @@ impl GemmVariant {
             GemmVariant { bm: 128, bn, warps: 8, stages, kind: GemmKind::Wgmma { deep, swizzle } }
         }
         const fn ws(bm: u32, bn: u32, stages: u32, nb: u32, swizzle: bool) -> GemmVariant {
-            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle } }
+            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle, epi: false, persist: false } }
+        }
+        const fn ws_epi(bm: u32, bn: u32, stages: u32, nb: u32, persist: bool) -> GemmVariant {
+            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist } }
         }
         const fn p8(bm: u32, bn: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::WsInt8Weights }
@@ -234,6 +240,8 @@ impl GemmVariant {
             ws(128, 256, 5, 2, false),
             p8(256, 128, 6),
             p8(128, 256, 4),
+            ws_epi(256, 128, 6, 3, false),
+            ws_epi(256, 128, 6, 3, true),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -244,9 +252,14 @@ impl GemmVariant {
                 let sw = if swizzle { "_sw" } else { "" };
                 format!("w4a4_wgmma_{}x{}_s{}{deep}{sw}", self.bm, self.bn, self.stages)
             }
-            GemmKind::Ws { nb, swizzle } => {
+            GemmKind::Ws { nb, swizzle, epi, persist } => {
                 let sw = if swizzle { "_sw" } else { "" };
-                format!("w4a4_ws_{}x{}_s{}_b{nb}{sw}", self.bm, self.bn, self.stages)
+                let epi = match (epi, persist) {
+                    (_, true) => "_pe",
+                    (true, false) => "_e",
+                    (false, false) => "",
+                };
+                format!("w4a4_ws_{}x{}_s{}_b{nb}{sw}{epi}", self.bm, self.bn, self.stages)
             }
             GemmKind::WsInt8Weights => format!("w4a4p8_ws_{}x{}_s{}", self.bm, self.bn, self.stages),
         }
@@ -277,8 +290,12 @@ impl GemmVariant {
             GemmKind::MmaSync => ring,
             // The int8 weight buffers: 2 (3 when deep) x BN rows x 128 bytes.
             GemmKind::Wgmma { deep, .. } => ring + if deep { 3 } else { 2 } * self.bn * 128,
-            // 1024 bytes of alignment slack, the int4 ring, the int8 ring and the mbarriers.
-            GemmKind::Ws { nb, .. } => 1024 + ring + nb * self.bn * 128 + 8 * (2 * self.stages + 2 * nb),
+            // 1024 bytes of alignment slack, the int4 ring, the int8 ring and the mbarriers (with
+            // `epi`: 256 bytes for them, then two warpgroups' sw | bias | sx floats).
+            GemmKind::Ws { nb, epi: false, .. } => 1024 + ring + nb * self.bn * 128 + 8 * (2 * self.stages + 2 * nb),
+            GemmKind::Ws { nb, epi: true, .. } => {
+                1024 + ring + nb * self.bn * 128 + 256 + 2 * (2 * self.bn + self.bm / 2) * 4
+            }
             GemmKind::WsInt8Weights => 1024 + self.stages * (self.bm * 64 + self.bn * 128) + 16 * self.stages,
         }
     }
@@ -461,10 +478,16 @@ impl Gpu {
         let f = self.function(variant.file(), &name)?;
         let smem = variant.shared_bytes();
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
-        let grid_x = a.n.div_ceil(variant.bn as usize) as u32;
-        let grid_y = a.m.div_ceil(variant.bm as usize) as u32;
+        let mut grid_x = a.n.div_ceil(variant.bn as usize) as u32;
+        let mut grid_y = a.m.div_ceil(variant.bm as usize) as u32;
         if grid_y > 65_535 {
             return Err(CudaError::BadShape { kernel: name, what: format!("M={} needs > 65535 row tiles", a.m) });
+        }
+        if matches!(variant.kind, GemmKind::Ws { persist: true, .. }) {
+            // Persistent: one CTA per SM at most (1 CTA fits an SM), each walking the tiles.
+            let sms = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+            grid_x = (grid_x * grid_y).min(sms.max(1) as u32);
+            grid_y = 1;
         }
         let cfg = LaunchConfig {
             grid_dim: (grid_x, grid_y, 1),
