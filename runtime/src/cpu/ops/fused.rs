@@ -249,8 +249,8 @@ fn exp_shifted_one(x: f32, max: f32) -> f32 {
 #[inline(always)]
 fn exp_f64(d: f64) -> f64 {
     const SHIFTER: f64 = 6_755_399_441_055_744.0;
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000); // ln 2, upper 32 bits
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76); // ln 2 - LN2_HI
     const INV_FACT: [f64; 14] = [
         1.0,
         1.0,
