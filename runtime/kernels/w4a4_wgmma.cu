@@ -359,15 +359,22 @@ QCC_DEVICE void tma_load_2d(u32 dst, const TmaDesc* desc, int c0, int c1, u32 ba
       : "memory");
 }
 
-template <int BM, int BN, int STAGES, int NB, bool SW, bool P8, bool PERSIST, bool EPI>
+// GW ("global weights", `_gw`): the unpack warpgroup reads the int4 weight rows straight from
+// global memory (16-byte read-only loads, one k tile ahead in registers) instead of a TMA copy into
+// the ring and an ld.shared back: the ring holds only the activations, and each k128 tile costs
+// 16 KB less shared-memory traffic (8 KB TMA write + 8 KB unpack read of 128 KB in total with the
+// wgmma B reads). Measured slower on H200 (docs/gpu-results.md, 2026-12-03 08:12: main loop ~1,970
+// vs 1,367 cycles per k tile for `_b4_e`: one L2 round trip per tile exposed at 56 registers); kept
+// as a verified variant for the bench. `wq4`: the int4 weights.
+template <int BM, int BN, int STAGES, int NB, bool SW, bool P8, bool PERSIST, bool EPI, bool GW = false>
 static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
                                                     const float* __restrict__ sx, const float* __restrict__ bias,
                                                     const u16* __restrict__ residual, u16* __restrict__ y, int M,
-                                                    int N, int K) {
+                                                    int N, int K, const u32* __restrict__ wq4 = nullptr) {
   constexpr int MB = BM / 128;  // m64 blocks per consumer warpgroup
   constexpr int A_BYTES = BM * 64;
   constexpr int B8_BYTES = BN * 128;
-  constexpr int SLOT = A_BYTES + (P8 ? B8_BYTES : BN * 64);
+  constexpr int SLOT = A_BYTES + (P8 ? B8_BYTES : GW ? 0 : BN * 64);
   constexpr int RING8 = P8 ? 0 : NB * B8_BYTES;
   constexpr int NACC = BN / 2;
   constexpr int LOOK = P8 ? STAGES : STAGES - NB;
@@ -377,6 +384,7 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
   static_assert(BM == 128 || BM == 256, "BM");
   static_assert(BN == 128 || BN == 256, "BN");
   static_assert(P8 || (NB >= 2 && LOOK >= 1), "ring depths");
+  static_assert(!(GW && (P8 || SW)), "GW: int4 weights, no-swizzle int8 ring");
   extern __shared__ unsigned char smem_raw[];
   const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
   const u32 base = (raw + 1023u) & ~1023u;
@@ -409,7 +417,7 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
   if (tid == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(full(i), 1);
-      mbar_init(empty(i), P8 ? 8 : 12);
+      mbar_init(empty(i), P8 || GW ? 8 : 12);
     }
     if (!P8)
       for (int i = 0; i < NB; ++i) {
@@ -431,11 +439,62 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
       mbar_wait(empty(slot), ((q / STAGES) & 1) ^ 1);
       mbar_arrive_tx(full(slot), SLOT);
       tma_load_2d(base + slot * SLOT, tx, t * 64, tile_m0(q), full(slot));
-      tma_load_2d(base + slot * SLOT + A_BYTES, tw, P8 ? t * 128 : t * 64, tile_n0(q), full(slot));
+      if (!GW) tma_load_2d(base + slot * SLOT + A_BYTES, tw, P8 ? t * 128 : t * 64, tile_n0(q), full(slot));
     };
     if (P8) {
       if (tid == 0)
         for (int q = 0; q < Q; ++q) issue(q);
+    } else if (GW) {
+      // Row r = tid (+ 128 rr) of the weight tile: 4 x 16 bytes per k tile, zero past N / K (K % 32
+      // == 0, so the row's byte count is a multiple of 16 and the K tail is chunk-exact).
+      const int row_bytes = K >> 1;
+      const unsigned char* wb = (const unsigned char*)wq4;
+      auto gload = [&](int q, uint4(&v)[BN / 128][4]) {
+        const int t = q % ktiles, n0q = tile_n0(q);
+#pragma unroll
+        for (int rr = 0; rr < BN / 128; ++rr) {
+          const int gr = n0q + tid + 128 * rr;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int gk = t * 64 + 16 * c;
+            v[rr][c] = make_uint4(0u, 0u, 0u, 0u);
+            if (gr < N && gk < row_bytes) v[rr][c] = __ldg((const uint4*)(wb + (size_t)gr * row_bytes + gk));
+          }
+        }
+      };
+      if (tid == 0)
+        for (int q = 0; q < LOOK && q < Q; ++q) issue(q);
+      uint4 cur[BN / 128][4];
+      if (Q > 0) gload(0, cur);
+      for (int kt = 0; kt < Q; ++kt) {
+        uint4 nxt[BN / 128][4];
+        if (kt + 1 < Q) gload(kt + 1, nxt);
+        const int b = kt % NB1;
+        mbar_wait(empty8(b), ((kt / NB1) & 1) ^ 1);
+        if (tid == 0 && kt + LOOK < Q) issue(kt + LOOK);
+        unsigned char* dst = smem + STAGES * SLOT + b * B8_BYTES;
+#pragma unroll
+        for (int rr = 0; rr < BN / 128; ++rr) {
+          const int r = tid + 128 * rr;
+          unsigned char* rowdst = dst + (r >> 3) * 256 + (r & 7) * 16;
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const u32 w0 = u4_word(cur[rr][0], s), w1 = u4_word(cur[rr][1], s), w2 = u4_word(cur[rr][2], s),
+                      w3 = u4_word(cur[rr][3], s);
+            *(uint4*)(rowdst + s * BN * 32) =
+                make_uint4(lo_nibbles_x16(w0), lo_nibbles_x16(w1), lo_nibbles_x16(w2), lo_nibbles_x16(w3));
+            *(uint4*)(rowdst + s * BN * 32 + 128) =
+                make_uint4(hi_nibbles_x16(w0), hi_nibbles_x16(w1), hi_nibbles_x16(w2), hi_nibbles_x16(w3));
+          }
+        }
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(full8(b));
+#pragma unroll
+        for (int rr = 0; rr < BN / 128; ++rr)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) cur[rr][c] = nxt[rr][c];
+      }
     } else {
       if (tid == 0)
         for (int q = 0; q < LOOK && q < Q; ++q) issue(q);
@@ -528,7 +587,7 @@ static __device__ __forceinline__ void w4a4_ws_body(const TmaDesc* tw, const Tma
                               s == 0 ? scale0 : 1u);
       }
       wgmma_commit();
-      if (!P8) {
+      if (!P8) {  // the activations were read (GW: the slot holds nothing else)
         __syncwarp();
         if (lane == 0) mbar_arrive(empty(slot));
       }
@@ -673,3 +732,20 @@ QCC_WS(w4a4p8_ws_256x128_s6, 256, 128, 6, 0, true, true, false, false)
 QCC_WS(w4a4p8_ws_128x256_s4, 128, 256, 4, 0, true, true, false, false)
 QCC_WS(w4a4_ws_256x128_s6_b3_e, 256, 128, 6, 3, false, false, false, true)
 QCC_WS(w4a4_ws_256x128_s6_b3_pe, 256, 128, 6, 3, false, false, true, true)
+// NB = 4 (`_b4`): the unpack can run two k tiles ahead of the consumers (with NB = 3 one: the
+// consumers hold the current tile's buffer and the previous one until its wgmmas completed).
+QCC_WS(w4a4_ws_256x128_s6_b4_e, 256, 128, 6, 4, false, false, false, true)
+
+// GW (`_gw`, see w4a4_ws_body): the weights are read from global memory by the unpack warpgroup;
+// the same int4 split-nibble rows as the other int4 variants, passed as the last parameter.
+#define QCC_WSG(NAME, BM, BN, STAGES, NB, PERSIST)                                                  \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                               \
+      NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,  \
+           const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K,     \
+           const u32* wq4) {                                                                         \
+    w4a4_ws_body<BM, BN, STAGES, NB, false, false, PERSIST, true, true>(&tw, &tx, sw, sx, bias, residual, y, M, N, \
+                                                                      K, wq4);                       \
+  }
+QCC_WSG(w4a4_ws_256x128_s6_b3_gw_e, 256, 128, 6, 3, false)
+QCC_WSG(w4a4_ws_256x128_s8_b4_gw_e, 256, 128, 8, 4, false)
+QCC_WSG(w4a4_ws_256x128_s8_b5_gw_e, 256, 128, 8, 5, false)

@@ -186,7 +186,9 @@ pub enum GemmKind {
     /// epilogue's scales / bias staged in shared memory during the main loop and a guard-free
     /// epilogue for whole tiles (`_e`); `persist`: a persistent 1-D grid of min(tiles, SMs) CTAs
     /// walking the tiles, the producer running into the next tile during the epilogue (`_pe`).
-    Ws { nb: u32, swizzle: bool, epi: bool, persist: bool },
+    /// `gw`: the unpack warpgroup reads the int4 weight rows from global memory itself (no TMA copy
+    /// of the weights, the ring holds the activations only; `_gw`, same int4 storage).
+    Ws { nb: u32, swizzle: bool, epi: bool, persist: bool, gw: bool },
     /// As [`GemmKind::Ws`] with the weights pre-unpacked to int8 at pack time
     /// ([`super::pack::pack_int8_wgmma`], twice the int4 weight bytes), copied by TMA straight into
     /// the wgmma B operand (no unpack warps). Not the int4-storage kernel: reported separately.
@@ -205,7 +207,7 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 20] = {
+    pub const ALL: [GemmVariant; 24] = {
         const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
         }
@@ -213,10 +215,31 @@ impl GemmVariant {
             GemmVariant { bm: 128, bn, warps: 8, stages, kind: GemmKind::Wgmma { deep, swizzle } }
         }
         const fn ws(bm: u32, bn: u32, stages: u32, nb: u32, swizzle: bool) -> GemmVariant {
-            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle, epi: false, persist: false } }
+            GemmVariant {
+                bm,
+                bn,
+                warps: 12,
+                stages,
+                kind: GemmKind::Ws { nb, swizzle, epi: false, persist: false, gw: false },
+            }
         }
         const fn ws_epi(bm: u32, bn: u32, stages: u32, nb: u32, persist: bool) -> GemmVariant {
-            GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist } }
+            GemmVariant {
+                bm,
+                bn,
+                warps: 12,
+                stages,
+                kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist, gw: false },
+            }
+        }
+        const fn ws_gw(bm: u32, bn: u32, stages: u32, nb: u32, persist: bool) -> GemmVariant {
+            GemmVariant {
+                bm,
+                bn,
+                warps: 12,
+                stages,
+                kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist, gw: true },
+            }
         }
         const fn p8(bm: u32, bn: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::WsInt8Weights }
@@ -242,6 +265,10 @@ impl GemmVariant {
             p8(128, 256, 4),
             ws_epi(256, 128, 6, 3, false),
             ws_epi(256, 128, 6, 3, true),
+            ws_epi(256, 128, 6, 4, false),
+            ws_gw(256, 128, 6, 3, false),
+            ws_gw(256, 128, 8, 4, false),
+            ws_gw(256, 128, 8, 5, false),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -252,8 +279,12 @@ impl GemmVariant {
                 let sw = if swizzle { "_sw" } else { "" };
                 format!("w4a4_wgmma_{}x{}_s{}{deep}{sw}", self.bm, self.bn, self.stages)
             }
-            GemmKind::Ws { nb, swizzle, epi, persist } => {
-                let sw = if swizzle { "_sw" } else { "" };
+            GemmKind::Ws { nb, swizzle, epi, persist, gw } => {
+                let sw = match (swizzle, gw) {
+                    (true, _) => "_sw",
+                    (false, true) => "_gw",
+                    (false, false) => "",
+                };
                 let epi = match (epi, persist) {
                     (_, true) => "_pe",
                     (true, false) => "_e",
@@ -293,7 +324,9 @@ impl GemmVariant {
             // 1024 bytes of alignment slack, the int4 ring, the int8 ring and the mbarriers (with
             // `epi`: 256 bytes for them, then two warpgroups' sw | bias | sx floats).
             GemmKind::Ws { nb, epi: false, .. } => 1024 + ring + nb * self.bn * 128 + 8 * (2 * self.stages + 2 * nb),
-            GemmKind::Ws { nb, epi: true, .. } => {
+            GemmKind::Ws { nb, epi: true, gw, .. } => {
+                // `gw`: the ring holds the activation tiles only.
+                let ring = if gw { self.stages * self.bm * 64 } else { ring };
                 1024 + ring + nb * self.bn * 128 + 256 + 2 * (2 * self.bn + self.bm / 2) * 4
             }
             GemmKind::WsInt8Weights => 1024 + self.stages * (self.bm * 64 + self.bn * 128) + 16 * self.stages,
@@ -522,8 +555,12 @@ impl Gpu {
         let mut builder = self.stream.launch_builder(f);
         builder.arg(&tw).arg(&tx).arg(&a.sw).arg(&a.sx).arg(&a.bias).arg(&a.residual).arg(&a.y);
         builder.arg(&m).arg(&n).arg(&k);
+        if matches!(variant.kind, GemmKind::Ws { gw: true, .. }) {
+            builder.arg(&a.w);
+        }
         // SAFETY: the argument list matches the kernel signature (2 tensor maps by value, 5
-        // pointers, 3 ints); the tensor maps describe the caller's buffers of the documented sizes.
+        // pointers, 3 ints, and for `gw` the weight pointer); the tensor maps describe the caller's
+        // buffers of the documented sizes.
         unsafe { builder.launch(cfg) }.map_err(|e| err(e.to_string()))?;
         Ok(())
     }
@@ -544,5 +581,29 @@ impl Gpu {
         unsafe { builder.launch(cfg) }
             .map_err(|e| CudaError::Launch { kernel: name.to_string(), what: e.to_string() })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{GemmKind, GemmVariant};
+
+    #[test]
+    fn gemm_variant_names_are_unique_and_ws_shared_memory_fits_hopper() {
+        let names: Vec<String> = GemmVariant::ALL.iter().map(|v| v.kernel_name()).collect();
+        for (i, n) in names.iter().enumerate() {
+            assert!(!names[i + 1..].contains(n), "duplicate kernel name {n}");
+            assert_eq!(GemmVariant::by_name(n), Some(GemmVariant::ALL[i]));
+        }
+        // Hopper's opt-in maximum of dynamic shared memory per block: 227 KiB.
+        for v in GemmVariant::ALL.iter().filter(|v| matches!(v.kind, GemmKind::Ws { .. })) {
+            assert!(v.shared_bytes() <= 227 * 1024, "{}: {} bytes", v.kernel_name(), v.shared_bytes());
+        }
+        let gw = GemmVariant::by_name("w4a4_ws_256x128_s8_b4_gw_e").expect("gw variant");
+        let tma = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_e").expect("b4 variant");
+        // `gw`: the ring holds the activation tiles only (8 x 256 x 64 bytes), no int4 weight tiles.
+        assert_eq!(gw.shared_bytes(), 1024 + 8 * 256 * 64 + 4 * 128 * 128 + 256 + 2 * (2 * 128 + 128) * 4);
+        assert_eq!(tma.shared_bytes(), 1024 + 6 * (256 + 128) * 64 + 4 * 128 * 128 + 256 + 2 * (2 * 128 + 128) * 4);
+        assert!(!gw.int8_weights() && gw.weight_bytes(4096, 4096) == 4096 * 2048);
     }
 }
