@@ -17,23 +17,8 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/.gpu/out}"
-mkdir -p "$OUT"
-BIN="${QCC_RUN:-$ROOT/.gpu/qcc-run}"
+source "$ROOT/scripts/gpu_env.sh"
 export QCC_PTX_DIR="${QCC_PTX_DIR:-$ROOT/.gpu/ptx}"
-
-# libnvrtc.so.13 and libcublas.so.13: the CUDA toolkit's, else any pip-installed nvidia wheel's.
-libdirs=()
-for lib in libnvrtc.so.13 libcublas.so.13; do
-  d="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')"
-  [[ -n "$d" ]] && continue
-  f="$(find /usr/local/cuda*/ /usr/local/cuda/targets /opt /usr/lib -name "$lib" 2>/dev/null | head -n1)"
-  [[ -n "$f" ]] && libdirs+=("$(dirname "$f")")
-done
-if ((${#libdirs[@]})); then
-  export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
-  export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
-fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; } \

@@ -13,20 +13,7 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/.gpu/out}"
-mkdir -p "$OUT"
-BIN="${QCC_RUN:-$ROOT/.gpu/qcc-run}"
-libdirs=()
-for lib in libnvrtc.so.13 libcublas.so.13; do
-  d="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')"
-  [[ -n "$d" ]] && continue
-  f="$(find /usr/local/cuda*/ /usr/local/cuda/targets /opt /usr/lib -name "$lib" 2>/dev/null | head -n1)"
-  [[ -n "$f" ]] && libdirs+=("$(dirname "$f")")
-done
-if ((${#libdirs[@]})); then
-  export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
-  export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
-fi
+source "$ROOT/scripts/gpu_env.sh"
 checks="w4a4_gemm_,w4a4_wgmma_,w4a4_ws,w4a4p8"; skip=""; e2e=1; ncu_re=""
 while (($#)); do
   case "$1" in

@@ -1,0 +1,17 @@
+# Sourced by the scripts that run on the GPU machine (gpu_check.sh, gpu_prefill.sh): $OUT, $BIN, and
+# the library path for libnvrtc.so.13 and libcublas.so.13 (the CUDA toolkit's, else any pip-installed
+# nvidia wheel's), exported for qcc-run's dynamic loading as QCC_CUDA_LIB_DIR too.
+OUT="${OUT:-$ROOT/.gpu/out}"
+mkdir -p "$OUT"
+BIN="${QCC_RUN:-$ROOT/.gpu/qcc-run}"
+libdirs=()
+for lib in libnvrtc.so.13 libcublas.so.13; do
+  d="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}')"
+  [[ -n "$d" ]] && continue
+  f="$(find /usr/local/cuda*/ /usr/local/cuda/targets /opt /usr/lib -name "$lib" 2>/dev/null | head -n1)"
+  [[ -n "$f" ]] && libdirs+=("$(dirname "$f")")
+done
+if ((${#libdirs[@]})); then
+  export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
+  export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
+fi
