@@ -97,6 +97,28 @@ QCC_DEVICE void wgmma_m64n128k32_s8_rs(int (&d)[64], u32 a0, u32 a1, u32 a2, u32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(scale));
 }
 
+// As wgmma_m64n128k32_s8_rs with scale-d = 0 and write-only accumulators: the first k32 step of a
+// work tile, so the accumulators are not live into it (no loop-carried values across tiles).
+QCC_DEVICE void wgmma_m64n128k32_s8_rs_first(int (&d)[64], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, %69;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p;\n}\n"
+      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]), "=r"(d[4]), "=r"(d[5]), "=r"(d[6]), "=r"(d[7]),
+        "=r"(d[8]), "=r"(d[9]), "=r"(d[10]), "=r"(d[11]), "=r"(d[12]), "=r"(d[13]), "=r"(d[14]), "=r"(d[15]),
+        "=r"(d[16]), "=r"(d[17]), "=r"(d[18]), "=r"(d[19]), "=r"(d[20]), "=r"(d[21]), "=r"(d[22]), "=r"(d[23]),
+        "=r"(d[24]), "=r"(d[25]), "=r"(d[26]), "=r"(d[27]), "=r"(d[28]), "=r"(d[29]), "=r"(d[30]), "=r"(d[31]),
+        "=r"(d[32]), "=r"(d[33]), "=r"(d[34]), "=r"(d[35]), "=r"(d[36]), "=r"(d[37]), "=r"(d[38]), "=r"(d[39]),
+        "=r"(d[40]), "=r"(d[41]), "=r"(d[42]), "=r"(d[43]), "=r"(d[44]), "=r"(d[45]), "=r"(d[46]), "=r"(d[47]),
+        "=r"(d[48]), "=r"(d[49]), "=r"(d[50]), "=r"(d[51]), "=r"(d[52]), "=r"(d[53]), "=r"(d[54]), "=r"(d[55]),
+        "=r"(d[56]), "=r"(d[57]), "=r"(d[58]), "=r"(d[59]), "=r"(d[60]), "=r"(d[61]), "=r"(d[62]), "=r"(d[63])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(0u));
+}
+
 template <int NWG, int BN>
 struct WgmmaOp;
 template <int NWG>
@@ -749,3 +771,485 @@ QCC_WS(w4a4_ws_256x128_s6_b4_e, 256, 128, 6, 4, false, false, false, true)
 QCC_WSG(w4a4_ws_256x128_s6_b3_gw_e, 256, 128, 6, 3, false)
 QCC_WSG(w4a4_ws_256x128_s8_b4_gw_e, 256, 128, 8, 4, false)
 QCC_WSG(w4a4_ws_256x128_s8_b5_gw_e, 256, 128, 8, 5, false)
+
+// ---------------------------------------------------------------------------------------------------
+// Second-generation warp-specialised int4 kernel (w4a4_ws_*_c*, QCC_WS2): the `_b4_e` pipeline
+// (TMA ring of int4 tiles, unpack warpgroup, int8 B ring of NB tiles, two consumer warpgroups)
+// with three changes, each a template flag so the bench can tell them apart:
+//
+// * Coalesced epilogue (always): the unpack writes weight row n of the tile to B-operand row
+//   col_perm(n), which swaps bits 1-2 and 3-4 of n (an involution within each 32 rows). wgmma's
+//   accumulator column p = 8j + 2*tig + e then holds output column col_perm(p), so the eight
+//   accumulators of j = 4jj..4jj+3 of a thread are the contiguous output columns 32jj + 8tig + 0..7:
+//   one 16-byte store (and one 16-byte residual load) each, instead of four 4-byte stores that each
+//   write half a sector. No shuffles; the permutation costs nothing in the main loop.
+// * GA (`a` in the name): the consumers load their int4 activation fragments from global memory
+//   themselves (16-byte ld.global.nc, two k tiles ahead in registers, zero past M / K) instead of
+//   a TMA copy into the ring and an ld.shared back: 32 KB less shared-memory traffic per k128 tile
+//   (of 128 KB). The ring holds the int4 weight tiles only, so it can be deeper. Register budget:
+//   128 accumulators + 32 A fragment registers (one set: wgmma.wait_group 0 after each tile; the
+//   other consumer warpgroup's wgmmas keep the tensor cores busy meanwhile) + 2 x 16 raw registers.
+// * SK (`k` in the name): stream-K for the last waves. Work units u = tile * ktiles + kt (tiles in
+//   N-fastest order). CTAs b < n_dp take one whole tile each (data-parallel waves); the g_sk CTAs
+//   after them split the remaining tiles' units evenly, each a contiguous range of at least ktiles
+//   units (host: g_sk <= remaining tiles), so a tile is split between at most two CTAs: CTA c's last
+//   piece (the tile's k head, kt = 0..) and CTA c+1's first piece (its k tail, ..ktiles-1). The tail
+//   piece stores its int32 partial sums to workspace slot c+1 and releases flags[slot][warpgroup];
+//   the head piece (computed last by its CTA) acquires the flag, adds the partials (int32 addition:
+//   bit-exact) and runs the epilogue. The reader resets the flag, so no per-launch clearing is
+//   needed. All g_sk CTAs fit on the GPU at once (one per SM), so the waits cannot deadlock.
+// ---------------------------------------------------------------------------------------------------
+
+// Tile row n <-> B-operand row: swaps bits 1-2 with bits 3-4 (an involution).
+QCC_DEVICE int col_perm(int p) { return (p & ~0x1E) | ((p & 0x6) << 2) | ((p >> 2) & 0x6); }
+
+// 4-byte asynchronous global -> shared copy; src_bytes = 0 writes zero.
+QCC_DEVICE void cp_async_4(float* smem, const float* gmem, int src_bytes) {
+  u32 s = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+QCC_DEVICE u32 ld_acquire_gpu(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+QCC_DEVICE void st_release_gpu(u32* p, u32 v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+// a0..a3 += the 4 int32 at p (L2 load: written by another CTA in this launch).
+QCC_DEVICE void add_cg_i4(int& a0, int& a1, int& a2, int& a3, const int* p) {
+  asm volatile(
+      "{\n.reg .s32 t0, t1, t2, t3;\nld.global.cg.v4.s32 {t0, t1, t2, t3}, [%4];\n"
+      "add.s32 %0, %0, t0;\nadd.s32 %1, %1, t1;\nadd.s32 %2, %2, t2;\nadd.s32 %3, %3, t3;\n}\n"
+      : "+r"(a0), "+r"(a1), "+r"(a2), "+r"(a3)
+      : "l"(p)
+      : "memory");
+}
+
+template <int BM, int BN, int STAGES, int NB, bool GA, int SK, bool W0, bool UP>
+static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
+                                                     const float* __restrict__ sx, const float* __restrict__ bias,
+                                                     const u16* __restrict__ residual, u16* __restrict__ y, int M,
+                                                     int N, int K, const u32* __restrict__ xq4, int n_dp, int g_sk,
+                                                     int* __restrict__ ws, u32* __restrict__ flags) {
+  constexpr int MB = BM / 128;  // m64 blocks per consumer warpgroup
+  constexpr int A_BYTES = GA ? 0 : BM * 64;
+  constexpr int B8_BYTES = BN * 128;
+  constexpr int SLOT = A_BYTES + BN * 64;
+  constexpr int NACC = BN / 2;
+  constexpr int LOOK = STAGES - NB;
+  constexpr u32 LBO = 128, SBO = 256;
+  static_assert(BM == 256 && BN == 128, "ws2: 256 x 128 tiles (one unpack row per thread)");
+  static_assert(NB >= 2 && LOOK >= 1, "ring depths");
+  extern __shared__ unsigned char smem_raw[];
+  const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+  const u32 base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  const u32 ring8 = base + STAGES * SLOT;
+  const u32 bars = ring8 + NB * B8_BYTES;
+  auto full = [&](int i) { return bars + 8u * i; };
+  auto empty = [&](int i) { return bars + 8u * (STAGES + i); };
+  auto full8 = [&](int i) { return bars + 8u * (2 * STAGES + i); };
+  auto empty8 = [&](int i) { return bars + 8u * (2 * STAGES + NB + i); };
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ktiles = (K + 127) >> 7;
+  const int tiles_n = (N + BN - 1) / BN;
+  const int b = blockIdx.x;
+  // SK: 0 one tile per CTA; 1 stream-K (k tiles split, partial sums); 2 persistent whole tiles
+  // (CTA c of g_sk takes the contiguous tiles [c T / g_sk, (c + 1) T / g_sk), no partial sums).
+  constexpr bool SPLIT = SK == 1, MULTI = SK != 0;
+  // This CTA's unit range [u0, u1).
+  int u0 = b * ktiles, u1 = u0 + ktiles;
+  if (MULTI && b >= n_dp) {
+    const int tsk = tiles_n * ((M + BM - 1) / BM) - n_dp, c = b - n_dp;
+    if (SPLIT) {
+      // usk * g_sk < 2^31: fewer than 2 x SMs stream-K tiles of at most 512 k tiles (K <= 65536).
+      const int usk = tsk * ktiles;
+      u0 = n_dp * ktiles + usk * c / g_sk;
+      u1 = n_dp * ktiles + usk * (c + 1) / g_sk;
+    } else {
+      u0 = (n_dp + tsk * c / g_sk) * ktiles;
+      u1 = (n_dp + tsk * (c + 1) / g_sk) * ktiles;
+    }
+  }
+  const int Q = u1 - u0;
+
+  if (tid == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full(i), 1);
+      mbar_init(empty(i), GA ? 4 : 12);
+    }
+    for (int i = 0; i < NB; ++i) {
+      mbar_init(full8(i), 4);
+      mbar_init(empty8(i), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_proxy_async();
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tw) : "memory");
+    if (!GA) asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tx) : "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ---- producer (thread 0) / unpack warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+    // Thread 0's next unit to copy: tile it_t (rows it_m0, columns it_n0), k tile it_k.
+    int it_t = u0 / ktiles, it_k = u0 - it_t * ktiles;
+    int it_m0 = it_t / tiles_n * BM, it_n0 = (it_t % tiles_n) * BN;
+    auto issue = [&](int q) {
+      const int slot = q % STAGES;
+      mbar_wait(empty(slot), ((q / STAGES) & 1) ^ 1);
+      mbar_arrive_tx(full(slot), SLOT);
+      if (!GA) tma_load_2d(base + slot * SLOT, tx, it_k * 64, it_m0, full(slot));
+      tma_load_2d(base + slot * SLOT + A_BYTES, tw, it_k * 64, it_n0, full(slot));
+      if (++it_k == ktiles) {
+        it_k = 0;
+        ++it_t;
+        it_m0 = it_t / tiles_n * BM;
+        it_n0 = (it_t % tiles_n) * BN;
+      }
+    };
+    if (tid == 0)
+      for (int q = 0; q < LOOK && q < Q; ++q) issue(q);
+    // This thread's weight row nrow (staging row) goes to B row pr = col_perm(nrow). The 8 threads of
+    // each quarter-warp phase (tid bits 0-2: e, r) take the rows with bits 1-2 = r and bits 3-4 =
+    // r ^ d (d = tid bits 3-4), so their staging reads differ in row bits 0-2 and their int8 writes
+    // in B-row bits 0-2: both conflict-free (thread tid -> row col_perm(tid) would be 4-way).
+    const int nrow = (tid & 0x67) | ((((tid >> 1) & 3) ^ ((tid >> 3) & 3)) << 3);
+    const int pr = col_perm(nrow);
+    // UP: tile kt + 1's int4 row is read (after waiting for its TMA) before tile kt's proxy fence
+    // and arrivals, so the read latency overlaps the fence.
+    auto load_row = [&](int kt, uint4(&v)[4]) {
+      const int slot = kt % STAGES;
+      mbar_wait(full(slot), (kt / STAGES) & 1);
+      const unsigned char* sb = smem + slot * SLOT + A_BYTES;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = *(const uint4*)(sb + stage_off(nrow, c));
+    };
+    uint4 v[4];
+    if (UP && Q > 0) load_row(0, v);
+    for (int kt = 0; kt < Q; ++kt) {
+      const int bb = kt % NB, slot = kt % STAGES;
+      mbar_wait(empty8(bb), ((kt / NB) & 1) ^ 1);
+      if (tid == 0 && kt + LOOK < Q) issue(kt + LOOK);
+      unsigned char* rowdst = smem + STAGES * SLOT + bb * B8_BYTES + (pr >> 3) * 256 + (pr & 7) * 16;
+      if (!UP) load_row(kt, v);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const u32 w0 = u4_word(v[0], s), w1 = u4_word(v[1], s), w2 = u4_word(v[2], s), w3 = u4_word(v[3], s);
+        *(uint4*)(rowdst + s * BN * 32) =
+            make_uint4(lo_nibbles_x16(w0), lo_nibbles_x16(w1), lo_nibbles_x16(w2), lo_nibbles_x16(w3));
+        *(uint4*)(rowdst + s * BN * 32 + 128) =
+            make_uint4(hi_nibbles_x16(w0), hi_nibbles_x16(w1), hi_nibbles_x16(w2), hi_nibbles_x16(w3));
+      }
+      if (UP && kt + 1 < Q) load_row(kt + 1, v);
+      fence_proxy_async();
+      __syncwarp();
+      if (lane == 0) {
+        mbar_arrive(empty(slot));
+        mbar_arrive(full8(bb));
+      }
+    }
+  } else {
+    // ---- consumer warpgroups
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    const int cw = warp - 4, cg = cw >> 2, wq = cw & 3;
+    const int g = lane >> 2, tig = lane & 3;
+    const int ct = cw * 32 + lane - cg * 128;  // thread index within this consumer warpgroup
+    const int row_bytes = K >> 1;
+    // Not zeroed: every piece starts with scale-d = 0 (GA: write-only accumulator operands).
+    int acc[MB][NACC];
+
+    auto frag = [&](const uint4& va, const uint4& vb, u32(&af)[4][4]) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const u32 r0 = u4_word(va, s), r1 = u4_word(vb, s);
+        af[s][0] = lo_nibbles_x16(r0);
+        af[s][1] = lo_nibbles_x16(r1);
+        af[s][2] = hi_nibbles_x16(r0);
+        af[s][3] = hi_nibbles_x16(r1);
+      }
+    };
+    // first (a work piece's first k tile): the first k32 step overwrites the accumulators.
+    auto issue_mma = [&](int q, bool first, u32(&af)[MB][4][4]) {
+      wgmma_fence();
+      const u32 bbase = ring8 + (q % NB) * B8_BYTES;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const u64 desc = wg_desc(bbase + s * BN * 32, LBO, SBO);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          if ((GA || W0) && first && s == 0)
+            wgmma_m64n128k32_s8_rs_first(acc[mb], af[mb][s][0], af[mb][s][1], af[mb][s][2], af[mb][s][3], desc);
+          else
+            WgmmaOp<2, BN>::run(acc[mb], af[mb][s][0], af[mb][s][1], af[mb][s][2], af[mb][s][3], desc,
+                                (first && s == 0) ? 0u : 1u);
+        }
+      }
+      wgmma_commit();
+    };
+    // TMA A path (as `_b4_e`): two A register sets, one wgmma group kept in flight.
+    auto iteration = [&](int q, bool first, u32(&af)[MB][4][4]) {
+      const int slot = q % STAGES;
+      mbar_wait(full(slot), (q / STAGES) & 1);
+      mbar_wait(full8(q % NB), (q / NB) & 1);
+      const unsigned char* sa = smem + slot * SLOT;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int ra = cg * (BM / 2) + mb * 64 + wq * 16 + g;
+        frag(*(const uint4*)(sa + stage_off(ra, tig)), *(const uint4*)(sa + stage_off(ra + 8, tig)), af[mb]);
+      }
+      issue_mma(q, first, af);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(slot));
+      wgmma_wait<1>();
+      __syncwarp();
+      if (lane == 0 && !first) mbar_arrive(empty8((q - 1) % NB));
+    };
+    // W0 (TMA A path): one A register set, wgmma.wait_group 0 after each k tile (32 registers fewer;
+    // the other consumer warpgroup's wgmmas keep the tensor cores busy meanwhile).
+    auto iteration_w0 = [&](int q, bool first) {
+      const int slot = q % STAGES;
+      mbar_wait(full(slot), (q / STAGES) & 1);
+      mbar_wait(full8(q % NB), (q / NB) & 1);
+      const unsigned char* sa = smem + slot * SLOT;
+      u32 af[MB][4][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int ra = cg * (BM / 2) + mb * 64 + wq * 16 + g;
+        frag(*(const uint4*)(sa + stage_off(ra, tig)), *(const uint4*)(sa + stage_off(ra + 8, tig)), af[mb]);
+      }
+      issue_mma(q, first, af);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(slot));
+      wgmma_wait<0>();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty8(q % NB));
+    };
+    // GA path: raw int4 A vectors [mb][row, row + 8] of k tile kt, rows from m0, zero past M / K.
+    auto gload = [&](int m0, int kt, uint4(&r)[MB][2]) {
+      const int kb = kt * 64 + 16 * tig;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + cg * (BM / 2) + mb * 64 + wq * 16 + g + 8 * h;
+          r[mb][h] = make_uint4(0u, 0u, 0u, 0u);
+          if (row < M && kb < row_bytes) r[mb][h] = ld_stream_u4(xq4 + ((size_t)row * row_bytes + kb) / 4);
+        }
+    };
+    auto iteration_ga = [&](int q, bool first, uint4(&r)[MB][2], int m0, int kt_next) {
+      mbar_wait(full8(q % NB), (q / NB) & 1);
+      u32 af[MB][4][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) frag(r[mb][0], r[mb][1], af[mb]);
+      issue_mma(q, first, af);
+      if (kt_next >= 0) gload(m0, kt_next, r);  // the raw registers are free once unpacked
+      wgmma_wait<0>();
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty8(q % NB));
+    };
+
+    constexpr int STG = 2 * BN + BM / 2;
+    // Two staging buffers per warpgroup, alternating by work piece: a piece's cp.async copies are
+    // issued at its start, when the warpgroup may still be reading the previous piece's buffer.
+    float* stg_base = (float*)(smem + (bars - base) + 256) + cg * 2 * STG;
+    const bool hb = bias != nullptr, hr = residual != nullptr;
+
+    // Epilogue of a whole-k tile (or, `finish`, the k head of a split tile: the tail's partials
+    // are added first).
+    auto epilogue_tile = [&](int m0, int n0, float* stg, bool finish) {
+      if (SPLIT && finish) {
+        const int slot = b - n_dp + 1;
+        if (ct == 0) {
+          while (ld_acquire_gpu(flags + slot * 2 + cg) == 0u) {
+          }
+          flags[slot * 2 + cg] = 0u;
+        }
+        asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cg) : "memory");
+        const int* wsp = ws + ((size_t)slot * 2 + cg) * (MB * NACC * 128);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int i4 = 0; i4 < NACC / 4; ++i4)
+            add_cg_i4(acc[mb][4 * i4], acc[mb][4 * i4 + 1], acc[mb][4 * i4 + 2], acc[mb][4 * i4 + 3],
+                      wsp + ((mb * (NACC / 4) + i4) * 128 + ct) * 4);
+      }
+
+      // Epilogue. Accumulator 4j + 2h + e of block mb: row 16 wq + g + 8h of the block, B row
+      // 8j + 2 tig + e = output column col_perm(..): for j = 4jj + r, column 32jj + 8tig + 2r + e.
+      // The piece's staging copies (issued at its start) are complete and visible to the warpgroup.
+      cp_async_wait<0>();
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cg) : "memory");
+      if (m0 + BM <= M && n0 + BN <= N) {
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int ml = mb * 64 + wq * 16 + g + 8 * h;
+            const size_t rowoff = (size_t)(m0 + cg * (BM / 2) + ml) * N + n0;
+            const float sxm = stg[2 * BN + ml];
+            uint4 res[BN / 32];
+            if (hr) {
+#pragma unroll
+              for (int jj = 0; jj < BN / 32; ++jj) res[jj] = *(const uint4*)(residual + rowoff + 32 * jj + 8 * tig);
+            }
+#pragma unroll
+            for (int jj = 0; jj < BN / 32; ++jj) {
+              const int c0 = 32 * jj + 8 * tig;
+              const float4 s0 = *(const float4*)(stg + c0), s1 = *(const float4*)(stg + c0 + 4);
+              const float scl[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+              float bs[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+              if (hb) {
+                const float4 b0 = *(const float4*)(stg + BN + c0), b1 = *(const float4*)(stg + BN + c0 + 4);
+                bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
+                bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
+              }
+              u32 o[4];
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                float v0 = __fmul_rn(__fmul_rn((float)(acc[mb][4 * (4 * jj + r) + 2 * h] >> 8), sxm), scl[2 * r]);
+                float v1 = __fmul_rn(__fmul_rn((float)(acc[mb][4 * (4 * jj + r) + 2 * h + 1] >> 8), sxm), scl[2 * r + 1]);
+                if (hb) {
+                  v0 = __fadd_rn(v0, bs[2 * r]);
+                  v1 = __fadd_rn(v1, bs[2 * r + 1]);
+                }
+                if (hr) {
+                  const u32 rw = u4_word(res[jj], r);
+                  v0 = __fadd_rn(v0, f16_to_f32((u16)(rw & 0xFFFFu)));
+                  v1 = __fadd_rn(v1, f16_to_f32((u16)(rw >> 16)));
+                }
+                o[r] = (u32)f32_to_f16(v0) | ((u32)f32_to_f16(v1) << 16);
+              }
+              *(uint4*)(y + rowoff + c0) = make_uint4(o[0], o[1], o[2], o[3]);
+            }
+          }
+        return;
+      }
+      // Partial tile: guarded per 8-column group (N % 8 == 0: a group is wholly in or out).
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + cg * (BM / 2) + mb * 64 + wq * 16 + g + 8 * h;
+          if (m >= M) continue;
+          const float sxm = sx[m];
+#pragma unroll
+          for (int jj = 0; jj < BN / 32; ++jj) {
+            const int n = n0 + 32 * jj + 8 * tig;
+            if (n >= N) continue;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const u16 y0 = epilogue(acc[mb][4 * (4 * jj + r) + 2 * h] >> 8, sxm, sw[n + 2 * r], bias, residual, m,
+                                      n + 2 * r, N);
+              const u16 y1 = epilogue(acc[mb][4 * (4 * jj + r) + 2 * h + 1] >> 8, sxm, sw[n + 2 * r + 1], bias,
+                                      residual, m, n + 2 * r + 1, N);
+              *(u32*)(y + (size_t)m * N + n + 2 * r) = (u32)y0 | ((u32)y1 << 16);
+            }
+          }
+        }
+    };
+
+    int q = 0, seg = 0;
+    for (int u = u0; u < u1;) {
+      const int t = u / ktiles, kb = u - t * ktiles;
+      const int ke = min(ktiles, u1 - t * ktiles), nk = ke - kb;
+      const int mt = t / tiles_n;
+      const int m0 = mt * BM, n0 = (t - mt * tiles_n) * BN;
+      const bool contrib = SPLIT && kb > 0;                // k tail of a split tile: partials out
+      const bool finish = SPLIT && !contrib && ke < ktiles;  // k head of a split tile: partials in
+      // sw | bias | sx of this piece's tile into staging buffer `seg & 1` by cp.async (no registers
+      // held over the main loop; zero past N / M and for a null bias).
+      float* stg = stg_base + (seg & 1) * STG;
+      ++seg;
+      if (!contrib) {
+        const int n = n0 + ct, mr = m0 + cg * (BM / 2) + ct;
+        const bool nok = n < N;
+        cp_async_4(stg + ct, sw + (nok ? n : 0), nok ? 4 : 0);
+        cp_async_4(stg + BN + ct, hb && nok ? bias + n : sw, hb && nok ? 4 : 0);
+        cp_async_4(stg + 2 * BN + ct, sx + (mr < M ? mr : 0), mr < M ? 4 : 0);
+        cp_async_commit();
+      }
+      if (GA) {
+        uint4 ra0[MB][2], ra1[MB][2];
+        gload(m0, kb, ra0);
+        if (nk > 1) gload(m0, kb + 1, ra1);
+        // The first k tile peeled (write-only accumulators), then pairs (ra1, ra0).
+        iteration_ga(q, true, ra0, m0, 2 < nk ? kb + 2 : -1);
+        int i = 1;
+        for (; i + 1 < nk; i += 2) {
+          iteration_ga(q + i, false, ra1, m0, i + 2 < nk ? kb + i + 2 : -1);
+          iteration_ga(q + i + 1, false, ra0, m0, i + 3 < nk ? kb + i + 3 : -1);
+        }
+        if (i < nk) iteration_ga(q + i, false, ra1, m0, -1);
+      } else if (W0) {
+        iteration_w0(q, true);
+        for (int i = 1; i < nk; ++i) iteration_w0(q + i, false);
+      } else {
+        u32 af0[MB][4][4], af1[MB][4][4];
+        int i = 0;
+        for (; i + 1 < nk; i += 2) {
+          iteration(q + i, i == 0, af0);
+          iteration(q + i + 1, false, af1);
+        }
+        if (i < nk) iteration(q + i, i == 0, af0);
+        wgmma_wait<0>();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty8((q + nk - 1) % NB));
+      }
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) reg_fence(acc[mb][i]);
+      u += nk;
+      q += nk;
+
+      if (SPLIT && contrib) {
+        // Partial sums to slot (b - n_dp), thread-private order (16-byte stores, coalesced).
+        int* wsp = ws + ((size_t)(b - n_dp) * 2 + cg) * (MB * NACC * 128);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+          for (int i4 = 0; i4 < NACC / 4; ++i4)
+            *(int4*)(wsp + ((mb * (NACC / 4) + i4) * 128 + ct) * 4) =
+                make_int4(acc[mb][4 * i4], acc[mb][4 * i4 + 1], acc[mb][4 * i4 + 2], acc[mb][4 * i4 + 3]);
+        __threadfence();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(3 + cg) : "memory");
+        if (ct == 0) st_release_gpu(flags + (b - n_dp) * 2 + cg, 1u);
+        continue;
+      }
+      epilogue_tile(m0, n0, stg, finish);
+      if (!MULTI) break;  // one tile per CTA: no loop-carried state for the compiler
+    }
+  }
+}
+// Dynamic shared memory: 1024 (alignment) + STAGES * (GA ? BN * 64 : (BM + BN) * 64) + NB * BN * 128
+// + 256 (barriers) + 2 x 2 x (2 * BN + BM / 2) floats (device.rs GemmVariant::shared_bytes). Grid: 1-D,
+// n_dp + g_sk CTAs (without SK: one per tile, n_dp = tiles). `x`: the int4 activations (GA), `ws` /
+// `flags`: the stream-K workspace (SK): g_sk x 2 x BM/2 x BN int32 partials, g_sk x 2 u32 flags
+// (zero at the first launch; each launch leaves them zero).
+#define QCC_WS2(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP)                                             \
+  extern "C" __global__ void __launch_bounds__(384, 1)                                                 \
+      NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,    \
+           const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K,       \
+           const u32* x, int n_dp, int g_sk, int* ws, u32* flags) {                                    \
+    w4a4_ws2_body<BM, BN, STAGES, NB, GA, SK, W0, UP>(&tw, &tx, sw, sx, bias, residual, y, M, N, K, x, n_dp, g_sk, ws, \
+                                              flags);                                                  \
+  }
+// (NAME, BM, BN, STAGES, NB, GA, SK, W0, UP); device.rs GemmVariant::ALL lists them (GemmKind::Ws2).
+// SK: 0 one tile per CTA, 1 stream-K, 2 persistent whole tiles.
+// `w`: W0 on the TMA A path (GA implies it). The SK TMA variants need W0: with two A register sets
+// ptxas 13.0 serialises their wgmmas (C7512). `k`: stream-K for the last waves (device.rs
+// StreamK::Tail), `s`: for all tiles (StreamK::All, n_dp = 0: a persistent grid); same kernel code.
+// `p`: UP (the unpack reads the next tile before its proxy fence). `t` (SK = 2): persistent, whole
+// tiles (device.rs StreamK::Tiles); with two A register sets ptxas 13.0 serialises it (C7512), so W0.
+QCC_WS2(w4a4_ws_256x128_s6_b4_c, 256, 128, 6, 4, false, 0, false, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cp, 256, 128, 6, 4, false, 0, false, true)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cw, 256, 128, 6, 4, false, 0, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_ckw, 256, 128, 6, 4, false, 1, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_csw, 256, 128, 6, 4, false, 1, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cswp, 256, 128, 6, 4, false, 1, true, true)
+QCC_WS2(w4a4_ws_256x128_s6_b4_ctwp, 256, 128, 6, 4, false, 2, true, true)
+QCC_WS2(w4a4_ws_256x128_s10_b5_ca, 256, 128, 10, 5, true, 0, true, false)
+QCC_WS2(w4a4_ws_256x128_s12_b6_ca, 256, 128, 12, 6, true, 0, true, false)

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+use super::device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, StreamK, W4LinearArgs};
 use super::pack::{pack_int4_split, pack_int4_tiled, pack_int8_wgmma, reference_w4_linear, Epilogue, SplitMix64};
 use super::CudaError;
 use cudarc::driver::DevicePtr;
@@ -198,6 +198,14 @@ pub fn standard_cases() -> Vec<CheckCase> {
         if matches!(v.kind, GemmKind::Ws { persist: true, .. }) {
             // More tiles (3 x 130) than SMs: each persistent CTA walks 2-3 tiles.
             push(kc, 520, 16520, 288, true, true, Values::Random);
+        }
+        if matches!(v.kind, GemmKind::Ws2 { sk: StreamK::Tail | StreamK::All | StreamK::Tiles, .. }) {
+            // Stream-K on a 132-SM H200 (device::stream_k_plan): 2 x 71 tiles, all shared by 132 CTAs
+            // (9 k tiles with a K tail, M and N tails); 2 x 142 tiles = 2 waves + 20: Tail, one
+            // whole-tile wave, then 152 tiles of 3 k tiles shared by 132 CTAs; All, 284 tiles shared
+            // (up to 3 pieces per CTA); Tiles, 1-3 whole tiles per persistent CTA.
+            push(kc, 300, 9080, 1056, true, true, Values::Random);
+            push(kc, 512, 18168, 288, true, true, Values::Random);
         }
     }
     cases

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::{nvrtc, CudaError};
@@ -170,6 +172,20 @@ impl GemvVariant {
     }
 }
 
+/// Stream-K work split of the `QCC_WS2` kernels ([`stream_k_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamK {
+    /// One CTA per tile.
+    Off,
+    /// Whole-tile waves, then the last full wave and the partial one shared by one CTA per SM.
+    Tail,
+    /// Every tile's k tiles shared evenly by one CTA per SM (a persistent grid).
+    All,
+    /// A persistent grid of one CTA per SM, each taking a contiguous run of whole tiles (no
+    /// partial sums; the producer runs on into the next tile during the epilogue).
+    Tiles,
+}
+
 /// Which prefill GEMM kernel family a [`GemmVariant`] belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmKind {
@@ -189,6 +205,16 @@ pub enum GemmKind {
     /// `gw`: the unpack warpgroup reads the int4 weight rows from global memory itself (no TMA copy
     /// of the weights, the ring holds the activations only; `_gw`, same int4 storage).
     Ws { nb: u32, swizzle: bool, epi: bool, persist: bool, gw: bool },
+    /// kernels/w4a4_wgmma.cu `QCC_WS2` (sm_90a): the [`GemmKind::Ws`] pipeline with `nb` int8
+    /// buffers, the `_e` staging and a coalesced epilogue (weight rows permuted in the int8 tile so
+    /// each thread's accumulators are 8 contiguous output columns: 16-byte stores; `_c`). `ga`: the
+    /// consumers load the int4 activations from global memory themselves (the TMA ring holds the
+    /// weights only; `a`). `sk`: stream-K ([`StreamK`], int32 partials through a workspace,
+    /// [`stream_k_plan`]; `k` for [`StreamK::Tail`], `s` for [`StreamK::All`]).
+    /// `w0`: one activation register set and `wgmma.wait_group 0` per k tile (`w`; implied by `ga`).
+    /// `up`: the unpack warps read the next int4 weight tile before the current one's proxy fence
+    /// (`p`).
+    Ws2 { nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool },
     /// As [`GemmKind::Ws`] with the weights pre-unpacked to int8 at pack time
     /// ([`super::pack::pack_int8_wgmma`], twice the int4 weight bytes), copied by TMA straight into
     /// the wgmma B operand (no unpack warps). Not the int4-storage kernel: reported separately.
@@ -207,7 +233,7 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 24] = {
+    pub const ALL: [GemmVariant; 33] = {
         const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
         }
@@ -241,6 +267,9 @@ impl GemmVariant {
                 kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist, gw: true },
             }
         }
+        const fn ws2(stages: u32, nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool) -> GemmVariant {
+            GemmVariant { bm: 256, bn: 128, warps: 12, stages, kind: GemmKind::Ws2 { nb, ga, sk, w0, up } }
+        }
         const fn p8(bm: u32, bn: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::WsInt8Weights }
         }
@@ -269,6 +298,15 @@ impl GemmVariant {
             ws_gw(256, 128, 6, 3, false),
             ws_gw(256, 128, 8, 4, false),
             ws_gw(256, 128, 8, 5, false),
+            ws2(6, 4, false, StreamK::Off, false, false),
+            ws2(6, 4, false, StreamK::Off, false, true),
+            ws2(6, 4, false, StreamK::Off, true, false),
+            ws2(6, 4, false, StreamK::Tail, true, false),
+            ws2(6, 4, false, StreamK::All, true, false),
+            ws2(6, 4, false, StreamK::All, true, true),
+            ws2(6, 4, false, StreamK::Tiles, true, true),
+            ws2(10, 5, true, StreamK::Off, true, false),
+            ws2(12, 6, true, StreamK::Off, true, false),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -292,6 +330,18 @@ impl GemmVariant {
                 };
                 format!("w4a4_ws_{}x{}_s{}_b{nb}{sw}{epi}", self.bm, self.bn, self.stages)
             }
+            GemmKind::Ws2 { nb, ga, sk, w0, up } => {
+                let a = if ga { "a" } else { "" };
+                let k = match sk {
+                    StreamK::Off => "",
+                    StreamK::Tail => "k",
+                    StreamK::All => "s",
+                    StreamK::Tiles => "t",
+                };
+                let w = if w0 && !ga { "w" } else { "" };
+                let p = if up { "p" } else { "" };
+                format!("w4a4_ws_{}x{}_s{}_b{nb}_c{a}{k}{w}{p}", self.bm, self.bn, self.stages)
+            }
             GemmKind::WsInt8Weights => format!("w4a4p8_ws_{}x{}_s{}", self.bm, self.bn, self.stages),
         }
     }
@@ -312,7 +362,9 @@ impl GemmVariant {
     pub fn file(&self) -> &'static str {
         match self.kind {
             GemmKind::MmaSync => "w4a4_gemm",
-            GemmKind::Wgmma { .. } | GemmKind::Ws { .. } | GemmKind::WsInt8Weights => "w4a4_wgmma",
+            GemmKind::Wgmma { .. } | GemmKind::Ws { .. } | GemmKind::Ws2 { .. } | GemmKind::WsInt8Weights => {
+                "w4a4_wgmma"
+            }
         }
     }
     pub fn shared_bytes(&self) -> u32 {
@@ -328,6 +380,12 @@ impl GemmVariant {
                 // `gw`: the ring holds the activation tiles only.
                 let ring = if gw { self.stages * self.bm * 64 } else { ring };
                 1024 + ring + nb * self.bn * 128 + 256 + 2 * (2 * self.bn + self.bm / 2) * 4
+            }
+            GemmKind::Ws2 { nb, ga, .. } => {
+                // `ga`: the ring holds the int4 weight tiles only.
+                // Two staging buffers per consumer warpgroup.
+                let ring = if ga { self.stages * self.bn * 64 } else { ring };
+                1024 + ring + nb * self.bn * 128 + 256 + 2 * 2 * (2 * self.bn + self.bm / 2) * 4
             }
             GemmKind::WsInt8Weights => 1024 + self.stages * (self.bm * 64 + self.bn * 128) + 16 * self.stages,
         }
@@ -418,6 +476,26 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Stream-K workspace of the `QCC_WS2` `sk` kernels: int32 partial tiles, then the flags
+    /// (zeroed once; every launch leaves them zero). Allocated at the first such launch.
+    stream_k_ws: Mutex<Option<CudaSlice<u8>>>,
+}
+
+/// Stream-K split of `tiles` work tiles on `sms` multiprocessors (one CTA each): `(n_dp, g_sk)` =
+/// `n_dp` whole-tile CTAs, then `g_sk` CTAs sharing the remaining tiles' k tiles evenly.
+/// [`StreamK::Tail`]: whole tiles for every wave but the last full one, no split (`(tiles, 0)`) when
+/// there is no full wave or the last wave is at least three quarters full; [`StreamK::All`]:
+/// `(0, sms)` once there are at least `sms` tiles ([`StreamK::Tiles`] too, rounding each CTA's range
+/// to whole tiles in the kernel). The kernels rely on `g_sk <= tiles - n_dp` (each
+/// CTA's range then covers at least a whole tile's k tiles, so a tile is shared by two CTAs at most).
+pub fn stream_k_plan(tiles: usize, sms: usize, mode: StreamK) -> (usize, usize) {
+    let sms = sms.max(1);
+    let (waves, rem) = (tiles / sms, tiles % sms);
+    match mode {
+        StreamK::All | StreamK::Tiles if waves > 0 => (0, sms),
+        StreamK::Tail if waves > 0 && rem > 0 && 4 * rem < 3 * sms => ((waves - 1) * sms, sms),
+        _ => (tiles, 0),
+    }
 }
 
 impl Gpu {
@@ -438,7 +516,13 @@ impl Gpu {
         // SAFETY: every buffer of this context is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        Ok(Gpu { ctx, stream, modules: Default::default(), functions: Default::default() })
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules: Default::default(),
+            functions: Default::default(),
+            stream_k_ws: Default::default(),
+        })
     }
 
     /// Device name, compute capability and memory, for reports.
@@ -527,6 +611,9 @@ impl Gpu {
             block_dim: (variant.warps * 32, 1, 1),
             shared_mem_bytes: smem,
         };
+        if let GemmKind::Ws2 { sk, .. } = variant.kind {
+            return self.launch_ws2(&f, &name, variant, cfg, sk, a);
+        }
         if matches!(variant.kind, GemmKind::Ws { .. } | GemmKind::WsInt8Weights) {
             return self.launch_ws(&f, &name, variant, cfg, a);
         }
@@ -565,6 +652,54 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches a `QCC_WS2` kernel: 1-D grid of `n_dp + g_sk` CTAs ([`stream_k_plan`] for `sk`, else
+    /// one per tile), tensor maps as [`Self::launch_ws`], the activation pointer and the stream-K
+    /// workspace.
+    fn launch_ws2(
+        &self,
+        f: &CudaFunction,
+        name: &str,
+        variant: GemmVariant,
+        cfg: LaunchConfig,
+        sk: StreamK,
+        a: &W4LinearArgs,
+    ) -> Result<(), CudaError> {
+        use cudarc::driver::sys::CUtensorMapSwizzle as Sw;
+        let err = |what: String| CudaError::Launch { kernel: name.to_string(), what };
+        let tiles = cfg.grid_dim.0 as usize * cfg.grid_dim.1 as usize;
+        let sms = self.ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let (n_dp, g_sk) = stream_k_plan(tiles, sms.max(1) as usize, sk);
+        let (mut ws, mut flags) = (0u64, 0u64);
+        if matches!(sk, StreamK::Tail | StreamK::All) {
+            // Sized for one slot per SM (g_sk <= SMs), so it is allocated once, before any graph
+            // capture (the bit-exact check launches first).
+            let slots = (sms.max(1) as usize).max(g_sk);
+            let tile_bytes = (variant.bm * variant.bn * 4) as usize;
+            let need = slots * (tile_bytes + 8);
+            let mut guard = self.stream_k_ws.lock().map_err(|e| err(format!("workspace lock: {e}")))?;
+            if guard.as_ref().is_none_or(|b| b.len() < need) {
+                *guard = Some(self.stream.alloc_zeros::<u8>(need)?);
+            }
+            let buf = guard.as_ref().expect("allocated above");
+            ws = buf.device_ptr(&self.stream).0;
+            flags = ws + (slots * tile_bytes) as u64;
+        }
+        let tw = TensorMap::rows(a.w, a.n, a.k / 2, 64, variant.bn, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
+        let tx = TensorMap::rows(a.x, a.m, a.k / 2, 64, variant.bm, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
+        let (m, n, k) = (a.m as i32, a.n as i32, a.k as i32);
+        let (n_dp_i, g_sk_i) = (n_dp as i32, g_sk as i32);
+        let cfg = LaunchConfig { grid_dim: ((n_dp + g_sk) as u32, 1, 1), ..cfg };
+        let mut builder = self.stream.launch_builder(f);
+        builder.arg(&tw).arg(&tx).arg(&a.sw).arg(&a.sx).arg(&a.bias).arg(&a.residual).arg(&a.y);
+        builder.arg(&m).arg(&n).arg(&k).arg(&a.x).arg(&n_dp_i).arg(&g_sk_i).arg(&ws).arg(&flags);
+        // SAFETY: the argument list matches the `QCC_WS2` signature (2 tensor maps by value, 5
+        // pointers, 3 ints, the activation pointer, 2 ints, 2 workspace pointers); the tensor maps
+        // and pointers describe the caller's buffers of the documented sizes and the workspace
+        // holds `slots >= g_sk` partial tiles and flags.
+        unsafe { builder.launch(cfg) }.map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+
     fn launch_linear(
         &self,
         f: &CudaFunction,
@@ -586,7 +721,34 @@ impl Gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::{GemmKind, GemmVariant};
+    use super::{stream_k_plan, GemmKind, GemmVariant, StreamK};
+
+    #[test]
+    fn stream_k_plan_splits_only_a_thin_last_wave() {
+        // Llama-2-7B gate/up at M = 2048 with 256 x 128 tiles: 688 tiles on 132 SMs = 5 full waves
+        // + 28: four whole-tile waves, then 132 CTAs share the last 160 tiles.
+        let tail = StreamK::Tail;
+        assert_eq!(stream_k_plan(688, 132, tail), (528, 132));
+        // 256 tiles = 1 wave + 124 (94% full): no split; 264 = exactly 2 waves; 100 < one wave.
+        assert_eq!(stream_k_plan(256, 132, tail), (256, 0));
+        assert_eq!(stream_k_plan(264, 132, tail), (264, 0));
+        assert_eq!(stream_k_plan(100, 132, tail), (100, 0));
+        // The check case (M 300, N 9080: 2 x 71 tiles): no whole-tile wave, all 142 tiles shared.
+        assert_eq!(stream_k_plan(142, 132, tail), (0, 132));
+        // All: a persistent grid of one CTA per SM once there is a full wave.
+        assert_eq!(stream_k_plan(256, 132, StreamK::All), (0, 132));
+        assert_eq!(stream_k_plan(100, 132, StreamK::All), (100, 0));
+        assert_eq!(stream_k_plan(688, 132, StreamK::Off), (688, 0));
+        assert_eq!(stream_k_plan(688, 132, StreamK::Tiles), (0, 132));
+        // The kernels need g_sk <= remaining tiles (each CTA covers >= one tile's k tiles).
+        for mode in [StreamK::Off, StreamK::Tail, StreamK::All, StreamK::Tiles] {
+            for tiles in 1..2000 {
+                let (n_dp, g_sk) = stream_k_plan(tiles, 132, mode);
+                assert!(n_dp <= tiles && g_sk <= tiles - n_dp, "tiles {tiles}: ({n_dp}, {g_sk})");
+                assert!(g_sk > 0 || n_dp == tiles);
+            }
+        }
+    }
 
     #[test]
     fn gemm_variant_names_are_unique_and_ws_shared_memory_fits_hopper() {
@@ -599,6 +761,17 @@ mod tests {
         for v in GemmVariant::ALL.iter().filter(|v| matches!(v.kind, GemmKind::Ws { .. })) {
             assert!(v.shared_bytes() <= 227 * 1024, "{}: {} bytes", v.kernel_name(), v.shared_bytes());
         }
+        for v in GemmVariant::ALL.iter().filter(|v| matches!(v.kind, GemmKind::Ws2 { .. })) {
+            assert!(v.shared_bytes() <= 227 * 1024, "{}: {} bytes", v.kernel_name(), v.shared_bytes());
+        }
+        let ga = GemmVariant::by_name("w4a4_ws_256x128_s10_b5_ca").expect("ws2 ga variant");
+        assert_eq!(ga.kind, GemmKind::Ws2 { nb: 5, ga: true, sk: StreamK::Off, w0: true, up: false });
+        let sk = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_ckw").expect("ws2 stream-K variant");
+        assert_eq!(sk.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::Tail, w0: true, up: false });
+        let all = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_csw").expect("ws2 all-stream-K variant");
+        assert_eq!(all.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::All, w0: true, up: false });
+        // `ga`: the ring holds the int4 weight tiles only (10 x 128 x 64 bytes).
+        assert_eq!(ga.shared_bytes(), 1024 + 10 * 128 * 64 + 5 * 128 * 128 + 256 + 2 * 2 * (2 * 128 + 128) * 4);
         let gw = GemmVariant::by_name("w4a4_ws_256x128_s8_b4_gw_e").expect("gw variant");
         let tma = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_e").expect("b4 variant");
         // `gw`: the ring holds the activation tiles only (8 x 256 x 64 bytes), no int4 weight tiles.
