@@ -135,6 +135,10 @@ struct CompileArgs {
     /// Tokens per calibration window.
     #[arg(long, value_name = "L", default_value_t = 256)]
     calib_ctx: usize,
+    /// Precision of the calibration forward's linear products: bf16 (operands rounded to bf16, f32 sums;
+    /// twice the f32 rate on CPUs with AVX512-BF16, f32 elsewhere) or f32.
+    #[arg(long, value_name = "P", default_value = "f32", value_parser = ["f32", "bf16"])]
+    calib_precision: String,
     /// Weight rounding of `quantize`: rtn (round to nearest) or gptq (error compensating).
     #[arg(long, value_name = "MODE")]
     weight_rounding: Option<String>,
@@ -502,6 +506,10 @@ fn compile(a: CompileArgs) -> Result<()> {
             a.calib_ctx,
         )?);
         ctx.set_calibration_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        ctx.set_calibration_precision(match a.calib_precision.as_str() {
+            "bf16" => qcc_runtime::cpu::MatmulPrecision::Bf16,
+            _ => qcc_runtime::cpu::MatmulPrecision::F32,
+        });
         if !a.no_stats_cache {
             ctx.set_stats_store(std::sync::Arc::new(crate::calibrate::DiskStore::beside(&a.model)));
         }
@@ -518,6 +526,9 @@ fn compile(a: CompileArgs) -> Result<()> {
     drop(instruments);
     if a.pass_stats {
         eprint!("{}", stats.render());
+        if qcc_runtime::cpu::op_profile::enabled() {
+            eprint!("CPU executor time per op kind (QCC_OP_PROFILE):\n{}", qcc_runtime::cpu::op_profile::report());
+        }
     }
     if let (Some(path), Some(report)) = (&a.report, ctx.take_report()) {
         crate::report::write(path, report, &a.model, &pipeline_text, &before)?;

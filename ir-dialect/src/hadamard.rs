@@ -128,6 +128,16 @@ impl Hadamard {
         if src.len() != dst.len() || !src.len().is_multiple_of(self.n.max(1)) {
             return Err(HadamardError { expected: self.n, actual: src.len() % self.n.max(1) });
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { self.rows_f32_avx512(src, dst) };
+            return Ok(());
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { self.rows_f32_avx2(src, dst) };
+            return Ok(());
+        }
         let mut row = vec![0f64; self.n];
         let mut scratch = self.scratch();
         for (s, d) in src.chunks_exact(self.n).zip(dst.chunks_exact_mut(self.n)) {
@@ -136,6 +146,193 @@ impl Hadamard {
             d.iter_mut().zip(&row).for_each(|(o, &v)| *o = v as f32);
         }
         Ok(())
+    }
+
+    /// [`Hadamard::transform`] of each `n`-element row of `data` in place (`data` holds whole rows),
+    /// bit-identical to transforming the rows one at a time.
+    pub fn transform_rows(&self, data: &mut [f64]) -> Result<(), HadamardError> {
+        if !data.len().is_multiple_of(self.n.max(1)) {
+            return Err(HadamardError { expected: self.n, actual: data.len() % self.n.max(1) });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            unsafe { self.rows_f64_avx512(data) };
+            return Ok(());
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { self.rows_f64_avx2(data) };
+            return Ok(());
+        }
+        let mut scratch = self.scratch();
+        data.chunks_exact_mut(self.n).for_each(|row| self.apply_with(row, false, &mut scratch));
+        Ok(())
+    }
+
+    /// Runs [`Hadamard::apply_lanes`] over groups of [`LANES`] rows: `load(group, lanes)` fills the lanes
+    /// (row l of the group in lane l), `store(group, lanes)` reads them back. Lanes past the last row keep
+    /// stale values that no row reads.
+    #[inline(always)]
+    unsafe fn row_groups<V: Vector8>(
+        &self,
+        groups: usize,
+        mut load: impl FnMut(usize, &mut [Lanes]),
+        mut store: impl FnMut(usize, &[Lanes]),
+    ) {
+        let mut x = vec![[0f64; LANES]; self.n];
+        let mut out = vec![[0f64; LANES]; if self.m > 1 { self.block } else { 0 }];
+        for g in 0..groups {
+            load(g, &mut x);
+            self.apply_lanes::<V>(&mut x, &mut out);
+            store(g, &x);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support `V`'s instructions.
+    #[inline(always)]
+    unsafe fn rows_f32<V: Vector8>(&self, src: &[f32], dst: &mut [f32]) {
+        let n = self.n.max(1);
+        let group = n * LANES;
+        self.row_groups::<V>(
+            src.len().div_ceil(group),
+            |g, x| {
+                for (l, row) in src[g * group..].chunks_exact(n).take(LANES).enumerate() {
+                    x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = f64::from(v));
+                }
+            },
+            |g, x| {
+                for (l, row) in dst[g * group..].chunks_exact_mut(n).take(LANES).enumerate() {
+                    row.iter_mut().zip(x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)] as f32);
+                }
+            },
+        );
+    }
+
+    /// # Safety
+    /// The CPU must support `V`'s instructions.
+    #[inline(always)]
+    unsafe fn rows_f64<V: Vector8>(&self, data: &mut [f64]) {
+        let n = self.n.max(1);
+        let group = n * LANES;
+        let groups = data.len().div_ceil(group);
+        let data = std::cell::RefCell::new(data);
+        self.row_groups::<V>(
+            groups,
+            |g, x| {
+                for (l, row) in data.borrow()[g * group..].chunks_exact(n).take(LANES).enumerate() {
+                    x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = v);
+                }
+            },
+            |g, x| {
+                for (l, row) in data.borrow_mut()[g * group..].chunks_exact_mut(n).take(LANES).enumerate() {
+                    row.iter_mut().zip(x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)]);
+                }
+            },
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_f32_avx512(&self, src: &[f32], dst: &mut [f32]) {
+        self.rows_f32::<simd::Avx512>(src, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_f32_avx2(&self, src: &[f32], dst: &mut [f32]) {
+        self.rows_f32::<simd::Avx2>(src, dst)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_f64_avx512(&self, data: &mut [f64]) {
+        self.rows_f64::<simd::Avx512>(data)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_f64_avx2(&self, data: &mut [f64]) {
+        self.rows_f64::<simd::Avx2>(data)
+    }
+
+    /// [`Hadamard::apply_with`] (forward) on [`LANES`] rows at once, row l in lane l: every lane sees
+    /// exactly the scalar operations in the same order (separate multiply and add, never fused), so the
+    /// results are the same bits as one row at a time.
+    #[inline(always)]
+    unsafe fn apply_lanes<V: Vector8>(&self, x: &mut [Lanes], out: &mut [Lanes]) {
+        let scale = V::splat(1.0 / (self.block as f64).sqrt());
+        let (m, p) = (self.m, self.pow2);
+        let dense: Vec<f64> = self.dense.iter().map(|&h| f64::from(h)).collect();
+        for block in x.chunks_exact_mut(self.block) {
+            for row in block.chunks_exact_mut(p) {
+                let n = row.len();
+                let mut h = 1;
+                while h < n {
+                    for pair in row.chunks_exact_mut(2 * h) {
+                        let (lo, hi) = pair.split_at_mut(h);
+                        for (a, b) in lo.iter_mut().zip(hi) {
+                            let (u, v) = (V::load(a), V::load(b));
+                            V::store(a, V::add(u, v));
+                            V::store(b, V::sub(u, v));
+                        }
+                    }
+                    h *= 2;
+                }
+            }
+            if m > 1 && m <= DENSE_IN_REGISTERS {
+                // Output a at position r = sum over b (in order, from 0) of H[a][b] * input b at r: the m
+                // inputs of one position are loaded once and every output of it summed in registers.
+                let mut xs = [V::splat(0.0); DENSE_IN_REGISTERS];
+                for r in 0..p {
+                    for (b, xv) in xs[..m].iter_mut().enumerate() {
+                        *xv = V::load(&block[b * p + r]);
+                    }
+                    // Four outputs at a time: independent sums, so the adds overlap.
+                    let mut a = 0;
+                    while a + 4 <= m {
+                        let hr = |i: usize| &dense[(a + i) * m..(a + i + 1) * m];
+                        let (h0, h1, h2, h3) = (hr(0), hr(1), hr(2), hr(3));
+                        let mut acc = [V::splat(0.0); 4];
+                        for (b, &xv) in xs[..m].iter().enumerate() {
+                            acc[0] = V::add(acc[0], V::mul(V::splat(h0[b]), xv));
+                            acc[1] = V::add(acc[1], V::mul(V::splat(h1[b]), xv));
+                            acc[2] = V::add(acc[2], V::mul(V::splat(h2[b]), xv));
+                            acc[3] = V::add(acc[3], V::mul(V::splat(h3[b]), xv));
+                        }
+                        for (i, &v) in acc.iter().enumerate() {
+                            V::store(&mut out[(a + i) * p + r], v);
+                        }
+                        a += 4;
+                    }
+                    for a in a..m {
+                        let mut acc = V::splat(0.0);
+                        for (&h, &xv) in dense[a * m..(a + 1) * m].iter().zip(&xs[..m]) {
+                            acc = V::add(acc, V::mul(V::splat(h), xv));
+                        }
+                        V::store(&mut out[a * p + r], acc);
+                    }
+                }
+                block.copy_from_slice(out);
+            } else if m > 1 {
+                for (a, o) in out.chunks_exact_mut(p).enumerate() {
+                    // Starting from 0 + h x, as the scalar path accumulates into a zeroed buffer.
+                    let mut first = true;
+                    for (b, xb) in block.chunks_exact(p).enumerate() {
+                        let h = V::splat(f64::from(self.dense[a * m + b]));
+                        for (ov, xv) in o.iter_mut().zip(xb) {
+                            let acc = if first { V::splat(0.0) } else { V::load(ov) };
+                            V::store(ov, V::add(acc, V::mul(h, V::load(xv))));
+                        }
+                        first = false;
+                    }
+                }
+                block.copy_from_slice(out);
+            }
+            for v in block.iter_mut() {
+                V::store(v, V::mul(V::load(v), scale));
+            }
+        }
     }
 
     fn scratch(&self) -> Vec<f64> {
@@ -208,6 +405,95 @@ impl fmt::Debug for Hadamard {
 pub struct HadamardError {
     pub expected: usize,
     pub actual: usize,
+}
+
+/// Rows transformed together by the batched transforms (one f64 SIMD lane each).
+const LANES: usize = 8;
+/// Dense factors up to this order are summed with their inputs held in registers (or L1).
+const DENSE_IN_REGISTERS: usize = 64;
+type Lanes = [f64; LANES];
+
+/// Eight f64 lanes as one vector type: the batched transforms are written once against this and
+/// instantiated per instruction set (the compiler's own vectoriser picked gathers across rows instead).
+trait Vector8: Copy {
+    type V: Copy;
+    unsafe fn load(p: &Lanes) -> Self::V;
+    unsafe fn store(p: &mut Lanes, v: Self::V);
+    unsafe fn splat(x: f64) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{Lanes, Vector8};
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub struct Avx512;
+
+    // SAFETY (all methods): callers run inside an `avx512f` target-feature function (checked at run time).
+    impl Vector8 for Avx512 {
+        type V = __m512d;
+        #[inline(always)]
+        unsafe fn load(p: &Lanes) -> __m512d {
+            _mm512_loadu_pd(p.as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn store(p: &mut Lanes, v: __m512d) {
+            _mm512_storeu_pd(p.as_mut_ptr(), v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f64) -> __m512d {
+            _mm512_set1_pd(x)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512d, b: __m512d) -> __m512d {
+            _mm512_add_pd(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512d, b: __m512d) -> __m512d {
+            _mm512_sub_pd(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512d, b: __m512d) -> __m512d {
+            _mm512_mul_pd(a, b)
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Avx2;
+
+    // SAFETY (all methods): callers run inside an `avx2` target-feature function (checked at run time).
+    impl Vector8 for Avx2 {
+        type V = (__m256d, __m256d);
+        #[inline(always)]
+        unsafe fn load(p: &Lanes) -> Self::V {
+            (_mm256_loadu_pd(p.as_ptr()), _mm256_loadu_pd(p.as_ptr().add(4)))
+        }
+        #[inline(always)]
+        unsafe fn store(p: &mut Lanes, v: Self::V) {
+            _mm256_storeu_pd(p.as_mut_ptr(), v.0);
+            _mm256_storeu_pd(p.as_mut_ptr().add(4), v.1)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f64) -> Self::V {
+            (_mm256_set1_pd(x), _mm256_set1_pd(x))
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+            (_mm256_add_pd(a.0, b.0), _mm256_add_pd(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+            (_mm256_sub_pd(a.0, b.0), _mm256_sub_pd(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+            (_mm256_mul_pd(a.0, b.0), _mm256_mul_pd(a.1, b.1))
+        }
+    }
 }
 
 /// Unnormalised fast Walsh-Hadamard transform (Sylvester order) of a power-of-two length.
@@ -548,5 +834,31 @@ mod tests {
             }
         }
         assert!(Hadamard::new(64).transform_rows_f32(&[0.0; 65], &mut [0.0; 65]).is_err());
+    }
+
+    #[test]
+    fn batched_rows_equal_rows_one_at_a_time() {
+        // Row counts around the lane group (8) and orders with and without a dense factor, and a
+        // block-diagonal fallback (n = 44 * 3).
+        for (n, rows) in [(576, 19), (1536, 8), (64, 1), (12, 17), (132, 9)] {
+            let h = Hadamard::new(n);
+            let src: Vec<f64> = (0..rows * n).map(|i| ((i * 7919 % 1013) as f64 - 506.0) * 0.0173).collect();
+            let mut batched = src.clone();
+            h.transform_rows(&mut batched).unwrap();
+            for (s, b) in src.chunks(n).zip(batched.chunks(n)) {
+                let mut one = s.to_vec();
+                h.transform(&mut one).unwrap();
+                assert_eq!(b, &one[..], "n = {n}");
+            }
+            let narrow: Vec<f32> = src.iter().map(|&v| v as f32).collect();
+            let mut dst = vec![0f32; narrow.len()];
+            h.transform_rows_f32(&narrow, &mut dst).unwrap();
+            for (s, d) in narrow.chunks(n).zip(dst.chunks(n)) {
+                let mut wide: Vec<f64> = s.iter().map(|&v| f64::from(v)).collect();
+                h.transform(&mut wide).unwrap();
+                assert!(d.iter().zip(&wide).all(|(a, b)| *a == *b as f32), "n = {n}");
+            }
+        }
+        assert!(Hadamard::new(64).transform_rows(&mut [0.0; 65]).is_err());
     }
 }

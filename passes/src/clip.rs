@@ -98,7 +98,7 @@ fn layer_error(
         let folded: Vec<f32> = w.chunks_exact(k).flat_map(|row| row.iter().zip(steps).map(|(&a, &b)| a * b)).collect();
         let (q, d) = quantize_weight_rtn(&folded, *n, k, &vec![1.0; *n], s);
         let mut yq = vec![0f32; r * n];
-        gemm_nt(&xq, &q, &mut yq, r, k, *n);
+        grid_gemm_nt(&xq, &q, &mut yq, r, k, *n);
         for (yrow, yqrow) in y.chunks_exact(*n).zip(yq.chunks_exact(*n)) {
             for ((a, b), dd) in yrow.iter().zip(yqrow).zip(&d) {
                 let e = (a - b * dd) as f64;
@@ -129,6 +129,15 @@ pub(crate) fn gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n
             n as isize,
             1,
         );
+    }
+}
+
+/// [`gemm_nt`] of two matrices of grid values (integers up to 8 bits, e2m1 or e4m3 values): bf16 holds
+/// them exactly, so the bf16 kernel (twice the f32 rate where the CPU has it) gives the f32 result.
+fn grid_gemm_nt(a: &[f32], b: &[f32], c: &mut [f32], r: usize, k: usize, n: usize) {
+    use qcc_runtime::cpu::bf16_gemm::{gemm_nt as bf16_gemm_nt, Strided};
+    if !bf16_gemm_nt(&Strided::rows(a, r, k), &Strided::rows(b, n, k), c, n, false, false) {
+        gemm_nt(a, b, c, r, k, n);
     }
 }
 

@@ -173,14 +173,17 @@ fn work<'a>(graph: &Graph, works: &'a mut BTreeMap<NodeId, Work>, id: NodeId) ->
     })
 }
 
-fn transform(h: &Hadamard) -> impl Fn(&mut [f64]) + '_ {
-    move |v: &mut [f64]| h.transform(v).expect("lengths checked by the matcher")
+/// H applied to every row of `m` (rows of length n), or to every n-entry block of each row (the per-head
+/// rotation, n = head dim): both are the batched transform over the row-major data.
+fn rotate_rows(h: &Hadamard, m: &mut Matrix) {
+    h.transform_rows(&mut m.data).expect("lengths checked by the matcher");
 }
 
-/// Applies R_d per block of `d` entries.
-fn per_block(h: &Hadamard) -> impl Fn(&mut [f64]) + '_ {
-    let d = h.size();
-    move |v: &mut [f64]| v.chunks_exact_mut(d).for_each(|c| h.transform(c).expect("block length is d"))
+/// [`rotate_rows`] on the columns (through a transpose, so each column is contiguous).
+fn rotate_columns(h: &Hadamard, m: &mut Matrix) {
+    let mut t = m.transposed();
+    rotate_rows(h, &mut t);
+    *m = t.transposed();
 }
 
 fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
@@ -204,14 +207,14 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         }
         let table = graph.input(gather, 0).expect("checked");
         let mut e = crate::weights::constant_matrix(graph, table).expect("checked");
-        e.map_rows(transform(&h));
+        rotate_rows(&h, &mut e);
         replace_constant_input(graph, ENTRY.name, gather, 0, vec![e.rows, e.cols], &e.data, ".rot")?;
         for &r in &stream.readers {
-            work(graph, &mut works, r).weight.map_rows(transform(&h));
+            rotate_rows(&h, &mut work(graph, &mut works, r).weight);
         }
         for &w in &stream.writers {
             let wk = work(graph, &mut works, w);
-            wk.weight.map_columns(transform(&h));
+            rotate_columns(&h, &mut wk.weight);
             if let Some(b) = &mut wk.bias {
                 h.transform(b).expect("bias length is the stream width");
             }
@@ -241,11 +244,11 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         }
         let h = Hadamard::new(d);
         let v = work(graph, &mut works, v_proj);
-        v.weight.map_columns(per_block(&h));
+        rotate_columns(&h, &mut v.weight);
         if let Some(b) = &mut v.bias {
-            per_block(&h)(b);
+            h.transform_rows(b).expect("bias length is a multiple of the head dim");
         }
-        work(graph, &mut works, o_proj).weight.map_rows(per_block(&h));
+        rotate_rows(&h, &mut work(graph, &mut works, o_proj).weight);
         rewrites += 1;
     }
 
@@ -269,7 +272,7 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         let rotated = Value::new(node, 0);
         for &r in &readers {
             graph.set_input(r, 0, Some(rotated));
-            work(graph, &mut works, r).weight.map_rows(transform(&h));
+            rotate_rows(&h, &mut work(graph, &mut works, r).weight);
         }
         rewrites += 1;
     }

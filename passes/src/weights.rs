@@ -29,18 +29,17 @@ impl Matrix {
         self.data.chunks_mut(cols).for_each(f);
     }
 
-    /// Applies `f` to every column (through a transpose, so each column is contiguous).
-    pub fn map_columns(&mut self, f: impl Fn(&mut [f64])) {
-        let mut t = self.transposed();
-        t.map_rows(f);
-        *self = t.transposed();
-    }
-
     pub fn transposed(&self) -> Matrix {
+        // In 32 x 32 tiles, so both sides stay in cache (large weights are rotated through transposes).
+        const TILE: usize = 32;
         let mut data = vec![0f64; self.data.len()];
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                data[c * self.rows + r] = self.data[r * self.cols + c];
+        for r0 in (0..self.rows).step_by(TILE) {
+            for c0 in (0..self.cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(self.rows) {
+                    for c in c0..(c0 + TILE).min(self.cols) {
+                        data[c * self.rows + r] = self.data[r * self.cols + c];
+                    }
+                }
             }
         }
         Matrix { rows: self.cols, cols: self.rows, data }

@@ -1,6 +1,7 @@
 //! The CPU reference executor: a topological plan built once per graph, constants converted once, and
 //! liveness so that each intermediate is dropped right after its last reader.
 
+pub mod bf16_gemm;
 pub mod ops;
 pub mod value;
 
@@ -36,6 +37,36 @@ struct Step {
     free_after: Vec<usize>,
 }
 
+/// Opt-in wall time per op kind (`QCC_OP_PROFILE=1`), summed over every run in the process and printed
+/// by [`op_profile::report`]: where a calibration forward spends its time.
+pub mod op_profile {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("QCC_OP_PROFILE").is_some_and(|v| v != "0"))
+    }
+
+    pub fn record(op: &'static str, took: Duration) {
+        let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = totals.get_or_insert_with(HashMap::new).entry(op).or_default();
+        e.0 += took;
+        e.1 += 1;
+    }
+
+    /// The recorded totals, slowest op kind first (empty unless enabled).
+    pub fn report() -> String {
+        let totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = totals.iter().flatten().map(|(k, v)| (*k, *v)).collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
+        rows.iter().map(|(k, (d, n))| format!("{k:>24} {:>9.2} s {n:>8} calls\n", d.as_secs_f64())).collect()
+    }
+}
+
 /// Counters from one run (used by tests to check that intermediates are freed).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunStats {
@@ -43,8 +74,20 @@ pub struct RunStats {
     pub peak_live: usize,
 }
 
+/// How `linear` computes float products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 operands and sums: the reference every other path is checked against.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, sums in f32 (AVX512-BF16, twice the f32 rate; f32 where the CPU lacks
+    /// it): for calibration forwards, whose statistics need not be exact.
+    Bf16,
+}
+
 /// Executes one graph on the CPU. Build once, run many times (`run` takes `&self`).
 pub struct CpuExecutor {
+    precision: MatmulPrecision,
     steps: Vec<Step>,
     slot_values: Vec<Value>,
     constants: Vec<(usize, RtTensor)>,
@@ -62,6 +105,12 @@ fn node_label(graph: &Graph, id: NodeId) -> String {
 }
 
 impl CpuExecutor {
+    /// The same executor with `linear` products at `precision`.
+    pub fn with_matmul_precision(mut self, precision: MatmulPrecision) -> CpuExecutor {
+        self.precision = precision;
+        self
+    }
+
     pub fn new(graph: &Graph) -> Result<CpuExecutor, ExecError> {
         let order = graph.topo_order()?;
         let mut slot_of: HashMap<Value, usize> = HashMap::new();
@@ -135,7 +184,7 @@ impl CpuExecutor {
                 steps[*i].free_after.push(slot);
             }
         }
-        Ok(CpuExecutor { steps, slot_values, constants, inputs, outputs })
+        Ok(CpuExecutor { precision: MatmulPrecision::F32, steps, slot_values, constants, inputs, outputs })
     }
 
     /// Names and declared types of the graph inputs, in graph order.
@@ -189,8 +238,17 @@ impl CpuExecutor {
                         None => None,
                     });
                 }
-                let ctx = OpCtx { op: &step.op, inputs: &args, outputs: &step.output_infos };
+                let ctx = OpCtx {
+                    op: &step.op,
+                    inputs: &args,
+                    outputs: &step.output_infos,
+                    bf16_products: self.precision == MatmulPrecision::Bf16,
+                };
+                let started = op_profile::enabled().then(std::time::Instant::now);
                 let mut results = execute(&ctx).map_err(|OpError(m)| self.step_error(step, &args, m))?;
+                if let Some(t0) = started {
+                    op_profile::record(step.op.kind.name(), t0.elapsed());
+                }
                 if results.len() < step.outputs.len() {
                     let m = format!("produced {} outputs, the node declares {}", results.len(), step.outputs.len());
                     return Err(self.step_error(step, &args, m));
@@ -254,7 +312,7 @@ fn hoist_constant_steps(
         let foldable = !step.inputs.is_empty() && step.inputs.iter().flatten().all(|s| known.contains_key(s));
         if foldable {
             let args: Vec<Option<&RtTensor>> = step.inputs.iter().map(|s| s.map(|s| &known[&s])).collect();
-            let ctx = OpCtx { op: &step.op, inputs: &args, outputs: &step.output_infos };
+            let ctx = OpCtx { op: &step.op, inputs: &args, outputs: &step.output_infos, bf16_products: false };
             if let Ok(results) = execute(&ctx) {
                 if results.len() >= step.outputs.len() {
                     for (&slot, t) in step.outputs.iter().zip(results) {

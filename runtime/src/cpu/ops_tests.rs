@@ -351,6 +351,48 @@ fn fused_blocks_match_their_definitions() {
 }
 
 #[test]
+fn explicit_causal_mask_takes_the_causal_path_with_the_same_bits() {
+    // Two sequences of 300 tokens (three causal row blocks), 4 query heads on 2 KV heads, and the mask an
+    // exported model builds: 0 up to the diagonal, f32::MIN after it.
+    let (b, hq, hkv, s_len, d) = (2usize, 4usize, 2usize, 300usize, 8usize);
+    let q = f32t(&[b, hq, s_len, d], &seq(b * hq * s_len * d, 0.05));
+    let k = f32t(&[b, hkv, s_len, d], &seq(b * hkv * s_len * d, 0.04).into_iter().rev().collect::<Vec<_>>());
+    let v = f32t(&[b, hkv, s_len, d], &seq(b * hkv * s_len * d, 0.3));
+    let mut mask: Vec<f32> = (0..s_len * s_len).map(|p| if p % s_len <= p / s_len { 0.0 } else { f32::MIN }).collect();
+    let att = op(OpKind::Attention).with("scale", Attr::Float(0.35));
+    let detected = run1(att.clone(), &[q.clone(), k.clone(), v.clone(), f32t(&[1, 1, s_len, s_len], &mask)]);
+    let causal = run1(att.clone().with("causal", Attr::Int(1)), &[q.clone(), k.clone(), v.clone()]);
+    assert!(ops::fused::causal_mask(&f32t(&[1, 1, s_len, s_len], &mask), s_len, s_len));
+    // One masked entry at -1e29 (still masked, but not the exact causal form): the general path.
+    mask[5] = -1e29;
+    assert!(!ops::fused::causal_mask(&f32t(&[1, 1, s_len, s_len], &mask), s_len, s_len));
+    let general = run1(att, &[q.clone(), k.clone(), v.clone(), f32t(&[1, 1, s_len, s_len], &mask)]);
+    let bits = |t: &RtTensor| f32s(t).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&detected), bits(&general));
+    assert_eq!(bits(&detected), bits(&causal));
+    // And against an f64 reference, for one query row late in the sequence (head 3, batch 1, row 290).
+    let (qv, kv, vv) = (f32s(&q), f32s(&k), f32s(&v));
+    let (bi, h, i) = (1, 3, 290);
+    let kvh = h / (hq / hkv);
+    let scores: Vec<f64> = (0..=i)
+        .map(|j| {
+            let qr = &qv[((bi * hq + h) * s_len + i) * d..][..d];
+            let kr = &kv[((bi * hkv + kvh) * s_len + j) * d..][..d];
+            0.35 * qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+    let out = f32s(&detected);
+    for c in 0..d {
+        let want: f64 =
+            (0..=i).map(|j| (scores[j] - max).exp() / z * vv[((bi * hkv + kvh) * s_len + j) * d + c] as f64).sum();
+        let got = out[((bi * hq + h) * s_len + i) * d + c] as f64;
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "channel {c}: {got} vs {want}");
+    }
+}
+
+#[test]
 fn hadamard_and_rms_norm_with_beta() {
     // Sylvester H_4 rows (1,1,1,1), (1,-1,1,-1), (1,1,-1,-1), (1,-1,-1,1), divided by sqrt(4).
     let x = f32t(&[2, 4], &[1., 2., 3., 4., 0., 0., 2., 0.]);

@@ -11,7 +11,12 @@ use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
 use qcc_ir::DType;
 use rayon::prelude::*;
 
-/// `linear(x[.., K], w[N, K], bias?[N])` = x w^T + bias.
+/// Fewer rows than this keep the f32 product even with bf16 products allowed (decode-sized products
+/// stream the weight once; converting it would cost more than the product).
+const BF16_MIN_ROWS: usize = 8;
+
+/// `linear(x[.., K], w[N, K], bias?[N])` = x w^T + bias (products in bf16 when `ctx.bf16_products` and
+/// the CPU has AVX512-BF16).
 pub fn linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let (x, w, bias) = (ctx.input(0)?, ctx.input(1)?, ctx.opt_input(2));
     if w.shape().len() != 2 || x.shape().last() != Some(&w.shape()[1]) {
@@ -47,7 +52,19 @@ pub fn linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let wf = w.to_f32();
     let w2 = wf.view().into_dimensionality::<Ix2>().map_err(|e| op_err!("{e}"))?;
     let mut out = Array2::<f32>::zeros((x2.dim().0, n));
-    sgemm(x2.view(), w2.t(), &mut out.view_mut(), 1.0, 0.0);
+    let k = w.shape()[1];
+    let bf16_done = ctx.bf16_products
+        && rows > BF16_MIN_ROWS
+        && match (x2.as_slice(), wf.as_slice(), out.as_slice_mut()) {
+            (Some(xs), Some(ws), Some(os)) => {
+                use crate::cpu::bf16_gemm::{gemm_nt, Strided};
+                gemm_nt(&Strided::rows(xs, rows, k), &Strided::rows(ws, n, k), os, n, false, false)
+            }
+            _ => false,
+        };
+    if !bf16_done {
+        sgemm(x2.view(), w2.t(), &mut out.view_mut(), 1.0, 0.0);
+    }
     if let Some(b) = &bias_f64 {
         let b: Vec<f32> = b.iter().map(|&v| v as f32).collect();
         out.rows_mut().into_iter().for_each(|mut r| r.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
@@ -123,8 +140,18 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
         bail!("inconsistent attention shapes q {qs:?}, k {ks:?}, v {vs:?}");
     }
     let scale = ctx.op.float("scale").unwrap_or(1.0 / (d as f32).sqrt());
-    let causal = ctx.int("causal", 0) != 0;
+    let mut causal = ctx.int("causal", 0) != 0;
     let (qf, kf, vf) = (q.to_f32(), k.to_f32(), v.to_f32());
+    // An explicit mask that is exactly causal (0 where visible, <= -1e30 after the diagonal: exported
+    // models build it with `where`) takes the causal path: adding 0 leaves a score as it is and a masked
+    // probability is exactly 0 either way, so the results are the same bits without the mask's copy.
+    let mask = match mask {
+        Some(m) if causal_mask(m, s_len, t_len) => {
+            causal = true;
+            None
+        }
+        other => other,
+    };
     let mask_f = match mask {
         Some(m) => {
             let mf = m.cast_array::<f32>();
@@ -170,10 +197,14 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
                 }
                 let row_op = |(i, mut row): (usize, ndarray::ArrayViewMut1<f32>)| {
                     if causal {
-                        let last_visible = (t_len + r0 + i % rows).saturating_sub(s_len);
-                        row.iter_mut().skip(last_visible + 1).for_each(|x| *x = f32::NEG_INFINITY);
+                        // Masked probabilities are exactly 0 and add nothing to the sum: the softmax runs
+                        // over the visible prefix only.
+                        let visible = ((t_len + r0 + i % rows).saturating_sub(s_len) + 1).min(cols);
+                        row.slice_mut(s![visible..]).fill(0.0);
+                        softmax_row(row.slice_mut(s![..visible]));
+                    } else {
+                        softmax_row(row);
                     }
-                    softmax_row(row);
                 };
                 if group * rows * cols >= PAR_MIN {
                     scores.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(row_op);
@@ -191,6 +222,24 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
         }
     }
     Ok(RtTensor::F32(out).cast(q.dtype()))
+}
+
+/// Whether `mask` (broadcast to [.., s, t]) is a causal mask: 0 for key j <= i + t - s, at most -1e30
+/// (or -inf) after it, in every broadcast plane.
+pub(crate) fn causal_mask(mask: &RtTensor, s_len: usize, t_len: usize) -> bool {
+    let shape = mask.shape();
+    let r = shape.len();
+    if r < 2 || shape[r - 2] != s_len || shape[r - 1] != t_len || t_len < s_len || !mask.dtype().is_float() {
+        return false;
+    }
+    let m = mask.to_f32();
+    let Some(flat) = m.as_slice() else { return false };
+    flat.chunks_exact(s_len * t_len).all(|plane| {
+        plane.chunks_exact(t_len).enumerate().all(|(i, row)| {
+            let last = i + t_len - s_len;
+            row[..=last].iter().all(|&x| x == 0.0) && row[last + 1..].iter().all(|&x| x <= -1e30)
+        })
+    })
 }
 
 /// Query rows per block of a causal attention.

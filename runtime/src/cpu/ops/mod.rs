@@ -37,6 +37,8 @@ pub struct OpCtx<'a> {
     pub op: &'a Op,
     pub inputs: &'a [Option<&'a RtTensor>],
     pub outputs: &'a [ValueInfo],
+    /// Products of `linear` may round their f32 operands to bf16 ([`crate::cpu::MatmulPrecision`]).
+    pub bf16_products: bool,
 }
 
 impl<'a> OpCtx<'a> {
