@@ -808,6 +808,17 @@ QCC_DEVICE void cp_async_4(float* smem, const float* gmem, int src_bytes) {
   u32 s = (u32)__cvta_generic_to_shared(smem);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
 }
+// One 16-byte shared-memory load into registers. (Binding `*(const uint4*)p` to frag's `const uint4&`
+// made nvcc read each word on use: four 4-byte LDS per vector, 4-way bank-conflicted across the
+// warp's 8 rows; ncu source counters, 2026-12-03: 31% of all shared wavefronts were such excess.)
+QCC_DEVICE uint4 lds128(const unsigned char* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"((u32)__cvta_generic_to_shared(p))
+               : "memory");
+  return v;
+}
 QCC_DEVICE u32 ld_acquire_gpu(const u32* p) {
   u32 v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -826,7 +837,7 @@ QCC_DEVICE void add_cg_i4(int& a0, int& a1, int& a2, int& a3, const int* p) {
       : "memory");
 }
 
-template <int BM, int BN, int STAGES, int NB, bool GA, int SK, bool W0, bool UP>
+template <int BM, int BN, int STAGES, int NB, bool GA, int SK, bool W0, bool UP, bool PR = false>
 static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
                                                      const float* __restrict__ sx, const float* __restrict__ bias,
                                                      const u16* __restrict__ residual, u16* __restrict__ y, int M,
@@ -916,8 +927,9 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
     // each quarter-warp phase (tid bits 0-2: e, r) take the rows with bits 1-2 = r and bits 3-4 =
     // r ^ d (d = tid bits 3-4), so their staging reads differ in row bits 0-2 and their int8 writes
     // in B-row bits 0-2: both conflict-free (thread tid -> row col_perm(tid) would be 4-way).
-    const int nrow = (tid & 0x67) | ((((tid >> 1) & 3) ^ ((tid >> 3) & 3)) << 3);
-    const int pr = col_perm(nrow);
+    // PR: the rows were permuted at pack time (pack.rs permute_rows32): staging row = B row = tid.
+    const int nrow = PR ? tid : (tid & 0x67) | ((((tid >> 1) & 3) ^ ((tid >> 3) & 3)) << 3);
+    const int pr = PR ? tid : col_perm(nrow);
     // UP: tile kt + 1's int4 row is read (after waiting for its TMA) before tile kt's proxy fence
     // and arrivals, so the read latency overlaps the fence.
     auto load_row = [&](int kt, uint4(&v)[4]) {
@@ -998,7 +1010,7 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
         const int ra = cg * (BM / 2) + mb * 64 + wq * 16 + g;
-        frag(*(const uint4*)(sa + stage_off(ra, tig)), *(const uint4*)(sa + stage_off(ra + 8, tig)), af[mb]);
+        frag(lds128(sa + stage_off(ra, tig)), lds128(sa + stage_off(ra + 8, tig)), af[mb]);
       }
       issue_mma(q, first, af);
       __syncwarp();
@@ -1018,7 +1030,7 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
         const int ra = cg * (BM / 2) + mb * 64 + wq * 16 + g;
-        frag(*(const uint4*)(sa + stage_off(ra, tig)), *(const uint4*)(sa + stage_off(ra + 8, tig)), af[mb]);
+        frag(lds128(sa + stage_off(ra, tig)), lds128(sa + stage_off(ra + 8, tig)), af[mb]);
       }
       issue_mma(q, first, af);
       __syncwarp();
@@ -1229,27 +1241,31 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
 // n_dp + g_sk CTAs (without SK: one per tile, n_dp = tiles). `x`: the int4 activations (GA), `ws` /
 // `flags`: the stream-K workspace (SK): g_sk x 2 x BM/2 x BN int32 partials, g_sk x 2 u32 flags
 // (zero at the first launch; each launch leaves them zero).
-#define QCC_WS2(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP)                                             \
+#define QCC_WS2(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR)                                         \
   extern "C" __global__ void __launch_bounds__(384, 1)                                                 \
       NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,    \
            const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K,       \
            const u32* x, int n_dp, int g_sk, int* ws, u32* flags) {                                    \
-    w4a4_ws2_body<BM, BN, STAGES, NB, GA, SK, W0, UP>(&tw, &tx, sw, sx, bias, residual, y, M, N, K, x, n_dp, g_sk, ws, \
+    w4a4_ws2_body<BM, BN, STAGES, NB, GA, SK, W0, UP, PR>(&tw, &tx, sw, sx, bias, residual, y, M, N, K, x, n_dp, g_sk, ws, \
                                               flags);                                                  \
   }
-// (NAME, BM, BN, STAGES, NB, GA, SK, W0, UP); device.rs GemmVariant::ALL lists them (GemmKind::Ws2).
+// (NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR); device.rs GemmVariant::ALL lists them (GemmKind::Ws2).
 // SK: 0 one tile per CTA, 1 stream-K, 2 persistent whole tiles.
 // `w`: W0 on the TMA A path (GA implies it). The SK TMA variants need W0: with two A register sets
 // ptxas 13.0 serialises their wgmmas (C7512). `k`: stream-K for the last waves (device.rs
 // StreamK::Tail), `s`: for all tiles (StreamK::All, n_dp = 0: a persistent grid); same kernel code.
 // `p`: UP (the unpack reads the next tile before its proxy fence). `t` (SK = 2): persistent, whole
 // tiles (device.rs StreamK::Tiles); with two A register sets ptxas 13.0 serialises it (C7512), so W0.
-QCC_WS2(w4a4_ws_256x128_s6_b4_c, 256, 128, 6, 4, false, 0, false, false)
-QCC_WS2(w4a4_ws_256x128_s6_b4_cp, 256, 128, 6, 4, false, 0, false, true)
-QCC_WS2(w4a4_ws_256x128_s6_b4_cw, 256, 128, 6, 4, false, 0, true, false)
-QCC_WS2(w4a4_ws_256x128_s6_b4_ckw, 256, 128, 6, 4, false, 1, true, false)
-QCC_WS2(w4a4_ws_256x128_s6_b4_csw, 256, 128, 6, 4, false, 1, true, false)
-QCC_WS2(w4a4_ws_256x128_s6_b4_cswp, 256, 128, 6, 4, false, 1, true, true)
-QCC_WS2(w4a4_ws_256x128_s6_b4_ctwp, 256, 128, 6, 4, false, 2, true, true)
-QCC_WS2(w4a4_ws_256x128_s10_b5_ca, 256, 128, 10, 5, true, 0, true, false)
-QCC_WS2(w4a4_ws_256x128_s12_b6_ca, 256, 128, 12, 6, true, 0, true, false)
+// `r` (PR): weight rows permuted at pack time (pack.rs permute_rows32, rows padded to 32; same int4
+// bytes), so the unpack is `_b4_e`'s (thread tid: staging row tid -> B row tid).
+QCC_WS2(w4a4_ws_256x128_s6_b4_c, 256, 128, 6, 4, false, 0, false, false, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cp, 256, 128, 6, 4, false, 0, false, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cw, 256, 128, 6, 4, false, 0, true, false, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_ckw, 256, 128, 6, 4, false, 1, true, false, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_csw, 256, 128, 6, 4, false, 1, true, false, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cswp, 256, 128, 6, 4, false, 1, true, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_ctwp, 256, 128, 6, 4, false, 2, true, true, false)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cpr, 256, 128, 6, 4, false, 0, false, true, true)
+QCC_WS2(w4a4_ws_256x128_s6_b4_cswpr, 256, 128, 6, 4, false, 1, true, true, true)
+QCC_WS2(w4a4_ws_256x128_s10_b5_ca, 256, 128, 10, 5, true, 0, true, false, false)
+QCC_WS2(w4a4_ws_256x128_s12_b6_ca, 256, 128, 12, 6, true, 0, true, false, false)

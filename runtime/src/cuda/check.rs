@@ -5,7 +5,9 @@
 use half::f16;
 
 use super::device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, StreamK, W4LinearArgs};
-use super::pack::{pack_int4_split, pack_int4_tiled, pack_int8_wgmma, reference_w4_linear, Epilogue, SplitMix64};
+use super::pack::{
+    pack_int4_split, pack_int4_tiled, pack_int8_wgmma, permute_rows32, reference_w4_linear, Epilogue, SplitMix64,
+};
 use super::CudaError;
 use cudarc::driver::DevicePtr;
 
@@ -116,6 +118,10 @@ pub fn run_case(gpu: &Gpu, case: CheckCase) -> Result<CheckReport, CudaError> {
     let w_bytes: Vec<u8> = match case.kernel {
         KernelChoice::Gemm(v) if v.int8_weights() => {
             pack_int8_wgmma(&w_packed, n, k).ok_or_else(|| bad_shape("weights do not pack to int8"))?
+        }
+        KernelChoice::Gemm(v) if v.rows_permuted32() => {
+            let rows = permute_rows32(&w_packed, n, k).ok_or_else(|| bad_shape("weights do not permute"))?;
+            bytemuck::cast_slice::<u32, u8>(&rows).to_vec()
         }
         _ => bytemuck::cast_slice::<u32, u8>(&w_packed).to_vec(),
     };

@@ -213,8 +213,10 @@ pub enum GemmKind {
     /// [`stream_k_plan`]; `k` for [`StreamK::Tail`], `s` for [`StreamK::All`]).
     /// `w0`: one activation register set and `wgmma.wait_group 0` per k tile (`w`; implied by `ga`).
     /// `up`: the unpack warps read the next int4 weight tile before the current one's proxy fence
-    /// (`p`).
-    Ws2 { nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool },
+    /// (`p`). `pr`: the weight rows come permuted at pack time ([`super::pack::permute_rows32`], same
+    /// int4 bytes per row, rows padded to a multiple of 32), so the unpack writes each row to its own
+    /// B row (`r`).
+    Ws2 { nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool, pr: bool },
     /// As [`GemmKind::Ws`] with the weights pre-unpacked to int8 at pack time
     /// ([`super::pack::pack_int8_wgmma`], twice the int4 weight bytes), copied by TMA straight into
     /// the wgmma B operand (no unpack warps). Not the int4-storage kernel: reported separately.
@@ -233,7 +235,7 @@ pub struct GemmVariant {
 }
 
 impl GemmVariant {
-    pub const ALL: [GemmVariant; 33] = {
+    pub const ALL: [GemmVariant; 35] = {
         const fn mma(bm: u32, bn: u32, warps: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps, stages, kind: GemmKind::MmaSync }
         }
@@ -267,8 +269,8 @@ impl GemmVariant {
                 kind: GemmKind::Ws { nb, swizzle: false, epi: true, persist, gw: true },
             }
         }
-        const fn ws2(stages: u32, nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool) -> GemmVariant {
-            GemmVariant { bm: 256, bn: 128, warps: 12, stages, kind: GemmKind::Ws2 { nb, ga, sk, w0, up } }
+        const fn ws2(stages: u32, nb: u32, ga: bool, sk: StreamK, w0: bool, up: bool, pr: bool) -> GemmVariant {
+            GemmVariant { bm: 256, bn: 128, warps: 12, stages, kind: GemmKind::Ws2 { nb, ga, sk, w0, up, pr } }
         }
         const fn p8(bm: u32, bn: u32, stages: u32) -> GemmVariant {
             GemmVariant { bm, bn, warps: 12, stages, kind: GemmKind::WsInt8Weights }
@@ -298,15 +300,17 @@ impl GemmVariant {
             ws_gw(256, 128, 6, 3, false),
             ws_gw(256, 128, 8, 4, false),
             ws_gw(256, 128, 8, 5, false),
-            ws2(6, 4, false, StreamK::Off, false, false),
-            ws2(6, 4, false, StreamK::Off, false, true),
-            ws2(6, 4, false, StreamK::Off, true, false),
-            ws2(6, 4, false, StreamK::Tail, true, false),
-            ws2(6, 4, false, StreamK::All, true, false),
-            ws2(6, 4, false, StreamK::All, true, true),
-            ws2(6, 4, false, StreamK::Tiles, true, true),
-            ws2(10, 5, true, StreamK::Off, true, false),
-            ws2(12, 6, true, StreamK::Off, true, false),
+            ws2(6, 4, false, StreamK::Off, false, false, false),
+            ws2(6, 4, false, StreamK::Off, false, true, false),
+            ws2(6, 4, false, StreamK::Off, true, false, false),
+            ws2(6, 4, false, StreamK::Tail, true, false, false),
+            ws2(6, 4, false, StreamK::All, true, false, false),
+            ws2(6, 4, false, StreamK::All, true, true, false),
+            ws2(6, 4, false, StreamK::Tiles, true, true, false),
+            ws2(6, 4, false, StreamK::Off, false, true, true),
+            ws2(6, 4, false, StreamK::All, true, true, true),
+            ws2(10, 5, true, StreamK::Off, true, false, false),
+            ws2(12, 6, true, StreamK::Off, true, false, false),
         ]
     };
     pub fn kernel_name(&self) -> String {
@@ -330,7 +334,7 @@ impl GemmVariant {
                 };
                 format!("w4a4_ws_{}x{}_s{}_b{nb}{sw}{epi}", self.bm, self.bn, self.stages)
             }
-            GemmKind::Ws2 { nb, ga, sk, w0, up } => {
+            GemmKind::Ws2 { nb, ga, sk, w0, up, pr } => {
                 let a = if ga { "a" } else { "" };
                 let k = match sk {
                     StreamK::Off => "",
@@ -340,7 +344,8 @@ impl GemmVariant {
                 };
                 let w = if w0 && !ga { "w" } else { "" };
                 let p = if up { "p" } else { "" };
-                format!("w4a4_ws_{}x{}_s{}_b{nb}_c{a}{k}{w}{p}", self.bm, self.bn, self.stages)
+                let r = if pr { "r" } else { "" };
+                format!("w4a4_ws_{}x{}_s{}_b{nb}_c{a}{k}{w}{p}{r}", self.bm, self.bn, self.stages)
             }
             GemmKind::WsInt8Weights => format!("w4a4p8_ws_{}x{}_s{}", self.bm, self.bn, self.stages),
         }
@@ -350,8 +355,15 @@ impl GemmVariant {
     pub fn int8_weights(&self) -> bool {
         self.kind == GemmKind::WsInt8Weights
     }
+    /// Whether the weights are the row-permuted int4 layout ([`super::pack::permute_rows32`]).
+    pub fn rows_permuted32(&self) -> bool {
+        matches!(self.kind, GemmKind::Ws2 { pr: true, .. })
+    }
     /// Bytes of the weight operand of an [n, k] matrix in this variant's layout.
     pub fn weight_bytes(&self, n: usize, k: usize) -> usize {
+        if self.rows_permuted32() {
+            return n.div_ceil(32) * 32 * k / 2;
+        }
         if self.int8_weights() {
             n * super::pack::int8_wgmma_row_bytes(k)
         } else {
@@ -684,7 +696,9 @@ impl Gpu {
             ws = buf.device_ptr(&self.stream).0;
             flags = ws + (slots * tile_bytes) as u64;
         }
-        let tw = TensorMap::rows(a.w, a.n, a.k / 2, 64, variant.bn, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
+        // `pr`: the weight rows are padded to a multiple of 32.
+        let w_rows = if variant.rows_permuted32() { a.n.div_ceil(32) * 32 } else { a.n };
+        let tw = TensorMap::rows(a.w, w_rows, a.k / 2, 64, variant.bn, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
         let tx = TensorMap::rows(a.x, a.m, a.k / 2, 64, variant.bm, Sw::CU_TENSOR_MAP_SWIZZLE_64B).map_err(&err)?;
         let (m, n, k) = (a.m as i32, a.n as i32, a.k as i32);
         let (n_dp_i, g_sk_i) = (n_dp as i32, g_sk as i32);
@@ -765,11 +779,11 @@ mod tests {
             assert!(v.shared_bytes() <= 227 * 1024, "{}: {} bytes", v.kernel_name(), v.shared_bytes());
         }
         let ga = GemmVariant::by_name("w4a4_ws_256x128_s10_b5_ca").expect("ws2 ga variant");
-        assert_eq!(ga.kind, GemmKind::Ws2 { nb: 5, ga: true, sk: StreamK::Off, w0: true, up: false });
+        assert_eq!(ga.kind, GemmKind::Ws2 { nb: 5, ga: true, sk: StreamK::Off, w0: true, up: false, pr: false });
         let sk = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_ckw").expect("ws2 stream-K variant");
-        assert_eq!(sk.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::Tail, w0: true, up: false });
+        assert_eq!(sk.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::Tail, w0: true, up: false, pr: false });
         let all = GemmVariant::by_name("w4a4_ws_256x128_s6_b4_csw").expect("ws2 all-stream-K variant");
-        assert_eq!(all.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::All, w0: true, up: false });
+        assert_eq!(all.kind, GemmKind::Ws2 { nb: 4, ga: false, sk: StreamK::All, w0: true, up: false, pr: false });
         // `ga`: the ring holds the int4 weight tiles only (10 x 128 x 64 bytes).
         assert_eq!(ga.shared_bytes(), 1024 + 10 * 128 * 64 + 5 * 128 * 128 + 256 + 2 * 2 * (2 * 128 + 128) * 4);
         let gw = GemmVariant::by_name("w4a4_ws_256x128_s8_b4_gw_e").expect("gw variant");

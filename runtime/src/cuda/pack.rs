@@ -190,6 +190,31 @@ impl SplitMix64 {
     }
 }
 
+/// Row `q` of the `QCC_WS2` `_r` weight layout holds row `col_perm32(q)` of the plain layout:
+/// bits 1-2 and 3-4 of the row index swapped (an involution within each group of 32 rows).
+pub fn col_perm32(q: usize) -> usize {
+    (q & !0x1E) | ((q & 0x6) << 2) | ((q >> 2) & 0x6)
+}
+
+/// The `QCC_WS2` `_r` weight layout: the split-nibble int4 rows ([`pack_int4_split`], `k / 8` words
+/// each) reordered within each group of 32 rows by [`col_perm32`], padded with zero rows to a multiple
+/// of 32 rows (same int4 bytes per row; the kernels then write each unpacked row to its own B row).
+/// Returns `None` when the length is not `rows * k / 8` or `k % 8 != 0`.
+pub fn permute_rows32(packed: &[u32], rows: usize, k: usize) -> Option<Vec<u32>> {
+    if !k.is_multiple_of(8) || packed.len() != rows * k / 8 {
+        return None;
+    }
+    let (words, padded) = (k / 8, rows.div_ceil(32) * 32);
+    let mut out = vec![0u32; padded * words];
+    for (q, row) in out.chunks_exact_mut(words).enumerate() {
+        let src = col_perm32(q);
+        if src < rows {
+            row.copy_from_slice(&packed[src * words..(src + 1) * words]);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -295,5 +320,22 @@ mod tests {
                 assert!((got - want).abs() <= want.abs() * 1e-3 + 1e-4, "{got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn permute_rows32_is_a_padded_involution_of_whole_rows() {
+        assert!((0..64).all(|q| super::col_perm32(super::col_perm32(q)) == q && super::col_perm32(q) / 32 == q / 32));
+        // Output column 32jj + 8tig + 2r + e comes from B row 32jj + 8r + 2tig + e (jj 1, r 1, tig 2, e 1).
+        assert_eq!(super::col_perm32(32 + 8 + 2 * 2 + 1), 32 + 8 * 2 + 2 + 1);
+        let (rows, k) = (40, 16);
+        let packed: Vec<u32> = (0..(rows * k / 8) as u32).collect();
+        let out = super::permute_rows32(&packed, rows, k).expect("packs");
+        assert_eq!(out.len(), 64 * 2);
+        for q in 0..64 {
+            let src = super::col_perm32(q);
+            let want: Vec<u32> = if src < rows { packed[src * 2..src * 2 + 2].to_vec() } else { vec![0, 0] };
+            assert_eq!(&out[q * 2..q * 2 + 2], &want[..], "row {q}");
+        }
+        assert!(super::permute_rows32(&packed, rows, 12).is_none());
     }
 }
