@@ -135,9 +135,10 @@ struct CompileArgs {
     /// Tokens per calibration window.
     #[arg(long, value_name = "L", default_value_t = 256)]
     calib_ctx: usize,
-    /// Precision of the calibration forward's linear products: bf16 (operands rounded to bf16, f32 sums;
-    /// twice the f32 rate on CPUs with AVX512-BF16, f32 elsewhere) or f32.
-    #[arg(long, value_name = "P", default_value = "f32", value_parser = ["f32", "bf16"])]
+    /// Precision of the calibration forward's linear products: bf16 (operands rounded to bf16, f32 sums,
+    /// as GPU calibration in bf16 does; twice the f32 rate on CPUs with AVX512-BF16, f32 elsewhere) or
+    /// f32 (the exact float model, about 15 s slower on 2 cores).
+    #[arg(long, value_name = "P", default_value = "bf16", value_parser = ["f32", "bf16"])]
     calib_precision: String,
     /// Weight rounding of `quantize`: rtn (round to nearest) or gptq (error compensating).
     #[arg(long, value_name = "MODE")]

@@ -90,17 +90,33 @@ pub fn transpose_2d(t: &Tensor) -> Option<Tensor> {
     if !t.dtype.bits().is_multiple_of(8) {
         return None;
     }
-    let size = t.dtype.bits() / 8;
     let src = t.bytes().ok()?;
     let mut out = vec![0u8; src.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let from = (r * cols + c) * size;
-            let to = (c * rows + r) * size;
-            out[to..to + size].copy_from_slice(&src[from..from + size]);
-        }
+    match t.dtype.bits() / 8 {
+        1 => transpose_elements::<1>(src, &mut out, rows, cols),
+        2 => transpose_elements::<2>(src, &mut out, rows, cols),
+        4 => transpose_elements::<4>(src, &mut out, rows, cols),
+        8 => transpose_elements::<8>(src, &mut out, rows, cols),
+        _ => return None,
     }
     Tensor::from_bytes(t.dtype, vec![cols, rows], out.into()).ok()
+}
+
+/// Transposes `[rows x cols]` elements of `S` bytes, in 32 x 32 tiles so both sides stay in cache (the
+/// weights of a whole model go through here).
+fn transpose_elements<const S: usize>(src: &[u8], out: &mut [u8], rows: usize, cols: usize) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let (from, to) = ((r * cols + c) * S, (c * rows + r) * S);
+                    let e: [u8; S] = src[from..from + S].try_into().expect("S bytes");
+                    out[to..to + S].copy_from_slice(&e);
+                }
+            }
+        }
+    }
 }
 
 /// Visits every node in topological order; where `matcher` matches and the rewrite budget allows,

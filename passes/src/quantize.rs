@@ -421,6 +421,47 @@ pub fn grid_tensor(values: &[f32], dims: Vec<usize>, dtype: DType) -> Tensor {
     }
 }
 
+/// Groups whose steps and GPTQ factors are prepared together (in parallel).
+const PREPARE_WINDOW: usize = 8;
+
+/// A group's activation steps (ones without static activations) and, for GPTQ, the factor of its
+/// folded Hessian.
+fn prepare(
+    graph: &Graph,
+    x: Value,
+    sites: &[LinearSite],
+    stats: Option<&crate::calibration::ChannelStats>,
+    scheme: &Scheme,
+) -> Result<(Vec<f32>, Option<gptq::Factor>), PassError> {
+    let k = sites[0].k;
+    let steps: Vec<f32> = match (stats, scheme.static_acts()) {
+        (Some(s), true) => {
+            if s.channels != k {
+                return Err(PassError::Other(format!(
+                    "activation '{}' has {} channels, its linears read {k}",
+                    graph.value_name(x),
+                    s.channels
+                )));
+            }
+            let absmax = if scheme.prefix > 0 { &s.absmax_excluding_first } else { &s.absmax };
+            let clip = clip_ratios(graph, sites[0].node, "act_clip", k);
+            activation_steps(absmax, &clip, &shared_step_groups(graph, x, k), scheme.act_qmax())
+        }
+        _ => vec![1.0; k],
+    };
+    let hessian = stats.and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
+    // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1; one factor serves
+    // every linear reading x.
+    let factor = match (&hessian, scheme.gptq) {
+        (Some(h), true) => {
+            let hs: Vec<f64> = (0..k * k).map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64)).collect();
+            gptq::Factor::new(&hs, k)
+        }
+        _ => None,
+    };
+    Ok((steps, factor))
+}
+
 impl Pass for Quantize {
     fn name(&self) -> &'static str {
         ENTRY.name
@@ -451,133 +492,124 @@ impl Pass for Quantize {
         };
         let mut rewrites = 0;
         let mut fp4_layers = 0;
-        for ((x, sites), stats) in groups.into_iter().zip(stats) {
-            if !ctx.try_rewrite() {
+        let mut items = groups.into_iter().zip(stats);
+        'windows: loop {
+            let window: Vec<_> = items.by_ref().take(PREPARE_WINDOW).collect();
+            if window.is_empty() {
                 break;
             }
-            let k = sites[0].k;
-            let name = graph.value_name(x).to_string();
-            let steps: Vec<f32> = match (&stats, scheme.static_acts()) {
-                (Some(s), true) => {
-                    if s.channels != k {
-                        return Err(PassError::Other(format!(
-                            "activation '{name}' has {} channels, its linears read {k}",
-                            s.channels
-                        )));
+            // Steps and GPTQ factors (a Cholesky factorisation and a triangular inverse each) of the
+            // window's groups in parallel: they only read the graph and the statistics.
+            let prepared: Vec<_> = {
+                use rayon::prelude::*;
+                let graph = &*graph;
+                window.par_iter().map(|((x, sites), stats)| prepare(graph, *x, sites, stats.as_ref(), scheme)).collect()
+            };
+            for (((x, sites), stats), prepared) in window.into_iter().zip(prepared) {
+                if !ctx.try_rewrite() {
+                    break 'windows;
+                }
+                let k = sites[0].k;
+                let name = graph.value_name(x).to_string();
+                let (steps, factor) = prepared?;
+                let qx = if scheme.static_acts() {
+                    let step = graph.add_constant(&format!("{name}.act_step"), Tensor::from_slice(vec![k], &steps))?;
+                    let mut op = Op::new(OpKind::Quantize).with("to", Attr::DType(scheme.act_dtype()));
+                    let mut dtype = scheme.act_dtype();
+                    if scheme.prefix > 0 {
+                        op = op
+                            .with("prefix_tokens", Attr::Int(scheme.prefix as i64))
+                            .with("prefix_to", Attr::DType(DType::I16));
+                        dtype = DType::I16;
                     }
-                    let absmax = if scheme.prefix > 0 { &s.absmax_excluding_first } else { &s.absmax };
-                    let clip = clip_ratios(graph, sites[0].node, "act_clip", k);
-                    activation_steps(absmax, &clip, &shared_step_groups(graph, x, k), scheme.act_qmax())
-                }
-                _ => vec![1.0; k],
-            };
-            let qx = if scheme.static_acts() {
-                let step = graph.add_constant(&format!("{name}.act_step"), Tensor::from_slice(vec![k], &steps))?;
-                let mut op = Op::new(OpKind::Quantize).with("to", Attr::DType(scheme.act_dtype()));
-                let mut dtype = scheme.act_dtype();
-                if scheme.prefix > 0 {
-                    op = op
-                        .with("prefix_tokens", Attr::Int(scheme.prefix as i64))
-                        .with("prefix_to", Attr::DType(DType::I16));
-                    dtype = DType::I16;
-                }
-                let ty = TensorType { dtype, shape: graph.value_type(x).shape.clone() };
-                let q = graph.add_op(op, &[x, step], ty);
-                let qname = graph.fresh_name(&format!("{name}.q"));
-                graph.rename_value(q, &qname)?;
-                q
-            } else {
-                x
-            };
-            // Calibration rows in the folded domain (x / s), for choosing a layer's weight format.
-            let steps_ref = &steps;
-            let sample_x: Option<Vec<f32>> = stats.as_ref().and_then(|st| {
-                let (rows, pos) = (st.sample_rows.as_ref()?, st.sample_positions.as_ref()?);
-                let keep: Vec<usize> = (0..pos.len()).filter(|&i| pos[i] as usize >= scheme.prefix).collect();
-                (st.channels == k && !keep.is_empty())
-                    .then(|| keep.iter().flat_map(|&i| (0..k).map(move |c| rows[i * k + c] / steps_ref[c])).collect())
-            });
-            let hessian =
-                stats.as_ref().and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
-            // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1; one factor
-            // serves every linear reading x.
-            let factor = match (&hessian, scheme.gptq) {
-                (Some(h), true) => {
-                    let hs: Vec<f64> = (0..k * k).map(|i| h[i] / (steps[i / k] as f64 * steps[i % k] as f64)).collect();
-                    gptq::Factor::new(&hs, k)
-                }
-                _ => None,
-            };
-            for site in sites {
-                let w = site.weight.to_f32_vec().map_err(|e| {
-                    PassError::node(graph.value_name(Value::new(site.node, 0)), OpKind::Linear, e.to_string())
-                })?;
-                let (n, k) = (site.n, site.k);
-                let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
-                let clip = clip_ratios(graph, site.node, "weight_clip", n);
-                let round = |scheme: &Scheme| match &factor {
-                    Some(f) => gptq::quantize_with(&folded, n, k, f, &clip, scheme),
-                    None => quantize_weight_rtn(&folded, n, k, &clip, scheme),
+                    let ty = TensorType { dtype, shape: graph.value_type(x).shape.clone() };
+                    let q = graph.add_op(op, &[x, step], ty);
+                    let qname = graph.fresh_name(&format!("{name}.q"));
+                    graph.rename_value(q, &qname)?;
+                    q
+                } else {
+                    x
                 };
-                let (q, d) = round(scheme);
-                let fp4_scheme = Scheme { fp4: true, ..scheme.clone() };
-                let (mut q, mut d, layer_scheme) = match (&sample_x, self.auto_format) {
-                    (Some(xs), true) => {
-                        let (qf, df) = round(&fp4_scheme);
-                        if weight_output_error(xs, &folded, &qf, &df, n, k)
-                            < weight_output_error(xs, &folded, &q, &d, n, k)
-                        {
-                            fp4_layers += 1;
-                            (qf, df, &fp4_scheme)
-                        } else {
-                            (q, d, scheme)
+                // Calibration rows in the folded domain (x / s), for choosing a layer's weight format.
+                let steps_ref = &steps;
+                let sample_x: Option<Vec<f32>> = stats.as_ref().and_then(|st| {
+                    let (rows, pos) = (st.sample_rows.as_ref()?, st.sample_positions.as_ref()?);
+                    let keep: Vec<usize> = (0..pos.len()).filter(|&i| pos[i] as usize >= scheme.prefix).collect();
+                    (st.channels == k && !keep.is_empty()).then(|| {
+                        keep.iter().flat_map(|&i| (0..k).map(move |c| rows[i * k + c] / steps_ref[c])).collect()
+                    })
+                });
+                for site in sites {
+                    let w = site.weight.to_f32_vec().map_err(|e| {
+                        PassError::node(graph.value_name(Value::new(site.node, 0)), OpKind::Linear, e.to_string())
+                    })?;
+                    let (n, k) = (site.n, site.k);
+                    let folded: Vec<f32> = (0..n * k).map(|i| w[i] * steps[i % k]).collect();
+                    let clip = clip_ratios(graph, site.node, "weight_clip", n);
+                    let round = |scheme: &Scheme| match &factor {
+                        Some(f) => gptq::quantize_with(&folded, n, k, f, &clip, scheme),
+                        None => quantize_weight_rtn(&folded, n, k, &clip, scheme),
+                    };
+                    let (q, d) = round(scheme);
+                    let fp4_scheme = Scheme { fp4: true, ..scheme.clone() };
+                    let (mut q, mut d, layer_scheme) = match (&sample_x, self.auto_format) {
+                        (Some(xs), true) => {
+                            let (qf, df) = round(&fp4_scheme);
+                            if weight_output_error(xs, &folded, &qf, &df, n, k)
+                                < weight_output_error(xs, &folded, &q, &d, n, k)
+                            {
+                                fp4_layers += 1;
+                                (qf, df, &fp4_scheme)
+                            } else {
+                                (q, d, scheme)
+                            }
+                        }
+                        _ => (q, d, scheme),
+                    };
+                    let out = Value::new(site.node, 0);
+                    let lname = graph.value_name(out).to_string();
+                    if reporting {
+                        let act_clip = clip_ratios(graph, site.node, "act_clip", k);
+                        let layer = layer_report(
+                            &lname,
+                            &folded,
+                            &q,
+                            &d,
+                            (n, k),
+                            &steps,
+                            &act_clip,
+                            &clip,
+                            stats.as_ref(),
+                            layer_scheme,
+                        );
+                        if let Some(r) = ctx.report_mut() {
+                            r.layers.push(layer);
                         }
                     }
-                    _ => (q, d, scheme),
-                };
-                let out = Value::new(site.node, 0);
-                let lname = graph.value_name(out).to_string();
-                if reporting {
-                    let act_clip = clip_ratios(graph, site.node, "act_clip", k);
-                    let layer = layer_report(
-                        &lname,
-                        &folded,
-                        &q,
-                        &d,
-                        (n, k),
-                        &steps,
-                        &act_clip,
-                        &clip,
-                        stats.as_ref(),
-                        layer_scheme,
-                    );
-                    if let Some(r) = ctx.report_mut() {
-                        r.layers.push(layer);
+                    if layer_scheme.fp4 {
+                        // Twice an e2m1 value is an integer in [-12, 12]: store that, with half the step.
+                        q.iter_mut().for_each(|v| *v *= 2.0);
+                        d.iter_mut().for_each(|v| *v *= 0.5);
                     }
+                    let qw = graph.add_constant(
+                        &format!("{lname}.qweight"),
+                        grid_tensor(&q, vec![n, k], layer_scheme.weight_dtype()),
+                    )?;
+                    let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
+                    let bias = graph.input(site.node, 2);
+                    let mut inputs = vec![qx, qw, scale];
+                    inputs.extend(bias);
+                    let mut op = Op::new(OpKind::IntLinear);
+                    if scheme.dynamic && scheme.a_bits < 16 {
+                        op = op.with("act_bits", Attr::Int(scheme.a_bits as i64));
+                    }
+                    let ty = TensorType { dtype: DType::F32, shape: graph.value_type(out).shape.clone() };
+                    let new = graph.add_op(op, &inputs, ty);
+                    graph.replace_all_uses(out, new);
+                    graph.remove_node(site.node);
+                    graph.rename_value(new, &lname)?;
+                    rewrites += 1;
                 }
-                if layer_scheme.fp4 {
-                    // Twice an e2m1 value is an integer in [-12, 12]: store that, with half the step.
-                    q.iter_mut().for_each(|v| *v *= 2.0);
-                    d.iter_mut().for_each(|v| *v *= 0.5);
-                }
-                let qw = graph.add_constant(
-                    &format!("{lname}.qweight"),
-                    grid_tensor(&q, vec![n, k], layer_scheme.weight_dtype()),
-                )?;
-                let scale = graph.add_constant(&format!("{lname}.scale"), Tensor::from_slice(vec![n], &d))?;
-                let bias = graph.input(site.node, 2);
-                let mut inputs = vec![qx, qw, scale];
-                inputs.extend(bias);
-                let mut op = Op::new(OpKind::IntLinear);
-                if scheme.dynamic && scheme.a_bits < 16 {
-                    op = op.with("act_bits", Attr::Int(scheme.a_bits as i64));
-                }
-                let ty = TensorType { dtype: DType::F32, shape: graph.value_type(out).shape.clone() };
-                let new = graph.add_op(op, &inputs, ty);
-                graph.replace_all_uses(out, new);
-                graph.remove_node(site.node);
-                graph.rename_value(new, &lname)?;
-                rewrites += 1;
             }
         }
         if self.auto_format {

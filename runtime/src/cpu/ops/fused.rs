@@ -171,54 +171,67 @@ pub fn attention(ctx: &OpCtx) -> OpResult<RtTensor> {
     // query heads sharing one key/value head are stacked into one product (fewer, larger GEMMs; each
     // element's sum is the same).
     let block = if causal { ATTENTION_ROW_BLOCK } else { s_len.max(1) };
-    for bi in 0..b {
-        for kv in 0..hkv {
-            let kh = kf.slice(s![bi, kv, .., ..]);
-            let vh = vf.slice(s![bi, kv, .., ..]);
-            for r0 in (0..s_len).step_by(block) {
-                let r1 = (r0 + block).min(s_len);
-                let rows = r1 - r0;
-                // Keys visible to the block's last row (all of them without a causal mask).
-                let cols = if causal { (t_len + r1).saturating_sub(s_len).min(t_len) } else { t_len };
-                let heads = kv * group..(kv + 1) * group;
-                let mut qs = Array2::<f32>::zeros((group * rows, d));
+    // The (batch, key/value head) units are independent: they run in parallel, each writing its query
+    // heads' rows into its own buffer (copied into `out` afterwards).
+    let units: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..hkv).map(move |kv| (bi, kv))).collect();
+    let parallel_units = units.len() > 1;
+    let unit = |&(bi, kv): &(usize, usize)| -> Array2<f32> {
+        let mut unit_out = Array2::<f32>::zeros((group * s_len, dv));
+        let kh = kf.slice(s![bi, kv, .., ..]);
+        let vh = vf.slice(s![bi, kv, .., ..]);
+        for r0 in (0..s_len).step_by(block) {
+            let r1 = (r0 + block).min(s_len);
+            let rows = r1 - r0;
+            // Keys visible to the block's last row (all of them without a causal mask).
+            let cols = if causal { (t_len + r1).saturating_sub(s_len).min(t_len) } else { t_len };
+            let heads = kv * group..(kv + 1) * group;
+            let mut qs = Array2::<f32>::zeros((group * rows, d));
+            for (g, h) in heads.clone().enumerate() {
+                qs.slice_mut(s![g * rows..(g + 1) * rows, ..]).assign(&qf.slice(s![bi, h, r0..r1, ..]));
+            }
+            let mut scores = Array2::<f32>::zeros((group * rows, cols));
+            if cols > 0 {
+                sgemm(qs.view(), kh.slice(s![..cols, ..]).t(), &mut scores.view_mut(), scale, 0.0);
+            }
+            if let Some(m) = &mask_f {
                 for (g, h) in heads.clone().enumerate() {
-                    qs.slice_mut(s![g * rows..(g + 1) * rows, ..]).assign(&qf.slice(s![bi, h, r0..r1, ..]));
-                }
-                let mut scores = Array2::<f32>::zeros((group * rows, cols));
-                if cols > 0 {
-                    sgemm(qs.view(), kh.slice(s![..cols, ..]).t(), &mut scores.view_mut(), scale, 0.0);
-                }
-                if let Some(m) = &mask_f {
-                    for (g, h) in heads.clone().enumerate() {
-                        let mut part = scores.slice_mut(s![g * rows..(g + 1) * rows, ..]);
-                        part += &m.slice(s![bi, h, r0..r1, ..cols]);
-                    }
-                }
-                let row_op = |(i, mut row): (usize, ndarray::ArrayViewMut1<f32>)| {
-                    if causal {
-                        // Masked probabilities are exactly 0 and add nothing to the sum: the softmax runs
-                        // over the visible prefix only.
-                        let visible = ((t_len + r0 + i % rows).saturating_sub(s_len) + 1).min(cols);
-                        row.slice_mut(s![visible..]).fill(0.0);
-                        softmax_row(row.slice_mut(s![..visible]));
-                    } else {
-                        softmax_row(row);
-                    }
-                };
-                if group * rows * cols >= PAR_MIN {
-                    scores.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(row_op);
-                } else {
-                    scores.axis_iter_mut(Axis(0)).enumerate().for_each(row_op);
-                }
-                let mut os = Array2::<f32>::zeros((group * rows, dv));
-                if cols > 0 {
-                    sgemm(scores.view(), vh.slice(s![..cols, ..]), &mut os.view_mut(), 1.0, 0.0);
-                }
-                for (g, h) in heads.enumerate() {
-                    out.slice_mut(s![bi, h, r0..r1, ..]).assign(&os.slice(s![g * rows..(g + 1) * rows, ..]));
+                    let mut part = scores.slice_mut(s![g * rows..(g + 1) * rows, ..]);
+                    part += &m.slice(s![bi, h, r0..r1, ..cols]);
                 }
             }
+            let row_op = |(i, mut row): (usize, ndarray::ArrayViewMut1<f32>)| {
+                if causal {
+                    // Masked probabilities are exactly 0 and add nothing to the sum: the softmax runs
+                    // over the visible prefix only.
+                    let visible = ((t_len + r0 + i % rows).saturating_sub(s_len) + 1).min(cols);
+                    row.slice_mut(s![visible..]).fill(0.0);
+                    softmax_row(row.slice_mut(s![..visible]));
+                } else {
+                    softmax_row(row);
+                }
+            };
+            if !parallel_units && group * rows * cols >= PAR_MIN {
+                scores.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(row_op);
+            } else {
+                scores.axis_iter_mut(Axis(0)).enumerate().for_each(row_op);
+            }
+            let mut os = Array2::<f32>::zeros((group * rows, dv));
+            if cols > 0 {
+                sgemm(scores.view(), vh.slice(s![..cols, ..]), &mut os.view_mut(), 1.0, 0.0);
+            }
+            for g in 0..group {
+                unit_out
+                    .slice_mut(s![g * s_len + r0..g * s_len + r1, ..])
+                    .assign(&os.slice(s![g * rows..(g + 1) * rows, ..]));
+            }
+        }
+        unit_out
+    };
+    let results: Vec<Array2<f32>> =
+        if parallel_units { units.par_iter().map(unit).collect() } else { units.iter().map(unit).collect() };
+    for (&(bi, kv), r) in units.iter().zip(&results) {
+        for g in 0..group {
+            out.slice_mut(s![bi, kv * group + g, .., ..]).assign(&r.slice(s![g * s_len..(g + 1) * s_len, ..]));
         }
     }
     Ok(RtTensor::F32(out).cast(q.dtype()))
