@@ -169,67 +169,49 @@ impl Hadamard {
         Ok(())
     }
 
-    /// Runs [`Hadamard::apply_lanes`] over groups of [`LANES`] rows: `load(group, lanes)` fills the lanes
-    /// (row l of the group in lane l), `store(group, lanes)` reads them back. Lanes past the last row keep
-    /// stale values that no row reads.
-    #[inline(always)]
-    unsafe fn row_groups<V: Vector8>(
-        &self,
-        groups: usize,
-        mut load: impl FnMut(usize, &mut [Lanes]),
-        mut store: impl FnMut(usize, &[Lanes]),
-    ) {
-        let mut x = vec![[0f64; LANES]; self.n];
-        let mut out = vec![[0f64; LANES]; if self.m > 1 { self.block } else { 0 }];
-        for g in 0..groups {
-            load(g, &mut x);
-            self.apply_lanes::<V>(&mut x, &mut out);
-            store(g, &x);
-        }
+    /// The lane buffers of the batched transforms: the rows of one group (row l in lane l) and the
+    /// dense factor's output.
+    fn lane_buffers(&self) -> (Vec<Lanes>, Vec<Lanes>) {
+        (vec![[0f64; LANES]; self.n], vec![[0f64; LANES]; if self.m > 1 { self.block } else { 0 }])
     }
 
+    /// Groups of [`LANES`] rows of `src` through [`Hadamard::apply_lanes`] into `dst`. Lanes past a short
+    /// last group keep stale values that no row reads.
+    ///
     /// # Safety
     /// The CPU must support `V`'s instructions.
     #[inline(always)]
     unsafe fn rows_f32<V: Vector8>(&self, src: &[f32], dst: &mut [f32]) {
         let n = self.n.max(1);
-        let group = n * LANES;
-        self.row_groups::<V>(
-            src.len().div_ceil(group),
-            |g, x| {
-                for (l, row) in src[g * group..].chunks_exact(n).take(LANES).enumerate() {
-                    x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = f64::from(v));
-                }
-            },
-            |g, x| {
-                for (l, row) in dst[g * group..].chunks_exact_mut(n).take(LANES).enumerate() {
-                    row.iter_mut().zip(x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)] as f32);
-                }
-            },
-        );
+        let (mut x, mut out) = self.lane_buffers();
+        for (s, d) in src.chunks(n * LANES).zip(dst.chunks_mut(n * LANES)) {
+            for (l, row) in s.chunks_exact(n).enumerate() {
+                x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = f64::from(v));
+            }
+            self.apply_lanes::<V>(&mut x, &mut out);
+            for (l, row) in d.chunks_exact_mut(n).enumerate() {
+                row.iter_mut().zip(&x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)] as f32);
+            }
+        }
     }
 
+    /// As [`Hadamard::rows_f32`], in place on f64 rows.
+    ///
     /// # Safety
     /// The CPU must support `V`'s instructions.
     #[inline(always)]
     unsafe fn rows_f64<V: Vector8>(&self, data: &mut [f64]) {
         let n = self.n.max(1);
-        let group = n * LANES;
-        let groups = data.len().div_ceil(group);
-        let data = std::cell::RefCell::new(data);
-        self.row_groups::<V>(
-            groups,
-            |g, x| {
-                for (l, row) in data.borrow()[g * group..].chunks_exact(n).take(LANES).enumerate() {
-                    x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = v);
-                }
-            },
-            |g, x| {
-                for (l, row) in data.borrow_mut()[g * group..].chunks_exact_mut(n).take(LANES).enumerate() {
-                    row.iter_mut().zip(x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)]);
-                }
-            },
-        );
+        let (mut x, mut out) = self.lane_buffers();
+        for group in data.chunks_mut(n * LANES) {
+            for (l, row) in group.chunks_exact(n).enumerate() {
+                x.iter_mut().zip(row).for_each(|(xi, &v)| xi[l & (LANES - 1)] = v);
+            }
+            self.apply_lanes::<V>(&mut x, &mut out);
+            for (l, row) in group.chunks_exact_mut(n).enumerate() {
+                row.iter_mut().zip(&x).for_each(|(o, xi)| *o = xi[l & (LANES - 1)]);
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -838,9 +820,9 @@ mod tests {
 
     #[test]
     fn batched_rows_equal_rows_one_at_a_time() {
-        // Row counts around the lane group (8) and orders with and without a dense factor, and a
-        // block-diagonal fallback (n = 44 * 3).
-        for (n, rows) in [(576, 19), (1536, 8), (64, 1), (12, 17), (132, 9)] {
+        // Row counts around the lane group (8) and orders with and without a dense factor, a
+        // block-diagonal fallback (n = 44 * 3) and a dense factor too large for registers (11008).
+        for (n, rows) in [(576, 19), (1536, 8), (64, 1), (12, 17), (132, 9), (11008, 2)] {
             let h = Hadamard::new(n);
             let src: Vec<f64> = (0..rows * n).map(|i| ((i * 7919 % 1013) as f64 - 506.0) * 0.0173).collect();
             let mut batched = src.clone();

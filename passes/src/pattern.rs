@@ -102,17 +102,20 @@ pub fn transpose_2d(t: &Tensor) -> Option<Tensor> {
     Tensor::from_bytes(t.dtype, vec![cols, rows], out.into()).ok()
 }
 
-/// Transposes `[rows x cols]` elements of `S` bytes, in 32 x 32 tiles so both sides stay in cache (the
-/// weights of a whole model go through here).
+/// Transposes `[rows x cols]` elements of `S` bytes.
 fn transpose_elements<const S: usize>(src: &[u8], out: &mut [u8], rows: usize, cols: usize) {
+    transpose_tiled(src.as_chunks::<S>().0, out.as_chunks_mut::<S>().0, rows, cols);
+}
+
+/// `out[c * rows + r] = src[r * cols + c]`, in 32 x 32 tiles so both sides stay in cache (the weights of a
+/// whole model go through here).
+pub fn transpose_tiled<T: Copy>(src: &[T], out: &mut [T], rows: usize, cols: usize) {
     const TILE: usize = 32;
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
             for r in r0..(r0 + TILE).min(rows) {
                 for c in c0..(c0 + TILE).min(cols) {
-                    let (from, to) = ((r * cols + c) * S, (c * rows + r) * S);
-                    let e: [u8; S] = src[from..from + S].try_into().expect("S bytes");
-                    out[to..to + S].copy_from_slice(&e);
+                    out[c * rows + r] = src[r * cols + c];
                 }
             }
         }

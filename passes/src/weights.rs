@@ -30,18 +30,8 @@ impl Matrix {
     }
 
     pub fn transposed(&self) -> Matrix {
-        // In 32 x 32 tiles, so both sides stay in cache (large weights are rotated through transposes).
-        const TILE: usize = 32;
         let mut data = vec![0f64; self.data.len()];
-        for r0 in (0..self.rows).step_by(TILE) {
-            for c0 in (0..self.cols).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(self.rows) {
-                    for c in c0..(c0 + TILE).min(self.cols) {
-                        data[c * self.rows + r] = self.data[r * self.cols + c];
-                    }
-                }
-            }
-        }
+        crate::pattern::transpose_tiled(&self.data, &mut data, self.rows, self.cols);
         Matrix { rows: self.cols, cols: self.rows, data }
     }
 }

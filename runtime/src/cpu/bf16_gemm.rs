@@ -272,6 +272,14 @@ unsafe fn kernel_12x32(
 mod tests {
     use super::*;
 
+    /// True (with a note) where the CPU has no AVX512-BF16: the kernel tests have nothing to run there.
+    fn skip_without_bf16() -> bool {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+        }
+        !available()
+    }
+
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) * 0.00137).collect()
     }
@@ -301,8 +309,7 @@ mod tests {
 
     #[test]
     fn products_match_a_float64_reference_on_odd_shapes() {
-        if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+        if skip_without_bf16() {
             return;
         }
         // Tails in every dimension: m = 29 (not a multiple of 12), n = 45 (of 32), odd depth 77.
@@ -324,8 +331,7 @@ mod tests {
 
     #[test]
     fn gram_upper_tiles_from_columns() {
-        if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+        if skip_without_bf16() {
             return;
         }
         // X [tokens x channels], Gram = X^T X through the column view, upper triangle only.
@@ -351,8 +357,7 @@ mod tests {
 
     #[test]
     fn small_integer_products_are_exact() {
-        if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+        if skip_without_bf16() {
             return;
         }
         // int4 codes times int4 codes over k = 576: exact in bf16 and in the f32 sums.

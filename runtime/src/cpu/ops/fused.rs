@@ -4,19 +4,16 @@
 //! float type (f64 inputs lose precision there).
 
 use crate::cpu::ops::elementwise::{zip_broadcast, PAR_MIN};
-use crate::cpu::ops::matmul::{dgemm, sgemm};
+use crate::cpu::ops::matmul::{dgemm, sgemm, SKINNY_MAX_ROWS};
 use crate::cpu::ops::{bail, broadcast_shapes, float_dispatch, op_err, OpCtx, OpResult};
 use crate::cpu::value::RtTensor;
 use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
 use qcc_ir::DType;
 use rayon::prelude::*;
 
-/// Fewer rows than this keep the f32 product even with bf16 products allowed (decode-sized products
-/// stream the weight once; converting it would cost more than the product).
-const BF16_MIN_ROWS: usize = 8;
-
-/// `linear(x[.., K], w[N, K], bias?[N])` = x w^T + bias (products in bf16 when `ctx.bf16_products` and
-/// the CPU has AVX512-BF16).
+/// `linear(x[.., K], w[N, K], bias?[N])` = x w^T + bias (products in bf16 when `ctx.bf16_products`, the
+/// CPU has AVX512-BF16 and the product is not decode-sized: those stream the weight once in f32, and
+/// converting it would cost more than the product).
 pub fn linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let (x, w, bias) = (ctx.input(0)?, ctx.input(1)?, ctx.opt_input(2));
     if w.shape().len() != 2 || x.shape().last() != Some(&w.shape()[1]) {
@@ -54,7 +51,7 @@ pub fn linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     let mut out = Array2::<f32>::zeros((x2.dim().0, n));
     let k = w.shape()[1];
     let bf16_done = ctx.bf16_products
-        && rows > BF16_MIN_ROWS
+        && rows > SKINNY_MAX_ROWS
         && match (x2.as_slice(), wf.as_slice(), out.as_slice_mut()) {
             (Some(xs), Some(ws), Some(os)) => {
                 use crate::cpu::bf16_gemm::{gemm_nt, Strided};

@@ -41,7 +41,7 @@ pub fn sgemm(a: ArrayView2<f32>, b: ArrayView2<f32>, c: &mut ArrayViewMut2<f32>,
 }
 
 /// Rows of `a` at most this many take the streaming path (decode: one token per sequence).
-const SKINNY_MAX_ROWS: usize = 8;
+pub(crate) const SKINNY_MAX_ROWS: usize = 8;
 /// Output columns per parallel task on the streaming path.
 const SKINNY_COLUMNS: usize = 256;
 
