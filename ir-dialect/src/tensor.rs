@@ -32,7 +32,7 @@ pub enum TensorError {
 }
 
 /// Plain element types that can be read from and written to tensor bytes.
-pub trait Element: bytemuck::Pod {
+pub trait Element: bytemuck::Pod + Send {
     const DTYPE: DType;
 }
 
@@ -41,6 +41,15 @@ macro_rules! element {
 }
 element!(f64 => F64, f32 => F32, half::f16 => F16, half::bf16 => BF16, i64 => I64, i32 => I32,
     i16 => I16, i8 => I8, u64 => U64, u32 => U32, u16 => U16, u8 => U8);
+
+/// Typed values owned by a [`Bytes`] (see [`Tensor::from_vec`]).
+struct ElementBytes<T>(Vec<T>);
+
+impl<T: Element> AsRef<[u8]> for ElementBytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
 
 impl Tensor {
     /// A tensor over existing bytes, checking the length against the shape.
@@ -64,6 +73,12 @@ impl Tensor {
         Tensor { dtype: T::DTYPE, dims, data: TensorData::Bytes(data) }
     }
 
+    /// An owned tensor taking `values` without copying them.
+    pub fn from_vec<T: Element>(dims: Vec<usize>, values: Vec<T>) -> Tensor {
+        assert_eq!(dims.iter().product::<usize>(), values.len(), "shape does not match value count");
+        Tensor { dtype: T::DTYPE, dims, data: TensorData::Bytes(Bytes::from_owner(ElementBytes(values))) }
+    }
+
     pub fn scalar<T: Element>(value: T) -> Tensor {
         Tensor::from_slice(vec![], &[value])
     }
@@ -84,10 +99,21 @@ impl Tensor {
         if self.dtype != T::DTYPE {
             return Err(TensorError::WrongType(self.dtype, std::any::type_name::<T>()));
         }
+        Ok(self.values::<T>()?.into_owned())
+    }
+
+    /// The values as `T` (the dtype must match), borrowed when the bytes are aligned for `T` (copied
+    /// otherwise, e.g. from an unaligned view into a model file).
+    pub fn values<T: Element>(&self) -> Result<std::borrow::Cow<'_, [T]>, TensorError> {
+        if self.dtype != T::DTYPE {
+            return Err(TensorError::WrongType(self.dtype, std::any::type_name::<T>()));
+        }
         let bytes = self.bytes()?;
         Ok(match bytemuck::try_cast_slice::<u8, T>(bytes) {
-            Ok(aligned) => aligned.to_vec(),
-            Err(_) => bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect(),
+            Ok(aligned) => std::borrow::Cow::Borrowed(aligned),
+            Err(_) => std::borrow::Cow::Owned(
+                bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect(),
+            ),
         })
     }
 
@@ -107,6 +133,26 @@ impl Tensor {
             DType::I4 => (0..n).map(|i| sign_extend_nibble(nibble(b, i))).collect(),
             DType::U4 => (0..n).map(|i| nibble(b, i) as i64).collect(),
             d => return Err(TensorError::WrongType(d, "integer")),
+        })
+    }
+
+    /// Values of a float tensor widened to f64, read straight from the stored bytes.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>, TensorError> {
+        fn widen<T: Element>(bytes: &[u8], f: impl Fn(T) -> f64) -> Vec<f64> {
+            match bytemuck::try_cast_slice::<u8, T>(bytes) {
+                Ok(aligned) => aligned.iter().map(|&v| f(v)).collect(),
+                Err(_) => {
+                    bytes.chunks_exact(std::mem::size_of::<T>()).map(|c| f(bytemuck::pod_read_unaligned(c))).collect()
+                }
+            }
+        }
+        let b = self.bytes()?;
+        Ok(match self.dtype {
+            DType::F64 => self.to_vec::<f64>()?,
+            DType::F32 => widen(b, |v: f32| f64::from(v)),
+            DType::F16 => widen(b, |v: half::f16| v.to_f64()),
+            DType::BF16 => widen(b, |v: half::bf16| v.to_f64()),
+            _ => self.to_f32_vec()?.into_iter().map(f64::from).collect(),
         })
     }
 

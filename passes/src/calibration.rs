@@ -123,10 +123,13 @@ pub struct ChannelStats {
     pub max_excluding_first: Vec<f32>,
     /// Per-channel |x| histogram (all rows), for percentiles.
     pub histogram: ChannelHistogram,
-    /// X^T X `[channels x channels]` row-major over all rows (only when requested).
-    pub gram: Option<Vec<f64>>,
-    /// The position-0 rows' share of `gram` (so `gram - gram_first` excludes the attention sink).
-    pub gram_first: Option<Vec<f64>>,
+    /// X^T X `[channels x channels]` row-major over all rows (only when requested), summed in f32 (the
+    /// products' inputs are bf16-rounded where the CPU has AVX512-BF16): a quarter of the memory of f64
+    /// matrices, and far more precise than the 1% damping GPTQ adds to the diagonal.
+    pub gram: Option<Vec<f32>>,
+    /// The position-0 rows `[n x channels]` as they entered `gram` (bf16-rounded when the Gram products
+    /// were), so that `gram - first^T first` excludes the attention sink (with `gram`).
+    pub first_rows: Option<Vec<f64>>,
     /// A fixed pseudo-random subsample of rows `[rows x channels]` (only when requested).
     pub sample_rows: Option<Vec<f32>>,
     /// The position (index along the second-to-last axis) of each sampled row.
@@ -142,10 +145,47 @@ impl ChannelStats {
         }
     }
 
-    /// The Gram matrix without the position-0 rows (`gram - gram_first`), if collected.
+    /// The position-0 rows' share of `gram`: first^T first `[channels x channels]`, if collected.
+    pub fn gram_first(&self) -> Option<Vec<f64>> {
+        let first = self.first_rows.as_ref()?;
+        let k = self.channels;
+        let mut g = vec![0.0; k * k];
+        let n = first.len() / k.max(1);
+        if n > 0 {
+            // SAFETY: `first` is [n x k] row-major and `g` is [k x k]; the strides describe exactly that.
+            unsafe {
+                matrixmultiply::dgemm(
+                    k,
+                    n,
+                    k,
+                    1.0,
+                    first.as_ptr(),
+                    1,
+                    k as isize,
+                    first.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    g.as_mut_ptr(),
+                    k as isize,
+                    1,
+                );
+            }
+        }
+        Some(g)
+    }
+
+    /// The Gram matrix widened to f64, if collected.
+    pub fn gram_f64(&self) -> Option<Vec<f64>> {
+        Some(self.gram.as_ref()?.iter().map(|&v| f64::from(v)).collect())
+    }
+
+    /// The Gram matrix without the position-0 rows (`gram - first^T first`, in f64), if collected.
     pub fn gram_excluding_first(&self) -> Option<Vec<f64>> {
-        let (g, f) = (self.gram.as_ref()?, self.gram_first.as_ref()?);
-        Some(g.iter().zip(f).map(|(a, b)| a - b).collect())
+        let g = self.gram.as_ref()?;
+        let mut f = self.gram_first()?;
+        f.iter_mut().zip(g).for_each(|(f, &a)| *f = f64::from(a) - *f);
+        Some(f)
     }
 }
 
@@ -356,9 +396,9 @@ impl PassContext {
 struct Accumulator {
     stats: ChannelStats,
     sum: Vec<f64>,
-    /// Position-0 rows seen so far (for `gram_first`, computed once in `finish`).
+    /// Position-0 rows seen so far (`first_rows`, rounded like the Gram inputs in `finish`).
     first_rows: Vec<f32>,
-    /// Whether `add_gram` rounded its inputs to bf16 (then `gram_first` is built from the same rounded
+    /// Whether `add_gram` rounded its inputs to bf16 (then `first_rows` keeps the same rounded
     /// rows, so that `gram - gram_first` cancels the position-0 rows, which are often 100x larger than the
     /// rest, up to f32 summation error instead of leaving their bf16 rounding error behind).
     gram_bf16: bool,
@@ -425,7 +465,7 @@ impl Accumulator {
                 max_excluding_first: vec![f32::NEG_INFINITY; k],
                 histogram: ChannelHistogram::new(k),
                 gram: request.gram.then(|| vec![0.0; k * k]),
-                gram_first: request.gram.then(|| vec![0.0; k * k]),
+                first_rows: request.gram.then(Vec::new),
                 sample_rows: (request.sample_rows > 0).then(Vec::new),
                 sample_positions: (request.sample_rows > 0).then(Vec::new),
             },
@@ -494,7 +534,7 @@ impl Accumulator {
         );
         drop(slices);
         self.gram_bf16 |= gram_bf16;
-        if s.gram_first.is_some() {
+        if s.first_rows.is_some() {
             for r in (0..rows).step_by(seq) {
                 self.first_rows.extend_from_slice(&data[r * k..(r + 1) * k]);
             }
@@ -551,39 +591,16 @@ impl Accumulator {
         if let Some(g) = s.gram.as_mut() {
             mirror_upper(g, k);
         }
-        if let Some(g) = s.gram_first.as_mut() {
-            // The position-0 rows' Gram matrix in f64 (exact products, as the rows are few).
+        if let Some(first) = s.first_rows.as_mut() {
             let round = |v: f32| if self.gram_bf16 { bf16_gemm::from_bf16(bf16_gemm::to_bf16(v)) } else { v };
-            let first: Vec<f64> = self.first_rows.iter().map(|&v| round(v) as f64).collect();
-            let n = first.len() / k.max(1);
-            if n > 0 {
-                // SAFETY: `first` is [n x k] row-major and `g` is [k x k]; the strides describe exactly that.
-                unsafe {
-                    matrixmultiply::dgemm(
-                        k,
-                        n,
-                        k,
-                        1.0,
-                        first.as_ptr(),
-                        1,
-                        k as isize,
-                        first.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        g.as_mut_ptr(),
-                        k as isize,
-                        1,
-                    );
-                }
-            }
+            *first = self.first_rows.iter().map(|&v| round(v) as f64).collect();
         }
         self.stats
     }
 }
 
 /// Copies the upper triangle of the `[k x k]` matrix onto the lower one.
-fn mirror_upper(g: &mut [f64], k: usize) {
+fn mirror_upper(g: &mut [f32], k: usize) {
     for i in 0..k {
         for j in 0..i {
             g[i * k + j] = g[j * k + i];
@@ -593,45 +610,37 @@ fn mirror_upper(g: &mut [f64], k: usize) {
 
 /// Channels per block of the Gram matrix: only blocks on or above the diagonal are computed.
 const GRAM_BLOCK: usize = 384;
-/// Rows per product: each chunk's f32 sums are added into the f64 matrix.
+/// Rows per product (bounds the bf16 copies of the operands).
 const GRAM_CHUNK_ROWS: usize = 2048;
 
-/// Upper triangle (blocks on and above the diagonal) of g += X^T X for `rows x k` row-major X, in chunks
-/// of [`GRAM_CHUNK_ROWS`] rows with f32 sums inside a chunk and f64 accumulation across chunks.
-/// X^T X is symmetric, so the blocks below the diagonal are skipped ([`mirror_upper`] fills them once).
-/// With AVX512-BF16 the products take bf16-rounded inputs (twice the f32 rate): a relative error of
-/// 2^-9 per input, averaged over thousands of rows, is far below the 1% damping GPTQ adds to the
-/// diagonal. Otherwise f32 GEMMs per block row of about [`GRAM_BLOCK`] channels (wide blocks: each GEMM
-/// packs its B operand again, so narrow ones would spend a quarter of the time packing).
-/// Returns whether the inputs were rounded to bf16.
-fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) -> bool {
+/// Upper triangle (blocks on and above the diagonal) of g += X^T X for `rows x k` row-major X, summed
+/// in f32 straight into `g`. X^T X is symmetric, so the blocks below the diagonal are skipped
+/// ([`mirror_upper`] fills them once). With AVX512-BF16 the products take bf16-rounded inputs (twice the
+/// f32 rate): a relative error of 2^-9 per input, averaged over thousands of rows, is far below the 1%
+/// damping GPTQ adds to the diagonal. Otherwise f32 GEMMs per block row of about [`GRAM_BLOCK`]
+/// channels (wide blocks: each GEMM packs its B operand again, so narrow ones would spend a quarter of
+/// the time packing). Returns whether the inputs were rounded to bf16.
+fn add_gram(g: &mut [f32], data: &[f32], rows: usize, k: usize) -> bool {
     if bf16_gemm::available() {
-        let mut c = vec![0f32; k * k];
         for start in (0..rows).step_by(GRAM_CHUNK_ROWS) {
             let n = GRAM_CHUNK_ROWS.min(rows - start);
             let xt = bf16_gemm::Strided::columns(&data[start * k..(start + n) * k], n, k);
-            bf16_gemm::gemm_nt(&xt, &xt, &mut c, k, false, true);
-            for i in 0..k {
-                for (a, &v) in g[i * k + i..(i + 1) * k].iter_mut().zip(&c[i * k + i..(i + 1) * k]) {
-                    *a += v as f64;
-                }
-            }
+            bf16_gemm::gemm_nt(&xt, &xt, g, k, true, true);
         }
         return true;
     }
     let nb = k.div_ceil(GRAM_BLOCK).max(1);
     let bound = |b: usize| b * k / nb;
-    let mut c = Vec::new();
     for b in 0..nb {
         let (i0, i1) = (bound(b), bound(b + 1));
         let (m, w) = (i1 - i0, k - i0);
-        c.resize(m * w, 0f32);
         let mut start = 0;
         while start < rows {
             let n = GRAM_CHUNK_ROWS.min(rows - start);
             let x = &data[start * k..(start + n) * k];
             // SAFETY: the A operand starts at column i0 of X and reads m columns of n rows (row stride k),
-            // the B operand columns i0..k; both stay inside `x` ([n x k]). C is [m x w].
+            // the B operand columns i0..k; both stay inside `x` ([n x k]). C is the [m x w] block of g at
+            // (i0, i0), row stride k, inside g ([k x k]).
             unsafe {
                 matrixmultiply::sgemm(
                     m,
@@ -644,17 +653,11 @@ fn add_gram(g: &mut [f64], data: &[f32], rows: usize, k: usize) -> bool {
                     x.as_ptr().add(i0),
                     k as isize,
                     1,
-                    0.0,
-                    c.as_mut_ptr(),
-                    w as isize,
+                    1.0,
+                    g.as_mut_ptr().add(i0 * k + i0),
+                    k as isize,
                     1,
                 );
-            }
-            for r in 0..m {
-                let row = &mut g[(i0 + r) * k + i0..(i0 + r + 1) * k];
-                for (a, &v) in row.iter_mut().zip(&c[r * w..(r + 1) * w]) {
-                    *a += v as f64;
-                }
             }
             start += n;
         }
@@ -942,8 +945,9 @@ fn store_key(
     precision: MatmulPrecision,
 ) -> String {
     let mut h = blake3::Hasher::new();
-    // v2: Gram matrices from bf16 products where the CPU has AVX512-BF16.
-    h.update(b"qcc-stats-v2;");
+    // v2: Gram matrices from bf16 products where the CPU has AVX512-BF16. v3: position-0 rows stored
+    // instead of their Gram matrix.
+    h.update(b"qcc-stats-v3;");
     if precision != MatmulPrecision::F32 {
         h.update(format!("{precision:?};").as_bytes());
     }
@@ -1008,8 +1012,8 @@ pub fn encode_stats(stats: &[ChannelStats]) -> Vec<u8> {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         };
-        put_opt(&mut out, &s.gram, put_f64s);
-        put_opt(&mut out, &s.gram_first, put_f64s);
+        put_opt(&mut out, &s.gram, put_f32s);
+        put_opt(&mut out, &s.first_rows, put_f64s);
         put_opt(&mut out, &s.sample_rows, put_f32s);
         put_opt(&mut out, &s.sample_positions, |out, v| {
             put_u64(out, v.len() as u64);
@@ -1085,8 +1089,8 @@ pub fn decode_stats(bytes: &[u8], expected: usize) -> Result<Vec<ChannelStats>, 
         if counts.len() != channels * HIST_BINS || min.len() != channels {
             return Err("statistics sizes disagree".into());
         }
-        let gram = if r.flag()? { Some(r.f64s()?) } else { None };
-        let gram_first = if r.flag()? { Some(r.f64s()?) } else { None };
+        let gram = if r.flag()? { Some(r.f32s()?) } else { None };
+        let first_rows = if r.flag()? { Some(r.f64s()?) } else { None };
         let sample_rows = if r.flag()? { Some(r.f32s()?) } else { None };
         let sample_positions =
             if r.flag()? { Some(r.vec(4, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))?) } else { None };
@@ -1102,7 +1106,7 @@ pub fn decode_stats(bytes: &[u8], expected: usize) -> Result<Vec<ChannelStats>, 
             max_excluding_first,
             histogram: ChannelHistogram { channels, counts },
             gram,
-            gram_first,
+            first_rows,
             sample_rows,
             sample_positions,
         });
@@ -1153,9 +1157,9 @@ mod tests {
         for i in 0..2 {
             for j in 0..2 {
                 let want: f64 = rows.iter().map(|r| r[i] * r[j]).sum();
-                assert!((gram[i * 2 + j] - want).abs() < 1e-3 * want.abs().max(1.0), "{i}{j}");
+                assert!((f64::from(gram[i * 2 + j]) - want).abs() < 1e-3 * want.abs().max(1.0), "{i}{j}");
                 let first: f64 = [rows[0], rows[3]].iter().map(|r| r[i] * r[j]).sum();
-                assert!((s.gram_first.as_ref().unwrap()[i * 2 + j] - first).abs() < 1e-6);
+                assert!((s.gram_first().unwrap()[i * 2 + j] - first).abs() < 1e-6);
             }
         }
         assert_eq!(s.sample_row_count(), 6);
@@ -1211,8 +1215,8 @@ mod tests {
             for j in 0..3 {
                 let want: f64 = rows.iter().map(|r| r[i] as f64 * r[j] as f64).sum();
                 let first: f64 = rows.iter().step_by(5).map(|r| r[i] as f64 * r[j] as f64).sum();
-                assert_eq!(one[0].gram.as_ref().unwrap()[i * 3 + j], want, "{i}{j}");
-                assert_eq!(one[0].gram_first.as_ref().unwrap()[i * 3 + j], first, "{i}{j}");
+                assert_eq!(f64::from(one[0].gram.as_ref().unwrap()[i * 3 + j]), want, "{i}{j}");
+                assert_eq!(one[0].gram_first().unwrap()[i * 3 + j], first, "{i}{j}");
             }
         }
     }

@@ -16,10 +16,11 @@
 use crate::pattern::{is_last_axis, rank, simple_pass};
 use crate::registry::PassEntry;
 use crate::weights::{
-    constant_vector, linear_bias, linear_readers, linear_weight, replace_constant_input, store_linear,
+    constant_vector, linear_bias, linear_readers, linear_weight, replace_constant_input, replace_constant_input_with,
+    store_linear,
 };
 use crate::{PassContext, PassError, PassOptions, PassOutcome};
-use qcc_ir::{Graph, NodeId, OpKind, Value};
+use qcc_ir::{Graph, NodeId, OpKind, Tensor, Value};
 
 pub const ENTRY: PassEntry = PassEntry {
     name: "fold-norm-weights",
@@ -68,11 +69,30 @@ fn matcher(graph: &Graph, id: NodeId) -> Option<Match> {
     })
 }
 
+/// W diag(gamma) of an f32 weight, each product in f64 rounded once (the same values as the f64 path,
+/// without widening the whole matrix: lm_head is the vocabulary-sized table).
+fn scale_f32_columns(graph: &Graph, linear: NodeId, gamma: &[f64]) -> Option<Tensor> {
+    let t = graph.constant(graph.input(linear, 1)?)?;
+    let src = t.values::<f32>().ok()?;
+    let mut scaled = Vec::with_capacity(src.len());
+    for row in src.chunks_exact(gamma.len()) {
+        scaled.extend(row.iter().zip(gamma).map(|(&x, &g)| (f64::from(x) * g) as f32));
+    }
+    Some(Tensor::from_vec(t.dims.clone(), scaled))
+}
+
 fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
     crate::pattern::rewrite_each(graph, ctx, matcher, |g, id, m| {
         for &reader in &m.readers {
+            if m.beta.is_none() {
+                if let Some(scaled) = scale_f32_columns(g, reader, &m.gamma) {
+                    replace_constant_input_with(g, ENTRY.name, reader, 1, scaled, ".folded")?;
+                    continue;
+                }
+            }
             let mut w = linear_weight(g, reader).expect("checked by the matcher");
-            let mut bias = linear_bias(g, reader, w.rows);
+            // Only beta changes the bias (b + W beta); without one the bias constant stays as it is.
+            let mut bias = if m.beta.is_some() { linear_bias(g, reader, w.rows) } else { None };
             if let Some(beta) = &m.beta {
                 let b = bias.get_or_insert_with(|| vec![0.0; w.rows]);
                 for (n, bn) in b.iter_mut().enumerate() {

@@ -449,7 +449,7 @@ fn prepare(
         }
         _ => vec![1.0; k],
     };
-    let hessian = stats.and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram.clone() });
+    let hessian = stats.and_then(|s| if scheme.prefix > 0 { s.gram_excluding_first() } else { s.gram_f64() });
     // The Hessian of the folded problem: x/s reads W diag(s), so H' = S^-1 H S^-1; one factor serves
     // every linear reading x.
     let factor = match (&hessian, scheme.gptq) {

@@ -18,7 +18,8 @@
 //!   (softmax(.) V) R_d, whatever the head grouping.
 //!   Online: each `swiglu` read only by linears gets `hadamard(.) {size = I}` (y = x R_I) inserted after
 //!   it and the readers' weights become W R_I.
-//! Weights are rotated in f64 and stored once. Near misses left alone: a stream read by anything else
+//! Weights are rotated in f64 and stored once (the transforms are planned first, then each weight
+//! is widened, transformed and stored in turn, so the pass never holds the whole model in f64). Near misses left alone: a stream read by anything else
 //! (a graph output, another op), a stream norm read by a non-linear, KV heads whose v is a graph output.
 //! A stream width with no Hadamard construction uses the block-diagonal fallback and says so in the
 //! pass notes.
@@ -28,12 +29,13 @@ use crate::pattern::simple_pass;
 use crate::registry::PassEntry;
 use crate::weights::{
     constant_vector, is_graph_output, label, linear_bias, linear_readers, linear_weight, replace_constant_input,
-    store_linear, Matrix,
+    replace_constant_input_with, store_linear, Matrix,
 };
 use crate::{PassContext, PassError, PassOptions, PassOutcome};
 use qcc_ir::hadamard::Hadamard;
-use qcc_ir::{Attr, Graph, NodeId, Op, OpKind, TensorType, Value, ValueInfo};
+use qcc_ir::{Attr, DType, Graph, NodeId, Op, OpKind, Tensor, TensorType, Value, ValueInfo};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const ENTRY: PassEntry = PassEntry {
     name: "rotate",
@@ -160,34 +162,73 @@ pub(crate) fn head_path(graph: &Graph, attention: NodeId) -> Option<(NodeId, Nod
 }
 
 /// The working copy of one linear's weight and bias while its rotations are composed.
-struct Work {
-    weight: Matrix,
-    bias: Option<Vec<f64>>,
+/// One transform of a linear's weight `W [N, K]`, applied in plan order.
+enum Step {
+    /// W R: the input side (every row of W).
+    Inputs(Arc<Hadamard>),
+    /// R^T W: the output side (every column of W); the bias becomes b R, over its whole length or per
+    /// head of R's size.
+    Outputs(Arc<Hadamard>, BiasSpan),
 }
 
-fn work<'a>(graph: &Graph, works: &'a mut BTreeMap<NodeId, Work>, id: NodeId) -> &'a mut Work {
-    works.entry(id).or_insert_with(|| {
-        let weight = linear_weight(graph, id).expect("constant linear checked by the matcher");
-        let bias = linear_bias(graph, id, weight.rows);
-        Work { weight, bias }
-    })
+#[derive(Clone, Copy)]
+enum BiasSpan {
+    Whole,
+    Heads,
 }
 
-/// H applied to every row of `m` (rows of length n), or to every n-entry block of each row (the per-head
-/// rotation, n = head dim): both are the batched transform over the row-major data.
+/// Linears rewritten per plan step at once: each weight is widened to f64 only while its own steps run.
+const APPLY_WINDOW: usize = 8;
+
 fn rotate_rows(h: &Hadamard, m: &mut Matrix) {
     h.transform_rows(&mut m.data).expect("lengths checked by the matcher");
 }
 
-/// [`rotate_rows`] on the columns (through a transpose, so each column is contiguous).
 fn rotate_columns(h: &Hadamard, m: &mut Matrix) {
     let mut t = m.transposed();
     rotate_rows(h, &mut t);
     *m = t.transposed();
 }
 
+/// Rewrites every planned linear (weights in f64, rounded once when stored), a window of linears in
+/// parallel, stored in node order.
+fn apply_plan(graph: &mut Graph, plan: BTreeMap<NodeId, Vec<Step>>) -> Result<(), PassError> {
+    use rayon::prelude::*;
+    let plan: Vec<(NodeId, Vec<Step>)> = plan.into_iter().collect();
+    for window in plan.chunks(APPLY_WINDOW) {
+        let g: &Graph = graph;
+        let rotated: Vec<(NodeId, Matrix, Option<Vec<f64>>)> = window
+            .par_iter()
+            .map(|(id, steps)| {
+                let mut weight = linear_weight(g, *id).expect("constant linear checked by the matcher");
+                let mut bias = linear_bias(g, *id, weight.rows);
+                for step in steps {
+                    match step {
+                        Step::Inputs(h) => rotate_rows(h, &mut weight),
+                        Step::Outputs(h, span) => {
+                            rotate_columns(h, &mut weight);
+                            if let Some(b) = &mut bias {
+                                match span {
+                                    BiasSpan::Whole => h.transform(b),
+                                    BiasSpan::Heads => h.transform_rows(b),
+                                }
+                                .expect("bias length checked by the matcher");
+                            }
+                        }
+                    }
+                }
+                (*id, weight, bias)
+            })
+            .collect();
+        for (id, weight, bias) in rotated {
+            store_linear(graph, ENTRY.name, id, &weight, bias.as_deref(), ".rot")?;
+        }
+    }
+    Ok(())
+}
+
 fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
-    let mut works: BTreeMap<NodeId, Work> = BTreeMap::new();
+    let mut plan: BTreeMap<NodeId, Vec<Step>> = BTreeMap::new();
     let mut rewrites = 0;
     let order = graph.topo_order()?;
     let of_kind =
@@ -201,23 +242,32 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         if !ctx.try_rewrite() {
             break;
         }
-        let h = Hadamard::new(stream.width);
+        let h = Arc::new(Hadamard::new(stream.width));
         if !h.is_exact() {
             ctx.note(format!("rotate: residual width {}: {h}", stream.width));
         }
         let table = graph.input(gather, 0).expect("checked");
-        let mut e = crate::weights::constant_matrix(graph, table).expect("checked");
-        rotate_rows(&h, &mut e);
-        replace_constant_input(graph, ENTRY.name, gather, 0, vec![e.rows, e.cols], &e.data, ".rot")?;
+        let rotated = match graph.constant(table).expect("checked") {
+            // The embedding table is the largest tensor: rotated row by row in f64, without an f64 copy.
+            t if t.dtype == DType::F32 => {
+                let src = t.values::<f32>().map_err(|e| err(graph, gather, e.to_string()))?;
+                let mut dst = vec![0f32; src.len()];
+                h.transform_rows_f32(&src, &mut dst).expect("rows of the stream width");
+                Tensor::from_vec(t.dims.clone(), dst)
+            }
+            t => {
+                let mut e = crate::weights::constant_matrix(graph, table).expect("checked");
+                rotate_rows(&h, &mut e);
+                crate::weights::tensor_from_f64(t.dtype, t.dims.clone(), &e.data)
+                    .ok_or_else(|| err(graph, gather, format!("cannot store a {} table", t.dtype)))?
+            }
+        };
+        replace_constant_input_with(graph, ENTRY.name, gather, 0, rotated, ".rot")?;
         for &r in &stream.readers {
-            rotate_rows(&h, &mut work(graph, &mut works, r).weight);
+            plan.entry(r).or_default().push(Step::Inputs(h.clone()));
         }
         for &w in &stream.writers {
-            let wk = work(graph, &mut works, w);
-            rotate_columns(&h, &mut wk.weight);
-            if let Some(b) = &mut wk.bias {
-                h.transform(b).expect("bias length is the stream width");
-            }
+            plan.entry(w).or_default().push(Step::Outputs(h.clone(), BiasSpan::Whole));
         }
         for &n in &stream.norms {
             if let Some(beta) = graph.input(n, 2).and_then(|b| constant_vector(graph, b, stream.width)) {
@@ -242,13 +292,9 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         if !ctx.try_rewrite() {
             break;
         }
-        let h = Hadamard::new(d);
-        let v = work(graph, &mut works, v_proj);
-        rotate_columns(&h, &mut v.weight);
-        if let Some(b) = &mut v.bias {
-            h.transform_rows(b).expect("bias length is a multiple of the head dim");
-        }
-        rotate_rows(&h, &mut work(graph, &mut works, o_proj).weight);
+        let h = Arc::new(Hadamard::new(d));
+        plan.entry(v_proj).or_default().push(Step::Outputs(h.clone(), BiasSpan::Heads));
+        plan.entry(o_proj).or_default().push(Step::Inputs(h));
         rewrites += 1;
     }
 
@@ -260,7 +306,7 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         if !ctx.try_rewrite() {
             break;
         }
-        let h = Hadamard::new(size);
+        let h = Arc::new(Hadamard::new(size));
         if !h.is_exact() {
             ctx.note(format!("rotate: down_proj input of size {size}: {h}"));
         }
@@ -272,13 +318,11 @@ fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassErro
         let rotated = Value::new(node, 0);
         for &r in &readers {
             graph.set_input(r, 0, Some(rotated));
-            rotate_rows(&h, &mut work(graph, &mut works, r).weight);
+            plan.entry(r).or_default().push(Step::Inputs(h.clone()));
         }
         rewrites += 1;
     }
 
-    for (id, w) in works {
-        store_linear(graph, ENTRY.name, id, &w.weight, w.bias.as_deref(), ".rot")?;
-    }
+    apply_plan(graph, plan)?;
     Ok(PassOutcome::rewrites(rewrites))
 }

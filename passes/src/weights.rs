@@ -42,11 +42,7 @@ pub fn constant_f64(graph: &Graph, v: Value) -> Option<(Vec<usize>, Vec<f64>)> {
     if !t.dtype.is_float() {
         return None;
     }
-    let vals = match t.dtype {
-        DType::F64 => t.to_vec::<f64>().ok()?,
-        _ => t.to_f32_vec().ok()?.into_iter().map(f64::from).collect(),
-    };
-    Some((t.dims.clone(), vals))
+    Some((t.dims.clone(), t.to_f64_vec().ok()?))
 }
 
 /// A constant float vector of length `n`.
@@ -66,9 +62,9 @@ pub fn constant_matrix(graph: &Graph, v: Value) -> Option<Matrix> {
 pub fn tensor_from_f64(dtype: DType, dims: Vec<usize>, values: &[f64]) -> Option<Tensor> {
     Some(match dtype {
         DType::F64 => Tensor::from_slice(dims, values),
-        DType::F32 => Tensor::from_slice(dims, &values.iter().map(|&v| v as f32).collect::<Vec<_>>()),
-        DType::F16 => Tensor::from_slice(dims, &values.iter().map(|&v| half::f16::from_f64(v)).collect::<Vec<_>>()),
-        DType::BF16 => Tensor::from_slice(dims, &values.iter().map(|&v| half::bf16::from_f64(v)).collect::<Vec<_>>()),
+        DType::F32 => Tensor::from_vec(dims, values.iter().map(|&v| v as f32).collect()),
+        DType::F16 => Tensor::from_vec(dims, values.iter().map(|&v| half::f16::from_f64(v)).collect()),
+        DType::BF16 => Tensor::from_vec(dims, values.iter().map(|&v| half::bf16::from_f64(v)).collect()),
         _ => return None,
     })
 }
@@ -85,9 +81,7 @@ pub fn replace_constant_input(
     values: &[f64],
     suffix: &str,
 ) -> Result<Value, PassError> {
-    let old = graph.input(node, port).ok_or_else(|| {
-        PassError::node(&label(graph, node), graph.node(node).op.kind, format!("{pass}: input {port} is absent"))
-    })?;
+    let old = input_of(graph, pass, node, port)?;
     let dtype = graph.value_type(old).dtype;
     let tensor = tensor_from_f64(dtype, dims, values).ok_or_else(|| {
         PassError::node(
@@ -96,6 +90,25 @@ pub fn replace_constant_input(
             format!("{pass}: cannot store a {dtype} constant"),
         )
     })?;
+    replace_constant_input_with(graph, pass, node, port, tensor, suffix)
+}
+
+fn input_of(graph: &Graph, pass: &str, node: NodeId, port: usize) -> Result<Value, PassError> {
+    graph.input(node, port).ok_or_else(|| {
+        PassError::node(&label(graph, node), graph.node(node).op.kind, format!("{pass}: input {port} is absent"))
+    })
+}
+
+/// [`replace_constant_input`] with the new constant's tensor already built.
+pub fn replace_constant_input_with(
+    graph: &mut Graph,
+    pass: &str,
+    node: NodeId,
+    port: usize,
+    tensor: Tensor,
+    suffix: &str,
+) -> Result<Value, PassError> {
+    let old = input_of(graph, pass, node, port)?;
     let base = format!("{}{suffix}", graph.value_name(old));
     let name = if graph.value_by_name(&base).is_none() { base } else { graph.fresh_name(&format!("{base}.")) };
     let new = graph.add_constant(&name, tensor)?;

@@ -78,11 +78,28 @@ pub fn from_bf16(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// An operand converted to bf16 pairs: pair p of row i is `data[i * row_stride + p * pair_stride]`.
+/// An operand converted to bf16 pairs: pair p of row i is `data[offset(i) + p * pair_stride]`.
 struct Pairs {
     data: Vec<u32>,
-    row_stride: usize,
+    /// Row-major `[rows][pairs]` (stride `pairs`), or panels of [`NR`] rows (see [`column_pairs`]).
+    layout: Layout,
     pair_stride: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Layout {
+    Rows { row_stride: usize },
+    Panels { pairs: usize },
+}
+
+impl Pairs {
+    #[inline(always)]
+    fn offset(&self, i: usize) -> usize {
+        match self.layout {
+            Layout::Rows { row_stride } => i * row_stride,
+            Layout::Panels { pairs } => (i / NR) * pairs * NR + i % NR,
+        }
+    }
 }
 
 #[inline(always)]
@@ -113,44 +130,42 @@ fn row_pairs(m: &Strided) -> Pairs {
             }
         }
     });
-    Pairs { data, row_stride: pairs, pair_stride: 1 }
+    Pairs { data, layout: Layout::Rows { row_stride: pairs }, pair_stride: 1 }
 }
 
-/// `[pairs][columns]` with the columns padded to a multiple of [`NR`] (zeros): for b (32 lanes per
+/// Panels of [`NR`] rows, each `[pairs][NR]` (rows padded to a multiple of NR with zeros), so that the
+/// kernel reads a panel's 32 lanes of consecutive pairs from consecutive memory: for b (32 lanes per
 /// load), and for a given as columns (X^T: rows 2p and 2p + 1 of X make pair p).
 fn column_pairs(m: &Strided) -> Pairs {
     let pairs = m.depth.div_ceil(2);
-    let width = m.rows.div_ceil(NR) * NR;
-    let mut data = vec![0u32; pairs * width];
+    let panel = pairs * NR;
+    let mut data = vec![0u32; m.rows.div_ceil(NR) * panel];
     if m.row_stride == 1 {
-        data.par_chunks_mut(width).enumerate().for_each(|(p, dst)| {
-            let lo = &m.data[2 * p * m.depth_stride..][..m.rows];
-            let hi = (2 * p + 1 < m.depth).then(|| &m.data[(2 * p + 1) * m.depth_stride..][..m.rows]);
-            for (i, d) in dst[..m.rows].iter_mut().enumerate() {
-                *d = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+        data.par_chunks_mut(panel.max(1)).enumerate().for_each(|(jp, dst)| {
+            let (j0, lanes) = (jp * NR, NR.min(m.rows - jp * NR));
+            for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
+                let lo = &m.data[2 * p * m.depth_stride + j0..][..lanes];
+                let hi = (2 * p + 1 < m.depth).then(|| &m.data[(2 * p + 1) * m.depth_stride + j0..][..lanes]);
+                for (i, d) in d[..lanes].iter_mut().enumerate() {
+                    *d = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+                }
             }
         });
     } else {
-        // Row-major rows (a weight [n x k]): convert each row, then transpose in blocks.
         let rows = row_pairs(m);
-        const BLOCK: usize = 64;
-        data.par_chunks_mut(width * BLOCK).enumerate().for_each(|(blk, dst)| {
-            let p0 = blk * BLOCK;
-            let np = dst.len() / width;
-            for i0 in (0..m.rows).step_by(BLOCK) {
-                for i in i0..(i0 + BLOCK).min(m.rows) {
-                    let src = &rows.data[i * pairs + p0..i * pairs + p0 + np];
-                    for (dp, &v) in src.iter().enumerate() {
-                        dst[dp * width + i] = v;
-                    }
+        data.par_chunks_mut(panel.max(1)).enumerate().for_each(|(jp, dst)| {
+            let (j0, lanes) = (jp * NR, NR.min(m.rows - jp * NR));
+            for lane in 0..lanes {
+                let src = &rows.data[(j0 + lane) * pairs..][..pairs];
+                for (p, &v) in src.iter().enumerate() {
+                    dst[p * NR + lane] = v;
                 }
             }
         });
     }
-    Pairs { data, row_stride: 1, pair_stride: width }
+    Pairs { data, layout: Layout::Panels { pairs }, pair_stride: NR }
 }
 
-/// Converts the whole 32-value chunks of a contiguous row to pairs; returns how many pairs it wrote.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn convert_row(src: &[f32], dst: &mut [u32]) -> usize {
@@ -196,30 +211,40 @@ pub fn gemm_nt(a: &Strided, b: &Strided, c: &mut [f32], ldc: usize, accumulate: 
     (0..n.div_ceil(NR)).into_par_iter().for_each(|jp| {
         let j0 = jp * NR;
         let cols = NR.min(n - j0);
-        let mut tile = [0f32; MR * NR];
-        for ip in 0..m.div_ceil(MR) {
-            let i0 = ip * MR;
-            if upper && i0 >= j0 + NR {
-                break;
+        // With `upper`, only the row tiles holding some i <= j of this panel.
+        let tiles = if upper { m.div_ceil(MR).min((j0 + NR).div_ceil(MR)) } else { m.div_ceil(MR) };
+        // The panel's tiles, summed over the reduction in blocks of KC pairs: a block of b's panel stays in
+        // L1 while every row tile runs over it. Each tile's sums still run over p in order (the partial
+        // sums go through memory exactly), so the result does not depend on KC. The sums start from +0.
+        let mut panel = vec![0f32; tiles * MR * NR];
+        for kb in (0..pairs).step_by(KC) {
+            let kn = KC.min(pairs - kb);
+            for (ip, tile) in panel.chunks_exact_mut(MR * NR).enumerate() {
+                let i0 = ip * MR;
+                let rows = MR.min(m - i0);
+                // Rows past the end repeat the last row (their results are dropped).
+                let a_rows: [usize; MR] =
+                    std::array::from_fn(|r| pa.offset(i0 + r.min(rows - 1)) + kb * pa.pair_stride);
+                let tile: &mut [f32; MR * NR] = tile.try_into().expect("chunks of MR * NR");
+                // SAFETY: `available()` checked the CPU features; every a offset plus (kn - 1) *
+                // pair_stride and every b offset plus 32 lanes stay inside the converted buffers.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel_12x32(
+                        kn,
+                        pa.data.as_ptr(),
+                        &a_rows,
+                        pa.pair_stride,
+                        pb.data.as_ptr().add(pb.offset(j0) + kb * pb.pair_stride),
+                        pb.pair_stride,
+                        tile,
+                    )
+                };
             }
-            let rows = MR.min(m - i0);
-            // Rows past the end repeat the last row (their results are dropped).
-            let a_rows: [usize; MR] = std::array::from_fn(|r| (i0 + r.min(rows - 1)) * pa.row_stride);
-            // SAFETY: `available()` checked the CPU features; every a offset plus (pairs - 1) * pair_stride
-            // and every b offset plus 32 lanes stay inside the converted buffers.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                kernel_12x32(
-                    pairs,
-                    pa.data.as_ptr(),
-                    &a_rows,
-                    pa.pair_stride,
-                    pb.data.as_ptr().add(j0),
-                    pb.pair_stride,
-                    &mut tile,
-                )
-            };
-            for r in 0..rows {
+        }
+        for (ip, tile) in panel.chunks_exact(MR * NR).enumerate() {
+            let i0 = ip * MR;
+            for r in 0..MR.min(m - i0) {
                 // SAFETY: row i0 + r < m and columns j0..j0 + cols < n lie inside c (asserted above); the
                 // column panels are disjoint, so no two tasks write the same element.
                 let dst =
@@ -236,8 +261,12 @@ pub fn gemm_nt(a: &Strided, b: &Strided, c: &mut [f32], ldc: usize, accumulate: 
     true
 }
 
+/// Reduction pairs per block (a 32-lane panel block of b is KC x 128 bytes: 16 KB, half of L1).
+const KC: usize = 128;
+
 /// One 12 x 32 tile over `pairs` reduction pairs: pair p of tile row r is `a[a_rows[r] + p * a_pair]`,
-/// the 32 columns' pair p `b[p * b_pair..][..32]`; `c` receives the tile row-major (`[12][32]`).
+/// the 32 columns' pair p `b[p * b_pair..][..32]`; the sums start from `c`'s contents (the tile,
+/// row-major `[12][32]`) and are stored back there.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn kernel_12x32(
@@ -251,6 +280,9 @@ unsafe fn kernel_12x32(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
+    for (i, v) in acc.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(c.as_ptr().add(i * 16));
+    }
     let rows: [*const u32; MR] = std::array::from_fn(|r| a.add(a_rows[r]));
     for p in 0..pairs {
         let bp = b.add(p * b_pair);
@@ -312,20 +344,23 @@ mod tests {
         if skip_without_bf16() {
             return;
         }
-        // Tails in every dimension: m = 29 (not a multiple of 12), n = 45 (of 32), odd depth 77.
-        let (m, n, k) = (29, 45, 77);
-        let (av, bv) = (values(m * k, 1), values(n * k, 2));
-        let (a, b) = (Strided::rows(&av, m, k), Strided::rows(&bv, n, k));
-        let want = reference(&a, &b);
-        let mut c = vec![f32::NAN; m * n];
-        assert!(gemm_nt(&a, &b, &mut c, n, false, false));
-        for (got, want) in c.iter().zip(&want) {
-            assert!((*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{got} vs {want}");
-        }
-        // Accumulating adds the same product again.
-        assert!(gemm_nt(&a, &b, &mut c, n, true, false));
-        for (got, want) in c.iter().zip(&want) {
-            assert!((*got as f64 - 2.0 * want).abs() <= 2e-5 * (1.0 + want.abs()), "{got} vs {}", 2.0 * want);
+        // Tails in every dimension: m = 29 (not a multiple of 12), n = 45 (of 32), odd depth 77; depth 601
+        // spans three reduction blocks of KC pairs (the last one partial).
+        for (m, n, k) in [(29, 45, 77), (29, 45, 601)] {
+            let (av, bv) = (values(m * k, 1), values(n * k, 2));
+            let (a, b) = (Strided::rows(&av, m, k), Strided::rows(&bv, n, k));
+            let want = reference(&a, &b);
+            let mut c = vec![f32::NAN; m * n];
+            assert!(gemm_nt(&a, &b, &mut c, n, false, false));
+            for (got, want) in c.iter().zip(&want) {
+                assert!((*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "k {k}: {got} vs {want}");
+            }
+            // Accumulating adds the same product again.
+            assert!(gemm_nt(&a, &b, &mut c, n, true, false));
+            for (got, want) in c.iter().zip(&want) {
+                let want = 2.0 * want;
+                assert!((*got as f64 - want).abs() <= 2e-5 * (1.0 + want.abs()), "k {k}: {got} vs {want}");
+            }
         }
     }
 

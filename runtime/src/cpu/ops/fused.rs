@@ -7,7 +7,7 @@ use crate::cpu::ops::elementwise::{zip_broadcast, PAR_MIN};
 use crate::cpu::ops::matmul::{dgemm, sgemm, SKINNY_MAX_ROWS};
 use crate::cpu::ops::{bail, broadcast_shapes, float_dispatch, op_err, OpCtx, OpResult};
 use crate::cpu::value::RtTensor;
-use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn};
+use ndarray::{s, Array2, ArrayD, Axis, Ix2, IxDyn, Zip};
 use qcc_ir::DType;
 use rayon::prelude::*;
 
@@ -111,16 +111,16 @@ pub fn rotary(ctx: &OpCtx) -> OpResult<RtTensor> {
     let sb = s_.broadcast(IxDyn(&shape)).ok_or_else(|| op_err!("sin does not broadcast"))?;
     let xf = x.cast_array::<f32>();
     let half = d / 2;
-    let mut out = xf.clone();
+    let mut out = ArrayD::<f32>::zeros(xf.raw_dim());
     let last = Axis(xf.ndim() - 1);
-    for (((mut o, xl), cl), sl) in
-        out.lanes_mut(last).into_iter().zip(xf.lanes(last)).zip(cb.lanes(last)).zip(sb.lanes(last))
-    {
-        for i in 0..d {
-            let rot = if i < half { -xl[i + half] } else { xl[i - half] };
-            o[i] = xl[i] * cl[i] + rot * sl[i];
-        }
-    }
+    Zip::from(out.lanes_mut(last)).and(xf.lanes(last)).and(cb.lanes(last)).and(sb.lanes(last)).par_for_each(
+        |mut o, xl, cl, sl| {
+            for i in 0..d {
+                let rot = if i < half { -xl[i + half] } else { xl[i - half] };
+                o[i] = xl[i] * cl[i] + rot * sl[i];
+            }
+        },
+    );
     Ok(RtTensor::F32(out).cast(x.dtype()))
 }
 
