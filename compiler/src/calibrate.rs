@@ -61,11 +61,15 @@ impl StatsStore for DiskStore {
         std::fs::read(self.dir.join(format!("{key}.bin"))).ok()
     }
 
-    fn save(&self, key: &str, bytes: &[u8]) {
-        // Best effort: a read-only model folder just means no cache.
+    fn save(&self, key: &str, encode: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>) {
+        // Best effort: a read-only model folder just means no cache. Written to a temporary and renamed,
+        // so a reader never sees half a file.
         let _ = std::fs::create_dir_all(&self.dir).and_then(|_| {
             let tmp = self.dir.join(format!("{key}.tmp"));
-            std::fs::write(&tmp, bytes)?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            encode(&mut w)?;
+            std::io::Write::flush(&mut w)?;
+            drop(w);
             std::fs::rename(&tmp, self.dir.join(format!("{key}.bin")))
         });
     }

@@ -200,7 +200,9 @@ pub struct StatsRequest {
 /// An on-disk (or other) store for collected statistics, keyed by an opaque string.
 pub trait StatsStore: fmt::Debug + Send + Sync {
     fn load(&self, key: &str) -> Option<Vec<u8>>;
-    fn save(&self, key: &str, bytes: &[u8]);
+    /// Stores the statistics under `key`; `encode` streams their encoding into a writer (hundreds of MB
+    /// with Gram matrices: no buffer of the whole encoding is needed).
+    fn save(&self, key: &str, encode: &dyn Fn(&mut dyn std::io::Write) -> std::io::Result<()>);
 }
 
 /// The calibration state a [`PassContext`] carries.
@@ -374,7 +376,7 @@ impl PassContext {
                     total.tokens += t.tokens;
                     total.batch = t.batch;
                     if let (Some(store), Some(key)) = (&state.store, &store_key) {
-                        store.save(key, &encode_stats(&collected));
+                        store.save(key, &|w| encode_stats_to(w, &collected));
                     }
                     collected
                 }
@@ -969,10 +971,30 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 
 fn put_f32s(out: &mut Vec<u8>, v: &[f32]) {
     put_u64(out, v.len() as u64);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
+    put_le(out, v);
+}
+
+/// Little-endian bytes of `v` (one copy on little-endian targets).
+fn put_le<T: bytemuck::Pod + ToLe>(out: &mut Vec<u8>, v: &[T]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(v));
+    } else {
+        v.iter().for_each(|x| x.put_le(out));
     }
 }
+
+trait ToLe {
+    fn put_le(&self, out: &mut Vec<u8>);
+}
+
+macro_rules! to_le {
+    ($($t:ty),*) => { $(impl ToLe for $t {
+        fn put_le(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.to_le_bytes());
+        }
+    })* };
+}
+to_le!(f32, f64, u32);
 
 fn put_opt<T>(out: &mut Vec<u8>, v: &Option<Vec<T>>, put: impl Fn(&mut Vec<u8>, &[T])) {
     match v {
@@ -986,9 +1008,28 @@ fn put_opt<T>(out: &mut Vec<u8>, v: &Option<Vec<T>>, put: impl Fn(&mut Vec<u8>, 
 
 /// Encodes statistics for a [`StatsStore`].
 pub fn encode_stats(stats: &[ChannelStats]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_stats_to(&mut out, stats).expect("writing to a Vec does not fail");
+    out
+}
+
+/// [`encode_stats`] into a writer, one value's statistics at a time.
+pub fn encode_stats_to(w: &mut dyn std::io::Write, stats: &[ChannelStats]) -> std::io::Result<()> {
     let mut out = b"QCCSTAT1".to_vec();
     put_u64(&mut out, stats.len() as u64);
+    w.write_all(&out)?;
+    let len = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, Vec::len);
     for s in stats {
+        out.clear();
+        // An upper bound of this value's encoding (the buffer is reused for the next one).
+        out.reserve(
+            128 + 7 * 4 * s.channels
+                + 4 * s.histogram.counts.len()
+                + 4 * len(&s.gram)
+                + 8 * s.first_rows.as_ref().map_or(0, Vec::len)
+                + 4 * len(&s.sample_rows)
+                + 4 * s.sample_positions.as_ref().map_or(0, Vec::len),
+        );
         put_u64(&mut out, s.channels as u64);
         put_u64(&mut out, s.tokens);
         for v in [
@@ -1003,26 +1044,21 @@ pub fn encode_stats(stats: &[ChannelStats]) -> Vec<u8> {
             put_f32s(&mut out, v);
         }
         put_u64(&mut out, s.histogram.counts.len() as u64);
-        for c in &s.histogram.counts {
-            out.extend_from_slice(&c.to_le_bytes());
-        }
+        put_le(&mut out, &s.histogram.counts);
         let put_f64s = |out: &mut Vec<u8>, v: &[f64]| {
             put_u64(out, v.len() as u64);
-            for x in v {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
+            put_le(out, v);
         };
         put_opt(&mut out, &s.gram, put_f32s);
         put_opt(&mut out, &s.first_rows, put_f64s);
         put_opt(&mut out, &s.sample_rows, put_f32s);
         put_opt(&mut out, &s.sample_positions, |out, v| {
             put_u64(out, v.len() as u64);
-            for x in v {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
+            put_le(out, v);
         });
+        w.write_all(&out)?;
     }
-    out
+    Ok(())
 }
 
 struct Reader<'a> {
