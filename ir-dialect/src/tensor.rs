@@ -96,9 +96,6 @@ impl Tensor {
 
     /// Reads the values as `T` (the dtype must match). Handles unaligned views into model files.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, TensorError> {
-        if self.dtype != T::DTYPE {
-            return Err(TensorError::WrongType(self.dtype, std::any::type_name::<T>()));
-        }
         Ok(self.values::<T>()?.into_owned())
     }
 
@@ -136,22 +133,13 @@ impl Tensor {
         })
     }
 
-    /// Values of a float tensor widened to f64, read straight from the stored bytes.
+    /// Values of a float tensor widened to f64, read straight from the stored values (no f32 copy).
     pub fn to_f64_vec(&self) -> Result<Vec<f64>, TensorError> {
-        fn widen<T: Element>(bytes: &[u8], f: impl Fn(T) -> f64) -> Vec<f64> {
-            match bytemuck::try_cast_slice::<u8, T>(bytes) {
-                Ok(aligned) => aligned.iter().map(|&v| f(v)).collect(),
-                Err(_) => {
-                    bytes.chunks_exact(std::mem::size_of::<T>()).map(|c| f(bytemuck::pod_read_unaligned(c))).collect()
-                }
-            }
-        }
-        let b = self.bytes()?;
         Ok(match self.dtype {
             DType::F64 => self.to_vec::<f64>()?,
-            DType::F32 => widen(b, |v: f32| f64::from(v)),
-            DType::F16 => widen(b, |v: half::f16| v.to_f64()),
-            DType::BF16 => widen(b, |v: half::bf16| v.to_f64()),
+            DType::F32 => self.values::<f32>()?.iter().map(|&v| f64::from(v)).collect(),
+            DType::F16 => self.values::<half::f16>()?.iter().map(|v| v.to_f64()).collect(),
+            DType::BF16 => self.values::<half::bf16>()?.iter().map(|v| v.to_f64()).collect(),
             _ => self.to_f32_vec()?.into_iter().map(f64::from).collect(),
         })
     }

@@ -398,12 +398,6 @@ impl PassContext {
 struct Accumulator {
     stats: ChannelStats,
     sum: Vec<f64>,
-    /// Position-0 rows seen so far (`first_rows`, rounded like the Gram inputs in `finish`).
-    first_rows: Vec<f32>,
-    /// Whether `add_gram` rounded its inputs to bf16 (then `first_rows` keeps the same rounded
-    /// rows, so that `gram - gram_first` cancels the position-0 rows, which are often 100x larger than the
-    /// rest, up to f32 summation error instead of leaving their bf16 rounding error behind).
-    gram_bf16: bool,
     sample_capacity: usize,
     rows_offered: u64,
     rng: u64,
@@ -472,8 +466,6 @@ impl Accumulator {
                 sample_positions: (request.sample_rows > 0).then(Vec::new),
             },
             sum: vec![0.0; k],
-            first_rows: Vec::new(),
-            gram_bf16: false,
             sample_capacity: request.sample_rows,
             rows_offered: 0,
             rng: seed | 1,
@@ -535,10 +527,13 @@ impl Accumulator {
             },
         );
         drop(slices);
-        self.gram_bf16 |= gram_bf16;
-        if s.first_rows.is_some() {
+        if let Some(first) = s.first_rows.as_mut() {
+            // Rounded as `add_gram` rounded them, so that `gram - first^T first` cancels the position-0
+            // rows (often 100x larger than the rest) up to f32 summation error instead of leaving their
+            // bf16 rounding error behind.
+            let round = |v: f32| if gram_bf16 { bf16_gemm::from_bf16(bf16_gemm::to_bf16(v)) } else { v };
             for r in (0..rows).step_by(seq) {
-                self.first_rows.extend_from_slice(&data[r * k..(r + 1) * k]);
+                first.extend(data[r * k..(r + 1) * k].iter().map(|&v| f64::from(round(v))));
             }
         }
         s.tokens += rows as u64;
@@ -592,10 +587,6 @@ impl Accumulator {
         // `add_gram` fills the upper triangle only.
         if let Some(g) = s.gram.as_mut() {
             mirror_upper(g, k);
-        }
-        if let Some(first) = s.first_rows.as_mut() {
-            let round = |v: f32| if self.gram_bf16 { bf16_gemm::from_bf16(bf16_gemm::to_bf16(v)) } else { v };
-            *first = self.first_rows.iter().map(|&v| round(v) as f64).collect();
         }
         self.stats
     }
@@ -974,27 +965,16 @@ fn put_f32s(out: &mut Vec<u8>, v: &[f32]) {
     put_le(out, v);
 }
 
-/// Little-endian bytes of `v` (one copy on little-endian targets).
-fn put_le<T: bytemuck::Pod + ToLe>(out: &mut Vec<u8>, v: &[T]) {
+/// Little-endian bytes of `v` (one copy on little-endian targets; each element's bytes reversed on
+/// big-endian ones).
+fn put_le<T: bytemuck::Pod>(out: &mut Vec<u8>, v: &[T]) {
+    let bytes: &[u8] = bytemuck::cast_slice(v);
     if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(v));
+        out.extend_from_slice(bytes);
     } else {
-        v.iter().for_each(|x| x.put_le(out));
+        bytes.chunks_exact(std::mem::size_of::<T>()).for_each(|c| out.extend(c.iter().rev()));
     }
 }
-
-trait ToLe {
-    fn put_le(&self, out: &mut Vec<u8>);
-}
-
-macro_rules! to_le {
-    ($($t:ty),*) => { $(impl ToLe for $t {
-        fn put_le(&self, out: &mut Vec<u8>) {
-            out.extend_from_slice(&self.to_le_bytes());
-        }
-    })* };
-}
-to_le!(f32, f64, u32);
 
 fn put_opt<T>(out: &mut Vec<u8>, v: &Option<Vec<T>>, put: impl Fn(&mut Vec<u8>, &[T])) {
     match v {
@@ -1018,7 +998,9 @@ pub fn encode_stats_to(w: &mut dyn std::io::Write, stats: &[ChannelStats]) -> st
     let mut out = b"QCCSTAT1".to_vec();
     put_u64(&mut out, stats.len() as u64);
     w.write_all(&out)?;
-    let len = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, Vec::len);
+    fn len<T>(v: &Option<Vec<T>>) -> usize {
+        v.as_ref().map_or(0, Vec::len)
+    }
     for s in stats {
         out.clear();
         // An upper bound of this value's encoding (the buffer is reused for the next one).
@@ -1026,9 +1008,9 @@ pub fn encode_stats_to(w: &mut dyn std::io::Write, stats: &[ChannelStats]) -> st
             128 + 7 * 4 * s.channels
                 + 4 * s.histogram.counts.len()
                 + 4 * len(&s.gram)
-                + 8 * s.first_rows.as_ref().map_or(0, Vec::len)
+                + 8 * len(&s.first_rows)
                 + 4 * len(&s.sample_rows)
-                + 4 * s.sample_positions.as_ref().map_or(0, Vec::len),
+                + 4 * len(&s.sample_positions),
         );
         put_u64(&mut out, s.channels as u64);
         put_u64(&mut out, s.tokens);

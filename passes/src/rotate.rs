@@ -18,9 +18,10 @@
 //!   (softmax(.) V) R_d, whatever the head grouping.
 //!   Online: each `swiglu` read only by linears gets `hadamard(.) {size = I}` (y = x R_I) inserted after
 //!   it and the readers' weights become W R_I.
-//! Weights are rotated in f64 and stored once (the transforms are planned first, then each weight
-//! is widened, transformed and stored in turn, so the pass never holds the whole model in f64). Near misses left alone: a stream read by anything else
-//! (a graph output, another op), a stream norm read by a non-linear, KV heads whose v is a graph output.
+//! Weights are rotated in f64 and stored once: the transforms are planned first, then each weight is
+//! widened, transformed and stored in turn, so the pass never holds the whole model in f64.
+//! Near misses left alone: a stream read by anything else (a graph output, another op), a stream norm
+//! read by a non-linear, KV heads whose v is a graph output.
 //! A stream width with no Hadamard construction uses the block-diagonal fallback and says so in the
 //! pass notes.
 //! Postcondition: the graph computes the same outputs up to rounding.
@@ -161,7 +162,6 @@ pub(crate) fn head_path(graph: &Graph, attention: NodeId) -> Option<(NodeId, Nod
     crate::weights::is_constant_linear(graph, v_proj).then_some((v_proj, o_proj, d))
 }
 
-/// The working copy of one linear's weight and bias while its rotations are composed.
 /// One transform of a linear's weight `W [N, K]`, applied in plan order.
 enum Step {
     /// W R: the input side (every row of W).
@@ -180,10 +180,13 @@ enum BiasSpan {
 /// Linears rewritten per plan step at once: each weight is widened to f64 only while its own steps run.
 const APPLY_WINDOW: usize = 8;
 
+/// H applied to every row of `m` (rows of length n), or to every n-entry block of each row (the per-head
+/// rotation, n = head dim): both are the batched transform over the row-major data.
 fn rotate_rows(h: &Hadamard, m: &mut Matrix) {
     h.transform_rows(&mut m.data).expect("lengths checked by the matcher");
 }
 
+/// [`rotate_rows`] on the columns (through a transpose, so each column is contiguous).
 fn rotate_columns(h: &Hadamard, m: &mut Matrix) {
     let mut t = m.transposed();
     rotate_rows(h, &mut t);

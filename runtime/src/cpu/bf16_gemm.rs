@@ -111,26 +111,30 @@ fn pair(lo: f32, hi: f32) -> u32 {
 fn row_pairs(m: &Strided) -> Pairs {
     let pairs = m.depth.div_ceil(2);
     let mut data = vec![0u32; m.rows * pairs];
-    data.par_chunks_mut(pairs.max(1)).enumerate().for_each(|(i, dst)| {
-        let base = i * m.row_stride;
-        if m.depth_stride == 1 {
-            let src = &m.data[base..base + m.depth];
-            // SAFETY: `available()` was checked by the caller before any conversion.
-            #[cfg(target_arch = "x86_64")]
-            let done = unsafe { convert_row(src, dst) };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = 0;
-            for p in done..pairs {
-                dst[p] = pair(src[2 * p], src.get(2 * p + 1).copied().unwrap_or(0.0));
-            }
-        } else {
-            let at = |p: usize| m.data[base + p * m.depth_stride];
-            for (p, d) in dst.iter_mut().enumerate() {
-                *d = pair(at(2 * p), if 2 * p + 1 < m.depth { at(2 * p + 1) } else { 0.0 });
-            }
-        }
-    });
+    data.par_chunks_mut(pairs.max(1)).enumerate().for_each(|(i, dst)| row_to_pairs(m, i, dst));
     Pairs { data, layout: Layout::Rows { row_stride: pairs }, pair_stride: 1 }
+}
+
+/// Row `i` of `m` as bf16 pairs into `dst` (`depth.div_ceil(2)` entries).
+fn row_to_pairs(m: &Strided, i: usize, dst: &mut [u32]) {
+    let pairs = dst.len();
+    let base = i * m.row_stride;
+    if m.depth_stride == 1 {
+        let src = &m.data[base..base + m.depth];
+        // SAFETY: `available()` was checked by the caller before any conversion.
+        #[cfg(target_arch = "x86_64")]
+        let done = unsafe { convert_row(src, dst) };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        for p in done..pairs {
+            dst[p] = pair(src[2 * p], src.get(2 * p + 1).copied().unwrap_or(0.0));
+        }
+    } else {
+        let at = |p: usize| m.data[base + p * m.depth_stride];
+        for (p, d) in dst.iter_mut().enumerate() {
+            *d = pair(at(2 * p), if 2 * p + 1 < m.depth { at(2 * p + 1) } else { 0.0 });
+        }
+    }
 }
 
 /// Panels of [`NR`] rows, each `[pairs][NR]` (rows padded to a multiple of NR with zeros), so that the
@@ -152,12 +156,14 @@ fn column_pairs(m: &Strided) -> Pairs {
             }
         });
     } else {
-        let rows = row_pairs(m);
+        // Row-major rows (a weight [n x k]): each row converted into a scratch row, then spread over its
+        // panel lane (no converted copy of the whole operand).
         data.par_chunks_mut(panel.max(1)).enumerate().for_each(|(jp, dst)| {
             let (j0, lanes) = (jp * NR, NR.min(m.rows - jp * NR));
+            let mut row = vec![0u32; pairs];
             for lane in 0..lanes {
-                let src = &rows.data[(j0 + lane) * pairs..][..pairs];
-                for (p, &v) in src.iter().enumerate() {
+                row_to_pairs(m, j0 + lane, &mut row);
+                for (p, &v) in row.iter().enumerate() {
                     dst[p * NR + lane] = v;
                 }
             }
@@ -166,6 +172,7 @@ fn column_pairs(m: &Strided) -> Pairs {
     Pairs { data, layout: Layout::Panels { pairs }, pair_stride: NR }
 }
 
+/// Converts the whole 32-value chunks of a contiguous row to pairs; returns how many pairs it wrote.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn convert_row(src: &[f32], dst: &mut [u32]) -> usize {
@@ -281,6 +288,7 @@ unsafe fn kernel_12x32(
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     for (i, v) in acc.iter_mut().enumerate() {
+        // The running sums of this tile (zero before the first reduction block).
         *v = _mm512_loadu_ps(c.as_ptr().add(i * 16));
     }
     let rows: [*const u32; MR] = std::array::from_fn(|r| a.add(a_rows[r]));

@@ -95,19 +95,17 @@ pub fn swiglu(ctx: &OpCtx) -> OpResult<RtTensor> {
                     .for_each(|(o, (g, u))| swiglu_f32(g, u, o));
                 RtTensor::F32(ArrayD::from_shape_vec(g.raw_dim(), out).map_err(|e| op_err!("{e}"))?)
             }
-            _ => RtTensor::F32(zip_broadcast(g, u, |g, u| g / (1.0 + (-g).exp()) * u)?),
+            _ => RtTensor::F32(zip_broadcast(g, u, swiglu_one)?),
         },
         _ => {
             let (g, u) = (gate.to_f32(), up.to_f32());
-            let out = zip_broadcast(&g.into_owned(), &u.into_owned(), |g, u| g / (1.0 + (-g).exp()) * u)?;
+            let out = zip_broadcast(&g.into_owned(), &u.into_owned(), swiglu_one)?;
             RtTensor::F32(out).cast(gate.dtype())
         }
     })
 }
 
-/// silu(g) * u = g / (1 + e^-g) * u over equal-length slices, with e^-g from [`exp_f64`] (which
-/// vectorises, unlike libm's expf, and rounds to the same f32 but within ~2 f64 ulps of a rounding
-/// boundary). -g is clamped to [-110, 89]: e^-110 rounds to 0 and e^89 to +inf in f32, as expf gives.
+/// [`swiglu_one`] over equal-length slices.
 fn swiglu_f32(g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -127,9 +125,18 @@ unsafe fn swiglu_f32_avx2(g: &[f32], u: &[f32], out: &mut [f32]) {
 #[inline(always)]
 fn swiglu_f32_loop(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        let e = exp_f64((-(g as f64)).clamp(-110.0, 89.0)) as f32;
-        *o = g / (1.0 + e) * u;
+        *o = swiglu_one(g, u);
     }
+}
+
+/// silu(g) * u = g / (1 + e^-g) * u in f32, with e^-g from [`exp_f64`] (which vectorises, unlike libm's
+/// expf, and rounds to the same f32 but within ~2 f64 ulps of a rounding boundary). -g is clamped to
+/// [-110, 89]: e^-110 rounds to 0 and e^89 to +inf in f32, as expf gives. Every f32 layout takes it, so
+/// the result does not depend on whether the operands were contiguous.
+#[inline(always)]
+fn swiglu_one(g: f32, u: f32) -> f32 {
+    let e = exp_f64((-(g as f64)).clamp(-110.0, 89.0)) as f32;
+    g / (1.0 + e) * u
 }
 
 /// `rotary(x[.., S, D], cos, sin)` = x * cos + rotate_half(x) * sin.
