@@ -82,11 +82,16 @@ for name in $SCHEMES; do
   [[ -f "$OUT/$name.qcc/manifest.json" ]] || { echo "$name.qcc has no GPU plan (manifest.json)" >&2; exit 1; }
   "$QCC" run "$OUT/$name.qcc" --input input_ids="$OUT/ids.npy" --output-dir "$OUT/ref-$name"
 done
-# Generation with the KV cache: the same cut model with past_key_values.* inputs, fp16 (the quantized
-# levels calibrate only single-input models so far).
+# Generation with the KV cache: the same cut model with past_key_values.* inputs, fp16 and w4a4
+# (calibrated as prefills from an empty cache).
 if [[ "$KV" == 1 ]]; then
   "$QCC" compile "$WORK/model/smollm2-135m-kv.onnx" -O fp16 --max-tokens "$SEQ" -o "$OUT/kv-fp16.qcc"
   [[ -f "$OUT/kv-fp16.qcc/manifest.json" ]] || { echo "kv-fp16.qcc has no GPU plan" >&2; exit 1; }
+  if [[ " $SCHEMES " == *" w4a4 "* ]]; then
+    "$QCC" compile "$WORK/model/smollm2-135m-kv.onnx" -O w4a4 --calib "$WORK/calib.txt" --calib-samples 8 \
+      --calib-ctx 128 --max-tokens "$SEQ" -o "$OUT/kv-w4a4.qcc"
+    [[ -f "$OUT/kv-w4a4.qcc/manifest.json" ]] || { echo "kv-w4a4.qcc has no GPU plan" >&2; exit 1; }
+  fi
 fi
 # CPU references for the compiler's own CLI with --device cuda (gpu_check.sh --artifacts, when .gpu/qcc.xz
 # is carried): perplexity of the w4a4 artifact and greedy text from the KV-cache artifact.

@@ -15,7 +15,7 @@
 #   - a CPU check of every full artifact: `qcc run <name>.qcc --input input_ids=ids-16.npy` gives finite
 #     logits [1, 16, 32000] (.cache/gpu-art-7b/ref-<name>/logits.npy; seeded weights, not the GPU's)
 # Each compile runs under /usr/bin/time -v (log: .cache/gpu-art-7b/time-<name>.log): wall time, peak RSS.
-# KV=1 also compiles the KV-cache graph (-O fp16) as kv-fp16.qcc. STATS_CACHE=1 keeps the calibration
+# KV=1 also compiles the KV-cache graph as kv-fp16.qcc (-O fp16) and kv-w4a4.qcc (-O w4a4). STATS_CACHE=1 keeps the calibration
 # statistics cache beside the model (GBs at this size; off by default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,10 +77,12 @@ calib, calib_ids = in_vocab(open(".cache/data/calib.txt").read())
 assert max(calib_ids) < vocab
 open(f"{work}/calib.txt", "w").write(calib)
 _, ids = in_vocab(open(".cache/data/sotu-last.txt").read())
-assert len(ids) >= 128 and max(ids) < vocab
-for n in (16, 128):
+assert len(ids) >= 2048 and max(ids) < vocab
+for n in (16, 128, 2048):
     np.save(f"{out}/ids-{n}.npy", np.array(ids[:n], dtype=np.int64).reshape(1, n))
-print(f"calibration text {len(calib)} chars, {len(calib_ids)} tokens (all < {vocab}); ids-16/ids-128.npy")
+# The prompt of the KV-cache decode timing (gpu_check.sh: decode steps after 512 cached positions).
+np.save(f"{out}/prompt-512.npy", np.array(ids[:512], dtype=np.int64).reshape(1, 512))
+print(f"calibration text {len(calib)} chars, {len(calib_ids)} tokens (all < {vocab}); ids-16/128/2048.npy, prompt-512.npy")
 EOF
 
 cache_flag=(--no-stats-cache); [[ "$STATS_CACHE" == 1 ]] && cache_flag=()
@@ -126,8 +128,14 @@ for name in $SCHEMES; do
   check_cpu "$name"
 done
 if [[ "$KV" == 1 ]]; then
+  # The KV-cache graph: fp16, and w4a4 calibrated as prefills from an empty cache.
   compile kv-fp16 "$WORK/model/$STEM-kv.onnx" fp16
   strip_weights kv-fp16
+  if [[ " $SCHEMES " == *" w4a4 "* ]]; then
+    compile kv-w4a4 "$WORK/model/$STEM-kv.onnx" w4a4 --calib "$WORK/calib.txt" --calib-samples "$CALIB_SAMPLES" \
+      --calib-ctx "$CALIB_CTX" "${cache_flag[@]}"
+    strip_weights kv-w4a4
+  fi
 fi
 
 echo "artifacts with weights:"

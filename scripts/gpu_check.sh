@@ -37,10 +37,11 @@ if [[ "${1:-}" == "--artifacts" ]]; then
     "$BIN" run "$ART/$name.qcc" --input input_ids="$ART/ids.npy" --reference "$ART/ref-$name" --repeat 20 \
       --graph --output-dir "/tmp/gpu-$name" 2>&1 | tee "$OUT/run-$name.txt" || status=1
   done
-  if [[ -d "$ART/kv-fp16.qcc" ]]; then
-    echo "== kv-fp16: greedy generation with the KV cache on the device"
-    "$BIN" generate "$ART/kv-fp16.qcc" --ids "$ART/prompt.npy" --max-tokens 16 --check 2>&1 | tee "$OUT/generate.txt" || status=1
-  fi
+  for kv in kv-fp16 kv-w4a4; do
+    [[ -d "$ART/$kv.qcc" ]] || continue
+    echo "== $kv: greedy generation with the KV cache on the device"
+    "$BIN" generate "$ART/$kv.qcc" --ids "$ART/prompt.npy" --max-tokens 16 --check 2>&1 | tee "$OUT/generate-$kv.txt" || status=1
+  done
   for name in fp16 w4a4; do
     [[ -d "$ART/$name.qcc" ]] || continue
     echo "== $name: perplexity on the GPU (runtime CudaLm, the path of qcc eval --device cuda) vs the CPU executor"
@@ -74,10 +75,45 @@ if [[ "${1:-}" == "--artifacts" ]]; then
     "$BIN" verify "$ART/$name.qcc" --input input_ids="$ART/ids-77.npy" | tail -n 1 || status=1
   done
   if [[ -x "$ROOT/.gpu/cuda_executor" ]]; then
-    echo "== micro-kernels against the CPU executor (runtime/tests/cuda_executor.rs)"
+    echo "== micro-kernels and tuned-kernel routes against the CPU executor (runtime/tests/cuda_executor.rs)"
     "$ROOT/.gpu/cuda_executor" --nocapture --test-threads 1 > /tmp/cuda_executor.txt 2>&1 || status=1
     grep -E '^(int_linear|hadamard|attention|test |test result)|panicked' -A2 /tmp/cuda_executor.txt
   fi
+  # The same compiled plans with every linear on its micro-kernel (QCC_FAST_LINEAR=0) and routed to
+  # the tuned kernels (default): forward time, launches only and as one CUDA graph.
+  for name in fp16 w4a4; do
+    [[ -d "$ART/$name.qcc" ]] || continue
+    for ids in ids ids-1024; do
+      [[ -f "$ART/$ids.npy" ]] || continue
+      for fast in 0 1; do
+        echo "== time $name $ids QCC_FAST_LINEAR=$fast"
+        QCC_FAST_LINEAR=$fast "$BIN" run "$ART/$name.qcc" --input input_ids="$ART/$ids.npy" --repeat 20 --graph --profile 2>&1 \
+          | grep -E 'routed|launches only|CUDA graph|rror|profile' | head -n 16 || status=1
+      done
+    done
+  done
+  # Llama-2-7B-shaped artifacts compiled here (scripts/gpu_artifacts_7b.sh) travel without their
+  # weights: seeded random weights are made on the device (QCC_SYNTHETIC_WEIGHTS), for timing only.
+  for art7 in "$ROOT"/.gpu/art7b "$ROOT"/.gpu/artfull; do
+  for art in "$art7"/[a-z]*.qcc; do
+    [[ -d "$art" ]] || continue
+    if [[ "$(basename "$art")" == kv-* ]]; then
+      for prompt in "$art7"/prompt-*.npy; do
+        [[ -f "$prompt" ]] || continue
+        echo "== decode $(basename "$art") $(basename "$prompt") (synthetic weights)"
+        QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 2>&1 \
+          | grep -E 'routed|decode|rror' || status=1
+      done
+      continue
+    fi
+    for ids in "$art7"/ids-*.npy; do
+      [[ -f "$ids" ]] || continue
+      echo "== time $(basename "$art") $(basename "$ids") (synthetic weights)"
+      QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" run "$art" --input input_ids="$ids" --repeat 10 --graph --profile 2>&1 \
+        | grep -E 'routed|launches only|CUDA graph|rror|profile (module|launch +[0-9]+ +[0-9.]+ ms)' | head -n 14 || status=1
+    done
+  done
+  done
   echo "gpu_check status: $status"
   exit $status
 fi

@@ -95,6 +95,13 @@ impl Hadamard {
         self.block
     }
 
+    /// The factors of one block, block = m * pow2: (m, pow2, the dense m x m factor's +-1 entries,
+    /// row-major). [`Hadamard::transform`] runs a fast Walsh-Hadamard transform over each of the m
+    /// rows of pow2 values, then the dense factor across them (GPU kernels replicate that order).
+    pub fn factors(&self) -> (usize, usize, &[i8]) {
+        (self.m, self.pow2, &self.dense)
+    }
+
     pub fn construction(&self) -> Construction {
         self.construction
     }

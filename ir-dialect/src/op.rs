@@ -214,7 +214,8 @@ op_kinds! {
 /// `int_linear` accept attribute `to` (i4, i8 or f8e4m3): the op computes its float result y and emits
 /// q = clamp(round_half_even(y / step), range of `to`) (f8e4m3: saturating conversion), where `step` is
 /// the optional f32 tensor attribute `step` (per channel of the last axis, or scalar; default 1: QSM
-/// folds the step into the producer's parameters). With attribute `prefix_tokens = P` the rows whose
+/// folds the step into the producer's parameters; on `attention`, whose output is [B, H, S, D], also
+/// H * D steps per head and channel: element (b, h, s, d) uses step[h * D + d]). With attribute `prefix_tokens = P` the rows whose
 /// position (index along the second-to-last axis) is < P are clamped to the range of attribute
 /// `prefix_to` (default i16) instead, and the output dtype is `prefix_to`: the first tokens (attention
 /// sinks, whose activations are orders of magnitude larger) keep 16 bits at the same step. `quantize`

@@ -72,12 +72,29 @@ QCC_DEVICE void cp_async_wait() {
 // The shared epilogue: y = f16(((float(acc) * sx[m]) * sw[n] + bias[n]) + residual[m, n]), each
 // step rounded in f32 in exactly this order (no FMA contraction: __fmul_rn / __fadd_rn), so the CPU
 // reference reproduces every output bit. bias (f32 [N]) and residual (f16 [M, N]) may be null.
-QCC_DEVICE u16 epilogue(int acc, float sx, float sw, const float* bias, const u16* residual, int m,
-                        int n, int ldn) {
+QCC_DEVICE float epilogue_f32(int acc, float sx, float sw, const float* bias, const u16* residual, int m,
+                              int n, int ldn) {
   float v = __fmul_rn(__fmul_rn((float)acc, sx), sw);
   if (bias) v = __fadd_rn(v, bias[n]);
   if (residual) v = __fadd_rn(v, f16_to_f32(residual[(size_t)m * ldn + n]));
-  return f32_to_f16(v);
+  return v;
+}
+QCC_DEVICE u16 epilogue(int acc, float sx, float sw, const float* bias, const u16* residual, int m,
+                        int n, int ldn) {
+  return f32_to_f16(epilogue_f32(acc, sx, sw, bias, residual, m, n, ldn));
+}
+// Stores the epilogue of two adjacent columns n, n + 1 of row m: f16 (one 32-bit store) or, with
+// F32 (the f32 outputs of compiled artifacts' `int_linear`), f32 without the final f16 rounding.
+template <bool F32>
+QCC_DEVICE void store_pair(void* y, int acc0, int acc1, float sx, const float* sw, const float* bias,
+                           const u16* residual, int m, int n, int ldn) {
+  const float v0 = epilogue_f32(acc0, sx, sw[n], bias, residual, m, n, ldn);
+  const float v1 = epilogue_f32(acc1, sx, sw[n + 1], bias, residual, m, n + 1, ldn);
+  if (F32) {
+    *(float2*)((float*)y + (size_t)m * ldn + n) = make_float2(v0, v1);
+  } else {
+    *(u32*)((u16*)y + (size_t)m * ldn + n) = (u32)f32_to_f16(v0) | ((u32)f32_to_f16(v1) << 16);
+  }
 }
 
 // bf16 conversions and float element access by qcc dtype name (T_f32/T_f16/T_bf16: a storage type S

@@ -51,3 +51,54 @@ __device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long r
     hadamard_impl<D_##XN>(x, out, rows, n, h, inv_sqrt);                                                         \
   }
 HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)
+
+// ---- Fast form (runtime route for the `hadamard` launches, runtime/src/cuda/fast_linear.rs): the
+// CPU's own algorithm and summation order (qcc_ir::hadamard::Hadamard::transform), so every output
+// is bit-identical to the CPU executor's: per row, a fast Walsh-Hadamard transform of each of the m
+// sub-rows of p = n / m values (butterflies a + b, a - b in f64, stages h = 1, 2, 4, ...), then the
+// dense m x m factor (+-1 entries) across sub-rows, out[a][i] = 0 + sum over b in order of
+// H[a][b] x[b][i], then x 1/sqrt(n), rounded once to the storage type.
+// Grid [rows, splits]: block (r, s) transforms row r (the butterflies are cheap, so each split
+// redoes them) and writes its share of the outputs, sub-rows [s * m / splits, (s + 1) * m / splits)
+// when m > 1, else elements. Dynamic shared memory 8 * n bytes.
+template <class X>
+__device__ void hadamard_fast_impl(const typename X::S* x, typename X::S* out, long n, int m, long p,
+                                   const i8* dense, double scale) {
+  extern __shared__ double row[];
+  const long r = blockIdx.x;
+  const int splits = gridDim.y, s = blockIdx.y;
+  for (long j = threadIdx.x; j < n; j += blockDim.x) row[j] = X::get(x, r * n + j);
+  __syncthreads();
+  const long half = p >> 1;
+  for (long h = 1; h < p; h <<= 1) {
+    for (long t = threadIdx.x; t < m * half; t += blockDim.x) {
+      const long sub = t / half, w = t % half;
+      const long i = sub * p + (w / h) * 2 * h + (w % h);
+      const double a = row[i], b = row[i + h];
+      row[i] = a + b;
+      row[i + h] = a - b;
+    }
+    __syncthreads();
+  }
+  if (m == 1) {
+    const long per = (n + splits - 1) / splits, e0 = s * per, e1 = min(n, e0 + per);
+    for (long e = e0 + threadIdx.x; e < e1; e += blockDim.x) X::put(out, r * n + e, row[e] * scale);
+    return;
+  }
+  const int a0 = (int)((long)s * m / splits), a1 = (int)((long)(s + 1) * m / splits);
+  for (long e = threadIdx.x; e < (long)(a1 - a0) * p; e += blockDim.x) {
+    const int a = a0 + (int)(e / p);
+    const long i = e % p;
+    const i8* ha = dense + (long)a * m;
+    double acc = 0.0;
+    for (int b = 0; b < m; ++b) acc += (double)ha[b] * row[b * p + i];
+    X::put(out, r * n + a * p + i, acc * scale);
+  }
+}
+
+#define HAD_FAST_ENTRY(XN)                                                                                \
+  extern "C" __global__ void __launch_bounds__(256) hadamard_fast_##XN(                                   \
+      const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const i8* dense, double scale) {          \
+    hadamard_fast_impl<D_##XN>(x, out, n, m, p, dense, scale);                                             \
+  }
+HAD_FAST_ENTRY(f32) HAD_FAST_ENTRY(f16) HAD_FAST_ENTRY(bf16)

@@ -320,11 +320,11 @@ static __device__ __forceinline__ void gemv_mma_batch_n(int (&acc)[NT][4], const
   }
 }
 
-template <int KSPLIT, int UNROLL, bool A8, int NT, bool ROWHI>
+template <int KSPLIT, int UNROLL, bool A8, int NT, bool ROWHI, bool F32 = false>
 static __device__ __forceinline__ void w4_gemv_pipe_body(const u32* __restrict__ w, const float* __restrict__ sw,
                                                          const void* __restrict__ x, const float* __restrict__ sx,
                                                          const float* __restrict__ bias,
-                                                         const u16* __restrict__ residual, u16* __restrict__ y,
+                                                         const u16* __restrict__ residual, void* __restrict__ y,
                                                          int M, int N, int K) {
   __shared__ int partial[KSPLIT > 1 ? KSPLIT : 1][NT][32][4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -380,15 +380,13 @@ static __device__ __forceinline__ void w4_gemv_pipe_body(const u32* __restrict__
       const int m = g + 8 * h;
       if (m >= M) continue;
       const int n = n0 + 2 * tig;
-      const float sxm = sx[m];
-      const u16 y0 = epilogue(acc[t][2 * h], sxm, sw[n], bias, residual, m, n, N);
-      const u16 y1 = epilogue(acc[t][2 * h + 1], sxm, sw[n + 1], bias, residual, m, n + 1, N);
-      *(u32*)(y + (size_t)m * N + n) = (u32)y0 | ((u32)y1 << 16);
+      store_pair<F32>(y, acc[t][2 * h], acc[t][2 * h + 1], sx[m], sw, bias, residual, m, n, N);
     }
   }
 }
 
-// Each name has an "_m8" twin for M <= 8 (launch_gemv picks it).
+// Each name has an "_m8" twin for M <= 8 (launch_gemv picks it), and both have "_f32" twins that
+// write f32 outputs (compiled artifacts' f32 `int_linear`, residual unused there).
 #define QCC_GEMV_PIPE_NT(NAME, KSPLIT, UNROLL, A8, NT)                                              \
   extern "C" __global__ void __launch_bounds__(KSPLIT * 32)                                         \
       NAME(const u32* w, const float* sw, const void* x, const float* sx, const float* bias,        \
@@ -399,6 +397,16 @@ static __device__ __forceinline__ void w4_gemv_pipe_body(const u32* __restrict__
       NAME##_m8(const u32* w, const float* sw, const void* x, const float* sx, const float* bias,   \
                 const u16* residual, u16* y, int M, int N, int K) {                                 \
     w4_gemv_pipe_body<KSPLIT, UNROLL, A8, NT, false>(w, sw, x, sx, bias, residual, y, M, N, K);     \
+  }                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(KSPLIT * 32)                                         \
+      NAME##_f32(const u32* w, const float* sw, const void* x, const float* sx, const float* bias,  \
+                 const u16* residual, float* y, int M, int N, int K) {                              \
+    w4_gemv_pipe_body<KSPLIT, UNROLL, A8, NT, true, true>(w, sw, x, sx, bias, residual, y, M, N, K); \
+  }                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(KSPLIT * 32)                                         \
+      NAME##_m8_f32(const u32* w, const float* sw, const void* x, const float* sx, const float* bias, \
+                    const u16* residual, float* y, int M, int N, int K) {                           \
+    w4_gemv_pipe_body<KSPLIT, UNROLL, A8, NT, false, true>(w, sw, x, sx, bias, residual, y, M, N, K); \
   }
 #define QCC_GEMV_PIPE(NAME, KSPLIT, UNROLL, A8) QCC_GEMV_PIPE_NT(NAME, KSPLIT, UNROLL, A8, 1)
 QCC_GEMV_PIPE(w4a4_gemvq_ks1_u4, 1, 4, false)

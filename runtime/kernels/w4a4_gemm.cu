@@ -12,11 +12,11 @@
 // Requirements (checked on the host): K % 32 == 0, N % 8 == 0, 16-byte aligned rows. M, N, K tails
 // are zero-filled by cp.async (src-size 0) and masked at the store.
 
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, bool F32 = false>
 static __device__ __forceinline__ void w4a4_gemm_body(const u32* __restrict__ w, const float* __restrict__ sw,
                                                       const u32* __restrict__ x, const float* __restrict__ sx,
                                                       const float* __restrict__ bias,
-                                                      const u16* __restrict__ residual, u16* __restrict__ y,
+                                                      const u16* __restrict__ residual, void* __restrict__ y,
                                                       int M, int N, int K) {
   constexpr int THREADS = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
@@ -130,20 +130,24 @@ static __device__ __forceinline__ void w4a4_gemm_body(const u32* __restrict__ w,
         const int n = n0 + wn * WN + j * 8 + 2 * tig;
         if (n >= N) continue;
         // Remove the exact x256 (x16 per int4 operand) with an arithmetic shift.
-        const u16 y0 = epilogue(acc[i][j][2 * h] >> 8, sxm, sw[n], bias, residual, m, n, N);
-        const u16 y1 = epilogue(acc[i][j][2 * h + 1] >> 8, sxm, sw[n + 1], bias, residual, m, n + 1, N);
-        *(u32*)(y + (size_t)m * N + n) = (u32)y0 | ((u32)y1 << 16);
+        store_pair<F32>(y, acc[i][j][2 * h] >> 8, acc[i][j][2 * h + 1] >> 8, sxm, sw, bias, residual, m, n, N);
       }
     }
   }
 }
 
 // Dynamic shared memory: STAGES * (BM + BN) * 64 bytes (the host sets the attribute above 48 KiB).
+// Each name has an "_f32" twin writing f32 outputs (compiled artifacts' f32 `int_linear`).
 #define QCC_GEMM(NAME, BM, BN, WARPS_M, WARPS_N, STAGES, MIN_BLOCKS)                               \
   extern "C" __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_BLOCKS)                 \
       NAME(const u32* w, const float* sw, const u32* x, const float* sx, const float* bias,        \
            const u16* residual, u16* y, int M, int N, int K) {                                     \
     w4a4_gemm_body<BM, BN, WARPS_M, WARPS_N, STAGES>(w, sw, x, sx, bias, residual, y, M, N, K);    \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_BLOCKS)                 \
+      NAME##_f32(const u32* w, const float* sw, const u32* x, const float* sx, const float* bias,  \
+                 const u16* residual, float* y, int M, int N, int K) {                             \
+    w4a4_gemm_body<BM, BN, WARPS_M, WARPS_N, STAGES, true>(w, sw, x, sx, bias, residual, y, M, N, K); \
   }
 
 // MIN_BLOCKS = 2 asks ptxas for two blocks per SM (a register cap); 128x128_w8 spills under it.

@@ -138,8 +138,17 @@ fn run_case(
     gpu.set_sync_each(true);
     let got = gpu.run(&feed).unwrap_or_else(|e| panic!("{label}: {e}"));
     let a = compare::agreement(&got[0].1, &want[0].1).unwrap_or_else(|| panic!("{label}: shapes differ"));
-    println!("{label}: {a}");
+    let (w4, blas) = gpu.routed_launches();
+    let had = gpu.routed_hadamards();
+    println!("{label}: {a} (routed launches: {w4} int_linear, {blas} cuBLAS, {had} fast hadamard)");
+    LAST_ROUTED.with(|r| r.set((w4 + had, blas)));
     Some(a)
+}
+
+thread_local! {
+    /// The tuned-kernel routes of the last [`run_case`] on this thread (integer int_linear and
+    /// hadamard, cuBLAS).
+    static LAST_ROUTED: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 fn int_tensor(dtype: DType, dims: &[usize], values: Vec<i64>) -> Tensor {
@@ -153,7 +162,21 @@ fn int_tensor(dtype: DType, dims: &[usize], values: Vec<i64>) -> Tensor {
 
 /// int_linear(x, w, scale, bias?) for integer or float activations, as micro.rs launches it.
 fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: bool, seed: u64) {
-    let (m, n, k) = (5usize, 72usize, 96usize);
+    int_linear_sized(x_dtype, w_dtype, act_bits, bias, seed, (5, 72, 96), DType::F32);
+}
+
+/// [`int_linear_case`] at size (m, n, k) with output dtype `y_dtype`. With int4 weights and
+/// i16/i4 activations (K % 32 == 0, N % 8 == 0) the executor runs it on the W4 GEMV (m <= 16) or
+/// GEMM, plus the exact fix-up of the 16-bit prefix row; the test checks that it did.
+fn int_linear_sized(
+    x_dtype: DType,
+    w_dtype: DType,
+    act_bits: Option<i64>,
+    bias: bool,
+    seed: u64,
+    (m, n, k): (usize, usize, usize),
+    y_dtype: DType,
+) {
     let mut rng = Rng(seed);
     let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
     let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(wlo, whi)).collect();
@@ -161,11 +184,26 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
     let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
     let x = match x_dtype {
         // Row 0 holds 16-bit prefix values, the others int4 values (as the w4a4 graphs carry them).
-        DType::I16 => RtTensor::from_vec(
-            &[m, k],
-            (0..m * k).map(|i| if i < k { rng.int(-32768, 32767) as i16 } else { rng.int(-8, 7) as i16 }).collect(),
-        ),
+        // Row 0 holds 16-bit prefix values, the others int4 values (as the w4a4 graphs carry them);
+        // with int8 weights (the 8-bit LM head) every row is 16-bit.
+        DType::I16 => {
+            RtTensor::from_vec(
+                &[m, k],
+                (0..m * k)
+                    .map(|i| {
+                        if i < k || w_dtype == DType::I8 {
+                            rng.int(-32768, 32767) as i16
+                        } else {
+                            rng.int(-8, 7) as i16
+                        }
+                    })
+                    .collect(),
+            )
+        }
         DType::I8 => RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-128, 127) as i8).collect()),
+        DType::I4 => {
+            RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-8, 7) as i8).collect()).map(|t| t.cast(DType::I4))
+        }
         _ => RtTensor::from_vec(&[m, k], (0..m * k).map(|i| rng.float() * if i < k { 300.0 } else { 3.0 }).collect()),
     }
     .unwrap();
@@ -181,7 +219,7 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
     if let Some(b) = act_bits {
         op = op.with("act_bits", qcc_ir::Attr::Int(b));
     }
-    let y = g.add_op(op, &ins, TensorType::known(DType::F32, &[m, n]));
+    let y = g.add_op(op, &ins, TensorType::known(y_dtype, &[m, n]));
     g.add_output("y", y);
 
     let mut plan = Plan { buffers: vec![], arena: 0 };
@@ -189,7 +227,7 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
     let bw = plan.weight("w", w_dtype, &[n, k]);
     let bs = plan.weight("scale", DType::F32, &[n]);
     let bb = bias.then(|| plan.weight("bias", DType::F32, &[n]));
-    let by = plan.arena("y", DType::F32, &[m, n]);
+    let by = plan.arena("y", y_dtype, &[m, n]);
     let mut entry = format!("int_linear_x{}_w{}", x_dtype.name(), w_dtype.name());
     if let Some(b) = act_bits {
         entry.push_str(&format!("_a{b}"));
@@ -197,7 +235,7 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
     if bias {
         entry.push_str("_bias");
     }
-    entry.push_str("_f32");
+    entry.push_str(&format!("_{}", y_dtype.name()));
     let mut args = vec![Arg::Buffer(bx), Arg::Buffer(bw), Arg::Buffer(bs)];
     args.extend(bb.map(Arg::Buffer));
     args.extend([Arg::Buffer(by), Arg::I64(c(m as i64)), Arg::I64(c(n as i64)), Arg::I64(c(k as i64))]);
@@ -210,10 +248,46 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
         shared_bytes: 0,
         args,
     };
-    if let Some(a) = run_case(&entry, &g, plan, vec![("x", x, bx)], by, launch) {
-        // Exact integer sums and the same f32 epilogue: every output bit agrees.
-        assert_eq!(a.differing, 0, "{entry}: {a}");
+    let label = format!("{entry} m{m} n{n} k{k}");
+    if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx)], by, launch) {
+        if x_dtype.is_float() && act_bits.is_none() {
+            // Weight-only: float sums in another order than the CPU's sgemm.
+            assert!(a.passes(1e-5), "{label}: {a}");
+        } else {
+            // Exact integer sums and the same f32 epilogue: every output bit agrees.
+            assert_eq!(a.differing, 0, "{label}: {a}");
+        }
+        let w4 = w_dtype == DType::I4 && matches!(x_dtype, DType::I16 | DType::I4) && k % 32 == 0 && n % 8 == 0;
+        let w8 = w_dtype == DType::I8
+            && k % 16 == 0
+            && (x_dtype == DType::I16 || (x_dtype == DType::F32 && act_bits.is_none()));
+        let routable = w4 || w8;
+        let want = if routable { (1, 0) } else { (0, 0) };
+        assert_eq!(LAST_ROUTED.with(|r| r.get()), want, "{label}: launches on the tuned kernels");
     }
+}
+
+#[test]
+fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found (run scripts/fixtures.sh or set QCC_CUDA_LIB_DIR)");
+        return;
+    }
+    // W4A4: GEMV (M <= 8 and M = 16), GEMM (K tail 576 = 4.5 x 128, N tail), f32 and f16 outputs, bias,
+    // 16-bit prefix rows (row 0 of every i16 case) recomputed by the fix-up, a lone prefix row.
+    int_linear_sized(DType::I16, DType::I4, None, false, 11, (1, 64, 128), DType::F32);
+    int_linear_sized(DType::I4, DType::I4, None, true, 12, (16, 1536, 576), DType::F16);
+    int_linear_sized(DType::I16, DType::I4, None, true, 13, (16, 576, 1536), DType::F32);
+    int_linear_sized(DType::I16, DType::I4, None, false, 14, (300, 584, 576), DType::F32);
+    int_linear_sized(DType::I4, DType::I4, None, true, 15, (77, 1536, 576), DType::F16);
+    int_linear_sized(DType::I16, DType::I4, None, true, 16, (130, 256, 4096), DType::F16);
+    // The 8-bit LM head (int16 x int8): the W8 GEMV (M <= 16) and the split cuBLAS int8 path.
+    int_linear_sized(DType::I16, DType::I8, None, true, 17, (16, 1000, 576), DType::F32);
+    int_linear_sized(DType::I16, DType::I8, None, false, 18, (40, 1024, 4096), DType::F32);
+    int_linear_sized(DType::I16, DType::I8, None, true, 19, (300, 520, 576), DType::F16);
+    // Weight-only int8 with f32 activations: the GEMV and cuBLAS f32 over the widened weights.
+    int_linear_sized(DType::F32, DType::I8, None, false, 20, (3, 1000, 576), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, true, 21, (200, 512, 1024), DType::F32);
 }
 
 #[test]
@@ -235,9 +309,11 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
         eprintln!("SKIPPED: libnvrtc.so.13 not found");
         return;
     }
-    // 64 = 2^6, 576 = 36 x 16 and 1536 = 12 x 128 (Paley x Sylvester), 44 (Paley, no power of two).
-    for (seed, n) in [(11u64, 64usize), (12, 576), (13, 1536), (14, 44)] {
-        let rows = 3usize;
+    // 64 = 2^6, 576 = 36 x 16 and 1536 = 12 x 128 (Paley x Sylvester), 44 (Paley, no power of two),
+    // 11008 = 172 x 64 (Llama-2-7B's FFN); 1 row (each row's outputs split over blocks) and 300.
+    for (seed, n, rows) in
+        [(11u64, 64usize, 3usize), (12, 576, 3), (13, 1536, 300), (14, 44, 3), (15, 11008, 1), (16, 11008, 5)]
+    {
         let mut rng = Rng(seed);
         let x = RtTensor::from_vec(&[rows, n], (0..rows * n).map(|_| rng.float() * 4.0).collect()).unwrap();
         let mut g = Graph::new("t");
@@ -260,9 +336,11 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
             shared_bytes: 8 * n as u32,
             args: vec![Arg::Buffer(bx), Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(n as i64))],
         };
-        if let Some(a) = run_case(&format!("hadamard n={n}"), &g, plan, vec![("x", x, bx)], by, launch) {
-            // Both sides sum in f64 and round once to f32: at most a last-bit difference.
-            assert!(a.non_finite == 0 && a.max_rel < 1e-6, "hadamard n={n}: {a}");
+        let label = format!("hadamard n={n} rows={rows}");
+        if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx)], by, launch) {
+            // The fast transform follows the CPU's algorithm and order in f64: every bit agrees.
+            assert_eq!(a.differing, 0, "{label}: {a}");
+            assert_eq!(LAST_ROUTED.with(|r| r.get()), (1, 0), "{label}: runs on the fast transform");
         }
     }
 }

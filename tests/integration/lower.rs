@@ -252,6 +252,38 @@ fn epilogue_stores_in_the_order_of_its_transposed_reader() {
 }
 
 #[test]
+fn attention_epilogue_with_steps_per_head_and_channel() {
+    // In a KV-cache graph v is concatenated with the cache input, so QSM cannot fold the attention's
+    // output step into v_proj and leaves H * D steps on the attention: element (b, h, s, d) divides
+    // by step[h * D + d], read at channel h * D + d by the epilogue (stored [B, S, H, D]).
+    let lowered = check(
+        "attention_step_per_head",
+        r#"graph @t(%q: f32[batch,2,seq,4], %k: f32[batch,2,seq,4], %v: f32[batch,2,seq,4]) -> (%y) {
+  %w = constant {value = dense<i8[2,8] [1, -2, 3, -4, 5, -6, 7, -8, 1, 1, 1, 1, 1, 1, 1, 1]>} : i8[2,8]
+  %s = constant {value = dense<f32[2] [0.5, 0.25]>} : f32[2]
+  %shape = constant {value = dense<i64[3] [0, 0, 8]>} : i64[3]
+  %a = attention(%q, %k, %v) {causal = 1, prefix_to = i16, prefix_tokens = 1, scale = 0.5, step = dense<f32[8] [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]>, to = i4} : i16[batch,2,seq,4]
+  %at = transpose(%a) {perm = [0, 2, 1, 3]} : i16[batch,seq,2,4]
+  %ar = reshape(%at, %shape) : i16[batch,seq,8]
+  %y = int_linear(%ar, %w, %s) : f32[batch,seq,2]
+  return %y
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["attention_f32", "copy_f32_i16_qi4h_p1", "int_linear_xi16_wi8_f32"]);
+    // A step count that is neither one per channel nor one per (head, channel) is an error.
+    let bad = qcc_ir::text::parse(
+        r#"graph @t(%q: f32[1,2,4,4], %k: f32[1,2,4,4], %v: f32[1,2,4,4]) -> (%a) {
+  %a = attention(%q, %k, %v) {causal = 1, scale = 0.5, step = dense<f32[3] [0.1, 0.2, 0.3]>, to = i4} : i4[1,2,4,4]
+  return %a
+}"#,
+    )
+    .unwrap();
+    let err = lower(&bad, &LowerOptions { max_batch: 1, max_tokens: 4 }).unwrap_err().to_string();
+    assert!(err.contains("per head and channel"), "{err}");
+}
+
+#[test]
 fn standalone_quantize_and_float_cast() {
     check(
         "quantize_cast",

@@ -175,6 +175,10 @@ pub enum Step {
     Scalar(f32),
     /// One step per channel of the last axis (an f32 buffer).
     PerChannel(u32),
+    /// One step per (axis 1, last axis) pair, element (c0, c1, c2, c3) reading step[c1 * d3 + c3]:
+    /// an attention output [B, H, S, D] with steps per head and channel (an f32 buffer of H * D;
+    /// element-wise kernels only).
+    PerHeadChannel(u32),
 }
 
 /// Output quantization of a generated kernel (`qcc_ir::OutputQuant`).
@@ -200,6 +204,7 @@ impl Quant {
             Step::None => "",
             Step::Scalar(_) => "s",
             Step::PerChannel(_) => "c",
+            Step::PerHeadChannel(_) => "h",
         };
         format!("q{}{step}", self.to)
     }
@@ -211,7 +216,7 @@ fn emit_quant(b: &mut Body, y: &str, channel: &str, pos: &str, q: &Quant, step: 
     let scaled = match q.step {
         Step::None => y.to_string(),
         Step::Scalar(_) => b.binop("divf", y, step, "f32"),
-        Step::PerChannel(_) => {
+        Step::PerChannel(_) | Step::PerHeadChannel(_) => {
             let s = b.load(step, "f32", channel);
             b.binop("divf", y, &s, "f32")
         }
@@ -319,7 +324,7 @@ pub fn pointwise(
         params.push(format!("%in{i}: {}", memref(ty)));
         args.push(Arg::Buffer(input.buffer));
     }
-    if let Some(Quant { step: Step::PerChannel(buffer), .. }) = quant {
+    if let Some(Quant { step: Step::PerChannel(buffer) | Step::PerHeadChannel(buffer), .. }) = quant {
         params.push(format!("%step: {}", memref("f32")));
         args.push(Arg::Buffer(*buffer));
     }
@@ -444,7 +449,16 @@ pub fn pointwise(
         }
     };
     let stored = match quant {
-        Some(q) => emit_quant(&mut b, &y, &coords[3], &coords[2], q, "%step", out_ty),
+        Some(q) => {
+            let channel = match q.step {
+                Step::PerHeadChannel(_) => {
+                    let head = b.binop("muli", &coords[1], &d[3], "index");
+                    b.binop("addi", &head, &coords[3], "index")
+                }
+                _ => coords[3].clone(),
+            };
+            emit_quant(&mut b, &y, &channel, &coords[2], q, "%step", out_ty)
+        }
         None if raw_copy => y,
         None => b.narrow_from_f32(&y, out_ty),
     };

@@ -463,12 +463,30 @@ impl<'g> Lowerer<'g> {
                 Step::Scalar(v[0])
             }
             Some(t) => {
-                if channels.and_then(const_of) != Some(t.numel() as u64) || t.dtype != DType::F32 {
-                    return Err(self.err(id, "a step must be a scalar or f32 per channel of the last axis"));
+                let n = t.numel() as u64;
+                let per_channel = channels.and_then(const_of) == Some(n);
+                // An attention output [B, H, S, D] may carry H * D steps (per head and channel).
+                let heads = match self.graph.node(id).op.kind {
+                    OpKind::Attention => {
+                        let ty = self.graph.value_type(self.output(id));
+                        ty.shape.as_ref().and_then(|s| s.dims().get(1).and_then(|d| d.known()))
+                    }
+                    _ => None,
+                };
+                let per_head = !per_channel && heads.zip(channels.and_then(const_of)).is_some_and(|(h, c)| h * c == n);
+                if !(per_channel || per_head) || t.dtype != DType::F32 {
+                    return Err(self.err(
+                        id,
+                        "a step must be a scalar or f32 per channel of the last axis (attention: per head and channel)",
+                    ));
                 }
                 let name = format!("{}.step", self.output_name(id));
                 let view = self.weight(&name, DType::F32, vec![DimExpr::Const(t.numel() as i64)]);
-                Step::PerChannel(view.buffer)
+                if per_head {
+                    Step::PerHeadChannel(view.buffer)
+                } else {
+                    Step::PerChannel(view.buffer)
+                }
             }
         };
         Ok(Quant { to, prefix_tokens, prefix_to, step })

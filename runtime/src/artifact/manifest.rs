@@ -296,6 +296,17 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// [`Manifest::load`] for an artifact that travelled without its weights file (timing runs with
+    /// synthetic weights): every check but the weights file's checksum.
+    pub fn load_without_weights(dir: &Path) -> Result<Manifest, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
+        let manifest = Manifest::from_json(&text, &path)?;
+        manifest.validate()?;
+        manifest.verify_module_files(dir)?;
+        Ok(manifest)
+    }
+
     /// Parses manifest text; `path` is only used in errors. The version is checked before the
     /// rest is parsed, so a manifest of another version fails on its version, not on a field.
     pub fn from_json(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
@@ -323,8 +334,21 @@ impl Manifest {
 
     /// Checks the sha256 of the weights file and every module file inside `dir`.
     pub fn verify_files(&self, dir: &Path) -> Result<(), ManifestError> {
-        let files = std::iter::once((&self.weights.path, &self.weights.sha256))
-            .chain(self.modules.iter().map(|m| (&m.path, &m.sha256)));
+        Self::verify_checksums(dir, [(&self.weights.path, &self.weights.sha256)])?;
+        self.verify_module_files(dir)
+    }
+
+    /// Checks the sha256 of every module file inside `dir` and that the graph path is inside it.
+    pub fn verify_module_files(&self, dir: &Path) -> Result<(), ManifestError> {
+        Self::verify_checksums(dir, self.modules.iter().map(|m| (&m.path, &m.sha256)))?;
+        artifact_path(dir, &self.graph)?;
+        Ok(())
+    }
+
+    fn verify_checksums<'a>(
+        dir: &Path,
+        files: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<(), ManifestError> {
         for (rel, expected) in files {
             let path = artifact_path(dir, rel)?;
             let actual = file_sha256(&path)?;
@@ -332,7 +356,6 @@ impl Manifest {
                 return Err(ManifestError::Checksum { path, expected: expected.clone(), actual });
             }
         }
-        artifact_path(dir, &self.graph)?;
         Ok(())
     }
 

@@ -250,6 +250,11 @@ fn load_artifact(args: &[String]) -> Result<CudaExecutor, String> {
         exec.manifest.arena_bytes as f64 / (1u64 << 20) as f64,
         t0.elapsed().as_secs_f64()
     );
+    let (w4, blas) = exec.routed_launches();
+    println!(
+        "routed to tuned kernels: {w4} int_linear (W4A4 GEMV/GEMM, 8-bit LM head), {blas} float linear (cuBLAS), {} hadamard (fast transform)",
+        exec.routed_hadamards()
+    );
     Ok(exec)
 }
 
@@ -367,6 +372,47 @@ fn in_layout(t: &RtTensor, dims: &[usize]) -> Option<Vec<f64>> {
     Some(a.permuted_axes(ndarray::IxDyn(&perm)).iter().copied().collect())
 }
 
+/// `--profile`: every launch timed alone (synchronized, median of 5), summed per kernel module
+/// (routed launches under "routed:<module>"), and the 12 slowest launches.
+fn profile_launches(exec: &mut CudaExecutor, refs: &[(&str, RtTensor)]) -> Result<(), String> {
+    let values = exec.prepare(refs).map_err(|e| e.to_string())?;
+    let sync = |exec: &CudaExecutor| exec.gpu().stream.synchronize().map_err(|e| e.to_string());
+    let mut rows: Vec<(f64, usize)> = Vec::new();
+    for i in 0..exec.manifest.launches.len() {
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            sync(exec)?;
+            let t0 = std::time::Instant::now();
+            exec.launch_one(i, &values).map_err(|e| e.to_string())?;
+            sync(exec)?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        rows.push((t[2], i));
+    }
+    let total: f64 = rows.iter().map(|r| r.0).sum();
+    let mut per_module: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for &(ms, i) in &rows {
+        let l = &exec.manifest.launches[i];
+        let key = if exec.is_routed(i) { format!("routed:{}", l.module) } else { l.module.clone() };
+        let e = per_module.entry(key).or_default();
+        e.0 += ms;
+        e.1 += 1;
+    }
+    println!("profile: {} launches, {total:.3} ms timed one by one (host-synchronized)", rows.len());
+    let mut modules: Vec<_> = per_module.into_iter().collect();
+    modules.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    for (m, (ms, n)) in modules {
+        println!("profile module {m:<24} {n:>4} launches {ms:>9.3} ms {:>5.1}%", 100.0 * ms / total.max(1e-9));
+    }
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for &(ms, i) in rows.iter().take(12) {
+        let l = &exec.manifest.launches[i];
+        println!("profile launch {i:>4} {ms:>8.3} ms {}::{} ({})", l.module, l.entry, l.node);
+    }
+    Ok(())
+}
+
 /// `qcc-run run`: outputs written and/or compared with CPU reference outputs. Ok(false) = mismatch.
 fn run_artifact(args: &[String]) -> Result<bool, String> {
     let mut exec = load_artifact(args)?;
@@ -414,6 +460,9 @@ fn run_artifact(args: &[String]) -> Result<bool, String> {
                 if same { "bit-identical to" } else { "DIFFER from" }
             );
         }
+    }
+    if args.iter().any(|a| a == "--profile") {
+        profile_launches(&mut exec, &refs)?;
     }
     if let Some(dir) = option(args, "--output-dir") {
         std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;

@@ -577,6 +577,12 @@ impl Gpu {
 
     /// Decode GEMV (1 <= M <= 16).
     pub fn launch_gemv(&self, variant: GemvVariant, a: &W4LinearArgs) -> Result<(), CudaError> {
+        self.launch_gemv_to(variant, a, false)
+    }
+
+    /// [`Gpu::launch_gemv`]; `f32_out`: the kernel's `_f32` twin, whose `y` is f32 [M, N] (the
+    /// pipelined layouts only).
+    pub fn launch_gemv_to(&self, variant: GemvVariant, a: &W4LinearArgs, f32_out: bool) -> Result<(), CudaError> {
         let name = variant.kernel_name();
         check_w4_shape(&name, a.m, a.n, a.k)?;
         if a.m > 16 {
@@ -584,7 +590,11 @@ impl Gpu {
         }
         // The pipelined kernels have a twin without the MMA's rows 8..15 for M <= 8.
         let pipelined = matches!(variant.layout, GemvLayout::TiledPipelined | GemvLayout::TiledPipelined2);
+        if f32_out && !pipelined {
+            return Err(CudaError::BadShape { kernel: name, what: "f32 output needs a pipelined GEMV".into() });
+        }
         let entry = if pipelined && a.m <= 8 { format!("{name}_m8") } else { name.clone() };
+        let entry = if f32_out { format!("{entry}_f32") } else { entry };
         let f = self.function("w4_gemv", &entry)?;
         let smem = variant.shared_bytes();
         if smem > 0 {
@@ -602,9 +612,19 @@ impl Gpu {
 
     /// Prefill W4A4 GEMM (any M).
     pub fn launch_gemm(&self, variant: GemmVariant, a: &W4LinearArgs) -> Result<(), CudaError> {
+        self.launch_gemm_to(variant, a, false)
+    }
+
+    /// [`Gpu::launch_gemm`]; `f32_out`: the kernel's `_f32` twin, whose `y` is f32 [M, N] (mma.sync
+    /// kernels only).
+    pub fn launch_gemm_to(&self, variant: GemmVariant, a: &W4LinearArgs, f32_out: bool) -> Result<(), CudaError> {
         let name = variant.kernel_name();
         check_w4_shape(&name, a.m, a.n, a.k)?;
-        let f = self.function(variant.file(), &name)?;
+        if f32_out && variant.kind != GemmKind::MmaSync {
+            return Err(CudaError::BadShape { kernel: name, what: "f32 output needs an mma.sync GEMM".into() });
+        }
+        let entry = if f32_out { format!("{name}_f32") } else { name.clone() };
+        let f = self.function(variant.file(), &entry)?;
         let smem = variant.shared_bytes();
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
         let mut grid_x = a.n.div_ceil(variant.bn as usize) as u32;

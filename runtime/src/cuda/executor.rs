@@ -14,13 +14,18 @@
 //! arguments evaluated from the symbols, and the outputs are copied back. `QCC_CUDA_SYNC=1` (or
 //! [`CudaExecutor::set_sync_each`]) synchronizes after every launch so a fault names its launch.
 //!
+//! Linear launches run on the runtime's tuned kernels where a route applies (W4A4 GEMV/GEMM for
+//! `int_linear`, cuBLAS for float `linear`; same outputs, see [`super::fast_linear`];
+//! `QCC_FAST_LINEAR=0` keeps the micro-kernels). `QCC_SYNTHETIC_WEIGHTS=<seed>` loads an artifact
+//! without its weights file and fills the weight buffers with seeded random data (timing only).
+//!
 //! Runtime-supplied arguments: a `hadamard` micro-kernel launch gets two arguments appended to the
 //! manifest's (the device matrix of `qcc_ir::hadamard::Hadamard::new(n)` as i8 and the f64 scale
 //! 1/sqrt(block)), see `runtime/kernels/hadamard.cu`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -28,12 +33,12 @@ use cudarc::nvrtc::Ptx;
 use ndarray::{ArrayD, IxDyn};
 use qcc_ir::{DType, Graph, GraphOutput, NodeId};
 
+use super::fast_linear::{self, Need, Route, Scratch};
 use super::{nvrtc, CudaError, Gpu};
-use crate::artifact::{
-    artifact_path, sha256_hex, Arg, Buffer, Manifest, ManifestError, ModuleKind, Place, SymbolValues,
-};
+use crate::artifact::{artifact_path, Arg, Buffer, Manifest, ManifestError, ModuleKind, Place, SymbolValues};
 use crate::cpu::{CpuExecutor, ExecError};
 use crate::RtTensor;
+use cudarc::cublas::CudaBlas;
 
 /// Why an artifact could not be loaded or run on the GPU.
 #[derive(Debug, thiserror::Error)]
@@ -104,42 +109,8 @@ pub fn tensor_from_device(dtype: DType, dims: &[usize], bytes: Vec<u8>) -> Resul
 
 /// Compiles a micro-kernel source (common header prepended) to PTX, cached in the process and on disk.
 fn micro_ptx(name: &str, src: &str) -> Result<String, CudaError> {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
     let full = format!("{}\n#line 1 \"{name}.cu\"\n{src}", nvrtc::COMMON_HEADER);
-    let key = sha256_hex(full.as_bytes());
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(ptx);
-    }
-    let disk = disk_cache_dir().map(|d| d.join(format!("{name}-{key}.ptx")));
-    let ptx = match disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        Some(ptx) => ptx,
-        None => {
-            let ptx = nvrtc::compile_source(name, &full)?;
-            if let Some(path) = &disk {
-                // A cache that cannot be written only costs a recompile next time.
-                if let Some(parent) = path.parent() {
-                    let _ = std::fs::create_dir_all(parent);
-                }
-                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-                if std::fs::write(&tmp, &ptx).is_ok() {
-                    let _ = std::fs::rename(&tmp, path);
-                }
-            }
-            ptx
-        }
-    };
-    if let Ok(mut c) = cache.lock() {
-        c.insert(key, ptx.clone());
-    }
-    Ok(ptx)
-}
-
-fn disk_cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("QCC_CACHE_DIR") {
-        return Some(PathBuf::from(dir).join("nvrtc"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qcc/nvrtc"))
+    nvrtc::compile_cached(name, &full, nvrtc::TARGET_ARCH)
 }
 
 /// The part of `graph` that computes `values` (plus every graph input), with those as its outputs.
@@ -194,6 +165,62 @@ fn weight_bytes(graph: &Graph, buffer: &Buffer, tensor: &str) -> Result<Vec<u8>,
     Ok(device_bytes(&rt, dtype))
 }
 
+/// `QCC_SYNTHETIC_WEIGHTS=<seed>`: fill every weight buffer with seeded random data on the device
+/// instead of reading the weights file (timing runs of artifacts whose weights cannot travel, such
+/// as a Llama-2-7B-shaped model; the outputs mean nothing).
+fn synthetic_seed() -> Option<u64> {
+    std::env::var("QCC_SYNTHETIC_WEIGHTS").ok().and_then(|v| v.parse().ok())
+}
+
+/// The graph of `path` with every `dense_resource` constant zero-filled (its weights file need not
+/// exist): the sizes come from the constants' printed types.
+fn load_without_weights(path: &Path) -> Result<Graph, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut sizes: HashMap<String, usize> = HashMap::new();
+    for piece in text.split("dense_resource<").skip(1) {
+        // `dtype[d0, d1, ...], "key">`: the dims may hold commas, so split at the bracket first.
+        let Some((dtype, rest)) = piece.split_once('[') else { continue };
+        let Some((dims, rest)) = rest.split_once(']') else { continue };
+        let Some(rest) = rest.trim_start().strip_prefix(',') else { continue };
+        let numel: usize = dims.split(',').filter_map(|d| d.trim().parse::<usize>().ok()).product();
+        let Some(dtype) = DType::from_name(dtype.trim()) else { continue };
+        let Some(key) = rest.trim_start().strip_prefix('"').and_then(|k| k.split_once("\">")).map(|(k, _)| k) else {
+            continue;
+        };
+        sizes.insert(key.replace("\\\"", "\"").replace("\\\\", "\\"), dtype.storage_bytes(numel));
+    }
+    qcc_ir::text::parse_with_resources(&text, &mut |key| sizes.get(key).map(|&n| bytes::Bytes::from(vec![0u8; n])))
+        .map_err(|e| e.to_string())
+}
+
+/// A weight buffer of `buffer`'s dtype and constant dims filled with seeded random values on the
+/// device (floats uniform in [-0.05, 0.05), other types random bits).
+fn synthetic_weight(gpu: &Gpu, buffer: &Buffer, seed: u64) -> Result<CudaSlice<u8>, ExecutorError> {
+    let err = |what: String| ExecutorError::Weight { buffer: buffer.id, tensor: buffer.name.clone(), what };
+    let dtype = DType::from_name(&buffer.dtype).ok_or_else(|| err(format!("unknown dtype {}", buffer.dtype)))?;
+    let mut numel = 1usize;
+    for d in &buffer.dims {
+        let v = d.eval(&SymbolValues::new()).map_err(|e| err(e.to_string()))?;
+        numel *= usize::try_from(v).map_err(|_| err(format!("dim {d} = {v}")))?;
+    }
+    let bytes = dtype.storage_bytes(numel).max(1).div_ceil(4) * 4;
+    let slice = gpu.stream.alloc_zeros::<u8>(bytes).map_err(CudaError::from)?;
+    let p = slice.device_ptr(&gpu.stream).0;
+    let seed = seed ^ (buffer.id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let k = super::bench::e2e::DecoderKernels::new(gpu);
+    match dtype {
+        // Quantization steps large against the random activations: every quantized value then lies
+        // in the int4 range, as nearly every row of a calibrated model does, so timings do not
+        // include the exact fix-up of 16-bit prefix rows that random steps would trigger on every row.
+        DType::F32 if buffer.name.ends_with(".step") => k.fill_f32(p, bytes / 4, seed, 1e3, 2e3)?,
+        DType::F32 => k.fill_f32(p, bytes / 4, seed, -0.05, 0.05)?,
+        DType::F16 => k.fill_f16(p, bytes / 2, seed, -0.05, 0.05)?,
+        DType::BF16 | DType::F64 => {}
+        _ => k.fill_u32(p, bytes / 4, seed)?,
+    }
+    Ok(slice)
+}
+
 /// A loaded artifact on one GPU.
 pub struct CudaExecutor {
     pub manifest: Manifest,
@@ -207,16 +234,27 @@ pub struct CudaExecutor {
     _tables: Vec<CudaSlice<i8>>,
     prologue: Option<CpuExecutor>,
     sync_each: bool,
+    /// Per launch, the tuned-kernel route that replaces its micro-kernel, if any (fast_linear.rs).
+    routes: Vec<Option<Route>>,
+    scratch: Mutex<Option<Scratch>>,
+    blas: Option<CudaBlas>,
 }
 
 impl CudaExecutor {
     /// Loads artifact `dir` onto device `ordinal`.
     pub fn load(dir: &Path, ordinal: usize) -> Result<CudaExecutor, ExecutorError> {
-        let manifest = Manifest::load(dir)?;
+        let synthetic = synthetic_seed();
+        let manifest = match synthetic {
+            None => Manifest::load(dir)?,
+            Some(_) => Manifest::load_without_weights(dir)?,
+        };
         let gpu = Gpu::new(ordinal)?;
         let graph_path = manifest.graph_path(dir)?;
-        let graph = qcc_ir::text::load(&graph_path)
-            .map_err(|e| ExecutorError::Graph { path: graph_path.clone(), what: e.to_string() })?;
+        let graph = match synthetic {
+            None => qcc_ir::text::load(&graph_path).map_err(|e| e.to_string()),
+            Some(_) => load_without_weights(&graph_path),
+        }
+        .map_err(|what| ExecutorError::Graph { path: graph_path.clone(), what })?;
         let stream = gpu.stream.clone();
 
         let mut arena = stream.alloc_zeros::<u8>(manifest.arena_bytes.max(1) as usize).map_err(CudaError::from)?;
@@ -231,6 +269,10 @@ impl CudaExecutor {
 
         let mut weights = HashMap::new();
         for buffer in &manifest.buffers {
+            if let (Place::Weight { .. }, Some(seed)) = (&buffer.place, synthetic) {
+                weights.insert(buffer.id, synthetic_weight(&gpu, buffer, seed)?);
+                continue;
+            }
             if let Place::Weight { tensor } = &buffer.place {
                 let bytes = weight_bytes(&graph, buffer, tensor)?;
                 let slice = if bytes.is_empty() {
@@ -308,6 +350,38 @@ impl CudaExecutor {
             extra_args.push(extra);
         }
 
+        let mut routes = Vec::with_capacity(manifest.launches.len());
+        for (index, launch) in manifest.launches.iter().enumerate() {
+            let mut route = if fast_linear::enabled() { Route::plan(&manifest, launch) } else { None };
+            if let Some(r) = route.as_mut() {
+                let fail = |what: String| ExecutorError::Launch {
+                    index,
+                    node: launch.node.clone(),
+                    module: launch.module.clone(),
+                    entry: launch.entry.clone(),
+                    what: format!("fast route: {what}"),
+                };
+                if let Route::Had(h) = r {
+                    h.attach(&gpu).map_err(fail)?;
+                }
+                if let Some(id) = r.weight() {
+                    let bytes = match (manifest.buffer(id).map(|b| (b, &b.place)), synthetic) {
+                        (_, Some(_)) => None,
+                        (Some((b, Place::Weight { tensor })), None) => Some(weight_bytes(&graph, b, tensor)?),
+                        _ => return Err(fail(format!("weight buffer {id} is not a weight"))),
+                    };
+                    let seed = synthetic.unwrap_or(0) ^ (index as u64).wrapping_mul(0x9E37_79B9);
+                    r.attach_weights(&gpu, bytes.as_deref(), seed).map_err(fail)?;
+                }
+            }
+            routes.push(route);
+        }
+        let blas = if routes.iter().any(|r| matches!(r, Some(Route::Blas(_) | Route::W8(_) | Route::Wf(_)))) {
+            Some(CudaBlas::new(stream.clone()).map_err(CudaError::from)?)
+        } else {
+            None
+        };
+
         let prologue = match &manifest.host_prologue {
             Some(p) if !p.values.is_empty() => Some(CpuExecutor::new(&prologue_graph(&graph, &p.values)?)?),
             _ => None,
@@ -325,7 +399,45 @@ impl CudaExecutor {
             _tables: tables,
             prologue,
             sync_each,
+            routes,
+            scratch: Mutex::new(None),
+            blas,
         })
+    }
+
+    /// Whether launch `index` runs on a tuned-kernel route instead of its micro-kernel.
+    pub fn is_routed(&self, index: usize) -> bool {
+        self.routes.get(index).is_some_and(Option::is_some)
+    }
+
+    /// How many launches run on tuned kernels instead of their micro-kernels: `int_linear` (W4
+    /// GEMV/GEMM, the 8-bit LM heads) and float `linear` (cuBLAS).
+    pub fn routed_launches(&self) -> (usize, usize) {
+        let w4 = self.routes.iter().filter(|r| matches!(r, Some(Route::W4(_) | Route::W8(_) | Route::Wf(_)))).count();
+        let blas = self.routes.iter().filter(|r| matches!(r, Some(Route::Blas(_)))).count();
+        (w4, blas)
+    }
+
+    /// How many `hadamard` launches run on the fast transform.
+    pub fn routed_hadamards(&self) -> usize {
+        self.routes.iter().filter(|r| matches!(r, Some(Route::Had(_)))).count()
+    }
+
+    /// Grows the W4 routes' scratch for these symbol values (before launches or a capture: never
+    /// allocates inside one).
+    fn ensure_scratch(&self, values: &SymbolValues) -> Result<(), ExecutorError> {
+        let mut need = Need::default();
+        for r in self.routes.iter().flatten() {
+            let n = r.scratch_need(values).map_err(|what| ExecutorError::Input { name: "(symbols)".into(), what })?;
+            need = Need { rows: need.rows.max(n.rows), words: need.words.max(n.words), bytes: need.bytes.max(n.bytes) };
+        }
+        if self.routes.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut guard = self.scratch.lock().map_err(|_| CudaError::Mismatch("scratch lock poisoned".into()))?;
+        let grown = Scratch::ensure(guard.take(), &self.gpu, need)?;
+        *guard = Some(grown);
+        Ok(())
     }
 
     /// Synchronize after every launch (slower; a fault then names its launch).
@@ -594,12 +706,38 @@ impl CudaExecutor {
 
     /// Enqueues every launch of the plan (no synchronization unless `sync_each`).
     pub fn launch_all(&self, values: &SymbolValues) -> Result<(), ExecutorError> {
-        (0..self.manifest.launches.len()).try_for_each(|i| self.launch_one(i, values))
+        self.ensure_scratch(values)?;
+        (0..self.manifest.launches.len()).try_for_each(|i| self.launch_inner(i, values, self.sync_each))
     }
 
     /// Enqueues launch `index` of the plan.
     pub fn launch_one(&self, index: usize, values: &SymbolValues) -> Result<(), ExecutorError> {
+        self.ensure_scratch(values)?;
         self.launch_inner(index, values, self.sync_each)
+    }
+
+    /// Enqueues launch `index` on its tuned-kernel route.
+    fn launch_routed(&self, route: &Route, values: &SymbolValues) -> Result<(), String> {
+        let ptr = |id: u32| self.buffer_ptr(id);
+        match route {
+            Route::W4(r) => {
+                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
+                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
+                r.launch(&self.gpu, scratch, values, &ptr)
+            }
+            Route::W8(r) => {
+                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
+                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
+                r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
+            }
+            Route::Wf(r) => {
+                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
+                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
+                r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
+            }
+            Route::Had(r) => r.launch(&self.gpu, values, &ptr),
+            Route::Blas(r) => r.launch(self.blas.as_ref().ok_or("no cuBLAS handle")?, values, &ptr),
+        }
     }
 
     fn launch_inner(&self, index: usize, values: &SymbolValues, sync: bool) -> Result<(), ExecutorError> {
@@ -617,6 +755,13 @@ impl CudaExecutor {
             *g = u32::try_from(v).map_err(|_| fail(format!("grid size {e} = {v}")))?;
         }
         if grid.contains(&0) {
+            return Ok(());
+        }
+        if let Some(route) = &self.routes[index] {
+            self.launch_routed(route, values).map_err(fail)?;
+            if sync {
+                self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
+            }
             return Ok(());
         }
         let mut args = Vec::with_capacity(launch.args.len() + 2);
@@ -656,6 +801,7 @@ impl CudaExecutor {
     pub fn capture(&self, values: &SymbolValues) -> Result<cudarc::driver::CudaGraph, ExecutorError> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let stream = &self.gpu.stream;
+        self.ensure_scratch(values)?;
         stream.synchronize().map_err(CudaError::from)?;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(CudaError::from)?;
         // No synchronization inside a capture.
@@ -826,6 +972,34 @@ pub fn check_plan(dir: &Path) -> Result<Vec<String>, ExecutorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_graph_loads_without_its_weights_file_with_zeroed_constants_of_the_same_types() {
+        let mut g = Graph::new("t");
+        let x = g.add_input("x", qcc_ir::TensorType::known(DType::F32, &[2, 64])).unwrap();
+        let values: Vec<f32> = (0..64 * 48).map(|i| i as f32).collect();
+        let w = g.add_constant("w.\"q\"", qcc_ir::Tensor::from_slice(vec![48, 64], &values)).unwrap();
+        let w4 =
+            qcc_ir::Tensor::from_bytes(DType::I4, vec![33, 64], bytes::Bytes::from(vec![0x7Fu8; 33 * 32])).unwrap();
+        let w4 = g.add_constant("w4", w4).unwrap();
+        let y =
+            g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Linear), &[x, w], qcc_ir::TensorType::known(DType::F32, &[2, 48]));
+        g.add_output("y", y);
+        g.add_output("w4", w4);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.qir");
+        qcc_ir::text::save(&path, &g).unwrap();
+        let weights: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.path() != path).collect();
+        assert_eq!(weights.len(), 1, "save wrote the graph and one weights file");
+        std::fs::remove_file(weights[0].path()).unwrap();
+        assert!(qcc_ir::text::load(&path).is_err(), "the graph needs its weights file");
+        let back = load_without_weights(&path).unwrap();
+        for (name, dtype, dims) in [("w.\"q\"", DType::F32, vec![48, 64]), ("w4", DType::I4, vec![33, 64])] {
+            let t = back.constant(back.value_by_name(name).unwrap()).unwrap();
+            assert_eq!((t.dtype, &t.dims), (dtype, &dims), "{name}");
+            assert!(t.bytes().unwrap().iter().all(|&b| b == 0), "{name} is zero-filled");
+        }
+    }
 
     #[test]
     fn device_bytes_round_trip_with_one_byte_per_int4_value() {

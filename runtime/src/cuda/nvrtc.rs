@@ -29,6 +29,9 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("hadamard", include_str!("../../kernels/hadamard.cu")),
     // Decoder kernels of the end-to-end decode benchmark (src/cuda/e2e.rs).
     ("decoder", include_str!("../../kernels/decoder.cu")),
+    // Activation packing and exact prefix-row fix-up that route compiled `int_linear` launches to the
+    // W4 kernels (src/cuda/fast_linear.rs).
+    ("fast_linear", include_str!("../../kernels/fast_linear.cu")),
 ];
 
 /// The architecture every kernel is built for (except those named in [`arch_for`]).
@@ -121,11 +124,52 @@ pub fn compile_ptx(name: &str) -> Result<String, CudaError> {
         }
         return Err(CudaError::NvrtcMissing);
     }
-    let text = compile_source_for(name, &full_source(name)?, arch_for(name))?;
+    let text = compile_cached(name, &full_source(name)?, arch_for(name))?;
     if let Ok(mut c) = cache.lock() {
         c.insert(name.to_string(), text.clone());
     }
     Ok(text)
+}
+
+/// [`compile_source_for`] with the PTX cached per process and on disk (under `QCC_CACHE_DIR/nvrtc`,
+/// else `~/.cache/qcc/nvrtc`), keyed by the sha256 of the source and the architecture: every
+/// `qcc-run` process after the first skips NVRTC (the W4 GEMV file alone takes seconds).
+pub fn compile_cached(label: &str, src: &str, arch: &'static str) -> Result<String, CudaError> {
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let key = crate::artifact::sha256_hex(format!("{arch}\n{src}").as_bytes());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(ptx);
+    }
+    let disk = disk_cache_dir().map(|d| d.join(format!("{label}-{key}.ptx")));
+    let ptx = match disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        Some(ptx) => ptx,
+        None => {
+            let ptx = compile_source_for(label, src, arch)?;
+            if let Some(path) = &disk {
+                // A cache that cannot be written only costs a recompile next time.
+                if let Some(parent) = path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, &ptx).is_ok() {
+                    let _ = std::fs::rename(&tmp, path);
+                }
+            }
+            ptx
+        }
+    };
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, ptx.clone());
+    }
+    Ok(ptx)
+}
+
+fn disk_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("QCC_CACHE_DIR") {
+        return Some(PathBuf::from(dir).join("nvrtc"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qcc/nvrtc"))
 }
 
 /// Compiles one full CUDA C++ translation unit (`label` names it in errors) to PTX for sm_90.

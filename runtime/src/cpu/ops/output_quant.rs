@@ -20,9 +20,13 @@ pub fn apply(q: &OutputQuant, y: &RtTensor) -> OpResult<RtTensor> {
         Some(t) => Some(t.to_f32_vec().map_err(|e| op_err!("attribute 'step': {e}"))?),
         None => None,
     };
+    // Steps per (head, channel) of an attention output [B, H, S, D]: H * D of them.
+    let heads = if shape.len() >= 3 { shape[shape.len() - 3] } else { 1 };
+    let per_head =
+        step.as_ref().is_some_and(|s| s.len() != 1 && s.len() != k && shape.len() >= 3 && s.len() == heads * k);
     if let Some(s) = &step {
-        if s.len() != 1 && s.len() != k {
-            bail!("attribute 'step' has {} elements, the last axis {k}", s.len());
+        if s.len() != 1 && s.len() != k && !per_head {
+            bail!("attribute 'step' has {} elements, the last axis {k} (or heads x last axis {})", s.len(), heads * k);
         }
     }
     let yf = y.to_f32();
@@ -30,6 +34,7 @@ pub fn apply(q: &OutputQuant, y: &RtTensor) -> OpResult<RtTensor> {
     let data = yf.as_slice().ok_or_else(|| op_err!("non-contiguous output"))?;
     let scaled = |i: usize, v: f32| match &step {
         Some(s) if s.len() == 1 => v / s[0],
+        Some(s) if per_head => v / s[((i / (seq.max(1) * k)) % heads) * k + i % k],
         Some(s) => v / s[i % k],
         None => v,
     };
@@ -154,6 +159,47 @@ pub fn int_linear(ctx: &OpCtx) -> OpResult<RtTensor> {
     if let Some(last) = out_shape.last_mut() {
         *last = n;
     }
-    let out = out.into_shape_with_order(IxDyn(&out_shape)).map_err(|e| op_err!("{e}"))?;
-    Ok(RtTensor::F32(out))
+    let out = RtTensor::F32(out.into_shape_with_order(IxDyn(&out_shape)).map_err(|e| op_err!("{e}"))?);
+    // A half-precision result is the f32 epilogue rounded once (as the GPU kernels store it); with
+    // an output quantization the f32 result goes to the epilogue instead.
+    Ok(match ctx.outputs.first().map(|o| o.ty.dtype) {
+        Some(d @ (DType::F16 | DType::BF16)) if ctx.op.attr("to").is_none() => out.cast(d),
+        _ => out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcc_ir::Tensor;
+
+    #[test]
+    fn attention_outputs_take_steps_per_head_and_channel() {
+        // y [B 1, H 2, S 3, D 4] = 10 h + s + d / 4; steps per (h, d): 1 + h + d.
+        let (h, s, d) = (2usize, 3usize, 4usize);
+        let y: Vec<f32> = (0..h)
+            .flat_map(|hh| {
+                (0..s).flat_map(move |ss| (0..d).map(move |dd| 10.0 * hh as f32 + ss as f32 + dd as f32 / 4.0))
+            })
+            .collect();
+        let steps: Vec<f32> = (0..h).flat_map(|hh| (0..d).map(move |dd| (1 + hh + dd) as f32)).collect();
+        let q = OutputQuant {
+            to: DType::I4,
+            prefix_tokens: 1,
+            prefix_to: DType::I16,
+            step: Some(Tensor::from_slice(vec![h * d], &steps)),
+        };
+        let out = apply(&q, &RtTensor::from_vec(&[1, h, s, d], y.clone()).unwrap()).unwrap();
+        let got = out.cast_array::<i64>();
+        for (i, &g) in got.iter().enumerate() {
+            let (hh, ss, dd) = (i / (s * d), (i / d) % s, i % d);
+            let v = (y[i] / steps[hh * d + dd]).round_ties_even();
+            // Position 0 keeps 16 bits; the others clamp to int4.
+            let want = if ss == 0 { v } else { v.clamp(-8.0, 7.0) } as i64;
+            assert_eq!(g, want, "h {hh} s {ss} d {dd}");
+        }
+        // A step count that is neither 1, D nor H * D is an error.
+        let bad = OutputQuant { step: Some(Tensor::from_slice(vec![3], &[1.0f32; 3])), ..q };
+        assert!(apply(&bad, &RtTensor::from_vec(&[1, h, s, d], y).unwrap()).is_err());
+    }
 }

@@ -1,0 +1,860 @@
+//! Routes a compiled artifact's linear launches to the runtime's tuned kernels instead of the
+//! correctness-first micro-kernels the plan names (compiler/src/lower/micro.rs), with the same
+//! outputs.
+//!
+//! - `int_linear` with int4 weights and integer activations held one value per element (`i16` when
+//!   the op keeps 16-bit prefix rows, `i4` otherwise; what `-O w4a4` plans contain), K % 32 == 0 and
+//!   N % 8 == 0: the weights are repacked once at load into the split-nibble rows of the W4 GEMM and
+//!   the tiled layout of the W4 GEMV ([`super::pack`]). Per run: `pack_act_rows_*` packs the rows and
+//!   flags the ones with a value outside -8..7 (16-bit prefix rows), the W4A4 GEMV (M <= 16) or
+//!   mma.sync GEMM (M > 16) computes every row with per-token scale 1 and the plan's per-channel
+//!   scale and bias, writing the plan's output type (f32 or f16), and `int_linear_fix_rows_*`
+//!   recomputes the flagged rows exactly (runtime/kernels/fast_linear.cu). The integer sums are
+//!   exact on both paths and the epilogue rounds the same steps in the same order, so the outputs
+//!   are bit-identical to the micro-kernel's (and to the CPU executor's).
+//! - `int_linear` with int16 activations and int8 weights (the 8-bit LM head of `-O w4a4` plans),
+//!   K % 16 == 0: M <= 16 runs `w8_gemv_xi16_*` (one warp per output channel, weights read once);
+//!   larger M splits x = 256 hi + lo + 128 into two int8 operands, multiplies both on cuBLAS's int8
+//!   GEMM (exact int32) and combines 256 C_hi + C_lo + 128 sum(w) in int64 before the same f32
+//!   epilogue: exact, like the micro-kernel.
+//! - weight-only `int_linear` (f32 activations without `act_bits`, int8 weights, f32 out; an LM head
+//!   whose input stays float), K % 16 == 0: M <= 16 runs `wf8_gemv_xf32_f32` (int8 weights read
+//!   once); larger M splits x into two f16 halves (hi + lo, 22 significant bits) and runs cuBLAS's
+//!   f16 GEMM with f32 accumulation over the weights widened to f16 at load (exact for int8), twice,
+//!   then the epilogue. Float sums, so within the float tolerance rather than bit-exact (as the
+//!   micro-kernel).
+//! - `linear` in f16 or f32 (weights of the same type, no bias): cuBLAS (f32 compute; no TF32).
+//! - `hadamard` (the online rotation of the down_proj input): `hadamard_fast_*`
+//!   (runtime/kernels/hadamard.cu), the CPU's own algorithm and order (butterflies over each
+//!   power-of-two sub-row, then the dense factor), so bit-identical to it, in O(n log n + n m)
+//!   instead of the micro-kernel's dense O(n^2) per row.
+//!   Float sums then follow cuBLAS's order, as the micro-kernel's follow its own.
+//!
+//! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` picks the GEMV
+//! variant (default [`DEFAULT_GEMV`]), `QCC_FAST_GEMM=<name>` the mma.sync GEMM (default
+//! [`DEFAULT_GEMM`]).
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use qcc_ir::DType;
+
+use super::device::{GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+use super::pack::{pack_int4_split, pack_int4_tiled, tiled_words};
+use super::CudaError;
+use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
+
+/// The GEMV of the fast `int_linear` route (the best at 11008x4096, M = 1, on an H200).
+pub const DEFAULT_GEMV: &str = "w4a4_gemvq_ks4_u2";
+/// The GEMM of the fast `int_linear` route for M > 16 (mma.sync: it has f32-output twins).
+pub const DEFAULT_GEMM: &str = "w4a4_gemm_128x128_w4";
+
+/// Whether routing is on (`QCC_FAST_LINEAR` unset or not `0`).
+pub fn enabled() -> bool {
+    std::env::var_os("QCC_FAST_LINEAR").is_none_or(|v| v != "0")
+}
+
+/// A W4A4 `int_linear` launch on the tuned kernels.
+pub struct W4Route {
+    x: u32,
+    x_i16: bool,
+    w: u32,
+    scale: u32,
+    bias: Option<u32>,
+    y: u32,
+    y_f32: bool,
+    m: DimExpr,
+    n: usize,
+    k: usize,
+    /// Split-nibble rows [N, K/8] (GEMM and the exact row fix-up).
+    rows: Option<CudaSlice<u32>>,
+    /// Tiled GEMV layout.
+    tiled: Option<CudaSlice<u32>>,
+}
+
+/// A float `linear` launch on cuBLAS.
+pub struct BlasRoute {
+    x: u32,
+    w: u32,
+    y: u32,
+    dtype: cudaDataType_t,
+    m: DimExpr,
+    n: usize,
+    k: usize,
+}
+
+/// The int16 x int8 `int_linear` (an 8-bit LM head) on the W8 GEMV or cuBLAS int8.
+pub struct W8Route {
+    x: u32,
+    w: u32,
+    scale: u32,
+    bias: Option<u32>,
+    y: u32,
+    y_f32: bool,
+    m: DimExpr,
+    n: usize,
+    k: usize,
+    /// Row sums of the weights, i32 [N].
+    wsum: Option<CudaSlice<i32>>,
+}
+
+/// The weight-only int8 `int_linear` with f32 activations and output.
+pub struct WfRoute {
+    x: u32,
+    w: u32,
+    scale: u32,
+    bias: Option<u32>,
+    y: u32,
+    m: DimExpr,
+    n: usize,
+    k: usize,
+    /// The weights as f16 [N, K] (exact for int8; the cuBLAS path at M > 16).
+    wide: Option<CudaSlice<u16>>,
+}
+
+/// A `hadamard` launch on the fast transform.
+pub struct HadRoute {
+    x: u32,
+    out: u32,
+    rows: DimExpr,
+    n: usize,
+    /// Entry suffix: the storage type (f32, f16, bf16).
+    dtype: String,
+    m: usize,
+    p: usize,
+    scale: f64,
+    dense: Option<CudaSlice<i8>>,
+}
+
+/// How one launch of the plan runs.
+pub enum Route {
+    W4(W4Route),
+    W8(W8Route),
+    Wf(WfRoute),
+    Blas(BlasRoute),
+    Had(HadRoute),
+}
+
+/// Scratch one route needs for some symbol values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Need {
+    /// Rows of per-token scales and flags (W4).
+    pub rows: usize,
+    /// Packed int4 activation words (W4).
+    pub words: usize,
+    /// Bytes of split activations and int32 partial products (W8 at M > 16).
+    pub bytes: usize,
+}
+
+fn buffer_dtype(manifest: &Manifest, id: u32) -> Option<DType> {
+    manifest.buffer(id).and_then(|b| DType::from_name(&b.dtype))
+}
+
+fn const_arg(a: &Arg) -> Option<usize> {
+    match a {
+        Arg::I64(DimExpr::Const(v)) => usize::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+impl Route {
+    /// The route for `launch`, if one applies (weights not yet repacked: see [`Route::weight`]).
+    pub fn plan(manifest: &Manifest, launch: &Launch) -> Option<Route> {
+        if launch.module == "hadamard" {
+            return HadRoute::plan(manifest, launch).map(Route::Had);
+        }
+        let bufs: Vec<u32> =
+            launch.args.iter().filter_map(|a| if let Arg::Buffer(b) = a { Some(*b) } else { None }).collect();
+        let ints: Vec<&Arg> = launch.args.iter().filter(|a| matches!(a, Arg::I64(_))).collect();
+        let [m, n, k] = ints.as_slice() else { return None };
+        let Arg::I64(m) = m else { return None };
+        let (n, k) = (const_arg(n)?, const_arg(k)?);
+        match launch.module.as_str() {
+            "int_linear" => {
+                let (x, w, scale, bias, y) = match bufs.as_slice() {
+                    [x, w, s, y] => (*x, *w, *s, None, *y),
+                    [x, w, s, b, y] => (*x, *w, *s, Some(*b), *y),
+                    _ => return None,
+                };
+                let y_f32 = match buffer_dtype(manifest, y)? {
+                    DType::F32 => true,
+                    DType::F16 => false,
+                    _ => return None,
+                };
+                let (xd, wd) = (buffer_dtype(manifest, x)?, buffer_dtype(manifest, w)?);
+                // `_a{bits}` in the entry: float activations quantized per row (not routed).
+                let dynamic =
+                    launch.entry.split('_').any(|p| p.len() > 1 && p.starts_with('a') && p[1..].parse::<u32>().is_ok());
+                if (xd, wd) == (DType::F32, DType::I8) && y_f32 && !dynamic && k % 16 == 0 && n > 0 {
+                    return Some(Route::Wf(WfRoute { x, w, scale, bias, y, m: m.clone(), n, k, wide: None }));
+                }
+                if (xd, wd) == (DType::I16, DType::I8) {
+                    if k % 16 != 0 || n == 0 {
+                        return None;
+                    }
+                    return Some(Route::W8(W8Route { x, w, scale, bias, y, y_f32, m: m.clone(), n, k, wsum: None }));
+                }
+                let x_i16 = match xd {
+                    DType::I16 => true,
+                    DType::I4 => false,
+                    _ => return None,
+                };
+                let shapes_ok = n % 8 == 0 && k % 32 == 0 && n > 0 && k > 0;
+                if buffer_dtype(manifest, w)? != DType::I4 || !shapes_ok {
+                    return None;
+                }
+                Some(Route::W4(W4Route {
+                    x,
+                    x_i16,
+                    w,
+                    scale,
+                    bias,
+                    y,
+                    y_f32,
+                    m: m.clone(),
+                    n,
+                    k,
+                    rows: None,
+                    tiled: None,
+                }))
+            }
+            "linear" => {
+                let [x, w, y] = bufs.as_slice() else { return None };
+                let dt = buffer_dtype(manifest, *x)?;
+                if buffer_dtype(manifest, *w)? != dt || buffer_dtype(manifest, *y)? != dt {
+                    return None;
+                }
+                let dtype = match dt {
+                    DType::F16 => cudaDataType_t::CUDA_R_16F,
+                    DType::F32 => cudaDataType_t::CUDA_R_32F,
+                    _ => return None,
+                };
+                Some(Route::Blas(BlasRoute { x: *x, w: *w, y: *y, dtype, m: m.clone(), n, k }))
+            }
+            _ => None,
+        }
+    }
+
+    /// The weight buffer whose bytes [`Route::attach_weights`] needs (W4 and W8 routes).
+    pub fn weight(&self) -> Option<u32> {
+        match self {
+            Route::W4(r) => Some(r.w),
+            Route::W8(r) => Some(r.w),
+            Route::Wf(r) => Some(r.w),
+            Route::Blas(_) | Route::Had(_) => None,
+        }
+    }
+
+    /// Repacks the plan's int4 weights (`[N, K]`, two per byte along K, low nibble first) into the
+    /// W4 kernels' layouts on the device. `None` bytes: fill both layouts with seeded random words
+    /// instead (synthetic weights; the layout of random words does not matter).
+    pub fn attach_weights(&mut self, gpu: &Gpu, bytes: Option<&[u8]>, seed: u64) -> Result<(), String> {
+        if let Route::W8(r) = self {
+            // Row sums of the int8 weights (zeros for synthetic weights: the values mean nothing).
+            let sums: Vec<i32> = match bytes {
+                Some(b) if b.len() == r.n * r.k => {
+                    b.chunks_exact(r.k).map(|row| row.iter().map(|&v| v as i8 as i32).sum()).collect()
+                }
+                Some(b) => return Err(format!("int8 weight of {} bytes, expected {} x {}", b.len(), r.n, r.k)),
+                None => vec![0; r.n],
+            };
+            r.wsum = Some(gpu.stream.clone_htod(&sums).map_err(|e| e.to_string())?);
+            return Ok(());
+        }
+        if let Route::Wf(r) = self {
+            let wide = match bytes {
+                Some(b) if b.len() == r.n * r.k => {
+                    let f: Vec<u16> = b.iter().map(|&v| half::f16::from_f32(v as i8 as f32).to_bits()).collect();
+                    gpu.stream.clone_htod(&f).map_err(|e| e.to_string())?
+                }
+                Some(b) => return Err(format!("int8 weight of {} bytes, expected {} x {}", b.len(), r.n, r.k)),
+                None => {
+                    let wide = gpu.stream.alloc_zeros::<u16>(r.n * r.k).map_err(|e| e.to_string())?;
+                    let kernels = super::bench::e2e::DecoderKernels::new(gpu);
+                    let p = wide.device_ptr(&gpu.stream).0;
+                    kernels.fill_f16(p, r.n * r.k, seed, -100.0, 100.0).map_err(|e| e.to_string())?;
+                    wide
+                }
+            };
+            r.wide = Some(wide);
+            return Ok(());
+        }
+        let Route::W4(r) = self else { return Ok(()) };
+        let (n, k) = (r.n, r.k);
+        let stream = &gpu.stream;
+        let err = |e: cudarc::driver::DriverError| e.to_string();
+        match bytes {
+            Some(bytes) => {
+                if bytes.len() != n * k / 2 {
+                    return Err(format!("int4 weight of {} bytes, expected {n} x {k} / 2", bytes.len()));
+                }
+                let values: Vec<i8> = bytes.iter().flat_map(|&b| [((b << 4) as i8) >> 4, (b as i8) >> 4]).collect();
+                let rows = pack_int4_split(&values, n, k).ok_or("int4 weight values out of range")?;
+                let tiled = pack_int4_tiled(&rows, n, k).ok_or("tiled layout")?;
+                r.rows = Some(stream.clone_htod(&rows).map_err(err)?);
+                r.tiled = Some(stream.clone_htod(&tiled).map_err(err)?);
+            }
+            None => {
+                let kernels = super::bench::e2e::DecoderKernels::new(gpu);
+                let rows = stream.alloc_zeros::<u32>(n * k / 8).map_err(err)?;
+                let tiled = stream.alloc_zeros::<u32>(tiled_words(n, k)).map_err(err)?;
+                kernels.fill_u32(rows.device_ptr(stream).0, n * k / 8, seed).map_err(|e| e.to_string())?;
+                kernels.fill_u32(tiled.device_ptr(stream).0, tiled_words(n, k), seed ^ 1).map_err(|e| e.to_string())?;
+                r.rows = Some(rows);
+                r.tiled = Some(tiled);
+            }
+        }
+        Ok(())
+    }
+
+    /// The scratch this route needs for these symbol values.
+    pub fn scratch_need(&self, values: &SymbolValues) -> Result<Need, String> {
+        Ok(match self {
+            Route::W4(r) => {
+                let m = eval_rows(&r.m, values)?;
+                Need { rows: m, words: m * r.k / 8, bytes: 0 }
+            }
+            Route::W8(r) => {
+                let m = eval_rows(&r.m, values)?;
+                Need { bytes: if m > 16 { W8Route::split_bytes(m, r.n, r.k) } else { 0 }, ..Need::default() }
+            }
+            Route::Wf(r) => {
+                let m = eval_rows(&r.m, values)?;
+                Need { bytes: if m > 16 { 4 * m * r.k } else { 0 }, ..Need::default() }
+            }
+            Route::Blas(_) | Route::Had(_) => Need::default(),
+        })
+    }
+}
+
+fn eval_rows(m: &DimExpr, values: &SymbolValues) -> Result<usize, String> {
+    let v = m.eval(values).map_err(|e| e.to_string())?;
+    usize::try_from(v).map_err(|_| format!("row count {m} = {v}"))
+}
+
+/// Device scratch of the W4 routes: per-token scales of 1.0, row flags and packed activations.
+pub struct Scratch {
+    ones: CudaSlice<f32>,
+    flags: CudaSlice<i32>,
+    xq: CudaSlice<u32>,
+    bytes: CudaSlice<u8>,
+}
+
+impl Scratch {
+    /// Scratch for `need` (grown, never shrunk).
+    pub fn ensure(current: Option<Scratch>, gpu: &Gpu, need: Need) -> Result<Scratch, CudaError> {
+        if let Some(s) = current {
+            if s.ones.len() >= need.rows && s.xq.len() >= need.words && s.bytes.len() >= need.bytes {
+                return Ok(s);
+            }
+        }
+        let stream = &gpu.stream;
+        let rows = need.rows.max(16);
+        Ok(Scratch {
+            ones: stream.clone_htod(&vec![1.0f32; rows])?,
+            flags: stream.alloc_zeros::<i32>(rows)?,
+            xq: stream.alloc_zeros::<u32>(need.words.max(1))?,
+            bytes: stream.alloc_zeros::<u8>(need.bytes.max(1))?,
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.ones.len()
+    }
+
+    fn ptrs(&self, gpu: &Gpu) -> (u64, u64, u64) {
+        let s = &gpu.stream;
+        (self.ones.device_ptr(s).0, self.flags.device_ptr(s).0, self.xq.device_ptr(s).0)
+    }
+}
+
+impl W4Route {
+    /// Enqueues pack, GEMV/GEMM and the exact fix-up of the flagged rows. `ptr` resolves buffer ids.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(());
+        }
+        if m > scratch.rows() || m * self.k / 8 > scratch.xq.len() {
+            return Err(format!("scratch for {} rows, {m} needed", scratch.rows()));
+        }
+        let (ones, flags, xq) = scratch.ptrs(gpu);
+        let (x, scale, y) = (ptr(self.x)?, ptr(self.scale)?, ptr(self.y)?);
+        let bias = match self.bias {
+            Some(b) => ptr(b)?,
+            None => 0,
+        };
+        let (n, k) = (self.n, self.k);
+        let (n64, k64) = (n as i64, k as i64);
+        let xt = if self.x_i16 { "i16" } else { "i8" };
+        let launch_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+
+        let pack = gpu.function("fast_linear", &format!("pack_act_rows_{xt}")).map_err(|e| e.to_string())?;
+        let mut b = gpu.stream.launch_builder(&pack);
+        b.arg(&x).arg(&xq).arg(&flags).arg(&k64);
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (T*, u32*, int*, long); x holds m * k values, xq m * k / 8 words, flags m ints.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_err("pack_act_rows", &e))?;
+
+        let rows = self.rows.as_ref().ok_or("weights not attached")?;
+        let tiled = self.tiled.as_ref().ok_or("weights not attached")?;
+        let mut args = W4LinearArgs {
+            w: rows.device_ptr(&gpu.stream).0,
+            sw: scale,
+            x: xq,
+            sx: ones,
+            bias,
+            residual: 0,
+            y,
+            m,
+            n,
+            k,
+        };
+        if m <= 16 {
+            args.w = tiled.device_ptr(&gpu.stream).0;
+            let name = std::env::var("QCC_FAST_GEMV").unwrap_or_else(|_| DEFAULT_GEMV.to_string());
+            let v = GemvVariant::by_name(&name).ok_or_else(|| format!("QCC_FAST_GEMV: no GEMV {name}"))?;
+            if !v.tiled() || v.act != super::ActBits::A4 {
+                return Err(format!("QCC_FAST_GEMV: {name} is not a tiled W4A4 GEMV"));
+            }
+            gpu.launch_gemv_to(v, &args, self.y_f32).map_err(|e| e.to_string())?;
+        } else {
+            let name = std::env::var("QCC_FAST_GEMM").unwrap_or_else(|_| DEFAULT_GEMM.to_string());
+            let v = GemmVariant::by_name(&name).ok_or_else(|| format!("QCC_FAST_GEMM: no GEMM {name}"))?;
+            if v.kind != GemmKind::MmaSync {
+                return Err(format!("QCC_FAST_GEMM: {name} is not an mma.sync GEMM"));
+            }
+            gpu.launch_gemm_to(v, &args, self.y_f32).map_err(|e| e.to_string())?;
+        }
+
+        let yt = if self.y_f32 { "f32" } else { "f16" };
+        let fix = gpu.function("fast_linear", &format!("int_linear_fix_rows_x{xt}_{yt}")).map_err(|e| e.to_string())?;
+        let w_rows = rows.device_ptr(&gpu.stream).0;
+        let m64 = m as i64;
+        let mut b = gpu.stream.launch_builder(&fix);
+        b.arg(&x).arg(&w_rows).arg(&scale).arg(&bias).arg(&y).arg(&flags).arg(&m64).arg(&n64).arg(&k64);
+        // At most 16 block rows walk the M rows (most are unflagged: one flag read each).
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, m.min(16) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: signature (T*, u32*, float*, float*, void*, int*, long, long, long) over the buffers above.
+        unsafe { b.launch(cfg) }.map_err(|e| launch_err("int_linear_fix_rows", &e))?;
+        Ok(())
+    }
+}
+
+impl W8Route {
+    /// Scratch bytes at M > 16: hi and lo int8 [M, K], then C_hi and C_lo int32 [M, N] (256-aligned).
+    fn split_bytes(m: usize, n: usize, k: usize) -> usize {
+        2 * (m * k).div_ceil(256) * 256 + 8 * m * n
+    }
+
+    /// Enqueues the exact int16 x int8 product and its epilogue.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (x, w, scale, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.scale)?, ptr(self.y)?);
+        let bias = match self.bias {
+            Some(b) => ptr(b)?,
+            None => 0,
+        };
+        let (n, k) = (self.n, self.k);
+        let (n64, k64) = (n as i64, k as i64);
+        let yt = if self.y_f32 { "f32" } else { "f16" };
+        let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
+        if m <= 16 {
+            let f = func(&format!("w8_gemv_xi16_{yt}"))?;
+            let m32 = m as i32;
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&x).arg(&w).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n64).arg(&k64);
+            let cfg =
+                LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: signature (short*, i8*, float*, float*, void*, int, long, long); x [m, k] i16,
+            // w [n, k] i8 (16-byte rows: k % 16 == 0), y [m, n].
+            return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("w8_gemv: {e}"));
+        }
+        if scratch.bytes.len() < Self::split_bytes(m, n, k) {
+            return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), Self::split_bytes(m, n, k)));
+        }
+        let base = scratch.bytes.device_ptr(&gpu.stream).0;
+        let half = ((m * k).div_ceil(256) * 256) as u64;
+        let (hi, lo, c_hi) = (base, base + half, base + 2 * half);
+        let c_lo = c_hi + (4 * m * n) as u64;
+        let count = (m * k) as i64;
+        let f = func("split_i16_to_i8")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&x).arg(&hi).arg(&lo).arg(&count);
+        let grid = ((m * k).div_ceil(256).min(65_535)) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (short*, i8*, i8*, long); x holds m * k values, hi and lo m * k bytes each.
+        unsafe { b.launch(cfg) }.map_err(|e| format!("split_i16_to_i8: {e}"))?;
+        for (a, c) in [(hi, c_hi), (lo, c_lo)] {
+            gemm_i8(blas, w, a, c, m, n, k)?;
+        }
+        let wsum = self.wsum.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
+        let f = func(&format!("combine_w8_{yt}"))?;
+        let (m64, grid) = (m as i64, ((m * n).div_ceil(256).min(65_535)) as u32);
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&c_hi).arg(&c_lo).arg(&wsum).arg(&scale).arg(&bias).arg(&y).arg(&m64).arg(&n64);
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (int*, int*, int*, float*, float*, void*, long, long) over the buffers above.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("combine_w8: {e}"))
+    }
+}
+
+impl HadRoute {
+    /// `hadamard_{X}(x, out, rows, n)` with one exact block (no block-diagonal fallback).
+    fn plan(manifest: &Manifest, launch: &Launch) -> Option<HadRoute> {
+        let [Arg::Buffer(x), Arg::Buffer(out), Arg::I64(rows), n] = launch.args.as_slice() else { return None };
+        let n = const_arg(n)?;
+        let dtype = launch.entry.strip_prefix("hadamard_")?.to_string();
+        if !matches!(dtype.as_str(), "f32" | "f16" | "bf16") || buffer_dtype(manifest, *x)?.name() != dtype {
+            return None;
+        }
+        let h = qcc_ir::hadamard::Hadamard::new(n);
+        let (m, p, _) = h.factors();
+        // 8 * n bytes of shared memory: at most Hopper's 227 KiB opt-in.
+        if h.block_size() != n || m * p != n || 8 * n > 227 * 1024 {
+            return None;
+        }
+        let scale = 1.0 / (h.block_size() as f64).sqrt();
+        Some(HadRoute { x: *x, out: *out, rows: rows.clone(), n, dtype, m, p, scale, dense: None })
+    }
+
+    /// Uploads the dense factor (once per route).
+    pub fn attach(&mut self, gpu: &Gpu) -> Result<(), String> {
+        let h = qcc_ir::hadamard::Hadamard::new(self.n);
+        self.dense = Some(gpu.stream.clone_htod(h.factors().2).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    /// Enqueues the transform of every row.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let rows = eval_rows(&self.rows, values)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows > 0x7FFF_FFFF {
+            return Err(format!("{rows} rows"));
+        }
+        let (x, out) = (ptr(self.x)?, ptr(self.out)?);
+        let dense = self.dense.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
+        let f = gpu.function("hadamard", &format!("hadamard_fast_{}", self.dtype)).map_err(|e| e.to_string())?;
+        let smem = (8 * self.n) as u32;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
+        }
+        // Few rows (decode): split each row's outputs over several blocks to fill the GPU.
+        let splits = if rows >= 264 { 1 } else { (528 / rows).clamp(1, if self.m > 1 { self.m } else { 16 }) };
+        let (n64, m32, p64) = (self.n as i64, self.m as i32, self.p as i64);
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&dense).arg(&self.scale);
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: signature (T*, T*, long, int, long, i8*, double); x and out hold rows * n values,
+        // dense m * m entries; the shared memory holds one row in f64.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("hadamard_fast: {e}"))
+    }
+}
+
+impl WfRoute {
+    /// Enqueues the weight-only product and its epilogue.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (x, w, scale, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.scale)?, ptr(self.y)?);
+        let bias = match self.bias {
+            Some(b) => ptr(b)?,
+            None => 0,
+        };
+        let (n, k) = (self.n, self.k);
+        let (m64, n64, k64) = (m as i64, n as i64, k as i64);
+        let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
+        if m <= 16 {
+            let f = func("wf8_gemv_xf32_f32")?;
+            let m32 = m as i32;
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&x).arg(&w).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n64).arg(&k64);
+            let cfg =
+                LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: signature (float*, i8*, float*, float*, void*, int, long, long); x [m, k] f32,
+            // w [n, k] i8 (16-byte rows: k % 16 == 0), y [m, n] f32.
+            return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("wf8_gemv: {e}"));
+        }
+        let wide = self.wide.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
+        if scratch.bytes.len() < 4 * m * k {
+            return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), 4 * m * k));
+        }
+        let hi = scratch.bytes.device_ptr(&gpu.stream).0;
+        let lo = hi + (2 * m * k) as u64;
+        let count = (m * k) as i64;
+        let f = func("split_f32_to_f16")?;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&x).arg(&hi).arg(&lo).arg(&count);
+        let grid = ((m * k).div_ceil(256).min(65_535)) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (float*, u16*, u16*, long); x holds m * k floats, hi and lo m * k halves.
+        unsafe { b.launch(cfg) }.map_err(|e| format!("split_f32_to_f16: {e}"))?;
+        for (part, beta) in [(hi, 0.0f32), (lo, 1.0f32)] {
+            let alpha = 1.0f32;
+            // SAFETY: wide [n, k] and part [m, k] f16, y [m, n] f32 on the handle's stream; host f32
+            // scalars (CUBLAS_COMPUTE_32F).
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&alpha) as *const f32 as *const _,
+                    wide as *const _,
+                    cudaDataType_t::CUDA_R_16F,
+                    k as i32,
+                    part as *const _,
+                    cudaDataType_t::CUDA_R_16F,
+                    k as i32,
+                    (&beta) as *const f32 as *const _,
+                    y as *mut _,
+                    cudaDataType_t::CUDA_R_32F,
+                    n as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| format!("cuBLAS gemm: {e}"))?;
+        }
+        let f = func("scale_bias_f32")?;
+        let grid = ((m * n).div_ceil(256).min(65_535)) as u32;
+        let mut b = gpu.stream.launch_builder(&f);
+        b.arg(&y).arg(&scale).arg(&bias).arg(&m64).arg(&n64);
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (float*, float*, float*, long, long); y [m, n], scale and bias [n].
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("scale_bias_f32: {e}"))
+    }
+}
+
+/// C[M, N] (int32) = A[M, K] . W[N, K]^T on cuBLAS's int8 GEMM (exact int32 sums; TN layout).
+fn gemm_i8(blas: &CudaBlas, w: u64, a: u64, c: u64, m: usize, n: usize, k: usize) -> Result<(), String> {
+    let (alpha, beta) = (1i32, 0i32);
+    // SAFETY: w [n, k] i8, a [m, k] i8, c [m, n] i32 on the handle's stream; CUBLAS_COMPUTE_32I takes
+    // host i32 scalars.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const i32 as *const _,
+            w as *const _,
+            cudaDataType_t::CUDA_R_8I,
+            k as i32,
+            a as *const _,
+            cudaDataType_t::CUDA_R_8I,
+            k as i32,
+            (&beta) as *const i32 as *const _,
+            c as *mut _,
+            cudaDataType_t::CUDA_R_32I,
+            n as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32I,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| format!("cuBLAS int8 gemm: {e}"))
+}
+
+impl BlasRoute {
+    /// Y[M, N] = X[M, K] . W[N, K]^T on cuBLAS (f32 compute, default algorithm).
+    pub fn launch(
+        &self,
+        blas: &CudaBlas,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (x, w, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.y)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: w [n, k], x [m, k], y [m, n] of `dtype` on the handle's stream (the plan sized
+        // them for these symbol values); scalars are host f32 as CUBLAS_COMPUTE_32F requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                self.n as i32,
+                m as i32,
+                self.k as i32,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                self.dtype,
+                self.k as i32,
+                x as *const _,
+                self.dtype,
+                self.k as i32,
+                (&beta) as *const f32 as *const _,
+                y as *mut _,
+                self.dtype,
+                self.n as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("cuBLAS gemm: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::{Buffer, FileRef, Place};
+
+    fn manifest(buffers: &[(&str, &str, &[i64], bool)]) -> Manifest {
+        Manifest {
+            format_version: crate::artifact::FORMAT_VERSION,
+            model: "t".into(),
+            scheme: "t".into(),
+            graph: "model.qir".into(),
+            weights: FileRef { path: "w".into(), sha256: String::new() },
+            symbols: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            buffers: buffers
+                .iter()
+                .enumerate()
+                .map(|(i, (name, dtype, dims, weight))| Buffer {
+                    id: i as u32,
+                    name: name.to_string(),
+                    dtype: dtype.to_string(),
+                    dims: dims.iter().map(|&d| DimExpr::Const(d)).collect(),
+                    place: if *weight {
+                        Place::Weight { tensor: name.to_string() }
+                    } else {
+                        Place::Arena { offset: 0, bytes: 0 }
+                    },
+                })
+                .collect(),
+            arena_bytes: 0,
+            modules: vec![],
+            launches: vec![],
+            host_prologue: None,
+        }
+    }
+
+    fn launch(module: &str, bufs: &[u32], m: DimExpr, n: i64, k: i64) -> Launch {
+        let mut args: Vec<Arg> = bufs.iter().map(|&b| Arg::Buffer(b)).collect();
+        args.extend([Arg::I64(m), Arg::I64(DimExpr::Const(n)), Arg::I64(DimExpr::Const(k))]);
+        Launch {
+            node: "n".into(),
+            module: module.into(),
+            entry: "e".into(),
+            grid: [DimExpr::Const(1), DimExpr::Const(1), DimExpr::Const(1)],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+            args,
+        }
+    }
+
+    #[test]
+    fn routes_w4a4_int_linear_and_plain_float_linear_only() {
+        let m = || DimExpr::Sym("seq".into());
+        let mf = manifest(&[
+            ("x16", "i16", &[8, 576], false),  // 0
+            ("w4", "i4", &[1536, 576], true),  // 1
+            ("s", "f32", &[1536], true),       // 2
+            ("y32", "f32", &[8, 1536], false), // 3
+            ("x4", "i4", &[8, 576], false),    // 4
+            ("w8", "i8", &[1536, 576], true),  // 5
+            ("xf", "f16", &[8, 576], false),   // 6
+            ("wf", "f16", &[1536, 576], true), // 7
+            ("yf", "f16", &[8, 1536], false),  // 8
+            ("xf32", "f32", &[8, 576], false), // 9
+            ("b", "f32", &[1536], true),       // 10
+            ("y64", "i64", &[8, 1536], false), // 11
+        ]);
+        let is_w4 = |l: &Launch| matches!(Route::plan(&mf, l), Some(Route::W4(_)));
+        let is_blas = |l: &Launch| matches!(Route::plan(&mf, l), Some(Route::Blas(_)));
+        // W4A4: i16 (prefix rows) or i4 activations, int4 weights, f32 or f16 out, with or without bias.
+        assert!(is_w4(&launch("int_linear", &[0, 1, 2, 3], m(), 1536, 576)));
+        assert!(is_w4(&launch("int_linear", &[4, 1, 2, 10, 8], m(), 1536, 576)));
+        // Not routed: float activations (dynamic quantization), K % 32 != 0, N % 8 != 0, an integer
+        // output.
+        // W8 (the 8-bit LM head): int16 activations, int8 weights, K % 16 == 0.
+        assert!(matches!(Route::plan(&mf, &launch("int_linear", &[0, 5, 2, 3], m(), 1536, 576)), Some(Route::W8(_))));
+        assert!(Route::plan(&mf, &launch("int_linear", &[0, 5, 2, 3], m(), 1536, 568)).is_none());
+        assert!(Route::plan(&mf, &launch("int_linear", &[4, 5, 2, 3], m(), 1536, 576)).is_none());
+        assert!(Route::plan(&mf, &launch("int_linear", &[9, 1, 2, 3], m(), 1536, 576)).is_none());
+        // Weight-only int8 with f32 activations: routed unless quantized per row (`_a8`).
+        assert!(matches!(Route::plan(&mf, &launch("int_linear", &[9, 5, 2, 3], m(), 1536, 576)), Some(Route::Wf(_))));
+        let mut dynamic = launch("int_linear", &[9, 5, 2, 3], m(), 1536, 576);
+        dynamic.entry = "int_linear_xf32_wi8_a8_f32".into();
+        assert!(Route::plan(&mf, &dynamic).is_none());
+        assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 3], m(), 1536, 560)).is_none());
+        assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 3], m(), 1532, 576)).is_none());
+        assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 11], m(), 1536, 576)).is_none());
+        // cuBLAS: one float type throughout and no bias.
+        assert!(is_blas(&launch("linear", &[6, 7, 8], m(), 1536, 576)));
+        assert!(Route::plan(&mf, &launch("linear", &[6, 7, 10, 8], m(), 1536, 576)).is_none());
+        assert!(Route::plan(&mf, &launch("linear", &[9, 7, 3], m(), 1536, 576)).is_none());
+        assert!(Route::plan(&mf, &launch("attention", &[6, 7, 8], m(), 1536, 576)).is_none());
+        // Only W4 routes need scratch: rows from the symbols.
+        let r = Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 3], m(), 1536, 576)).unwrap();
+        let values: SymbolValues = [("seq".to_string(), 77)].into_iter().collect();
+        assert_eq!(r.scratch_need(&values).unwrap(), Need { rows: 77, words: 77 * 576 / 8, bytes: 0 });
+        let w8 = Route::plan(&mf, &launch("int_linear", &[0, 5, 2, 3], m(), 1536, 576)).unwrap();
+        assert_eq!(w8.scratch_need(&values).unwrap().bytes, 2 * 44_544 + 8 * 77 * 1536);
+        // Hadamard: every exact size of the real models (and none with a block-diagonal fallback).
+        for n in [64i64, 576, 1536, 44, 11008] {
+            let hm = manifest(&[("x", "f32", &[4, n], false), ("y", "f32", &[4, n], false)]);
+            let mut l = launch("hadamard", &[0, 1], m(), 0, 0);
+            l.entry = "hadamard_f32".into();
+            l.args = vec![Arg::Buffer(0), Arg::Buffer(1), Arg::I64(m()), Arg::I64(DimExpr::Const(n))];
+            let Some(Route::Had(h)) = Route::plan(&hm, &l) else { panic!("hadamard n={n} not routed") };
+            assert_eq!(h.m * h.p, n as usize, "n={n}");
+            l.entry = "hadamard_f16".into();
+            assert!(Route::plan(&hm, &l).is_none(), "entry type must match the buffer's");
+        }
+        let one: SymbolValues = [("seq".to_string(), 16)].into_iter().collect();
+        assert_eq!(w8.scratch_need(&one).unwrap(), Need::default(), "the GEMV needs no scratch");
+        assert_eq!(r.weight(), Some(1));
+    }
+}
