@@ -101,8 +101,8 @@ if [[ "${1:-}" == "--artifacts" ]]; then
       for prompt in "$art7"/prompt-*.npy; do
         [[ -f "$prompt" ]] || continue
         echo "== decode $(basename "$art") $(basename "$prompt") (synthetic weights)"
-        QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 2>&1 \
-          | grep -E 'routed|decode|rror' || status=1
+        QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 --profile 2>&1 \
+          | grep -E 'routed|decode|rror|profile (module|launch +[0-9]+ +[0-9.]+ ms)' | head -n 16 || status=1
       done
       continue
     fi

@@ -12,16 +12,20 @@
 //! qcc-run bench --e2e [--past N] [--batches 1,16] [--prefill T] [--layers L] [--out FILE]
 //!                              Llama-2-7B-shaped decoder from runtime kernels: prefill of T tokens
 //!                              (default 2048, 0 skips) and decode, W4A4 vs fp16 (src/cuda/e2e.rs)
-//! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N [--graph]]
+//! qcc-run run ART --input NAME=FILE.npy.. [--output-dir DIR] [--reference DIR] [--tolerance T] [--repeat N [--graph]] [--profile]
 //!                              run a compiled artifact (model.qcc) on the GPU; compare every output with
-//!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3)
+//!                              DIR/<name>.npy (integers exactly, floats by max relative error <= T, default 1e-3);
+//!                              --profile times each launch alone and sums the times per kernel module.
+//!                              Linears and hadamards run on the tuned kernels (QCC_FAST_LINEAR=0: the
+//!                              plan's micro-kernels); QCC_SYNTHETIC_WEIGHTS=SEED loads an artifact without
+//!                              its weights file (random weights made on the device; timing only)
 //! qcc-run plan ART              GPU-less check of the plan: every launch's entry exists in its module (micro-
 //!                              kernels compiled with NVRTC) and its parameters match the launch's arguments
 //! qcc-run verify ART --input NAME=FILE.npy.. [--tolerance T]
 //!                              run the artifact's graph on the CPU executor here and compare, after every
 //!                              launch, each buffer it touched with the CPU's value of that name
 //!                              (integers exactly, floats by max relative error)
-//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--check]
+//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--check] [--profile]
 //!                              greedy decoding with the KV cache kept on the device (an artifact compiled
 //!                              from a model with past_key_values.* inputs and present.* outputs); one
 //!                              decode step is also timed as a CUDA graph; --check recomputes the whole
@@ -376,6 +380,12 @@ fn in_layout(t: &RtTensor, dims: &[usize]) -> Option<Vec<f64>> {
 /// (routed launches under "routed:<module>"), and the 12 slowest launches.
 fn profile_launches(exec: &mut CudaExecutor, refs: &[(&str, RtTensor)]) -> Result<(), String> {
     let values = exec.prepare(refs).map_err(|e| e.to_string())?;
+    profile_prepared(exec, &values)
+}
+
+/// [`profile_launches`] for inputs already in place (a KV-cache decode step).
+fn profile_prepared(exec: &CudaExecutor, values: &qcc_runtime::artifact::SymbolValues) -> Result<(), String> {
+    let values = values.clone();
     let sync = |exec: &CudaExecutor| exec.gpu().stream.synchronize().map_err(|e| e.to_string());
     let mut rows: Vec<(f64, usize)> = Vec::new();
     for i in 0..exec.manifest.launches.len() {
@@ -587,6 +597,10 @@ fn generate(args: &[String]) -> Result<bool, String> {
     for step in 0..max_new {
         if step == max_new / 2 && step > 0 {
             graph_report = time_graph_step(&mut dec, &feed)?;
+            if args.iter().any(|a| a == "--profile") {
+                let values = dec.prepare(&feed).map_err(|e| e.to_string())?;
+                profile_prepared(&dec.exec, &values)?;
+            }
         }
         let t = std::time::Instant::now();
         let last = dec.feed(&feed).map_err(|e| e.to_string())?;

@@ -313,29 +313,17 @@ pub fn cublas_linear(
     k: usize,
     beta: f32,
 ) -> Result<(), CudaError> {
-    let alpha = 1.0f32;
-    // SAFETY: w [n, k], x [m, k], y [m, n] f16 on the handle's stream; scalars are host f32.
+    let types = (cudaDataType_t::CUDA_R_16F, cudaDataType_t::CUDA_R_16F);
+    // SAFETY: w [n, k], x [m, k], y [m, n] f16 on the handle's stream.
     unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            n as i32,
-            m as i32,
-            k as i32,
-            (&alpha) as *const f32 as *const _,
-            w as *const _,
-            cudaDataType_t::CUDA_R_16F,
-            k as i32,
-            x as *const _,
-            cudaDataType_t::CUDA_R_16F,
-            k as i32,
-            (&beta) as *const f32 as *const _,
-            y as *mut _,
-            cudaDataType_t::CUDA_R_16F,
-            n as i32,
+        crate::cuda::fast_linear::gemm_tn(
+            blas,
+            (w, x, y),
+            (m, n, k),
+            types,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            1.0f32,
+            beta,
         )
     }?;
     Ok(())

@@ -54,18 +54,49 @@ pub fn enabled() -> bool {
     std::env::var_os("QCC_FAST_LINEAR").is_none_or(|v| v != "0")
 }
 
-/// A W4A4 `int_linear` launch on the tuned kernels.
-pub struct W4Route {
+/// The operands of an `int_linear` launch as the plan gives them: buffer ids, the row count (an
+/// expression of the symbols) and the constant N and K.
+pub struct Operands {
     x: u32,
-    x_i16: bool,
     w: u32,
     scale: u32,
     bias: Option<u32>,
     y: u32,
-    y_f32: bool,
     m: DimExpr,
     n: usize,
     k: usize,
+}
+
+/// [`Operands`] bound for one run: the row count and device addresses (`bias` 0 when absent).
+struct Bound {
+    m: usize,
+    x: u64,
+    w: u64,
+    scale: u64,
+    bias: u64,
+    y: u64,
+}
+
+impl Operands {
+    /// `None` when the run has no rows.
+    fn bind(&self, values: &SymbolValues, ptr: &dyn Fn(u32) -> Result<u64, String>) -> Result<Option<Bound>, String> {
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(None);
+        }
+        let bias = match self.bias {
+            Some(b) => ptr(b)?,
+            None => 0,
+        };
+        Ok(Some(Bound { m, x: ptr(self.x)?, w: ptr(self.w)?, scale: ptr(self.scale)?, bias, y: ptr(self.y)? }))
+    }
+}
+
+/// A W4A4 `int_linear` launch on the tuned kernels.
+pub struct W4Route {
+    ops: Operands,
+    x_i16: bool,
+    y_f32: bool,
     /// Split-nibble rows [N, K/8] (GEMM and the exact row fix-up).
     rows: Option<CudaSlice<u32>>,
     /// Tiled GEMV layout.
@@ -85,29 +116,15 @@ pub struct BlasRoute {
 
 /// The int16 x int8 `int_linear` (an 8-bit LM head) on the W8 GEMV or cuBLAS int8.
 pub struct W8Route {
-    x: u32,
-    w: u32,
-    scale: u32,
-    bias: Option<u32>,
-    y: u32,
+    ops: Operands,
     y_f32: bool,
-    m: DimExpr,
-    n: usize,
-    k: usize,
     /// Row sums of the weights, i32 [N].
     wsum: Option<CudaSlice<i32>>,
 }
 
 /// The weight-only int8 `int_linear` with f32 activations and output.
 pub struct WfRoute {
-    x: u32,
-    w: u32,
-    scale: u32,
-    bias: Option<u32>,
-    y: u32,
-    m: DimExpr,
-    n: usize,
-    k: usize,
+    ops: Operands,
     /// The weights as f16 [N, K] (exact for int8; the cuBLAS path at M > 16).
     wide: Option<CudaSlice<u16>>,
 }
@@ -185,14 +202,15 @@ impl Route {
                 // `_a{bits}` in the entry: float activations quantized per row (not routed).
                 let dynamic =
                     launch.entry.split('_').any(|p| p.len() > 1 && p.starts_with('a') && p[1..].parse::<u32>().is_ok());
+                let ops = Operands { x, w, scale, bias, y, m: m.clone(), n, k };
                 if (xd, wd) == (DType::F32, DType::I8) && y_f32 && !dynamic && k % 16 == 0 && n > 0 {
-                    return Some(Route::Wf(WfRoute { x, w, scale, bias, y, m: m.clone(), n, k, wide: None }));
+                    return Some(Route::Wf(WfRoute { ops, wide: None }));
                 }
                 if (xd, wd) == (DType::I16, DType::I8) {
                     if k % 16 != 0 || n == 0 {
                         return None;
                     }
-                    return Some(Route::W8(W8Route { x, w, scale, bias, y, y_f32, m: m.clone(), n, k, wsum: None }));
+                    return Some(Route::W8(W8Route { ops, y_f32, wsum: None }));
                 }
                 let x_i16 = match xd {
                     DType::I16 => true,
@@ -203,20 +221,7 @@ impl Route {
                 if buffer_dtype(manifest, w)? != DType::I4 || !shapes_ok {
                     return None;
                 }
-                Some(Route::W4(W4Route {
-                    x,
-                    x_i16,
-                    w,
-                    scale,
-                    bias,
-                    y,
-                    y_f32,
-                    m: m.clone(),
-                    n,
-                    k,
-                    rows: None,
-                    tiled: None,
-                }))
+                Some(Route::W4(W4Route { ops, x_i16, y_f32, rows: None, tiled: None }))
             }
             "linear" => {
                 let [x, w, y] = bufs.as_slice() else { return None };
@@ -238,9 +243,9 @@ impl Route {
     /// The weight buffer whose bytes [`Route::attach_weights`] needs (W4 and W8 routes).
     pub fn weight(&self) -> Option<u32> {
         match self {
-            Route::W4(r) => Some(r.w),
-            Route::W8(r) => Some(r.w),
-            Route::Wf(r) => Some(r.w),
+            Route::W4(r) => Some(r.ops.w),
+            Route::W8(r) => Some(r.ops.w),
+            Route::Wf(r) => Some(r.ops.w),
             Route::Blas(_) | Route::Had(_) => None,
         }
     }
@@ -252,27 +257,28 @@ impl Route {
         if let Route::W8(r) = self {
             // Row sums of the int8 weights (zeros for synthetic weights: the values mean nothing).
             let sums: Vec<i32> = match bytes {
-                Some(b) if b.len() == r.n * r.k => {
-                    b.chunks_exact(r.k).map(|row| row.iter().map(|&v| v as i8 as i32).sum()).collect()
+                Some(b) if b.len() == r.ops.n * r.ops.k => {
+                    b.chunks_exact(r.ops.k).map(|row| row.iter().map(|&v| v as i8 as i32).sum()).collect()
                 }
-                Some(b) => return Err(format!("int8 weight of {} bytes, expected {} x {}", b.len(), r.n, r.k)),
-                None => vec![0; r.n],
+                Some(b) => return Err(format!("int8 weight of {} bytes, expected {} x {}", b.len(), r.ops.n, r.ops.k)),
+                None => vec![0; r.ops.n],
             };
             r.wsum = Some(gpu.stream.clone_htod(&sums).map_err(|e| e.to_string())?);
             return Ok(());
         }
         if let Route::Wf(r) = self {
+            let (n, k) = (r.ops.n, r.ops.k);
             let wide = match bytes {
-                Some(b) if b.len() == r.n * r.k => {
+                Some(b) if b.len() == n * k => {
                     let f: Vec<u16> = b.iter().map(|&v| half::f16::from_f32(v as i8 as f32).to_bits()).collect();
                     gpu.stream.clone_htod(&f).map_err(|e| e.to_string())?
                 }
-                Some(b) => return Err(format!("int8 weight of {} bytes, expected {} x {}", b.len(), r.n, r.k)),
+                Some(b) => return Err(format!("int8 weight of {} bytes, expected {n} x {k}", b.len())),
                 None => {
-                    let wide = gpu.stream.alloc_zeros::<u16>(r.n * r.k).map_err(|e| e.to_string())?;
+                    let wide = gpu.stream.alloc_zeros::<u16>(n * k).map_err(|e| e.to_string())?;
                     let kernels = super::bench::e2e::DecoderKernels::new(gpu);
                     let p = wide.device_ptr(&gpu.stream).0;
-                    kernels.fill_f16(p, r.n * r.k, seed, -100.0, 100.0).map_err(|e| e.to_string())?;
+                    kernels.fill_f16(p, n * k, seed, -100.0, 100.0).map_err(|e| e.to_string())?;
                     wide
                 }
             };
@@ -280,7 +286,7 @@ impl Route {
             return Ok(());
         }
         let Route::W4(r) = self else { return Ok(()) };
-        let (n, k) = (r.n, r.k);
+        let (n, k) = (r.ops.n, r.ops.k);
         let stream = &gpu.stream;
         let err = |e: cudarc::driver::DriverError| e.to_string();
         match bytes {
@@ -311,16 +317,16 @@ impl Route {
     pub fn scratch_need(&self, values: &SymbolValues) -> Result<Need, String> {
         Ok(match self {
             Route::W4(r) => {
-                let m = eval_rows(&r.m, values)?;
-                Need { rows: m, words: m * r.k / 8, bytes: 0 }
+                let m = eval_rows(&r.ops.m, values)?;
+                Need { rows: m, words: m * r.ops.k / 8, bytes: 0 }
             }
             Route::W8(r) => {
-                let m = eval_rows(&r.m, values)?;
-                Need { bytes: if m > 16 { W8Route::split_bytes(m, r.n, r.k) } else { 0 }, ..Need::default() }
+                let m = eval_rows(&r.ops.m, values)?;
+                Need { bytes: if m > 16 { W8Route::split_bytes(m, r.ops.n, r.ops.k) } else { 0 }, ..Need::default() }
             }
             Route::Wf(r) => {
-                let m = eval_rows(&r.m, values)?;
-                Need { bytes: if m > 16 { 4 * m * r.k } else { 0 }, ..Need::default() }
+                let m = eval_rows(&r.ops.m, values)?;
+                Need { bytes: if m > 16 { 4 * m * r.ops.k } else { 0 }, ..Need::default() }
             }
             Route::Blas(_) | Route::Had(_) => Need::default(),
         })
@@ -377,20 +383,12 @@ impl W4Route {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let m = eval_rows(&self.m, values)?;
-        if m == 0 {
-            return Ok(());
-        }
-        if m > scratch.rows() || m * self.k / 8 > scratch.xq.len() {
+        let Some(Bound { m, x, scale, bias, y, .. }) = self.ops.bind(values, ptr)? else { return Ok(()) };
+        let (n, k) = (self.ops.n, self.ops.k);
+        if m > scratch.rows() || m * k / 8 > scratch.xq.len() {
             return Err(format!("scratch for {} rows, {m} needed", scratch.rows()));
         }
         let (ones, flags, xq) = scratch.ptrs(gpu);
-        let (x, scale, y) = (ptr(self.x)?, ptr(self.scale)?, ptr(self.y)?);
-        let bias = match self.bias {
-            Some(b) => ptr(b)?,
-            None => 0,
-        };
-        let (n, k) = (self.n, self.k);
         let (n64, k64) = (n as i64, k as i64);
         let xt = if self.x_i16 { "i16" } else { "i8" };
         let launch_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
@@ -466,16 +464,8 @@ impl W8Route {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let m = eval_rows(&self.m, values)?;
-        if m == 0 {
-            return Ok(());
-        }
-        let (x, w, scale, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.scale)?, ptr(self.y)?);
-        let bias = match self.bias {
-            Some(b) => ptr(b)?,
-            None => 0,
-        };
-        let (n, k) = (self.n, self.k);
+        let Some(Bound { m, x, w, scale, bias, y }) = self.ops.bind(values, ptr)? else { return Ok(()) };
+        let (n, k) = (self.ops.n, self.ops.k);
         let (n64, k64) = (n as i64, k as i64);
         let yt = if self.y_f32 { "f32" } else { "f16" };
         let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
@@ -506,7 +496,10 @@ impl W8Route {
         // SAFETY: signature (short*, i8*, i8*, long); x holds m * k values, hi and lo m * k bytes each.
         unsafe { b.launch(cfg) }.map_err(|e| format!("split_i16_to_i8: {e}"))?;
         for (a, c) in [(hi, c_hi), (lo, c_lo)] {
-            gemm_i8(blas, w, a, c, m, n, k)?;
+            let types = (cudaDataType_t::CUDA_R_8I, cudaDataType_t::CUDA_R_32I);
+            // SAFETY: w [n, k] and a [m, k] int8, c [m, n] int32 (the scratch sized above).
+            unsafe { gemm_tn(blas, (w, a, c), (m, n, k), types, cublasComputeType_t::CUBLAS_COMPUTE_32I, 1i32, 0i32) }
+                .map_err(|e| format!("cuBLAS int8 gemm: {e}"))?;
         }
         let wsum = self.wsum.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
         let f = func(&format!("combine_w8_{yt}"))?;
@@ -593,16 +586,8 @@ impl WfRoute {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let m = eval_rows(&self.m, values)?;
-        if m == 0 {
-            return Ok(());
-        }
-        let (x, w, scale, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.scale)?, ptr(self.y)?);
-        let bias = match self.bias {
-            Some(b) => ptr(b)?,
-            None => 0,
-        };
-        let (n, k) = (self.n, self.k);
+        let Some(Bound { m, x, w, scale, bias, y }) = self.ops.bind(values, ptr)? else { return Ok(()) };
+        let (n, k) = (self.ops.n, self.ops.k);
         let (m64, n64, k64) = (m as i64, n as i64, k as i64);
         let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
         if m <= 16 {
@@ -631,31 +616,10 @@ impl WfRoute {
         // SAFETY: signature (float*, u16*, u16*, long); x holds m * k floats, hi and lo m * k halves.
         unsafe { b.launch(cfg) }.map_err(|e| format!("split_f32_to_f16: {e}"))?;
         for (part, beta) in [(hi, 0.0f32), (lo, 1.0f32)] {
-            let alpha = 1.0f32;
-            // SAFETY: wide [n, k] and part [m, k] f16, y [m, n] f32 on the handle's stream; host f32
-            // scalars (CUBLAS_COMPUTE_32F).
+            let types = (cudaDataType_t::CUDA_R_16F, cudaDataType_t::CUDA_R_32F);
+            // SAFETY: wide [n, k] and part [m, k] f16, y [m, n] f32.
             unsafe {
-                cudarc::cublas::result::gemm_ex(
-                    *blas.handle(),
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    n as i32,
-                    m as i32,
-                    k as i32,
-                    (&alpha) as *const f32 as *const _,
-                    wide as *const _,
-                    cudaDataType_t::CUDA_R_16F,
-                    k as i32,
-                    part as *const _,
-                    cudaDataType_t::CUDA_R_16F,
-                    k as i32,
-                    (&beta) as *const f32 as *const _,
-                    y as *mut _,
-                    cudaDataType_t::CUDA_R_32F,
-                    n as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
+                gemm_tn(blas, (wide, part, y), (m, n, k), types, cublasComputeType_t::CUBLAS_COMPUTE_32F, 1.0f32, beta)
             }
             .map_err(|e| format!("cuBLAS gemm: {e}"))?;
         }
@@ -669,11 +633,24 @@ impl WfRoute {
     }
 }
 
-/// C[M, N] (int32) = A[M, K] . W[N, K]^T on cuBLAS's int8 GEMM (exact int32 sums; TN layout).
-fn gemm_i8(blas: &CudaBlas, w: u64, a: u64, c: u64, m: usize, n: usize, k: usize) -> Result<(), String> {
-    let (alpha, beta) = (1i32, 0i32);
-    // SAFETY: w [n, k] i8, a [m, k] i8, c [m, n] i32 on the handle's stream; CUBLAS_COMPUTE_32I takes
-    // host i32 scalars.
+/// `C[M, N] = alpha * X[M, K] . W[N, K]^T + beta * C` on cuBLAS for the runtime's row-major operands
+/// (the column-major TN call): `ab` is the type of W and X, `c` of C; `alpha` and `beta` are host
+/// scalars of the compute type (i32 for `CUBLAS_COMPUTE_32I`, else f32).
+///
+/// # Safety
+/// `w`, `x` and `c` must be device buffers of at least n * k, m * k and m * n elements of their
+/// types on the handle's stream.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_tn<S>(
+    blas: &CudaBlas,
+    (w, x, c): (u64, u64, u64),
+    (m, n, k): (usize, usize, usize),
+    (ab, ct): (cudaDataType_t, cudaDataType_t),
+    compute: cublasComputeType_t,
+    alpha: S,
+    beta: S,
+) -> Result<(), cudarc::cublas::result::CublasError> {
+    // SAFETY: the caller's contract above; the scalars live on this stack frame during the call.
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
@@ -682,22 +659,21 @@ fn gemm_i8(blas: &CudaBlas, w: u64, a: u64, c: u64, m: usize, n: usize, k: usize
             n as i32,
             m as i32,
             k as i32,
-            (&alpha) as *const i32 as *const _,
+            (&alpha) as *const S as *const _,
             w as *const _,
-            cudaDataType_t::CUDA_R_8I,
+            ab,
             k as i32,
-            a as *const _,
-            cudaDataType_t::CUDA_R_8I,
+            x as *const _,
+            ab,
             k as i32,
-            (&beta) as *const i32 as *const _,
+            (&beta) as *const S as *const _,
             c as *mut _,
-            cudaDataType_t::CUDA_R_32I,
+            ct,
             n as i32,
-            cublasComputeType_t::CUBLAS_COMPUTE_32I,
+            compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| format!("cuBLAS int8 gemm: {e}"))
 }
 
 impl BlasRoute {
@@ -713,33 +689,10 @@ impl BlasRoute {
             return Ok(());
         }
         let (x, w, y) = (ptr(self.x)?, ptr(self.w)?, ptr(self.y)?);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: w [n, k], x [m, k], y [m, n] of `dtype` on the handle's stream (the plan sized
-        // them for these symbol values); scalars are host f32 as CUBLAS_COMPUTE_32F requires.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                *blas.handle(),
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                self.n as i32,
-                m as i32,
-                self.k as i32,
-                (&alpha) as *const f32 as *const _,
-                w as *const _,
-                self.dtype,
-                self.k as i32,
-                x as *const _,
-                self.dtype,
-                self.k as i32,
-                (&beta) as *const f32 as *const _,
-                y as *mut _,
-                self.dtype,
-                self.n as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| format!("cuBLAS gemm: {e}"))
+        let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        // SAFETY: w [n, k], x [m, k], y [m, n] of `dtype` (the plan sized them for these symbols).
+        unsafe { gemm_tn(blas, (w, x, y), (m, self.n, self.k), (self.dtype, self.dtype), compute, 1.0f32, 0.0f32) }
+            .map_err(|e| format!("cuBLAS gemm: {e}"))
     }
 }
 
