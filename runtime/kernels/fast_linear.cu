@@ -195,37 +195,44 @@ static __device__ __forceinline__ void wf8_gemv_body(const float* __restrict__ x
   const long n = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= N) return;
   const i8* wr = w + n * K;
-  float acc[16];
+  // Rows in passes of 8 (one pass for M <= 8; the registers of 16 accumulators would spill).
+  for (int m0 = 0; m0 < M; m0 += 8) {
+    float acc[8];
 #pragma unroll
-  for (int m = 0; m < 16; ++m) acc[m] = 0.0f;
-  for (long k0 = 16 * lane; k0 < K; k0 += 16 * 32) {
-    const uint4 wv = *(const uint4*)(wr + k0);
-    const i8* wb = (const i8*)&wv;
+    for (int r = 0; r < 8; ++r) acc[r] = 0.0f;
+    for (long k0 = 16 * lane; k0 < K; k0 += 16 * 32) {
+      const uint4 wv = *(const uint4*)(wr + k0);
+      const i8* wb = (const i8*)&wv;
+      float wf[16];  // the piece's weights widened once, shared by the pass's rows
 #pragma unroll
-    for (int m = 0; m < 16; ++m) {
-      if (m >= M) break;
-      const float4* xp = (const float4*)(x + (long)m * K + k0);
+      for (int j = 0; j < 16; ++j) wf[j] = (float)wb[j];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float4 xv = xp[q];
-        acc[m] = fmaf(xv.x, (float)wb[4 * q], acc[m]);
-        acc[m] = fmaf(xv.y, (float)wb[4 * q + 1], acc[m]);
-        acc[m] = fmaf(xv.z, (float)wb[4 * q + 2], acc[m]);
-        acc[m] = fmaf(xv.w, (float)wb[4 * q + 3], acc[m]);
+      for (int r = 0; r < 8; ++r) {
+        if (m0 + r >= M) break;
+        const float4* xp = (const float4*)(x + (long)(m0 + r) * K + k0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 xv = xp[q];
+          acc[r] = fmaf(xv.x, wf[4 * q], acc[r]);
+          acc[r] = fmaf(xv.y, wf[4 * q + 1], acc[r]);
+          acc[r] = fmaf(xv.z, wf[4 * q + 2], acc[r]);
+          acc[r] = fmaf(xv.w, wf[4 * q + 3], acc[r]);
+        }
       }
     }
-  }
 #pragma unroll
-  for (int m = 0; m < 16; ++m) {
-    if (m >= M) break;
-    float a = acc[m];
+    for (int r = 0; r < 8; ++r) {
+      if (m0 + r >= M) break;
+      float a = acc[r];
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) a += __shfl_down_sync(0xffffffffu, a, off);
-    if (lane == 0) {
-      float v = __fmul_rn(a, scale[n]);
-      if (bias) v = __fadd_rn(v, bias[n]);
-      if (F32) ((float*)y)[(long)m * N + n] = v;
-      else ((u16*)y)[(long)m * N + n] = f32_to_f16(v);
+      for (int off = 16; off > 0; off >>= 1) a += __shfl_down_sync(0xffffffffu, a, off);
+      if (lane == 0) {
+        float v = __fmul_rn(a, scale[n]);
+        if (bias) v = __fadd_rn(v, bias[n]);
+        const long m = m0 + r;
+        if (F32) ((float*)y)[m * N + n] = v;
+        else ((u16*)y)[m * N + n] = f32_to_f16(v);
+      }
     }
   }
 }
