@@ -41,20 +41,12 @@ from tokenizers import Tokenizer
 work, out, vocab, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 tok = Tokenizer.from_file(f"{work}/model/tokenizer.json")
 
+sys.path.insert(0, "scripts")
+from in_vocab import in_vocab as cut_text
+
+
 def in_vocab(text):
-    for _ in range(8):
-        enc = tok.encode(text, add_special_tokens=False)
-        bad = [(a, b) for i, (a, b) in zip(enc.ids, enc.offsets) if i >= vocab]
-        if not bad:
-            return text, enc.ids
-        keep, last = [], 0
-        for a, b in bad:
-            keep.append(text[last:a])
-            last = b
-        keep.append(text[last:])
-        text = "".join(keep)
-    enc = tok.encode(text, add_special_tokens=False)
-    return text, [i for i in enc.ids if i < vocab]
+    return cut_text(tok, text, vocab)
 
 calib, _ = in_vocab(open(".cache/data/calib.txt").read())
 open(f"{work}/calib.txt", "w").write(calib)
