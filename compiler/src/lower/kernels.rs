@@ -490,9 +490,6 @@ fn emit_exp(b: &mut Body, x: &str) -> String {
     b.intrinsic("llvm.exp2.f32", &t, "f32")
 }
 
-/// Elements whose loads the row sums issue together (the additions stay in element order).
-const SUM_UNROLL: u64 = 8;
-
 /// `rms_norm(x, gamma, beta?)` over rows of `k` contiguous elements, with an optional output
 /// quantization. One warp per row; every lane sums the squares sequentially in f64 (the CPU's
 /// order, so the norm is bit-identical), then lanes write the row's elements strided by 32.
@@ -552,35 +549,10 @@ pub fn rms_norm(
     let zero = b.index(0);
     let one = b.index(1);
     let zero_f64 = b.f64(0.0);
-    // Sequential f64 sum of squares, as the CPU's `iter().sum::<f64>()`: the same additions in the
-    // same order, with the loads of SUM_UNROLL elements issued before their additions (one memory
-    // wait per group instead of one per element), then the remainder one at a time.
-    let k_main = k / SUM_UNROLL * SUM_UNROLL;
-    let (k_main_i, step) = (b.index(k_main as i64), b.index(SUM_UNROLL as i64));
+    // Sequential f64 sum of squares, as the CPU's `iter().sum::<f64>()`.
     let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
     b.next += 1;
-    let main =
-        b.v(&format!("scf.for {j} = {zero} to {k_main_i} step {step} iter_args({acc} = {zero_f64}) -> (f64) {{"));
-    b.indent += 1;
-    let at0 = b.binop("addi", &base, &j, "index");
-    let mut loaded = Vec::with_capacity(SUM_UNROLL as usize);
-    for u in 0..SUM_UNROLL {
-        let off = b.index(u as i64);
-        let at = b.binop("addi", &at0, &off, "index");
-        loaded.push(b.load("%x", x_ty, &at));
-    }
-    let mut next = acc.clone();
-    for xv in loaded {
-        let xf = b.widen_to_f32(&xv, x_ty);
-        let xd = b.v(&format!("arith.extf {xf} : f32 to f64"));
-        let sq = b.binop("mulf", &xd, &xd, "f64");
-        next = b.binop("addf", &next, &sq, "f64");
-    }
-    b.line(&format!("scf.yield {next} : f64"));
-    b.close("");
-    let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
-    b.next += 1;
-    let sum = b.v(&format!("scf.for {j} = {k_main_i} to {k_i} step {one} iter_args({acc} = {main}) -> (f64) {{"));
+    let sum = b.v(&format!("scf.for {j} = {zero} to {k_i} step {one} iter_args({acc} = {zero_f64}) -> (f64) {{"));
     b.indent += 1;
     let at = b.binop("addi", &base, &j, "index");
     let xv = b.load("%x", x_ty, &at);
