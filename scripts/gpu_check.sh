@@ -13,7 +13,11 @@
 # `bash scripts/gpu_check.sh --artifacts` instead checks compiled artifacts (built here by
 # scripts/gpu_artifacts.sh into .gpu/art/): for each of fp32, fp16, w8a8, w4a4, `qcc-run verify` (every
 # value the GPU computes against the CPU executor's, launch by launch: integers exactly, floats by
-# max relative error) and `qcc-run run` (GPU logits against the CPU reference logits written here).
+# max relative error) and `qcc-run run` (GPU logits against the CPU reference logits written here);
+# then the same plans timed on their micro-kernels and routed to the tuned kernels, and the
+# whole-SmolLM2 (.gpu/artfull, scripts/gpu_artifacts_full.sh) and Llama-2-7B-shaped (.gpu/art7b,
+# scripts/gpu_artifacts_7b.sh) plans, carried without weights, timed with synthetic weights
+# (prefill and KV-cache decode, each with a per-module profile).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
