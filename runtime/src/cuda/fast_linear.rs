@@ -333,6 +333,12 @@ impl Route {
     }
 }
 
+/// Launch geometry of the element-wise grid-stride kernels of fast_linear.cu over `count` elements.
+fn grid_stride(count: usize) -> LaunchConfig {
+    let grid = count.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn eval_rows(m: &DimExpr, values: &SymbolValues) -> Result<usize, String> {
     let v = m.eval(values).map_err(|e| e.to_string())?;
     usize::try_from(v).map_err(|_| format!("row count {m} = {v}"))
@@ -491,8 +497,7 @@ impl W8Route {
         let f = func("split_i16_to_i8")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&x).arg(&hi).arg(&lo).arg(&count);
-        let grid = ((m * k).div_ceil(256).min(65_535)) as u32;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid_stride(m * k);
         // SAFETY: signature (short*, i8*, i8*, long); x holds m * k values, hi and lo m * k bytes each.
         unsafe { b.launch(cfg) }.map_err(|e| format!("split_i16_to_i8: {e}"))?;
         for (a, c) in [(hi, c_hi), (lo, c_lo)] {
@@ -503,10 +508,10 @@ impl W8Route {
         }
         let wsum = self.wsum.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
         let f = func(&format!("combine_w8_{yt}"))?;
-        let (m64, grid) = (m as i64, ((m * n).div_ceil(256).min(65_535)) as u32);
+        let m64 = m as i64;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&c_hi).arg(&c_lo).arg(&wsum).arg(&scale).arg(&bias).arg(&y).arg(&m64).arg(&n64);
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid_stride(m * n);
         // SAFETY: signature (int*, int*, int*, float*, float*, void*, long, long) over the buffers above.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("combine_w8: {e}"))
     }
@@ -611,8 +616,7 @@ impl WfRoute {
         let f = func("split_f32_to_f16")?;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&x).arg(&hi).arg(&lo).arg(&count);
-        let grid = ((m * k).div_ceil(256).min(65_535)) as u32;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid_stride(m * k);
         // SAFETY: signature (float*, u16*, u16*, long); x holds m * k floats, hi and lo m * k halves.
         unsafe { b.launch(cfg) }.map_err(|e| format!("split_f32_to_f16: {e}"))?;
         for (part, beta) in [(hi, 0.0f32), (lo, 1.0f32)] {
@@ -624,10 +628,9 @@ impl WfRoute {
             .map_err(|e| format!("cuBLAS gemm: {e}"))?;
         }
         let f = func("scale_bias_f32")?;
-        let grid = ((m * n).div_ceil(256).min(65_535)) as u32;
         let mut b = gpu.stream.launch_builder(&f);
         b.arg(&y).arg(&scale).arg(&bias).arg(&m64).arg(&n64);
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = grid_stride(m * n);
         // SAFETY: signature (float*, float*, float*, long, long); y [m, n], scale and bias [n].
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("scale_bias_f32: {e}"))
     }
