@@ -8,6 +8,7 @@ mod dtype;
 mod graph;
 pub mod hadamard;
 pub mod infer;
+pub mod lane_sum;
 mod op;
 mod shape;
 mod tensor;
@@ -17,6 +18,7 @@ pub mod verify;
 pub use dtype::DType;
 pub use graph::{Edge, Graph, GraphError, GraphOutput, Node, NodeId, TensorType, Value, ValueInfo};
 pub use infer::{infer_types, InferError};
+pub use lane_sum::lane_sum;
 pub use op::{Arity, Attr, Attrs, Op, OpKind, OutputQuant};
 pub use shape::{Dim, Shape};
 pub use tensor::{

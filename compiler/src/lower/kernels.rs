@@ -490,9 +490,37 @@ fn emit_exp(b: &mut Body, x: &str) -> String {
     b.intrinsic("llvm.exp2.f32", &t, "f32")
 }
 
+/// The sum over a warp's 32 lanes of an f64 `value`, in the butterfly order of `qcc_ir::lane_sum`
+/// (xor 16, 8, 4, 2, 1: every lane ends with the same bits). Each f64 travels as two i32 shuffles.
+fn emit_lane_butterfly_f64(b: &mut Body, value: &str) -> String {
+    let width = b.v("arith.constant 32 : i32");
+    let c32 = b.v("arith.constant 32 : i64");
+    let mut acc = value.to_string();
+    for offset in [16, 8, 4, 2, 1] {
+        let off = b.v(&format!("arith.constant {offset} : i32"));
+        let bits = b.v(&format!("arith.bitcast {acc} : f64 to i64"));
+        let lo = b.v(&format!("arith.trunci {bits} : i64 to i32"));
+        let high = b.binop("shrui", &bits, &c32, "i64");
+        let hi = b.v(&format!("arith.trunci {high} : i64 to i32"));
+        let shuffled = |b: &mut Body, half: &str| {
+            let (v, ok) = (format!("%v{}", b.next), format!("%v{}", b.next + 1));
+            b.next += 2;
+            b.line(&format!("{v}, {ok} = gpu.shuffle xor {half}, {off}, {width} : i32"));
+            b.v(&format!("arith.extui {v} : i32 to i64"))
+        };
+        let lo = shuffled(b, &lo);
+        let hi = shuffled(b, &hi);
+        let hi = b.binop("shli", &hi, &c32, "i64");
+        let joined = b.binop("ori", &hi, &lo, "i64");
+        let other = b.v(&format!("arith.bitcast {joined} : i64 to f64"));
+        acc = b.binop("addf", &acc, &other, "f64");
+    }
+    acc
+}
+
 /// `rms_norm(x, gamma, beta?)` over rows of `k` contiguous elements, with an optional output
-/// quantization. One warp per row; every lane sums the squares sequentially in f64 (the CPU's
-/// order, so the norm is bit-identical), then lanes write the row's elements strided by 32.
+/// quantization. One warp per row: the lanes sum the squares in f64 in the order shared with the
+/// CPU (`qcc_ir::lane_sum`, so the norm is bit-identical), then write the row's elements strided by 32.
 /// Parameters: out, x, gamma, [beta], [per-channel step]; rows, seq (extent of the second-to-last
 /// axis, for prefix positions); [scalar step].
 #[allow(clippy::too_many_arguments)]
@@ -546,22 +574,56 @@ pub fn rms_norm(
     b.open(&format!("scf.if {inside}"));
     let k_i = b.index(k as i64);
     let base = b.binop("muli", &row, &k_i, "index");
-    let zero = b.index(0);
-    let one = b.index(1);
     let zero_f64 = b.f64(0.0);
-    // Sequential f64 sum of squares, as the CPU's `iter().sum::<f64>()`.
+    // The sum of squares in f64 in the order shared with the CPU (`qcc_ir::lane_sum`): lane l sums
+    // elements l, l + 32, ... in order, then a butterfly over the 32 lanes (xor 16, 8, 4, 2, 1).
+    // Rounds of UNROLL elements per lane load first and add in order (the loads overlap), then a
+    // tail of single elements from `tail_start` on.
+    const UNROLL: u64 = 8;
+    let rounds = k / (32 * UNROLL);
+    let square = |b: &mut Body, j: &str| {
+        let at = b.binop("addi", &base, j, "index");
+        let xv = b.load("%x", x_ty, &at);
+        let xf = b.widen_to_f32(&xv, x_ty);
+        let xd = b.v(&format!("arith.extf {xf} : f32 to f64"));
+        b.binop("mulf", &xd, &xd, "f64")
+    };
+    let mut partial = zero_f64.clone();
+    if rounds > 0 {
+        let end = b.index((rounds * 32 * UNROLL) as i64);
+        let stride = b.index((32 * UNROLL) as i64);
+        let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
+        b.next += 1;
+        partial =
+            b.v(&format!("scf.for {j} = {lane} to {end} step {stride} iter_args({acc} = {zero_f64}) -> (f64) {{"));
+        b.indent += 1;
+        let squares: Vec<String> = (0..UNROLL)
+            .map(|u| {
+                let off = b.index((32 * u) as i64);
+                let ju = b.binop("addi", &j, &off, "index");
+                square(&mut b, &ju)
+            })
+            .collect();
+        let mut next = acc.clone();
+        for sq in &squares {
+            next = b.binop("addf", &next, sq, "f64");
+        }
+        b.line(&format!("scf.yield {next} : f64"));
+        b.close("");
+    }
+    let tail_offset = b.index((rounds * 32 * UNROLL) as i64);
+    let tail_start = b.binop("addi", &lane, &tail_offset, "index");
     let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
     b.next += 1;
-    let sum = b.v(&format!("scf.for {j} = {zero} to {k_i} step {one} iter_args({acc} = {zero_f64}) -> (f64) {{"));
+    let partial = b.v(&format!(
+        "scf.for {j} = {tail_start} to {k_i} step {warp_size} iter_args({acc} = {partial}) -> (f64) {{"
+    ));
     b.indent += 1;
-    let at = b.binop("addi", &base, &j, "index");
-    let xv = b.load("%x", x_ty, &at);
-    let xf = b.widen_to_f32(&xv, x_ty);
-    let xd = b.v(&format!("arith.extf {xf} : f32 to f64"));
-    let sq = b.binop("mulf", &xd, &xd, "f64");
+    let sq = square(&mut b, &j);
     let next = b.binop("addf", &acc, &sq, "f64");
     b.line(&format!("scf.yield {next} : f64"));
     b.close("");
+    let sum = emit_lane_butterfly_f64(&mut b, &partial);
     let n = b.f64(k as f64);
     let var = b.binop("divf", &sum, &n, "f64");
     // The CPU widens the f32 attribute: (epsilon as f64).

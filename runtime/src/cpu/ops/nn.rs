@@ -85,8 +85,9 @@ pub fn normalize<T: FloatMath>(
     let bias = broadcast_param::<T>(bias, norm_shape, "bias")?;
     per_row(x, inner, |row, out| {
         let n = row.len() as f64;
-        let mean = if rms { 0.0 } else { row.iter().map(|&v| Scalar::to_f64(v)).sum::<f64>() / n };
-        let var = row.iter().map(|&v| (Scalar::to_f64(v) - mean).powi(2)).sum::<f64>() / n;
+        // Sums in the order the generated GPU kernels share (`qcc_ir::lane_sum`), for the same bits.
+        let mean = if rms { 0.0 } else { qcc_ir::lane_sum(row.iter().map(|&v| Scalar::to_f64(v))) / n };
+        let var = qcc_ir::lane_sum(row.iter().map(|&v| (Scalar::to_f64(v) - mean).powi(2))) / n;
         let inv = 1.0 / (var + eps).sqrt();
         for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
             let mut y = T::from_f64((Scalar::to_f64(v) - mean) * inv);
