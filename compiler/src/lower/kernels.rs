@@ -615,9 +615,8 @@ pub fn rms_norm(
     let tail_start = b.binop("addi", &lane, &tail_offset, "index");
     let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
     b.next += 1;
-    let partial = b.v(&format!(
-        "scf.for {j} = {tail_start} to {k_i} step {warp_size} iter_args({acc} = {partial}) -> (f64) {{"
-    ));
+    let partial =
+        b.v(&format!("scf.for {j} = {tail_start} to {k_i} step {warp_size} iter_args({acc} = {partial}) -> (f64) {{"));
     b.indent += 1;
     let sq = square(&mut b, &j);
     let next = b.binop("addf", &acc, &sq, "f64");
