@@ -75,58 +75,8 @@ fn run_case(
     output: u32,
     launch: Launch,
 ) -> Option<compare::Agreement> {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = write_artifact(label, graph, plan, &inputs, &[("y", output)], vec![launch]);
     let d = dir.path();
-    qcc_ir::text::save(&d.join("model.qir"), graph).unwrap();
-    std::fs::create_dir_all(d.join("kernels")).unwrap();
-    let src_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("kernels/{}.cu", launch.module));
-    let src = std::fs::read(&src_path).unwrap();
-    std::fs::write(d.join(format!("kernels/{}.cu", launch.module)), &src).unwrap();
-    let weights = d.join("model.qir.safetensors");
-    let weights_sha = if weights.exists() {
-        sha256_hex(&std::fs::read(&weights).unwrap())
-    } else {
-        std::fs::write(&weights, b"").unwrap();
-        sha256_hex(b"")
-    };
-    let out_buffer = plan.buffers[output as usize].clone();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        model: label.into(),
-        scheme: "test".into(),
-        graph: "model.qir".into(),
-        weights: FileRef { path: "model.qir.safetensors".into(), sha256: weights_sha },
-        symbols: vec![],
-        inputs: inputs
-            .iter()
-            .map(|(name, t, b)| Io {
-                name: name.to_string(),
-                dtype: t.dtype().name().into(),
-                dims: t.shape().iter().map(|&d| c(d as i64)).collect(),
-                buffer: *b,
-            })
-            .collect(),
-        outputs: vec![Io {
-            name: "y".into(),
-            dtype: out_buffer.dtype.clone(),
-            dims: out_buffer.dims.clone(),
-            buffer: output,
-        }],
-        buffers: plan.buffers,
-        arena_bytes: plan.arena,
-        modules: vec![Module {
-            name: launch.module.clone(),
-            kind: ModuleKind::Micro,
-            path: format!("kernels/{}.cu", launch.module),
-            sha256: sha256_hex(&src),
-        }],
-        launches: vec![launch],
-        host_prologue: None,
-    };
-    std::fs::write(d.join("manifest.json"), manifest.to_json()).unwrap();
-    let problems = executor::check_plan(d).unwrap_or_else(|e| panic!("{label}: {e}"));
-    assert!(problems.is_empty(), "{label}: {problems:?}");
-
     let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();
     let want = CpuExecutor::new(graph).unwrap().run(&feed).unwrap_or_else(|e| panic!("{label}: CPU: {e}"));
     // SAFETY: only probes dlopen for libcuda.
@@ -143,6 +93,73 @@ fn run_case(
     println!("{label}: {a} (routed launches: {w4} int_linear, {blas} cuBLAS, {had} fast hadamard)");
     LAST_ROUTED.with(|r| r.set((w4 + had, blas)));
     Some(a)
+}
+
+/// Writes the artifact (graph, empty or saved weights, manifest; the launches of one module) into a
+/// temporary directory and checks its plan.
+fn write_artifact(
+    label: &str,
+    graph: &Graph,
+    plan: Plan,
+    inputs: &[(&str, RtTensor, u32)],
+    outputs: &[(&str, u32)],
+    launches: Vec<Launch>,
+) -> tempfile::TempDir {
+    let launch = &launches[0];
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcc_ir::text::save(&d.join("model.qir"), graph).unwrap();
+    std::fs::create_dir_all(d.join("kernels")).unwrap();
+    let src_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("kernels/{}.cu", launch.module));
+    let src = std::fs::read(&src_path).unwrap();
+    std::fs::write(d.join(format!("kernels/{}.cu", launch.module)), &src).unwrap();
+    let weights = d.join("model.qir.safetensors");
+    let weights_sha = if weights.exists() {
+        sha256_hex(&std::fs::read(&weights).unwrap())
+    } else {
+        std::fs::write(&weights, b"").unwrap();
+        sha256_hex(b"")
+    };
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        model: label.into(),
+        scheme: "test".into(),
+        graph: "model.qir".into(),
+        weights: FileRef { path: "model.qir.safetensors".into(), sha256: weights_sha },
+        symbols: vec![],
+        inputs: inputs
+            .iter()
+            .map(|(name, t, b)| Io {
+                name: name.to_string(),
+                dtype: t.dtype().name().into(),
+                dims: t.shape().iter().map(|&d| c(d as i64)).collect(),
+                buffer: *b,
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|&(name, buffer)| Io {
+                name: name.into(),
+                dtype: plan.buffers[buffer as usize].dtype.clone(),
+                dims: plan.buffers[buffer as usize].dims.clone(),
+                buffer,
+            })
+            .collect(),
+        buffers: plan.buffers,
+        arena_bytes: plan.arena,
+        modules: vec![Module {
+            name: launch.module.clone(),
+            kind: ModuleKind::Micro,
+            path: format!("kernels/{}.cu", launch.module),
+            sha256: sha256_hex(&src),
+        }],
+        launches,
+        host_prologue: None,
+    };
+    std::fs::write(d.join("manifest.json"), manifest.to_json()).unwrap();
+    let problems = executor::check_plan(d).unwrap_or_else(|e| panic!("{label}: {e}"));
+    assert!(problems.is_empty(), "{label}: {problems:?}");
+    dir
 }
 
 thread_local! {
@@ -408,5 +425,222 @@ fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
             let tol = if dtype == DType::F16 { 2e-3 } else { 1e-5 };
             assert!(a.non_finite == 0 && a.max_rel < tol, "{entry}: {a}");
         }
+    }
+}
+/// One attention case run twice in one artifact: launch 0 as micro.rs plans it (the executor routes
+/// it to the fast kernels) and launch 1, the same attention into a second output with the head size
+/// given as an expression (1 * D), which the route declines: it stays on the micro-kernel. q
+/// [1, hq, s, d], k and v [1, hkv, t, d] of `dtype` (random, non-zero), causal or not, with a mask
+/// input (`mask`: "causal" = 0 / -inf after the diagonal, "random" = values in [-3, 3]) or none.
+struct AttentionArtifact {
+    graph: Graph,
+    plan: Plan,
+    inputs: Vec<(&'static str, RtTensor, u32)>,
+    /// (fast, micro) output buffers.
+    outputs: [u32; 2],
+    launches: Vec<Launch>,
+    label: String,
+}
+
+fn attention_artifact(
+    seed: u64,
+    dtype: DType,
+    (hq, hkv, s, t, d): (usize, usize, usize, usize, usize),
+    causal: bool,
+    mask: Option<&str>,
+) -> AttentionArtifact {
+    let b = 1usize;
+    let mut rng = Rng(seed);
+    let mut tensor = |dims: &[usize], scale: f32| {
+        let n = dims.iter().product();
+        RtTensor::from_vec(dims, (0..n).map(|_| rng.float() * scale).collect::<Vec<f32>>()).unwrap().cast(dtype)
+    };
+    let (q, k, v) = (tensor(&[b, hq, s, d], 2.0), tensor(&[b, hkv, t, d], 2.0), tensor(&[b, hkv, t, d], 1.0));
+    let mask_t = match mask {
+        Some("causal") => {
+            let vals: Vec<f32> =
+                (0..s * t).map(|i| if i % t + s > t + i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+            Some(RtTensor::from_vec(&[s, t], vals).unwrap().cast(dtype))
+        }
+        Some(_) => Some(tensor(&[s, t], 3.0)),
+        None => None,
+    };
+    let mut g = Graph::new("t");
+    let qv = g.add_input("q", TensorType::known(dtype, &[b, hq, s, d])).unwrap();
+    let kv = g.add_input("k", TensorType::known(dtype, &[b, hkv, t, d])).unwrap();
+    let vv = g.add_input("v", TensorType::known(dtype, &[b, hkv, t, d])).unwrap();
+    let mut ins = vec![qv, kv, vv];
+    if mask_t.is_some() {
+        ins.push(g.add_input("mask", TensorType::known(dtype, &[s, t])).unwrap());
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    for name in ["y", "y_micro"] {
+        let op = Op::new(OpKind::Attention)
+            .with("scale", qcc_ir::Attr::Float(scale))
+            .with("causal", qcc_ir::Attr::Int(causal as i64));
+        let y = g.add_op(op, &ins, TensorType::known(dtype, &[b, hq, s, d]));
+        g.add_output(name, y);
+    }
+    let mut plan = Plan { buffers: vec![], arena: 0 };
+    let (bq, bk, bv) = (
+        plan.arena("q", dtype, &[b, hq, s, d]),
+        plan.arena("k", dtype, &[b, hkv, t, d]),
+        plan.arena("v", dtype, &[b, hkv, t, d]),
+    );
+    let bm = mask_t.as_ref().map(|_| plan.arena("mask", dtype, &[s, t]));
+    let outputs = [plan.arena("y", dtype, &[b, hq, s, d]), plan.arena("y_micro", dtype, &[b, hq, s, d])];
+    let entry = format!("attention_{}{}", dtype.name(), if mask_t.is_some() { "_mask" } else { "" });
+    let launches = outputs
+        .iter()
+        .map(|&by| {
+            let mut args = vec![Arg::Buffer(bq), Arg::Buffer(bk), Arg::Buffer(bv)];
+            args.extend(bm.map(Arg::Buffer));
+            args.push(Arg::Buffer(by));
+            for x in [b, hq, hkv, s, t] {
+                args.push(Arg::I64(c(x as i64)));
+            }
+            let head = if by == outputs[0] { c(d as i64) } else { DimExpr::Mul(Box::new(c(1)), Box::new(c(d as i64))) };
+            args.extend([Arg::I64(head.clone()), Arg::I64(head), Arg::I64(c(causal as i64)), Arg::F32(scale)]);
+            Launch {
+                node: "attention".into(),
+                module: "attention".into(),
+                entry: entry.clone(),
+                grid: [c(s as i64), c(hq as i64), c(b as i64)],
+                block: [128, 1, 1],
+                shared_bytes: 4 * t as u32,
+                args,
+            }
+        })
+        .collect();
+    let mut inputs = vec![("q", q, bq), ("k", k, bk), ("v", v, bv)];
+    if let (Some(m), Some(bm)) = (mask_t, bm) {
+        inputs.push(("mask", m, bm));
+    }
+    let label = format!("{entry} hq={hq} hkv={hkv} s={s} t={t} d={d} causal={causal} mask={mask:?}");
+    AttentionArtifact { graph: g, plan, inputs, outputs, launches, label }
+}
+
+/// Runs [`attention_artifact`]: the fast kernels' output must equal the micro-kernel's bit for bit,
+/// and both agree with the CPU executor (bit for bit where the CPU's products are single FMA chains;
+/// its GEMMs split long ones, so within 1e-5 relative in f32, 2e-3 in f16 / bf16). Returns
+/// whether the GPU part ran.
+fn attention_exact_case(
+    seed: u64,
+    dtype: DType,
+    shape: (usize, usize, usize, usize, usize),
+    causal: bool,
+    mask: Option<&str>,
+) -> bool {
+    let AttentionArtifact { graph, plan, inputs, outputs, launches, label } =
+        attention_artifact(seed, dtype, shape, causal, mask);
+    let dir = write_artifact(&label, &graph, plan, &inputs, &[("y", outputs[0]), ("y_micro", outputs[1])], launches);
+    let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();
+    let want = CpuExecutor::new(&graph).unwrap().run(&feed).unwrap_or_else(|e| panic!("{label}: CPU: {e}"));
+    // SAFETY: only probes dlopen for libcuda.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("{label}: plan ok; GPU part SKIPPED: no CUDA driver");
+        return false;
+    }
+    let mut gpu = CudaExecutor::load(dir.path(), 0).unwrap_or_else(|e| panic!("{label}: {e}"));
+    gpu.set_sync_each(true);
+    let routed = std::env::var_os("QCC_FAST_LINEAR").is_none_or(|v| v != "0");
+    assert_eq!((gpu.is_routed(0), gpu.is_routed(1)), (routed, false), "{label}: launch 0 on the fast kernels");
+    let got = gpu.run(&feed).unwrap_or_else(|e| panic!("{label}: {e}"));
+    let exact = compare::agreement(&got[0].1, &got[1].1).unwrap();
+    let cpu = compare::agreement(&got[0].1, &want[0].1).unwrap();
+    println!("{label}: fast vs micro-kernel {exact}; vs CPU {cpu}");
+    assert!(exact.differing == 0 && exact.non_finite == 0, "{label}: fast vs micro-kernel: {exact}");
+    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-3 };
+    assert!(cpu.non_finite == 0 && cpu.max_rel < tol, "{label}: vs CPU: {cpu}");
+    true
+}
+
+#[test]
+fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    // Decode (one query row: the decode kernel, channels split over blocks), T = 1, 37, 516;
+    // a few rows; prefill (S = T: the tiled prefill kernel) causal, with an explicit causal mask,
+    // with a random mask and without causality; GQA 8 / 2; D = 64 and 128; f32, f16, bf16.
+    let mut seed = 100u64;
+    let mut case = |dtype: DType, shape: (usize, usize, usize, usize, usize), causal: bool, mask: Option<&str>| {
+        seed += 1;
+        attention_exact_case(seed, dtype, shape, causal, mask)
+    };
+    for d in [64usize, 128] {
+        for t in [1usize, 37, 516] {
+            case(DType::F32, (8, 2, 1, t, d), true, None);
+        }
+        case(DType::F32, (8, 8, 1, 516, d), true, None);
+        case(DType::F32, (8, 2, 5, 37, d), true, None);
+        for s in [77usize, 300] {
+            case(DType::F32, (8, 2, s, s, d), true, None);
+            case(DType::F32, (8, 2, s, s, d), false, Some("causal"));
+        }
+        case(DType::F32, (8, 2, 77, 77, d), true, Some("random"));
+        case(DType::F32, (8, 2, 300, 300, d), false, None);
+        case(DType::F32, (4, 2, 40, 300, d), true, None);
+        case(DType::F16, (8, 2, 1, 516, d), true, None);
+        case(DType::F16, (8, 2, 77, 77, d), true, None);
+        case(DType::F16, (8, 2, 77, 77, d), false, Some("causal"));
+        case(DType::F16, (8, 2, 77, 77, d), true, Some("random"));
+    }
+    case(DType::BF16, (8, 2, 1, 37, 128), true, None);
+    case(DType::BF16, (8, 2, 77, 77, 128), true, None);
+}
+
+/// Llama-2-7B-shaped attention (Hq = Hkv = 32, D = 128, causal or with a causal mask): decode
+/// (S = 1, T = 516), a few rows at T = 4096 and prefill (S = T = 2048), f32 and f16, on the fast
+/// kernels (launch 0) and the micro-kernel (launch 1), each timed over repeated launches; outputs
+/// bit for bit equal. GPU only: `cargo test --release -p qcc-runtime --features cuda --test
+/// cuda_executor -- --ignored --nocapture attention_fast_kernels_at_llama`.
+#[test]
+#[ignore]
+fn attention_fast_kernels_at_llama_7b_shapes_match_the_micro_kernel_and_are_timed() {
+    // SAFETY: only probes dlopen for libcuda.
+    if !nvrtc::nvrtc_available() || !unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("SKIPPED: needs libnvrtc and a CUDA driver");
+        return;
+    }
+    let cases = [
+        (DType::F32, 1usize, 516usize, None),
+        (DType::F16, 1, 516, None),
+        (DType::F32, 7, 4096, None),
+        (DType::F32, 2048, 2048, None),
+        (DType::F16, 2048, 2048, None),
+        (DType::F32, 2048, 2048, Some("causal")),
+    ];
+    for (dtype, s, t, mask) in cases {
+        let AttentionArtifact { graph, plan, inputs, outputs, launches, label } =
+            attention_artifact(7, dtype, (32, 32, s, t, 128), mask.is_none(), mask);
+        let outs = [("y", outputs[0]), ("y_micro", outputs[1])];
+        let dir = write_artifact(&label, &graph, plan, &inputs, &outs, launches);
+        let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();
+        let mut gpu = CudaExecutor::load(dir.path(), 0).unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert!(gpu.is_routed(0) && !gpu.is_routed(1), "{label}");
+        let values = gpu.prepare(&feed).unwrap();
+        let iters = if s * t > 1 << 20 { 5 } else { 200 };
+        let mut ms = [0f64; 2];
+        for (i, m) in ms.iter_mut().enumerate() {
+            gpu.launch_one(i, &values).unwrap();
+            gpu.gpu().stream.synchronize().unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                gpu.launch_one(i, &values).unwrap();
+            }
+            gpu.gpu().stream.synchronize().unwrap();
+            *m = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        }
+        let got = gpu.outputs(&values).unwrap();
+        let a = compare::agreement(&got[0].1, &got[1].1).unwrap();
+        println!(
+            "{label}: fast {:.4} ms, micro-kernel {:.4} ms per launch ({:.1}x); fast vs micro {a}",
+            ms[0],
+            ms[1],
+            ms[1] / ms[0]
+        );
+        assert!(a.differing == 0 && a.non_finite == 0, "{label}: {a}");
     }
 }

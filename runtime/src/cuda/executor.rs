@@ -736,6 +736,7 @@ impl CudaExecutor {
                 r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
             }
             Route::Had(r) => r.launch(&self.gpu, values, &ptr),
+            Route::Attn(r) => r.launch(&self.gpu, values, &ptr),
             Route::Blas(r) => r.launch(self.blas.as_ref().ok_or("no cuBLAS handle")?, values, &ptr),
         }
     }

@@ -150,6 +150,7 @@ pub enum Route {
     Wf(WfRoute),
     Blas(BlasRoute),
     Had(HadRoute),
+    Attn(super::fast_attention::AttnRoute),
 }
 
 /// Scratch one route needs for some symbol values.
@@ -179,6 +180,9 @@ impl Route {
     pub fn plan(manifest: &Manifest, launch: &Launch) -> Option<Route> {
         if launch.module == "hadamard" {
             return HadRoute::plan(manifest, launch).map(Route::Had);
+        }
+        if launch.module == "attention" {
+            return super::fast_attention::AttnRoute::plan(manifest, launch).map(Route::Attn);
         }
         let bufs: Vec<u32> =
             launch.args.iter().filter_map(|a| if let Arg::Buffer(b) = a { Some(*b) } else { None }).collect();
@@ -246,6 +250,7 @@ impl Route {
             Route::W4(r) => Some(r.ops.w),
             Route::W8(r) => Some(r.ops.w),
             Route::Wf(r) => Some(r.ops.w),
+            Route::Attn(_) => None,
             Route::Blas(_) | Route::Had(_) => None,
         }
     }
@@ -328,6 +333,7 @@ impl Route {
                 let m = eval_rows(&r.ops.m, values)?;
                 Need { bytes: if m > 16 { 4 * m * r.ops.k } else { 0 }, ..Need::default() }
             }
+            Route::Attn(_) => Need::default(),
             Route::Blas(_) | Route::Had(_) => Need::default(),
         })
     }

@@ -16,6 +16,8 @@ pub mod device;
 #[cfg(feature = "cuda")]
 pub mod executor;
 #[cfg(feature = "cuda")]
+pub mod fast_attention;
+#[cfg(feature = "cuda")]
 pub mod fast_linear;
 #[cfg(feature = "cuda")]
 pub mod lm;

@@ -32,6 +32,8 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     // Activation packing and exact prefix-row fix-up that route compiled `int_linear` launches to the
     // W4 kernels (src/cuda/fast_linear.rs).
     ("fast_linear", include_str!("../../kernels/fast_linear.cu")),
+    // Fast attention that routes compiled `attention` launches (src/cuda/fast_attention.rs).
+    ("fast_attention", include_str!("../../kernels/fast_attention.cu")),
 ];
 
 /// The architecture every kernel is built for (except those named in [`arch_for`]).

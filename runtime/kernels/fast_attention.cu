@@ -1,0 +1,322 @@
+// Fast kernels of the `attention` op that the CUDA executor launches instead of the micro-kernel
+// (runtime/kernels/attention.cu; route in runtime/src/cuda/fast_attention.rs) with bit-identical
+// outputs: every output element takes the micro-kernel's float operations in the same order.
+//   score[t] = fmaf chain over d = 0..D-1 from 0.0f (q[d] * k[t][d]), __fmul_rn(., scale), then
+//              __fadd_rn(., mask[s * T + t]) with a mask; keys after the row's last visible one are
+//              -inf, i.e. take no part (exp(-inf - max) = 0 adds nothing to the sum);
+//   max      = row max (order irrelevant), a non-finite max -> 0;
+//   e[t]     = (float)exp((double)__fsub_rn(score, max)); sum = (float)(f64 sum of e);
+//   p[t]     = __fdiv_rn(e, sum) when sum > 0;
+//   out[d]   = fmaf chain over t = 0..last_visible from 0.0f (p[t] * v[t][d]), stored by X::put.
+// Only the order of the f64 row sum may differ (it is rounded to f32 once): the decode kernel even
+// keeps the micro-kernel's order (same thread striding and reduction tree).
+//
+// Everything else is parallel. Both kernels run 128 threads per block, one block per (tile of R
+// query rows, query head, batch, slice of DVB output channels): grid [ceil(S / R), Hq, B * Dv / DVB].
+// Keys and values pass through shared memory in tiles of TK rows (converted to f32), loaded once per
+// block and shared by its R rows; the block's scores (R x T, f32) stay in shared memory between the
+// two products. Score and output chains are register-tiled (a thread owns several rows / channels).
+//   attention_fast_dec_{X}[_mask]_d{D}: R = 1, TK = 128, DVB = 32 (decode: S small; each row's
+//       channels are split over Dv / 32 blocks, each recomputing the cheap scores, to fill the GPU);
+//   attention_fast_pre_{X}[_mask]_d{D}: R = 8, TK = 64, DVB = Dv (prefill; row tiles launched in
+//       decreasing order, heaviest causal rows first).
+// D = Dv = 64 or 128. Dynamic shared memory: 4 * (R * (D + 4) + TK * (D + 4) + R * round_up(T, TK))
+// bytes (`Kernel::smem_bytes` in runtime/src/cuda/fast_attention.rs). Layouts as the micro-kernel's: q [B, Hq, S, D],
+// k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] of q's type; all rows of q,
+// k, v and out 16-byte aligned (the route checks the base pointers).
+
+#define FA_THREADS 128
+#define FA_INF __int_as_float(0x7f800000)
+
+// One 16-bit element as f32 (X::get without taking an address).
+static __device__ __forceinline__ float fa_cvt(const T_f16*, u16 h) { return f16_to_f32(h); }
+static __device__ __forceinline__ float fa_cvt(const T_bf16*, u16 h) { return bf16_to_f32(h); }
+
+// Four consecutive elements as f32 (one 16-byte or 8-byte load).
+template <class X>
+static __device__ __forceinline__ float4 fa_load4(const typename X::S* p) {
+  if constexpr (sizeof(typename X::S) == 4) {
+    return *(const float4*)p;
+  } else {
+    const uint2 w = *(const uint2*)p;
+    const X* x = nullptr;
+    return make_float4(fa_cvt(x, (u16)(w.x & 0xffffu)), fa_cvt(x, (u16)(w.x >> 16)), fa_cvt(x, (u16)(w.y & 0xffffu)),
+                       fa_cvt(x, (u16)(w.y >> 16)));
+  }
+}
+
+// Block-wide max / f64 sum over FA_THREADS threads, in the micro-kernel's order (xor tree in each
+// warp, then the warps in order).
+static __device__ __forceinline__ float fa_block_max(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < FA_THREADS / 32; ++w) r = fmaxf(r, scratch[w]);
+  return r;
+}
+static __device__ __forceinline__ double fa_block_sum(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double r = scratch[0];
+  for (int w = 1; w < FA_THREADS / 32; ++w) r += scratch[w];
+  return r;
+}
+
+// Rows t0 .. t0 + ROWS - 1 (zeros from row n on) of COLS columns from column c0 of a row-major
+// [*, ld] matrix into shared memory rows of `pitch` floats, as f32. Each thread issues up to 16 loads
+// before their stores (the loads of a tile are in flight together).
+template <class X, int ROWS, int COLS, int PITCH>
+static __device__ __forceinline__ void fa_load_tile(float* dst, const typename X::S* __restrict__ src, long ld,
+                                                    int c0, long t0, long n) {
+  constexpr int PER = ROWS * COLS / 4 / FA_THREADS;
+  constexpr int CHUNK = PER < 16 ? PER : 16;
+  static_assert(PER * 4 * FA_THREADS == ROWS * COLS && PER % CHUNK == 0, "tile load");
+#pragma unroll 1
+  for (int i0 = 0; i0 < PER; i0 += CHUNK) {
+    float4 x[CHUNK];
+#pragma unroll
+    for (int u = 0; u < CHUNK; ++u) {
+      const int i = threadIdx.x + (i0 + u) * FA_THREADS;
+      const int r = i / (COLS / 4), c = (i % (COLS / 4)) * 4;
+      const long t = t0 + r;
+      x[u] = t < n ? fa_load4<X>(src + t * ld + c0 + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < CHUNK; ++u) {
+      const int i = threadIdx.x + (i0 + u) * FA_THREADS;
+      const int r = i / (COLS / 4), c = (i % (COLS / 4)) * 4;
+      *(float4*)(dst + r * PITCH + c) = x[u];
+    }
+  }
+}
+
+template <class X, bool MASK, int R, int TK, int D, int DVB, int CPT>
+static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__ q, const typename X::S* __restrict__ k,
+                                               const typename X::S* __restrict__ v,
+                                               const typename X::S* __restrict__ mask, typename X::S* __restrict__ out,
+                                               long B, long Hq, long Hkv, long S, long T, long causal, float scale) {
+  typedef typename X::S St;
+  constexpr int NT = FA_THREADS;
+  constexpr int DV = D;
+  // Score phase: TK key columns x RG row groups, RPT rows per thread.
+  constexpr int RG = NT / TK;
+  constexpr int RPT = R / RG;
+  static_assert(RG * TK == NT && RPT * RG == R, "score tiling");
+  // Output phase: CG channel groups of CPT channels x RG2 row groups, RPT2 rows per thread.
+  constexpr int CG = DVB / CPT;
+  constexpr int RG2 = (NT / CG) < R ? (NT / CG) : R;
+  constexpr int RPT2 = R / RG2;
+  static_assert(CG * CPT == DVB && RPT2 * RG2 == R && CG * RG2 <= NT && DV % DVB == 0, "output tiling");
+  constexpr int NSPLIT = DV / DVB;
+  constexpr int DP = D + 4;    // padded q / k row (conflict-free 16-byte reads by consecutive rows)
+  constexpr int VP = DVB + 4;  // padded v row
+
+  extern __shared__ float4 fa_smem[];
+  float* qs = (float*)fa_smem;  // [R][DP]
+  float* tile = qs + R * DP;    // [TK][DP] keys, then [TK][VP] values
+  float* sc = tile + TK * DP;   // [R][TP] scores, then probabilities
+  __shared__ int nvis[R];
+  __shared__ float fscratch[NT / 32];
+  __shared__ double dscratch[NT / 32];
+
+  const long TP = (T + TK - 1) / TK * TK;
+  const long s0 = (long)(gridDim.x - 1 - blockIdx.x) * R;
+  const long h = blockIdx.y;
+  const long b = blockIdx.z / NSPLIT;
+  const int dv0 = (int)(blockIdx.z % NSPLIT) * DVB;
+  if (s0 >= S || h >= Hq || b >= B) return;
+  const long hk = h / (Hq / Hkv);
+  const St* kh = k + (b * Hkv + hk) * T * D;
+  const St* vh = v + (b * Hkv + hk) * T * DV;
+  const int tid = threadIdx.x;
+
+  // Keys each row sees: t <= last_visible and t < T (the micro-kernel's loop bound); 0 past S.
+  if (tid < R) {
+    long s = s0 + tid, n = 0;
+    if (s < S) {
+      long last = causal ? T - S + s : T - 1;
+      n = last + 1 < T ? last + 1 : T;
+      if (n < 0) n = 0;
+    }
+    nvis[tid] = (int)n;
+  }
+  for (int i = tid; i < R * D / 4; i += NT) {
+    int r = i / (D / 4), c = (i % (D / 4)) * 4;
+    long s = s0 + r;
+    float4 x = s < S ? fa_load4<X>(q + ((b * Hq + h) * S + s) * D + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    *(float4*)(qs + r * DP + c) = x;
+  }
+  __syncthreads();
+  int nmax = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) nmax = max(nmax, nvis[r]);
+
+  // Scores: thread (kt, rg) computes key t0 + kt for rows rg * RPT + j.
+  {
+    const int kt = tid % TK, rg = tid / TK;
+    for (long t0 = 0; t0 < nmax; t0 += TK) {
+      __syncthreads();
+      fa_load_tile<X, TK, D, DP>(tile, kh, D, 0, t0, nmax);
+      __syncthreads();
+      const long t = t0 + kt;
+      if (t >= nmax) continue;
+      float acc[RPT];
+#pragma unroll
+      for (int j = 0; j < RPT; ++j) acc[j] = 0.0f;
+      const float* kr = tile + kt * DP;
+#pragma unroll(RPT == 1 ? 4 : 2)
+      for (int d = 0; d < D; d += 4) {
+        const float4 kv = *(const float4*)(kr + d);
+#pragma unroll
+        for (int j = 0; j < RPT; ++j) {
+          const float4 qv = *(const float4*)(qs + (rg * RPT + j) * DP + d);
+          acc[j] = fmaf(qv.x, kv.x, acc[j]);
+          acc[j] = fmaf(qv.y, kv.y, acc[j]);
+          acc[j] = fmaf(qv.z, kv.z, acc[j]);
+          acc[j] = fmaf(qv.w, kv.w, acc[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < RPT; ++j) {
+        const int r = rg * RPT + j;
+        if (t < nvis[r]) {
+          float x = __fmul_rn(acc[j], scale);
+          if (MASK) x = __fadd_rn(x, X::get(mask, (s0 + r) * T + t));
+          sc[r * TP + t] = x;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax of each row over its visible keys (invisible ones are -inf: they change neither the
+  // max nor the sum, and their p is 0 but never used).
+  if (R == 1) {
+    const int n = nvis[0];
+    float m = -FA_INF;
+    for (int t = tid; t < n; t += NT) m = fmaxf(m, sc[t]);
+    m = fa_block_max(m, fscratch);
+    if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
+    double local = 0.0;
+    for (int t = tid; t < n; t += NT) {
+      float e = (float)exp((double)__fsub_rn(sc[t], m));
+      sc[t] = e;
+      local += (double)e;
+    }
+    const float sum = (float)fa_block_sum(local, dscratch);
+    if (sum > 0.0f)
+      for (int t = tid; t < n; t += NT) sc[t] = __fdiv_rn(sc[t], sum);
+  } else {
+    const int warp = tid / 32, lane = tid % 32;
+    for (int r = warp; r < R; r += NT / 32) {
+      const int n = nvis[r];
+      float* row = sc + r * TP;
+      float m = -FA_INF;
+      for (int t = lane; t < n; t += 32) m = fmaxf(m, row[t]);
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
+      double local = 0.0;
+      for (int t = lane; t < n; t += 32) {
+        float e = (float)exp((double)__fsub_rn(row[t], m));
+        row[t] = e;
+        local += (double)e;
+      }
+      for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+      const float sum = (float)local;
+      if (sum > 0.0f)
+        for (int t = lane; t < n; t += 32) row[t] = __fdiv_rn(row[t], sum);
+    }
+  }
+
+  // out = p v: thread (cg, rg2) owns channels dv0 + cg * CPT + c of rows rg2 * RPT2 + j.
+  const int cg = tid % CG, rg2 = tid / CG;
+  const bool active = rg2 < RG2;
+  float acc[RPT2][CPT];
+  int mine[RPT2];
+  int mine_min = 0x7fffffff;
+#pragma unroll
+  for (int j = 0; j < RPT2; ++j) {
+    mine[j] = active ? nvis[rg2 * RPT2 + j] : 0;
+    mine_min = min(mine_min, mine[j]);
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) acc[j][c] = 0.0f;
+  }
+  for (long t0 = 0; t0 < nmax; t0 += TK) {
+    __syncthreads();
+    fa_load_tile<X, TK, DVB, VP>(tile, vh, DV, dv0, t0, nmax);
+    __syncthreads();
+    if (!active) continue;
+    const float* vc = tile + cg * CPT;
+    if (t0 + TK <= mine_min) {
+      // Every row of this thread sees the whole tile: no per-key test.
+#pragma unroll 2
+      for (int tt = 0; tt < TK; tt += 4) {
+        float4 p[RPT2];
+#pragma unroll
+        for (int j = 0; j < RPT2; ++j) p[j] = *(const float4*)(sc + (rg2 * RPT2 + j) * TP + t0 + tt);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          float vv[CPT];
+          if constexpr (CPT == 4) {
+            const float4 w = *(const float4*)(vc + (tt + u) * VP);
+            vv[0] = w.x, vv[1] = w.y, vv[2] = w.z, vv[3] = w.w;
+          } else {
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) vv[c] = vc[(tt + u) * VP + c];
+          }
+#pragma unroll
+          for (int j = 0; j < RPT2; ++j) {
+            const float pj = u == 0 ? p[j].x : u == 1 ? p[j].y : u == 2 ? p[j].z : p[j].w;
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) acc[j][c] = fmaf(pj, vv[c], acc[j][c]);
+          }
+        }
+      }
+    } else {
+      const int tn = (int)(nmax - t0 < TK ? nmax - t0 : TK);
+      for (int tt = 0; tt < tn; ++tt) {
+        const long t = t0 + tt;
+#pragma unroll
+        for (int j = 0; j < RPT2; ++j) {
+          if (t < mine[j]) {
+            const float pj = sc[(rg2 * RPT2 + j) * TP + t];
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) acc[j][c] = fmaf(pj, vc[tt * VP + c], acc[j][c]);
+          }
+        }
+      }
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int j = 0; j < RPT2; ++j) {
+    const long s = s0 + rg2 * RPT2 + j;
+    if (s >= S) continue;
+    St* orow = out + ((b * Hq + h) * S + s) * DV + dv0 + cg * CPT;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) X::put(orow, c, acc[j][c]);
+  }
+}
+
+#define FA_ENTRY(NAME, XN, MASK, R, TK, D, DVB, CPT)                                                             \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, long B, \
+      long Hq, long Hkv, long S, long T, long causal, float scale) {                                             \
+    fa_body<T_##XN, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale);             \
+  }
+// Every entry takes (q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale); mask is ignored (null)
+// by the entries without `_mask`.
+#define FA_ENTRIES(XN, D)                                                                  \
+  FA_ENTRY(attention_fast_dec_##XN##_d##D, XN, false, 1, 128, D, 32, 1)                    \
+  FA_ENTRY(attention_fast_dec_##XN##_mask_d##D, XN, true, 1, 128, D, 32, 1)                \
+  FA_ENTRY(attention_fast_pre_##XN##_d##D, XN, false, 8, 64, D, D, 4)                      \
+  FA_ENTRY(attention_fast_pre_##XN##_mask_d##D, XN, true, 8, 64, D, D, 4)
+FA_ENTRIES(f32, 64) FA_ENTRIES(f32, 128)
+FA_ENTRIES(f16, 64) FA_ENTRIES(f16, 128)
+FA_ENTRIES(bf16, 64) FA_ENTRIES(bf16, 128)
