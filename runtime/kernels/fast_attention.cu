@@ -20,6 +20,8 @@
 //       channels are split over Dv / 32 blocks, each recomputing the cheap scores, to fill the GPU);
 //   attention_fast_pre_{X}[_mask]_d{D}: R = 8, TK = 64, DVB = Dv (prefill; row tiles launched in
 //       decreasing order, heaviest causal rows first).
+//   attention_fast_mid_{X}[_mask]_d{D}: R = 8, TK = 64, DVB = 32 (a few rows, or too few row tiles
+//       and heads to fill the GPU: the prefill tiling with the decode kernel's channel split).
 // D = Dv = 64 or 128. Dynamic shared memory: 4 * (R * (D + 4) + TK * (D + 4) + R * round_up(T, TK))
 // bytes (`Kernel::smem_bytes` in runtime/src/cuda/fast_attention.rs). Layouts as the micro-kernel's: q [B, Hq, S, D],
 // k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] of q's type; all rows of q,
@@ -312,11 +314,13 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   }
 // Every entry takes (q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale); mask is ignored (null)
 // by the entries without `_mask`.
-#define FA_ENTRIES(XN, D)                                                                  \
-  FA_ENTRY(attention_fast_dec_##XN##_d##D, XN, false, 1, 128, D, 32, 1)                    \
-  FA_ENTRY(attention_fast_dec_##XN##_mask_d##D, XN, true, 1, 128, D, 32, 1)                \
-  FA_ENTRY(attention_fast_pre_##XN##_d##D, XN, false, 8, 64, D, D, 4)                      \
-  FA_ENTRY(attention_fast_pre_##XN##_mask_d##D, XN, true, 8, 64, D, D, 4)
+#define FA_ENTRIES(XN, D)                                                                 \
+  FA_ENTRY(attention_fast_dec_##XN##_d##D, XN, false, 1, 128, D, 32, 1)                   \
+  FA_ENTRY(attention_fast_dec_##XN##_mask_d##D, XN, true, 1, 128, D, 32, 1)               \
+  FA_ENTRY(attention_fast_pre_##XN##_d##D, XN, false, 8, 64, D, D, 4)                     \
+  FA_ENTRY(attention_fast_pre_##XN##_mask_d##D, XN, true, 8, 64, D, D, 4)                 \
+  FA_ENTRY(attention_fast_mid_##XN##_d##D, XN, false, 8, 64, D, 32, 1)                    \
+  FA_ENTRY(attention_fast_mid_##XN##_mask_d##D, XN, true, 8, 64, D, 32, 1)
 FA_ENTRIES(f32, 64) FA_ENTRIES(f32, 128)
 FA_ENTRIES(f16, 64) FA_ENTRIES(f16, 128)
 FA_ENTRIES(bf16, 64) FA_ENTRIES(bf16, 128)

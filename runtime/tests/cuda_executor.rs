@@ -561,9 +561,10 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
         eprintln!("SKIPPED: libnvrtc.so.13 not found");
         return;
     }
-    // Decode (one query row: the decode kernel, channels split over blocks), T = 1, 37, 516;
-    // a few rows; prefill (S = T: the tiled prefill kernel) causal, with an explicit causal mask,
-    // with a random mask and without causality; GQA 8 / 2; D = 64 and 128; f32, f16, bf16.
+    // Decode (one query row: the decode kernel, channels split over blocks), T = 1, 37, 516; a few
+    // rows and S = T = 77 with 8 heads (80 row tiles x heads: the tiled kernel split by channels);
+    // S = T = 300 (the prefill kernel); causal, with an explicit causal mask, with a random mask and
+    // without causality; GQA 8 / 2; D = 64 and 128; f32, f16, bf16.
     let mut seed = 100u64;
     let mut case = |dtype: DType, shape: (usize, usize, usize, usize, usize), causal: bool, mask: Option<&str>| {
         seed += 1;
@@ -592,7 +593,7 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
 }
 
 /// Llama-2-7B-shaped attention (Hq = Hkv = 32, D = 128, causal or with a causal mask): decode
-/// (S = 1, T = 516), a few rows at T = 4096 and prefill (S = T = 2048), f32 and f16, on the fast
+/// (S = 1, T = 516 and 4096), a few rows (S = 7, 16) and prefill (S = T = 2048), f32 and f16, on the fast
 /// kernels (launch 0) and the micro-kernel (launch 1), each timed over repeated launches; outputs
 /// bit for bit equal. GPU only: `cargo test --release -p qcc-runtime --features cuda --test
 /// cuda_executor -- --ignored --nocapture attention_fast_kernels_at_llama`.
@@ -607,7 +608,9 @@ fn attention_fast_kernels_at_llama_7b_shapes_match_the_micro_kernel_and_are_time
     let cases = [
         (DType::F32, 1usize, 516usize, None),
         (DType::F16, 1, 516, None),
+        (DType::F32, 1, 4096, None),
         (DType::F32, 7, 4096, None),
+        (DType::F32, 16, 2048, None),
         (DType::F32, 2048, 2048, None),
         (DType::F16, 2048, 2048, None),
         (DType::F32, 2048, 2048, Some("causal")),

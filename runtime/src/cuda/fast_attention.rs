@@ -4,10 +4,13 @@
 //! micro-kernel's float operations in the same order (the score and output FMA chains, the f64 exp,
 //! the division); only the f64 row sum may be added in another order before its one rounding to f32.
 //!
-//! - decode (fewer than [`PREFILL_MIN_ROWS`] query rows): `attention_fast_dec_*`, one block per
-//!   (row, head, 32 output channels), grid [S, Hq, B * Dv / 32];
+//! - decode (one query row): `attention_fast_dec_*`, one block per (row, head, 32 output channels),
+//!   grid [S, Hq, B * Dv / 32];
 //! - prefill: `attention_fast_pre_*`, one block per (8 rows, head), K and V tiles of 64 keys loaded
-//!   once per block into shared memory, grid [ceil(S / 8), Hq, B].
+//!   once per block into shared memory, grid [ceil(S / 8), Hq, B];
+//! - a few rows, or too few row tiles and heads for the prefill grid to fill the GPU (fewer than
+//!   [`PREFILL_MIN_BLOCKS`] blocks): `attention_fast_mid_*`, the prefill tiling with the decode
+//!   kernel's channel split, grid [ceil(S / 8), Hq, B * Dv / 32].
 //!
 //! Handled: q's type f32, f16 or bf16 (k, v, the mask and the output of the same type, as the
 //! lowering plans them), D = Dv = 64 or 128, any GQA grouping, the causal flag, the mask variant, key
@@ -19,10 +22,11 @@
 //! only the float launch is replaced.
 //!
 //! Measured on an H200 (Llama-2-7B-shaped layer: Hq = Hkv = 32, D = 128, outputs bit for bit equal
-//! to the micro-kernel's; `attention_fast_kernels_at_llama_7b_shapes_...` in tests/cuda_executor.rs):
-//! prefill S = T = 2048 causal f32 2.84 ms against 36.1 ms (f16 3.88 against 36.5; with an explicit
-//! causal mask, which computes every key, 6.16 against 71.4); decode S = 1, T = 516 0.018 ms against
-//! 0.052 (f16 0.029 against 0.051); S = 7, T = 4096 0.56 ms against 0.69.
+//! to the micro-kernel's; `attention_fast_kernels_at_llama_7b_shapes_...` in tests/cuda_executor.rs),
+//! fast against micro-kernel per launch: prefill S = T = 2048 causal f32 2.84 ms against 36.1 (f16
+//! 3.92 against 36.5; with an explicit causal mask, which computes every key, 6.17 against 71.4);
+//! decode S = 1 at T = 516 0.019 ms against 0.052 (f16 0.029 against 0.051), at T = 4096 0.139
+//! against 0.459; S = 7, T = 4096 (mid) 0.295 against 0.693; S = 16, T = 2048 0.157 against 0.638.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -36,14 +40,15 @@ use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
 pub const THREADS: u32 = 128;
 /// Hopper's opt-in dynamic shared memory per block.
 pub const MAX_SHARED: usize = 227 * 1024;
-/// Query rows from which the prefill kernel runs (below: the decode kernel).
-pub const PREFILL_MIN_ROWS: usize = 32;
+/// Blocks from which the prefill grid runs (two per SM of an H200); fewer: the channel-split grid.
+pub const PREFILL_MIN_BLOCKS: usize = 264;
 
 /// The two fast kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     Decode,
     Prefill,
+    Mid,
 }
 
 impl Kernel {
@@ -51,7 +56,7 @@ impl Kernel {
     pub fn rows(self) -> usize {
         match self {
             Kernel::Decode => 1,
-            Kernel::Prefill => 8,
+            Kernel::Prefill | Kernel::Mid => 8,
         }
     }
 
@@ -59,14 +64,14 @@ impl Kernel {
     pub fn key_tile(self) -> usize {
         match self {
             Kernel::Decode => 128,
-            Kernel::Prefill => 64,
+            Kernel::Prefill | Kernel::Mid => 64,
         }
     }
 
     /// Output channels per block.
     pub fn channels(self, dv: usize) -> usize {
         match self {
-            Kernel::Decode => 32,
+            Kernel::Decode | Kernel::Mid => 32,
             Kernel::Prefill => dv,
         }
     }
@@ -82,14 +87,18 @@ impl Kernel {
         match self {
             Kernel::Decode => "dec",
             Kernel::Prefill => "pre",
+            Kernel::Mid => "mid",
         }
     }
 }
 
-/// The kernel for `s` query rows at head size `d` and key length `t`, if one fits.
-pub fn pick(s: usize, d: usize, t: usize) -> Option<Kernel> {
-    if s >= PREFILL_MIN_ROWS && Kernel::Prefill.smem_bytes(d, t) <= MAX_SHARED {
-        Some(Kernel::Prefill)
+/// The kernel for `s` query rows of `heads` (query heads times batch) at head size `d` and key
+/// length `t`, if one fits.
+pub fn pick(s: usize, heads: usize, d: usize, t: usize) -> Option<Kernel> {
+    let tiled = Kernel::Prefill.smem_bytes(d, t) <= MAX_SHARED;
+    if s > 1 && tiled {
+        let blocks = s.div_ceil(Kernel::Prefill.rows()).saturating_mul(heads);
+        Some(if blocks >= PREFILL_MIN_BLOCKS { Kernel::Prefill } else { Kernel::Mid })
     } else if Kernel::Decode.smem_bytes(d, t) <= MAX_SHARED {
         Some(Kernel::Decode)
     } else {
@@ -114,8 +123,8 @@ pub struct AttnRoute {
     dtype: &'static str,
     /// The micro-kernel's entry (the fallback).
     micro_entry: String,
-    /// Largest dynamic shared memory set on the decode / prefill function so far.
-    smem_set: [AtomicU32; 2],
+    /// Largest dynamic shared memory set on the decode / prefill / mid function so far.
+    smem_set: [AtomicU32; 3],
 }
 
 impl AttnRoute {
@@ -167,7 +176,7 @@ impl AttnRoute {
         }
         // The micro-kernel's shared memory is the score row at the largest key length.
         let t_max = launch.shared_bytes as usize / 4;
-        pick(1, d as usize, t_max)?;
+        pick(1, 1, d as usize, t_max)?;
         let (q, k, v, out) = (bufs[0], bufs[1], bufs[2], bufs[nbuf - 1]);
         let mask = masked.then(|| bufs[3]);
         let dims = [ints[0].clone(), ints[1].clone(), ints[2].clone(), ints[3].clone(), ints[4].clone()];
@@ -183,7 +192,7 @@ impl AttnRoute {
             scale,
             dtype,
             micro_entry: launch.entry.clone(),
-            smem_set: [AtomicU32::new(0), AtomicU32::new(0)],
+            smem_set: [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)],
         })
     }
 
@@ -217,7 +226,7 @@ impl AttnRoute {
             None => 0,
         };
         let (su, tu, d) = (s as usize, t as usize, self.d);
-        let kernel = pick(su, d, tu);
+        let kernel = pick(su, (b * hq) as usize, d, tu);
         let aligned = [q, k, v, out].iter().all(|p| p % 16 == 0);
         let valid = hkv > 0 && hq % hkv == 0 && hq <= 65_535;
         let Some(kernel) = kernel.filter(|_| aligned && valid) else {
@@ -358,6 +367,7 @@ mod tests {
         let r = AttnRoute::plan(&f16s, &launch("attention_f16_mask", true, [8, 2, 128, 128], 300)).unwrap();
         assert_eq!(r.entry(Kernel::Decode), "attention_fast_dec_f16_mask_d128");
         assert_eq!(r.entry(Kernel::Prefill), "attention_fast_pre_f16_mask_d128");
+        assert_eq!(r.entry(Kernel::Mid), "attention_fast_mid_f16_mask_d128");
         assert_eq!((r.q, r.k, r.v, r.mask, r.out), (0, 1, 2, Some(3), 4));
         let r = AttnRoute::plan(&f32s, &launch("attention_f32", false, [8, 2, 64, 64], 300)).unwrap();
         assert_eq!((r.mask, r.out, r.causal, r.scale), (None, 3, 1, 0.125));
@@ -378,14 +388,19 @@ mod tests {
     }
 
     #[test]
-    fn picks_decode_for_few_rows_and_prefill_while_its_scores_fit() {
-        assert_eq!(pick(1, 128, 516), Some(Kernel::Decode));
-        assert_eq!(pick(PREFILL_MIN_ROWS - 1, 128, 2048), Some(Kernel::Decode));
-        assert_eq!(pick(PREFILL_MIN_ROWS, 128, 2048), Some(Kernel::Prefill));
-        assert_eq!(pick(4096, 128, 4096), Some(Kernel::Prefill));
+    fn picks_decode_for_one_row_prefill_for_full_grids_and_mid_between() {
+        assert_eq!(pick(1, 32, 128, 516), Some(Kernel::Decode));
+        assert_eq!(pick(1, 32, 128, 40_000), Some(Kernel::Decode));
+        // 7 rows of 32 heads: one row tile per head, split by channels.
+        assert_eq!(pick(7, 32, 128, 4096), Some(Kernel::Mid));
+        assert_eq!(pick(2048, 32, 128, 2048), Some(Kernel::Prefill));
+        assert_eq!(pick(4096, 32, 128, 4096), Some(Kernel::Prefill));
+        // 10 row tiles x 8 heads = 80 blocks; 38 x 8 = 304.
+        assert_eq!(pick(77, 8, 64, 77), Some(Kernel::Mid));
+        assert_eq!(pick(300, 8, 64, 300), Some(Kernel::Prefill));
         // 8 rows of scores at T = 8192 exceed 227 KiB: the decode kernel (one row) takes it.
-        assert_eq!(pick(8192, 128, 8192), Some(Kernel::Decode));
-        assert_eq!(pick(1, 128, 100_000), None);
+        assert_eq!(pick(8192, 32, 128, 8192), Some(Kernel::Decode));
+        assert_eq!(pick(1, 32, 128, 100_000), None);
         // Shared memory: q row + a 128-key tile + the score row, rows padded by 4 floats.
         assert_eq!(Kernel::Decode.smem_bytes(128, 516), 4 * (132 + 128 * 132 + 640));
         assert_eq!(Kernel::Prefill.smem_bytes(64, 77), 4 * (8 * 68 + 64 * 68 + 8 * 128));
