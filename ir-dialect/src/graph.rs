@@ -2,13 +2,14 @@
 //! data flow: an edge `a -> b` with ports `(src_port, dst_port)` says that output `src_port` of `a` is
 //! input `dst_port` of `b`. Node indices stay valid across removals, so passes can hold `NodeId`s.
 
-use crate::{DType, Op, OpKind, Shape, Tensor};
+use crate::{DType, Dim, Op, OpKind, Shape, Tensor};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 pub type NodeId = NodeIndex<u32>;
 
@@ -202,6 +203,24 @@ impl Graph {
 
     pub fn graph_inputs(&self) -> &[NodeId] {
         &self.inputs
+    }
+
+    /// The dimension symbol that counts the cached positions of a KV-cache graph: axis 2 of its
+    /// `past_key_values.*` inputs ([batch, heads, past, head_dim]), when they all name the same one.
+    pub fn past_length_symbol(&self) -> Option<Arc<str>> {
+        let mut found: Option<Arc<str>> = None;
+        for &id in &self.inputs {
+            let info = &self.node(id).outputs[0];
+            if !info.name.starts_with("past_key_values.") {
+                continue;
+            }
+            let Some(Dim::Sym(sym)) = info.ty.shape.as_ref().and_then(|s| s.dims().get(2)) else { return None };
+            match &found {
+                Some(f) if f != sym => return None,
+                _ => found = Some(sym.clone()),
+            }
+        }
+        found
     }
 
     pub fn graph_outputs(&self) -> &[GraphOutput] {

@@ -219,12 +219,17 @@ op_kinds! {
 /// position (index along the second-to-last axis) is < P are clamped to the range of attribute
 /// `prefix_to` (default i16) instead, and the output dtype is `prefix_to`: the first tokens (attention
 /// sinks, whose activations are orders of magnitude larger) keep 16 bits at the same step. `quantize`
-/// accepts `prefix_tokens` / `prefix_to` with the same meaning.
+/// accepts `prefix_tokens` / `prefix_to` with the same meaning. In a graph that runs on a KV cache, rows
+/// are a chunk of a longer sequence: string attribute `prefix_offset` names the dimension symbol of the
+/// graph inputs that counts the tokens before the chunk (`past_seq`), and positions are absolute, that
+/// index plus the symbol's value, so a decode step's token is not taken for a first token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutputQuant {
     pub to: DType,
     pub prefix_tokens: usize,
     pub prefix_to: DType,
+    /// The dimension symbol whose value is added to row positions (see above).
+    pub prefix_offset: Option<String>,
     pub step: Option<Tensor>,
 }
 
@@ -386,6 +391,10 @@ impl Op {
             to,
             prefix_tokens: self.int("prefix_tokens").unwrap_or(0).max(0) as usize,
             prefix_to: self.dtype("prefix_to").unwrap_or(DType::I16),
+            prefix_offset: match self.attrs.get("prefix_offset") {
+                Some(Attr::Str(s)) => Some(s.clone()),
+                _ => None,
+            },
             step: self.tensor("step").cloned(),
         })
     }

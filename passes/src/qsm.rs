@@ -162,7 +162,7 @@ impl Qsm {
                 ),
             );
         }
-        for key in ["to", "prefix_tokens", "prefix_to"] {
+        for key in ["to", "prefix_tokens", "prefix_to", "prefix_offset"] {
             if let Some(a) = qop.attr(key) {
                 op = op.with(key, a.clone());
             }

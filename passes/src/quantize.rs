@@ -4,7 +4,7 @@
 //! `quantize(x, s)` (QSM later migrates it into x's producer, so one step vector per activation).
 //! - Activation steps s_k (per input channel) from calibration: absmax_k * act_clip_k / qmax_a (absmax
 //!   leaving out position 0 when `prefix > 0`; those positions are then kept in 16 bits, see
-//!   `qcc_ir::OutputQuant`). Where x comes from a grouped-query attention, channels that share a KV head
+//!   `qcc_ir::OutputQuant`; in a KV-cache graph, attribute `prefix_offset` makes positions absolute). Where x comes from a grouped-query attention, channels that share a KV head
 //!   share a step (QSM folds them into v_proj's output channels).
 //! - Weights: the step is folded into the columns, W' = W diag(s); per-output-channel step
 //!   d_n = max_k |W'_nk| * weight_clip_n / qmax_w; round to nearest (or GPTQ, `weight-rounding=gptq`).
@@ -492,6 +492,8 @@ impl Pass for Quantize {
         };
         let mut rewrites = 0;
         let mut fp4_layers = 0;
+        // In a KV-cache graph prefix positions count from the start of the sequence, not of the chunk.
+        let past_length = graph.past_length_symbol();
         let mut items = groups.into_iter().zip(stats);
         'windows: loop {
             let window: Vec<_> = items.by_ref().take(PREPARE_WINDOW).collect();
@@ -520,6 +522,9 @@ impl Pass for Quantize {
                         op = op
                             .with("prefix_tokens", Attr::Int(scheme.prefix as i64))
                             .with("prefix_to", Attr::DType(DType::I16));
+                        if let Some(past) = &past_length {
+                            op = op.with("prefix_offset", Attr::Str(past.to_string()));
+                        }
                         dtype = DType::I16;
                     }
                     let ty = TensorType { dtype, shape: graph.value_type(x).shape.clone() };

@@ -122,6 +122,21 @@ fn rms_norm_with_prefix_quantization() {
 }
 
 #[test]
+fn prefix_rows_offset_by_the_past_length_of_a_kv_cache() {
+    // `prefix_offset`: positions count from the start of the sequence, the kernels take `%past`.
+    check(
+        "prefix_offset_past",
+        r#"graph @t(%x: f32[batch,seq,8], %past_key_values.0.key: f32[batch,2,past_seq,4]) -> (%y, %z) {
+  %g = constant {value = dense<f32[8] [0.5, 2.0, -1.0, 3.0, 1.0, 1.0, 0.25, 4.0]>} : f32[8]
+  %s = constant {value = dense<f32[8] [0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]>} : f32[8]
+  %y = rms_norm(%x, %g) {epsilon = 1e-5, prefix_offset = "past_seq", prefix_to = i16, prefix_tokens = 1, to = i4} : i16[batch,seq,8]
+  %z = quantize(%x, %s) {prefix_offset = "past_seq", prefix_to = i16, prefix_tokens = 1, to = i4} : i16[batch,seq,8]
+  return %y, %z
+}"#,
+    );
+}
+
+#[test]
 fn rms_norm_float_with_beta_and_per_channel_step() {
     check(
         "rms_norm_beta_step",

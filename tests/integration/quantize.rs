@@ -171,3 +171,54 @@ fn kv_cache_model_calibrates_as_a_prefill_from_an_empty_cache() {
     // a summation-order difference at most.
     assert!(worst < 1e-4, "KV model with empty caches differs from the plain model by {worst:e}");
 }
+
+/// In a KV-cache graph the 16-bit prefix rows are absolute positions (`prefix_offset` = the past
+/// length symbol): decoding one token after a cached prompt gives the logits of recomputing the
+/// whole sequence. Without the offset every decode step's token is quantized as a first token.
+#[test]
+fn kv_cache_prefix_rows_count_from_the_start_of_the_sequence() {
+    use qcc::model::KvDecoder;
+    let tokenizer = qcc::tokenizer::for_model(&smollm2_onnx(), None).unwrap();
+    let kv = qcc::onnx::import_model(qcc_tests::smollm2_dir().join("smollm2-135m-kv.onnx")).unwrap().graph;
+    let calib = std::fs::read_to_string(fixture("data/calib.txt")).unwrap();
+    let set = qcc::calibrate::calibration_set(&kv, &tokenizer, &calib, 2, 64).unwrap();
+    let mut ctx = PassContext::new();
+    ctx.set_calibration(set);
+    let mut quantized = kv.clone();
+    let text = format!("{},quantize{{a=4,prefix=1,skip=lm-head,w=4}},quantize{{a=16,w=8}},qsm", qcc_passes::OptLevel::None.pipeline());
+    let pipeline = Registry::standard().parse_pipeline(&text).unwrap();
+    PassManager::new(pipeline).run_with_context(&mut quantized, &mut ctx, &mut []).unwrap();
+    let past = kv.past_length_symbol().expect("the KV model names its past length");
+    let mut prefixed = 0;
+    for id in quantized.node_ids() {
+        if let Some(q) = quantized.node(id).op.output_quant().filter(|q| q.prefix_tokens > 0) {
+            assert_eq!(q.prefix_offset.as_deref(), Some(&*past), "{}", quantized.node(id).outputs[0].name);
+            prefixed += 1;
+        }
+    }
+    let kinds: std::collections::BTreeSet<&str> = quantized.node_ids().map(|id| quantized.node(id).op.kind.name()).collect();
+    assert!(prefixed >= 30 * 4, "{prefixed} prefix-quantized ops; {kinds:?}");
+
+    let text: String = calib.chars().take(400).collect();
+    let ids: Vec<u32> = tokenizer.encode(text.as_str(), false).unwrap().get_ids()[..12].to_vec();
+    // Worst relative difference of the last position's logits: prompt cached then one step, against
+    // the whole sequence at once.
+    let step_vs_recompute = |g: &Graph| {
+        let mut cached = KvDecoder::new(g).unwrap();
+        cached.feed(&ids[..ids.len() - 1]).unwrap();
+        let step = cached.feed(&ids[ids.len() - 1..]).unwrap();
+        let whole = KvDecoder::new(g).unwrap().feed(&ids).unwrap();
+        let scale = whole.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        step.data.iter().zip(&whole.data).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max)
+    };
+    let with_offset = step_vs_recompute(&quantized);
+    let mut chunk_positions = quantized.clone();
+    for id in chunk_positions.node_ids().collect::<Vec<_>>() {
+        chunk_positions.node_mut(id).op.attrs.remove("prefix_offset");
+    }
+    let without = step_vs_recompute(&chunk_positions);
+    eprintln!("decode step vs recompute: {with_offset:e} with prefix_offset, {without:e} without");
+    // Equal up to float summation order (int4 roundings that flip on a last-bit difference).
+    assert!(with_offset < 1e-4, "decode step differs from recompute by {with_offset:e} of the logit range");
+    assert!(without > 4.0 * with_offset.max(1e-4), "without the offset: {without:e}");
+}

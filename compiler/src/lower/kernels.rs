@@ -187,6 +187,8 @@ pub struct Quant {
     pub to: DType,
     pub prefix_tokens: usize,
     pub prefix_to: DType,
+    /// Positions before the chunk (a KV cache's past length), added to row positions: `%past`.
+    pub prefix_offset: Option<DimExpr>,
     pub step: Step,
 }
 
@@ -208,6 +210,23 @@ impl Quant {
         };
         format!("q{}{step}", self.to)
     }
+
+    /// Kernel name suffix of the prefix rule.
+    fn prefix_key(&self) -> String {
+        match (self.prefix_tokens, &self.prefix_offset) {
+            (0, _) => String::new(),
+            (p, None) => format!("_p{p}"),
+            (p, Some(_)) => format!("_p{p}o"),
+        }
+    }
+
+    /// The `%past: i64` parameter, after the others, when positions are offset.
+    fn push_offset_param(&self, params: &mut Vec<String>, args: &mut Vec<Arg>) {
+        if let (true, Some(past)) = (self.prefix_tokens > 0, &self.prefix_offset) {
+            params.push("%past: i64".into());
+            args.push(Arg::I64(past.clone()));
+        }
+    }
 }
 
 /// Emits the quantization of `y` (f32) for channel `channel` at position `pos` (both index values);
@@ -228,6 +247,13 @@ fn emit_quant(b: &mut Body, y: &str, channel: &str, pos: &str, q: &Quant, step: 
         let (plo, phi) = q.prefix_to.int_range().unwrap_or((0, 0));
         let (plo, phi) = (b.f32(plo as f32), b.f32(phi as f32));
         let p = b.index(q.prefix_tokens as i64);
+        let pos = match q.prefix_offset {
+            Some(_) => {
+                let past = b.arg_index("%past");
+                b.binop("addi", pos, &past, "index")
+            }
+            None => pos.to_string(),
+        };
         let is_prefix = b.v(&format!("arith.cmpi ult, {pos}, {p} : index"));
         lo = b.v(&format!("arith.select {is_prefix}, {plo}, {lo} : f32"));
         hi = b.v(&format!("arith.select {is_prefix}, {phi}, {hi} : f32"));
@@ -354,6 +380,9 @@ pub fn pointwise(
         params.push("%step: f32".into());
         args.push(Arg::F32(*v));
     }
+    if let Some(q) = quant {
+        q.push_offset_param(&mut params, &mut args);
+    }
 
     let mut b = Body::new();
     b.text = consts.text;
@@ -468,10 +497,7 @@ pub fn pointwise(
     let types: Vec<String> = inputs.iter().map(|i| i.dtype.to_string()).collect();
     let mut base = format!("{}_{}_{}", op.name(), types.join("_"), out.dtype);
     if let Some(q) = quant {
-        base = format!("{base}_{}", q.key());
-        if q.prefix_tokens > 0 {
-            base = format!("{base}_p{}", q.prefix_tokens);
-        }
+        base = format!("{base}_{}{}", q.key(), q.prefix_key());
     }
     Some(Kernel {
         base,
@@ -558,6 +584,9 @@ pub fn rms_norm(
     if let Some(Quant { step: Step::Scalar(v), .. }) = quant {
         params.push("%step: f32".into());
         args.push(Arg::F32(*v));
+    }
+    if let Some(q) = quant {
+        q.push_offset_param(&mut params, &mut args);
     }
 
     let mut b = Body::new();
@@ -661,10 +690,7 @@ pub fn rms_norm(
 
     let mut name = format!("rms_norm_{}_{}_k{k}", x.1, out.1);
     if let Some(q) = quant {
-        name = format!("{name}_{}", q.key());
-        if q.prefix_tokens > 0 {
-            name = format!("{name}_p{}", q.prefix_tokens);
-        }
+        name = format!("{name}_{}{}", q.key(), q.prefix_key());
     }
     if beta.is_some() {
         name.push_str("_beta");

@@ -444,6 +444,12 @@ impl<'g> Lowerer<'g> {
         self.quant_of(id, q.to, q.prefix_tokens, q.prefix_to, q.step.as_ref(), channels).map(Some)
     }
 
+    /// The past length that makes prefix positions absolute (`prefix_offset`, a dimension symbol).
+    fn prefix_offset(&self, id: NodeId) -> Option<DimExpr> {
+        let q = self.graph.node(id).op.output_quant()?;
+        q.prefix_offset.map(|sym| DimExpr::sym(&sym))
+    }
+
     fn quant_of(
         &mut self,
         id: NodeId,
@@ -489,7 +495,7 @@ impl<'g> Lowerer<'g> {
                 }
             }
         };
-        Ok(Quant { to, prefix_tokens, prefix_to, step })
+        Ok(Quant { to, prefix_tokens, prefix_to, prefix_offset: self.prefix_offset(id), step })
     }
 
     fn rms_norm(&mut self, id: NodeId) -> Result<View, LowerError> {
@@ -589,7 +595,13 @@ impl<'g> Lowerer<'g> {
             }
             let name = self.graph.value_name(step_value).to_string();
             let view = self.weight(&name, DType::F32, vec![DimExpr::Const(step_f32.numel() as i64)]);
-            Quant { to, prefix_tokens, prefix_to, step: Step::PerChannel(view.buffer) }
+            Quant {
+                to,
+                prefix_tokens,
+                prefix_to,
+                prefix_offset: self.prefix_offset(id),
+                step: Step::PerChannel(view.buffer),
+            }
         };
         let dims = x.dims.clone();
         self.emit_pointwise(

@@ -220,9 +220,15 @@ impl CpuExecutor {
                 return Err(ExecError::UnknownInput(name.to_string()));
             }
         }
+        let mut symbols = HashMap::new();
         for (name, slot, ty) in &self.inputs {
             let (_, t) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| ExecError::MissingInput(name.clone()))?;
             check_input(name, ty, t)?;
+            for (d, &n) in ty.shape.iter().flat_map(|s| s.dims()).zip(t.shape()) {
+                if let Dim::Sym(sym) = d {
+                    symbols.entry(sym.to_string()).or_insert(n);
+                }
+            }
             slots[*slot] = Some(Cow::Borrowed(t));
         }
         let mut stats = RunStats::default();
@@ -243,6 +249,7 @@ impl CpuExecutor {
                     inputs: &args,
                     outputs: &step.output_infos,
                     bf16_products: self.precision == MatmulPrecision::Bf16,
+                    symbols: &symbols,
                 };
                 let started = op_profile::enabled().then(std::time::Instant::now);
                 let mut results = execute(&ctx).map_err(|OpError(m)| self.step_error(step, &args, m))?;
@@ -312,7 +319,14 @@ fn hoist_constant_steps(
         let foldable = !step.inputs.is_empty() && step.inputs.iter().flatten().all(|s| known.contains_key(s));
         if foldable {
             let args: Vec<Option<&RtTensor>> = step.inputs.iter().map(|s| s.map(|s| &known[&s])).collect();
-            let ctx = OpCtx { op: &step.op, inputs: &args, outputs: &step.output_infos, bf16_products: false };
+            let none = HashMap::new();
+            let ctx = OpCtx {
+                op: &step.op,
+                inputs: &args,
+                outputs: &step.output_infos,
+                bf16_products: false,
+                symbols: &none,
+            };
             if let Ok(results) = execute(&ctx) {
                 if results.len() >= step.outputs.len() {
                     for (&slot, t) in step.outputs.iter().zip(results) {
@@ -364,7 +378,7 @@ fn execute(ctx: &OpCtx) -> OpResult<Vec<RtTensor>> {
     let mut results = execute_op(ctx)?;
     if ctx.op.kind.can_quantize_output() {
         if let (Some(q), Some(first)) = (ctx.op.output_quant(), results.first_mut()) {
-            *first = ops::output_quant::apply(&q, first)?;
+            *first = ops::output_quant::apply(&q, first, ops::output_quant::prefix_offset(ctx, &q)?)?;
         }
     }
     Ok(results)

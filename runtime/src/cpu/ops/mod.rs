@@ -13,6 +13,7 @@ pub mod vision;
 
 use crate::cpu::value::RtTensor;
 use qcc_ir::{Attr, DType, Op, ValueInfo};
+use std::collections::HashMap;
 
 /// What went wrong inside one op (the executor wraps it with the node's name and op).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub struct OpCtx<'a> {
     pub outputs: &'a [ValueInfo],
     /// Products of `linear` may round their f32 operands to bf16 ([`crate::cpu::MatmulPrecision`]).
     pub bf16_products: bool,
+    /// Values of the graph inputs' dimension symbols in this run (for `prefix_offset`).
+    pub symbols: &'a HashMap<String, usize>,
 }
 
 impl<'a> OpCtx<'a> {

@@ -11,8 +11,21 @@ use crate::cpu::value::{f32_to_f8, RtTensor};
 use ndarray::{Array2, ArrayD, IxDyn};
 use qcc_ir::{f8e4m3_to_f32, DType, OutputQuant};
 
-/// Quantizes a float result according to `q` (see `qcc_ir::OutputQuant`).
-pub fn apply(q: &OutputQuant, y: &RtTensor) -> OpResult<RtTensor> {
+/// The number of positions before this chunk (`prefix_offset`'s symbol; 0 without one).
+pub fn prefix_offset(ctx: &OpCtx, q: &OutputQuant) -> OpResult<usize> {
+    match &q.prefix_offset {
+        None => Ok(0),
+        Some(sym) => ctx
+            .symbols
+            .get(sym)
+            .copied()
+            .ok_or_else(|| op_err!("prefix_offset '{sym}' is not a dimension symbol of the graph inputs")),
+    }
+}
+
+/// Quantizes a float result according to `q` (see `qcc_ir::OutputQuant`); row positions start at
+/// `offset` (the cached positions before this chunk).
+pub fn apply(q: &OutputQuant, y: &RtTensor, offset: usize) -> OpResult<RtTensor> {
     let shape = y.shape().to_vec();
     let k = shape.last().copied().unwrap_or(1).max(1);
     let seq = if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 };
@@ -38,7 +51,7 @@ pub fn apply(q: &OutputQuant, y: &RtTensor) -> OpResult<RtTensor> {
         Some(s) => v / s[i % k],
         None => v,
     };
-    let prefix = |i: usize| q.prefix_tokens > 0 && (i / k) % seq.max(1) < q.prefix_tokens;
+    let prefix = |i: usize| q.prefix_tokens > 0 && (i / k) % seq.max(1) + offset < q.prefix_tokens;
     let out_dtype = q.output_dtype();
     if q.to == DType::F8E4M3 {
         if q.prefix_tokens > 0 {
@@ -70,7 +83,7 @@ pub fn quantize(ctx: &OpCtx) -> OpResult<RtTensor> {
         bail!("quantize with prefix_tokens supports only the last axis");
     }
     q.step = Some(step.to_ir_tensor());
-    apply(&q, x)
+    apply(&q, x, prefix_offset(ctx, &q)?)
 }
 
 /// Values of an integer or f8 tensor as f32.
@@ -187,9 +200,10 @@ mod tests {
             to: DType::I4,
             prefix_tokens: 1,
             prefix_to: DType::I16,
+            prefix_offset: None,
             step: Some(Tensor::from_slice(vec![h * d], &steps)),
         };
-        let out = apply(&q, &RtTensor::from_vec(&[1, h, s, d], y.clone()).unwrap()).unwrap();
+        let out = apply(&q, &RtTensor::from_vec(&[1, h, s, d], y.clone()).unwrap(), 0).unwrap();
         let got = out.cast_array::<i64>();
         for (i, &g) in got.iter().enumerate() {
             let (hh, ss, dd) = (i / (s * d), (i / d) % s, i % d);
@@ -199,7 +213,13 @@ mod tests {
             assert_eq!(g, want, "h {hh} s {ss} d {dd}");
         }
         // A step count that is neither 1, D nor H * D is an error.
-        let bad = OutputQuant { step: Some(Tensor::from_slice(vec![3], &[1.0f32; 3])), ..q };
-        assert!(apply(&bad, &RtTensor::from_vec(&[1, h, s, d], y).unwrap()).is_err());
+        let bad = OutputQuant { step: Some(Tensor::from_slice(vec![3], &[1.0f32; 3])), ..q.clone() };
+        assert!(apply(&bad, &RtTensor::from_vec(&[1, h, s, d], y.clone()).unwrap(), 0).is_err());
+        // After one cached position (a decode step), position 0 of the chunk is not a prefix row.
+        let later = apply(&q, &RtTensor::from_vec(&[1, h, s, d], y.clone()).unwrap(), 1).unwrap().cast_array::<i64>();
+        for (i, &g) in later.iter().enumerate() {
+            let (hh, dd) = (i / (s * d), i % d);
+            assert_eq!(g, ((y[i] / steps[hh * d + dd]).round_ties_even().clamp(-8.0, 7.0)) as i64);
+        }
     }
 }
