@@ -185,7 +185,10 @@ fn kv_cache_prefix_rows_count_from_the_start_of_the_sequence() {
     let mut ctx = PassContext::new();
     ctx.set_calibration(set);
     let mut quantized = kv.clone();
-    let text = format!("{},quantize{{a=4,prefix=1,skip=lm-head,w=4}},quantize{{a=16,w=8}},qsm", qcc_passes::OptLevel::None.pipeline());
+    let text = format!(
+        "{},quantize{{a=4,prefix=1,skip=lm-head,w=4}},quantize{{a=16,w=8}},qsm",
+        qcc_passes::OptLevel::None.pipeline()
+    );
     let pipeline = Registry::standard().parse_pipeline(&text).unwrap();
     PassManager::new(pipeline).run_with_context(&mut quantized, &mut ctx, &mut []).unwrap();
     let past = kv.past_length_symbol().expect("the KV model names its past length");
@@ -196,7 +199,8 @@ fn kv_cache_prefix_rows_count_from_the_start_of_the_sequence() {
             prefixed += 1;
         }
     }
-    let kinds: std::collections::BTreeSet<&str> = quantized.node_ids().map(|id| quantized.node(id).op.kind.name()).collect();
+    let kinds: std::collections::BTreeSet<&str> =
+        quantized.node_ids().map(|id| quantized.node(id).op.kind.name()).collect();
     assert!(prefixed >= 30 * 4, "{prefixed} prefix-quantized ops; {kinds:?}");
 
     let text: String = calib.chars().take(400).collect();
