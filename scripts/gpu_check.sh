@@ -82,6 +82,9 @@ if [[ "${1:-}" == "--artifacts" ]]; then
     echo "== micro-kernels and tuned-kernel routes against the CPU executor (runtime/tests/cuda_executor.rs)"
     "$ROOT/.gpu/cuda_executor" --nocapture --test-threads 1 > /tmp/cuda_executor.txt 2>&1 || status=1
     grep -E '^(int_linear|hadamard|attention|test |test result)|panicked' -A2 /tmp/cuda_executor.txt
+    echo "== fast attention at Llama-2-7B shapes against the micro-kernel (bit-exact, timed)"
+    "$ROOT/.gpu/cuda_executor" --ignored --nocapture --test-threads 1 attention_fast_kernels_at_llama 2>&1 \
+      | grep -vE '^(running|$)' | tail -n 20 || status=1
   fi
   # The same compiled plans with every linear on its micro-kernel (QCC_FAST_LINEAR=0) and routed to
   # the tuned kernels (default): forward time, launches only and as one CUDA graph.
@@ -106,7 +109,7 @@ if [[ "${1:-}" == "--artifacts" ]]; then
         [[ -f "$prompt" ]] || continue
         echo "== decode $(basename "$art") $(basename "$prompt") (synthetic weights)"
         QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 --profile 2>&1 \
-          | grep -E 'routed|decode|rror|profile (module|launch +[0-9]+ +[0-9.]+ ms)' | head -n 16 || status=1
+          | grep -E 'routed|decode|rror|profile (module|launch +[0-9]+ +[0-9.]+ ms)' | head -n 40 || status=1
       done
       continue
     fi
