@@ -78,8 +78,15 @@ static __device__ __forceinline__ void fix_rows_body(const T* __restrict__ x, co
   const int lane = threadIdx.x & 31;
   const long n = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (n >= N) return;
-  for (long m = blockIdx.y; m < M; m += gridDim.y) {
-    if (flags[m]) fix_one<T, F32>(x, w, scale, bias, y, m, n, N, K, lane);
+  // Block row y takes the 32-row windows y, y + gridDim.y, ...: one flag per lane and a ballot, so a
+  // warp reads the flags of 32 rows at once instead of one dependent load per row.
+  for (long base = (long)blockIdx.y * 32; base < M; base += (long)gridDim.y * 32) {
+    unsigned todo = __ballot_sync(0xffffffffu, base + lane < M && flags[base + lane] != 0);
+    while (todo) {
+      const int b = __ffs(todo) - 1;
+      todo &= todo - 1;
+      fix_one<T, F32>(x, w, scale, bias, y, base + b, n, N, K, lane);
+    }
   }
 }
 

@@ -106,14 +106,14 @@ fn check(case: &str, qir: &str) -> Lowered {
 
 #[test]
 fn rms_norm_with_prefix_quantization() {
-    // 300 elements: one unrolled round of 8 x 32 per lane, then a tail of 44 (lanes end unevenly).
-    let gamma: Vec<String> = (0..300).map(|i| format!("{:?}", 0.25 + (i % 7) as f32 * 0.5)).collect();
+    // 600 elements: one unrolled round of 16 x 32 per lane, then a tail of 88 (lanes end unevenly).
+    let gamma: Vec<String> = (0..600).map(|i| format!("{:?}", 0.25 + (i % 7) as f32 * 0.5)).collect();
     check(
         "rms_norm_quant_prefix",
         &format!(
-            r#"graph @t(%x: f32[batch,seq,300]) -> (%y) {{
-  %g = constant {{value = dense<f32[300] [{}]>}} : f32[300]
-  %y = rms_norm(%x, %g) {{epsilon = 1e-5, prefix_to = i16, prefix_tokens = 1, to = i4}} : i16[batch,seq,300]
+            r#"graph @t(%x: f32[batch,seq,600]) -> (%y) {{
+  %g = constant {{value = dense<f32[600] [{}]>}} : f32[600]
+  %y = rms_norm(%x, %g) {{epsilon = 1e-5, prefix_to = i16, prefix_tokens = 1, to = i4}} : i16[batch,seq,600]
   return %y
 }}"#,
             gamma.join(", ")

@@ -608,7 +608,7 @@ pub fn rms_norm(
     // elements l, l + 32, ... in order, then a butterfly over the 32 lanes (xor 16, 8, 4, 2, 1).
     // Rounds of UNROLL elements per lane load first and add in order (the loads overlap), then a
     // tail of single elements from `tail_start` on.
-    const UNROLL: u64 = 8;
+    const UNROLL: u64 = 16;
     let rounds = k / (32 * UNROLL);
     let square = |b: &mut Body, j: &str| {
         let at = b.binop("addi", &base, j, "index");
@@ -662,29 +662,56 @@ pub fn rms_norm(
     let inv = b.binop("divf", &one_f64, &root, "f64");
     let seq_i = b.arg_index("%seq");
     let pos = b.binop("remui", &row, &seq_i, "index");
+    // The outputs in the same rounds: every load of a round before its stores (the compiler cannot
+    // move loads above stores to another buffer), then the tail one element at a time.
+    let load = |b: &mut Body, j: &str| {
+        let at = b.binop("addi", &base, j, "index");
+        let xv = b.load("%x", x_ty, &at);
+        let g = b.load("%gamma", g_ty, j);
+        let bv = b_ty.map(|ty| b.load("%beta", ty, j));
+        (xv, g, bv)
+    };
+    let finish = |b: &mut Body, j: &str, (xv, g, bv): (String, String, Option<String>)| {
+        let xf = b.widen_to_f32(&xv, x_ty);
+        let xd = b.v(&format!("arith.extf {xf} : f32 to f64"));
+        let nd = b.binop("mulf", &xd, &inv, "f64");
+        let y = b.v(&format!("arith.truncf {nd} : f64 to f32"));
+        let g = b.widen_to_f32(&g, g_ty);
+        let mut y = b.binop("mulf", &y, &g, "f32");
+        if let (Some(bv), Some(ty)) = (bv, b_ty) {
+            let bv = b.widen_to_f32(&bv, ty);
+            y = b.binop("addf", &y, &bv, "f32");
+        }
+        let stored = match quant {
+            Some(q) => emit_quant(b, &y, j, &pos, q, "%step", out_ty),
+            None => b.narrow_from_f32(&y, out_ty),
+        };
+        let at_out = b.binop("addi", &base, j, "index");
+        b.store(&stored, "%out", out_ty, &at_out);
+    };
+    if rounds > 0 {
+        let end = b.index((rounds * 32 * UNROLL) as i64);
+        let stride = b.index((32 * UNROLL) as i64);
+        let j = format!("%j{}", b.next);
+        b.next += 1;
+        b.open(&format!("scf.for {j} = {lane} to {end} step {stride}"));
+        let at: Vec<String> = (0..UNROLL)
+            .map(|u| {
+                let off = b.index((32 * u) as i64);
+                b.binop("addi", &j, &off, "index")
+            })
+            .collect();
+        let loaded: Vec<_> = at.iter().map(|ju| load(&mut b, ju)).collect();
+        for (ju, l) in at.iter().zip(loaded) {
+            finish(&mut b, ju, l);
+        }
+        b.close("");
+    }
     let j = format!("%j{}", b.next);
     b.next += 1;
-    b.open(&format!("scf.for {j} = {lane} to {k_i} step {warp_size}"));
-    let at = b.binop("addi", &base, &j, "index");
-    let xv = b.load("%x", x_ty, &at);
-    let xf = b.widen_to_f32(&xv, x_ty);
-    let xd = b.v(&format!("arith.extf {xf} : f32 to f64"));
-    let nd = b.binop("mulf", &xd, &inv, "f64");
-    let y = b.v(&format!("arith.truncf {nd} : f64 to f32"));
-    let g = b.load("%gamma", g_ty, &j);
-    let g = b.widen_to_f32(&g, g_ty);
-    let mut y = b.binop("mulf", &y, &g, "f32");
-    if let Some(ty) = b_ty {
-        let bv = b.load("%beta", ty, &j);
-        let bv = b.widen_to_f32(&bv, ty);
-        y = b.binop("addf", &y, &bv, "f32");
-    }
-    let stored = match quant {
-        Some(q) => emit_quant(&mut b, &y, &j, &pos, q, "%step", out_ty),
-        None => b.narrow_from_f32(&y, out_ty),
-    };
-    let at_out = b.binop("addi", &base, &j, "index");
-    b.store(&stored, "%out", out_ty, &at_out);
+    b.open(&format!("scf.for {j} = {tail_start} to {k_i} step {warp_size}"));
+    let l = load(&mut b, &j);
+    finish(&mut b, &j, l);
     b.close("");
     b.close("");
 

@@ -449,9 +449,9 @@ impl W4Route {
         let m64 = m as i64;
         let mut b = gpu.stream.launch_builder(&fix);
         b.arg(&x).arg(&w_rows).arg(&scale).arg(&bias).arg(&y).arg(&flags).arg(&m64).arg(&n64).arg(&k64);
-        // At most 16 block rows walk the M rows (most are unflagged: one flag read each).
+        // At most 16 block rows walk the M rows in windows of 32 (one ballot of flags per window).
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, m.min(16) as u32, 1),
+            grid_dim: (n.div_ceil(8) as u32, m.div_ceil(32).min(16) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
