@@ -168,6 +168,28 @@ pub struct Manifest {
     pub host_prologue: Option<HostPrologue>,
 }
 
+impl Manifest {
+    /// A manifest holding only `buffers` (route planner unit tests).
+    #[cfg(test)]
+    pub(crate) fn with_buffers(buffers: Vec<Buffer>) -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            model: "t".into(),
+            scheme: "t".into(),
+            graph: "model.qir".into(),
+            weights: FileRef { path: "w".into(), sha256: String::new() },
+            symbols: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            buffers,
+            arena_bytes: 0,
+            modules: vec![],
+            launches: vec![],
+            host_prologue: None,
+        }
+    }
+}
+
 /// A size: a constant, a symbol, or arithmetic over sizes. Serialized as `{"const": 4}`,
 /// `{"sym": "seq"}`, `{"mul": [a, b]}`, `{"add": [a, b]}`, `{"ceil_div": [a, b]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -304,19 +304,11 @@ impl AttnRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{Buffer, FileRef, Place};
+    use crate::artifact::{Buffer, Place};
 
     fn manifest(dtypes: &[&str]) -> Manifest {
-        Manifest {
-            format_version: crate::artifact::FORMAT_VERSION,
-            model: "t".into(),
-            scheme: "t".into(),
-            graph: "model.qir".into(),
-            weights: FileRef { path: "w".into(), sha256: String::new() },
-            symbols: vec![],
-            inputs: vec![],
-            outputs: vec![],
-            buffers: dtypes
+        Manifest::with_buffers(
+            dtypes
                 .iter()
                 .enumerate()
                 .map(|(i, dtype)| Buffer {
@@ -327,11 +319,7 @@ mod tests {
                     place: Place::Arena { offset: 0, bytes: 0 },
                 })
                 .collect(),
-            arena_bytes: 0,
-            modules: vec![],
-            launches: vec![],
-            host_prologue: None,
-        }
+        )
     }
 
     /// The micro-kernel launch over buffers 0.. (q, k, v, [mask], out).

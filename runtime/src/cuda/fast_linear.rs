@@ -708,19 +708,11 @@ impl BlasRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{Buffer, FileRef, Place};
+    use crate::artifact::{Buffer, Place};
 
     fn manifest(buffers: &[(&str, &str, &[i64], bool)]) -> Manifest {
-        Manifest {
-            format_version: crate::artifact::FORMAT_VERSION,
-            model: "t".into(),
-            scheme: "t".into(),
-            graph: "model.qir".into(),
-            weights: FileRef { path: "w".into(), sha256: String::new() },
-            symbols: vec![],
-            inputs: vec![],
-            outputs: vec![],
-            buffers: buffers
+        Manifest::with_buffers(
+            buffers
                 .iter()
                 .enumerate()
                 .map(|(i, (name, dtype, dims, weight))| Buffer {
@@ -735,11 +727,7 @@ mod tests {
                     },
                 })
                 .collect(),
-            arena_bytes: 0,
-            modules: vec![],
-            launches: vec![],
-            host_prologue: None,
-        }
+        )
     }
 
     fn launch(module: &str, bufs: &[u32], m: DimExpr, n: i64, k: i64) -> Launch {
