@@ -391,10 +391,7 @@ impl Op {
             to,
             prefix_tokens: self.int("prefix_tokens").unwrap_or(0).max(0) as usize,
             prefix_to: self.dtype("prefix_to").unwrap_or(DType::I16),
-            prefix_offset: match self.attrs.get("prefix_offset") {
-                Some(Attr::Str(s)) => Some(s.clone()),
-                _ => None,
-            },
+            prefix_offset: self.str("prefix_offset").map(str::to_string),
             step: self.tensor("step").cloned(),
         })
     }

@@ -446,8 +446,7 @@ impl<'g> Lowerer<'g> {
 
     /// The past length that makes prefix positions absolute (`prefix_offset`, a dimension symbol).
     fn prefix_offset(&self, id: NodeId) -> Option<DimExpr> {
-        let q = self.graph.node(id).op.output_quant()?;
-        q.prefix_offset.map(|sym| DimExpr::sym(&sym))
+        self.graph.node(id).op.str("prefix_offset").map(DimExpr::sym)
     }
 
     fn quant_of(
