@@ -101,6 +101,184 @@ QCC_FIX_ROWS(i16, short, f16, false)
 QCC_FIX_ROWS(i8, i8, f32, true)
 QCC_FIX_ROWS(i8, i8, f16, false)
 
+// ---- Decode GEMV straight from the plan's activations (M <= 16): no pack and no fix-up launch.
+// The W4 GEMV's tiled weights and MMA (runtime/kernels/w4_gemv.cu, "gemvq": KSPLIT warps per n8
+// tile split K, each software-pipelined over UNROLL chunks of 128), with the activations read as
+// the plan holds them (i16, or one int4 value per byte) and narrowed to int8 in registers: exact for
+// any value in -128..127. A lane's 32-value piece of an i16 row with a value outside (a 16-bit
+// prefix row) is left out of the MMA and summed exactly instead against the 8 weight rows of the
+// tile (int32 for 32 products, then int64 in shared memory), so every output is the exact integer
+// sum and then the micro-kernel's epilogue: bit-identical to it, like the pack + GEMV + fix-up path.
+template <bool I16, bool ROWHI, int UNROLL>
+struct XGemvBatch {
+  static constexpr int XV = I16 ? 4 : 2;  // 16-byte words per row piece of 32 values
+  uint4 w[UNROLL];
+  uint4 x[UNROLL][ROWHI ? 2 : 1][XV];
+};
+
+template <bool I16, bool ROWHI, int UNROLL>
+static __device__ __forceinline__ void xgemv_load(XGemvBatch<I16, ROWHI, UNROLL>& b, const u32* __restrict__ wrow,
+                                                  const void* __restrict__ x, int c, int c_end, int g, int tig,
+                                                  int M, int K) {
+  constexpr int XV = XGemvBatch<I16, ROWHI, UNROLL>::XV;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int cc = c + u;
+    const bool in = cc < c_end;
+    const bool kok = in && (cc * 128 + 32 * tig) < K;
+    b.w[u] = in ? ld_stream_u4(wrow + cc * 128) : zero;
+#pragma unroll
+    for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
+      const int m = g + 8 * h;
+      const bool ok = kok && m < M;
+      const char* xr = (const char*)x + ((size_t)m * K + (size_t)cc * 128 + 32 * tig) * (I16 ? 2 : 1);
+#pragma unroll
+      for (int q = 0; q < XV; ++q) b.x[u][h][q] = ok ? ld_cached_u4(xr + 16 * q) : zero;
+    }
+  }
+}
+
+// The exact sum of one lane's 32-value i16 piece of row m against the tile's 8 weight rows over the
+// same k (their pieces sit at lanes 4 g' + tig of the chunk), added to corr[m][g'].
+static __device__ __forceinline__ void xgemv_exact_piece(const uint4* xs, const u32* __restrict__ wchunk, int tig,
+                                                        long long (*corr)[8], int m) {
+#pragma unroll 1
+  for (int gp = 0; gp < 8; ++gp) {
+    const uint4 wv = *(const uint4*)(wchunk + (gp * 4 + tig) * 4);
+    const u32 ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const u32 xw[4] = {xs[q].x, xs[q].y, xs[q].z, xs[q].w};
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int byte = (ww[q] >> (8 * t)) & 255;
+        const int lo = (byte & 15) - ((byte & 8) << 1), hi = (byte >> 4) - ((byte & 128) >> 3);
+        const int x_lo = (short)(xw[t >> 1] >> (16 * (t & 1)));
+        const int x_hi = (short)(xw[2 + (t >> 1)] >> (16 * (t & 1)));
+        s += x_lo * lo + x_hi * hi;
+      }
+    }
+    atomicAdd((unsigned long long*)&corr[m][gp], (unsigned long long)(long long)s);
+  }
+}
+
+template <bool I16, bool ROWHI, int UNROLL>
+static __device__ __forceinline__ void xgemv_mma(int (&acc)[4], const XGemvBatch<I16, ROWHI, UNROLL>& b,
+                                                 const u32* __restrict__ wtile, int c, int tig, int g,
+                                                 long long (*corr)[8]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    u32 a[2][8] = {};  // per row half: lo[0..3], hi[0..3]
+#pragma unroll
+    for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
+      const uint4* xs = b.x[u][h];
+      if (I16) {
+        u32 spread = 0;  // bit i set where bits i and i - 1 of a word differ
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const u32 xw[4] = {xs[q].x, xs[q].y, xs[q].z, xs[q].w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) spread |= xw[e] ^ (xw[e] << 1);
+          a[h][q] = __byte_perm(xs[q].x, xs[q].y, 0x6420);
+          a[h][4 + q] = __byte_perm(xs[q].z, xs[q].w, 0x6420);
+        }
+        // A 16-bit value fits int8 when its bits 7..15 agree: bits 8..15 and 24..31 of `spread` clear.
+        if (spread & 0xFF00FF00u) {
+          xgemv_exact_piece(xs, wtile + (size_t)(c + u) * 128, tig, corr, g + 8 * h);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) a[h][j] = 0;
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          a[h][2 * q] = xs[q].x;
+          a[h][4 + 2 * q] = xs[q].y;
+          a[h][2 * q + 1] = xs[q].z;
+          a[h][4 + 2 * q + 1] = xs[q].w;
+        }
+      }
+    }
+    __syncwarp();
+    const u32 ww[4] = {b.w[u].x, b.w[u].y, b.w[u].z, b.w[u].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      mma_s8_16832(acc, a[0][j], a[1][j], a[0][4 + j], a[1][4 + j], lo_nibbles_x16(ww[j]), hi_nibbles_x16(ww[j]));
+  }
+}
+
+template <bool I16, bool ROWHI, bool F32>
+static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, const void* __restrict__ x,
+                                                  const float* __restrict__ scale, const float* __restrict__ bias,
+                                                  void* __restrict__ y, int M, int N, int K) {
+  constexpr int KSPLIT = 4, UNROLL = 2;
+  __shared__ int partial[KSPLIT][32][4];
+  __shared__ long long corr[16][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  if (threadIdx.x < 128) corr[threadIdx.x >> 3][threadIdx.x & 7] = 0;
+  __syncthreads();
+  const int nchunks = (K + 127) >> 7;
+  const int per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(nchunks, c_begin + per_warp);
+  const u32* wtile = w + (size_t)blockIdx.x * nchunks * 128;
+  const u32* wrow = wtile + lane * 4;
+  int acc[4] = {0, 0, 0, 0};
+  XGemvBatch<I16, ROWHI, UNROLL> cur, nxt;
+  xgemv_load<I16, ROWHI, UNROLL>(cur, wrow, x, c_begin, c_end, g, tig, M, K);
+  for (int c = c_begin; c < c_end; c += UNROLL) {
+    xgemv_load<I16, ROWHI, UNROLL>(nxt, wrow, x, c + UNROLL, c_end, g, tig, M, K);
+    xgemv_mma<I16, ROWHI, UNROLL>(acc, cur, wtile, c, tig, g, corr);
+    cur = nxt;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
+    acc[i] = s >> 4;  // weights entered the MMA as 16 w
+  }
+  const int n0 = blockIdx.x * 8;
+#pragma unroll
+  for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
+    const int m = g + 8 * h;
+    if (m >= M) continue;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = n0 + 2 * tig + e;
+      const long long total = (long long)acc[2 * h + e] + corr[m][2 * tig + e];
+      float v = __fmul_rn(__ll2float_rn(total), scale[n]);
+      if (bias) v = __fadd_rn(v, bias[n]);
+      if (F32) {
+        ((float*)y)[(size_t)m * N + n] = v;
+      } else {
+        ((u16*)y)[(size_t)m * N + n] = f32_to_f16(v);
+      }
+    }
+  }
+}
+
+// w4_gemv_x{i16,i8}_{f32,f16}: M <= 16 (the "_m8" twins for M <= 8); grid N / 8, block 128.
+#define QCC_XGEMV(XN, I16, YN, F32)                                                                        \
+  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN(                                  \
+      const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
+    xgemv_body<I16, true, F32>(w, x, scale, bias, y, M, N, K);                                             \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m8(                             \
+      const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
+    xgemv_body<I16, false, F32>(w, x, scale, bias, y, M, N, K);                                            \
+  }
+QCC_XGEMV(i16, true, f32, true)
+QCC_XGEMV(i16, true, f16, false)
+QCC_XGEMV(i8, false, f32, true)
+QCC_XGEMV(i8, false, f16, false)
+
 // ---- The 8-bit LM head of -O w4a4 plans: `int_linear` of int16 activations (static 16-bit steps)
 // and int8 weights, exact like the micro-kernel (int64 sums, then its f32 epilogue).
 

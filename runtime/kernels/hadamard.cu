@@ -57,49 +57,121 @@ HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)
 // is bit-identical to the CPU executor's: per row, a fast Walsh-Hadamard transform of each of the m
 // sub-rows of p = n / m values (butterflies a + b, a - b in f64, stages h = 1, 2, 4, ...), then the
 // dense m x m factor (+-1 entries) across sub-rows, out[a][i] = 0 + sum over b in order of
-// H[a][b] x[b][i], then x 1/sqrt(n), rounded once to the storage type.
-// Grid [rows, splits]: block (r, s) transforms row r (the butterflies are cheap, so each split
-// redoes them) and writes its share of the outputs, sub-rows [s * m / splits, (s + 1) * m / splits)
-// when m > 1, else elements. Dynamic shared memory 8 * n bytes.
+// H[a][b] x[b][i] (added or subtracted: the same f64 result as the CPU's h * x with h = +-1), then
+// x 1/sqrt(n), rounded once to the storage type.
+// Grid [rows, splits]: block (r, s) transforms the whole row r (cheap: each warp takes whole
+// sub-rows in registers when 32 <= p <= 512) and writes its share of the outputs, sub-rows
+// [s * a_per, (s + 1) * a_per) when m > 1 (a_per % 4 == 0), else elements. The dense factor comes as
+// sign words: bit (a % 32) of signs[b * W + a / 32] is set when H[a][b] = -1 (W = ceil(m / 32)).
+// Dynamic shared memory 8 * n + 4 * m * W bytes (the row in f64, then the sign words).
+
+// Butterflies of one sub-row of 32 E values held by a warp, lane l holding elements l + 32 j:
+// stages h < 32 pair lanes (shuffles), stages h >= 32 pair registers j and j + h / 32.
+template <int E>
+static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
+#pragma unroll
+  for (int h = 1; h < 32; h <<= 1) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const double o = __shfl_xor_sync(0xffffffffu, v[j], h);
+      v[j] = (lane & h) ? o - v[j] : v[j] + o;  // element i + h gets a - b, element i gets a + b
+    }
+  }
+#pragma unroll
+  for (int hj = 1; hj < E; hj <<= 1) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      if (!(j & hj)) {
+        const double a = v[j], b = v[j + hj];
+        v[j] = a + b;
+        v[j + hj] = a - b;
+      }
+    }
+  }
+}
+
+// Sub-rows of p = 32 E values: warp w loads sub-rows w, w + warps, ... straight into registers,
+// transforms them and leaves them in shared memory.
+template <class X, int E>
+static __device__ __forceinline__ void wht_rows_warps(const typename X::S* xr, double* row, int m) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int b = threadIdx.x >> 5; b < m; b += warps) {
+    double v[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) v[j] = X::get(xr, (long)b * 32 * E + 32 * j + lane);
+    wht_warp<E>(v, lane);
+#pragma unroll
+    for (int j = 0; j < E; ++j) row[b * 32 * E + 32 * j + lane] = v[j];
+  }
+}
+
 template <class X>
 __device__ void hadamard_fast_impl(const typename X::S* x, typename X::S* out, long n, int m, long p,
-                                   const i8* dense, double scale) {
+                                   const u32* signs, double scale, int a_per) {
   extern __shared__ double row[];
   const long r = blockIdx.x;
   const int splits = gridDim.y, s = blockIdx.y;
   // 32-bit indices, and shifts for the power-of-two p: 64-bit divisions made this kernel ~5x slower.
   const int ni = (int)n, lp = __ffs((int)p) - 1, half = (int)(p >> 1);
-  for (int j = threadIdx.x; j < ni; j += blockDim.x) row[j] = X::get(x, r * n + j);
-  __syncthreads();
-  for (int lh = 0; lh < lp; ++lh) {
-    const int h = 1 << lh;
-    for (int t = threadIdx.x; t < m * half; t += blockDim.x) {
-      const int sub = t >> (lp - 1), w = t & (half - 1);
-      const int i = (sub << lp) + ((w >> lh) << (lh + 1)) + (w & (h - 1));
-      const double a = row[i], b = row[i + h];
-      row[i] = a + b;
-      row[i + h] = a - b;
-    }
-    __syncthreads();
+  const int W = (m + 31) >> 5;
+  u32* sg = (u32*)(row + ni);
+  if (m > 1)
+    for (int t = threadIdx.x; t < m * W; t += blockDim.x) sg[t] = signs[t];
+  const typename X::S* xr = x + r * n;
+  switch (p) {
+    case 32: wht_rows_warps<X, 1>(xr, row, m); break;
+    case 64: wht_rows_warps<X, 2>(xr, row, m); break;
+    case 128: wht_rows_warps<X, 4>(xr, row, m); break;
+    case 256: wht_rows_warps<X, 8>(xr, row, m); break;
+    case 512: wht_rows_warps<X, 16>(xr, row, m); break;
+    default:
+      // Other sizes: the row in shared memory, one butterfly per thread per stage.
+      for (int j = threadIdx.x; j < ni; j += blockDim.x) row[j] = X::get(xr, j);
+      __syncthreads();
+      for (int lh = 0; lh < lp; ++lh) {
+        const int h = 1 << lh;
+        for (int t = threadIdx.x; t < m * half; t += blockDim.x) {
+          const int sub = t >> (lp - 1), w = t & (half - 1);
+          const int i = (sub << lp) + ((w >> lh) << (lh + 1)) + (w & (h - 1));
+          const double a = row[i], b = row[i + h];
+          row[i] = a + b;
+          row[i + h] = a - b;
+        }
+        __syncthreads();
+      }
   }
+  __syncthreads();
   if (m == 1) {
     const int per = (ni + splits - 1) / splits, e0 = s * per, e1 = min(ni, e0 + per);
     for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) X::put(out, r * n + e, row[e] * scale);
     return;
   }
-  const int a0 = (int)((long)s * m / splits), a1 = (int)((long)(s + 1) * m / splits);
-  for (int e = threadIdx.x; e < (a1 - a0) << lp; e += blockDim.x) {
-    const int a = a0 + (e >> lp), i = e & ((1 << lp) - 1);
-    const i8* ha = dense + (long)a * m;
-    double acc = 0.0;
-    for (int b = 0; b < m; ++b) acc += (double)ha[b] * row[(b << lp) + i];
-    X::put(out, r * n + ((long)a << lp) + i, acc * scale);
+  // Dense factor: each thread owns column i of 4 consecutive output sub-rows (one sign word serves
+  // all 4: a_per % 4 == 0), the x[b][i] read once for the 4 sums.
+  const int a0 = s * a_per, a1 = min(m, a0 + a_per);
+  const int tiles = (a1 - a0 + 3) >> 2;
+  for (int q = threadIdx.x; q < tiles << lp; q += blockDim.x) {
+    const int i = q & ((1 << lp) - 1), a = a0 + 4 * (q >> lp);
+    const u32* col = sg + (a >> 5);
+    const int sh = a & 31;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll 4
+    for (int b = 0; b < m; ++b) {
+      const double v = row[(b << lp) + i];
+      const u32 bits = col[b * W] >> sh;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) acc[t] += ((bits >> t) & 1u) ? -v : v;
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (a + t < a1) X::put(out, r * n + ((long)(a + t) << lp) + i, acc[t] * scale);
   }
 }
 
 #define HAD_FAST_ENTRY(XN)                                                                                \
   extern "C" __global__ void __launch_bounds__(256) hadamard_fast_##XN(                                   \
-      const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const i8* dense, double scale) {          \
-    hadamard_fast_impl<D_##XN>(x, out, n, m, p, dense, scale);                                             \
+      const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const u32* signs, double scale,          \
+      int a_per) {                                                                                        \
+    hadamard_fast_impl<D_##XN>(x, out, n, m, p, signs, scale, a_per);                                     \
   }
 HAD_FAST_ENTRY(f32) HAD_FAST_ENTRY(f16) HAD_FAST_ENTRY(bf16)

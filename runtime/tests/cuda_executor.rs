@@ -200,23 +200,20 @@ fn int_linear_sized(
     let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
     let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
     let x = match x_dtype {
-        // Row 0 holds 16-bit prefix values, the others int4 values (as the w4a4 graphs carry them).
-        // Row 0 holds 16-bit prefix values, the others int4 values (as the w4a4 graphs carry them);
-        // with int8 weights (the 8-bit LM head) every row is 16-bit.
-        DType::I16 => {
-            RtTensor::from_vec(
-                &[m, k],
-                (0..m * k)
-                    .map(|i| {
-                        if i < k || w_dtype == DType::I8 {
-                            rng.int(-32768, 32767) as i16
-                        } else {
-                            rng.int(-8, 7) as i16
-                        }
-                    })
-                    .collect(),
-            )
-        }
+        // Rows 0 and 9 hold 16-bit prefix values, row 3 int8-range values (past int4, within the
+        // decode GEMV's int8 narrowing), the others int4 values (as the w4a4 graphs carry them); with
+        // int8 weights (the 8-bit LM head) every row is 16-bit.
+        DType::I16 => RtTensor::from_vec(
+            &[m, k],
+            (0..m * k)
+                .map(|i| match i / k {
+                    _ if w_dtype == DType::I8 => rng.int(-32768, 32767) as i16,
+                    0 | 9 => rng.int(-32768, 32767) as i16,
+                    3 => rng.int(-128, 127) as i16,
+                    _ => rng.int(-8, 7) as i16,
+                })
+                .collect(),
+        ),
         DType::I8 => RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-128, 127) as i8).collect()),
         DType::I4 => {
             RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-8, 7) as i8).collect()).map(|t| t.cast(DType::I4))
@@ -290,9 +287,13 @@ fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
         eprintln!("SKIPPED: libnvrtc.so.13 not found (run scripts/fixtures.sh or set QCC_CUDA_LIB_DIR)");
         return;
     }
-    // W4A4: GEMV (M <= 8 and M = 16), GEMM (K tail 576 = 4.5 x 128, N tail), f32 and f16 outputs, bias,
-    // 16-bit prefix rows (row 0 of every i16 case) recomputed by the fix-up, a lone prefix row.
+    // W4A4: GEMV on the plan's activations (M <= 8 and M = 16; 16-bit prefix rows 0 and 9 summed
+    // exactly beside the MMA, int8-range row 3 narrowed), GEMM (K tail 576 = 4.5 x 128, N tail) with
+    // the flagged rows recomputed by the fix-up, f32 and f16 outputs, bias, a lone prefix row.
     int_linear_sized(DType::I16, DType::I4, None, false, 11, (1, 64, 128), DType::F32);
+    int_linear_sized(DType::I16, DType::I4, None, true, 22, (5, 4096, 4096), DType::F16);
+    int_linear_sized(DType::I16, DType::I4, None, false, 23, (12, 1024, 11008), DType::F32);
+    int_linear_sized(DType::I4, DType::I4, None, false, 24, (1, 11008, 4096), DType::F32);
     int_linear_sized(DType::I4, DType::I4, None, true, 12, (16, 1536, 576), DType::F16);
     int_linear_sized(DType::I16, DType::I4, None, true, 13, (16, 576, 1536), DType::F32);
     int_linear_sized(DType::I16, DType::I4, None, false, 14, (300, 584, 576), DType::F32);
@@ -327,10 +328,23 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
         return;
     }
     // 64 = 2^6, 576 = 36 x 16 and 1536 = 12 x 128 (Paley x Sylvester), 44 (Paley, no power of two),
-    // 11008 = 172 x 64 (Llama-2-7B's FFN); 1 row (each row's outputs split over blocks) and 300.
-    for (seed, n, rows) in
-        [(11u64, 64usize, 3usize), (12, 576, 3), (13, 1536, 300), (14, 44, 3), (15, 11008, 1), (16, 11008, 5)]
-    {
+    // 11008 = 172 x 64 (Llama-2-7B's FFN), 2560 = 20 x 128; sub-rows of 32 to 512 values take the
+    // warp-register butterflies, 16, 1 and 4096 the shared-memory ones; 1 to 16 rows split each row's
+    // outputs over blocks (decode), 300 take one block per row.
+    for (seed, n, rows) in [
+        (11u64, 64usize, 3usize),
+        (12, 576, 3),
+        (13, 1536, 300),
+        (14, 44, 3),
+        (15, 11008, 1),
+        (16, 11008, 5),
+        (17, 11008, 16),
+        (18, 11008, 300),
+        (19, 2560, 2),
+        (20, 256, 4),
+        (21, 512, 1),
+        (22, 4096, 2),
+    ] {
         let mut rng = Rng(seed);
         let x = RtTensor::from_vec(&[rows, n], (0..rows * n).map(|_| rng.float() * 4.0).collect()).unwrap();
         let mut g = Graph::new("t");

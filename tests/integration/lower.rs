@@ -46,6 +46,9 @@ fn assemble(name: &str, lowered: &Lowered) {
             .expect("running ptxas");
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "ptxas rejected {name}/{module}.ptx:\n{log}");
+        // The row kernels hold whole rounds of loads in registers: none may spill to local memory.
+        let spills = log.lines().filter(|l| l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads"));
+        assert_eq!(spills.count(), 0, "{name}/{module}.ptx spills registers:\n{log}");
     }
 }
 
@@ -119,6 +122,35 @@ fn rms_norm_with_prefix_quantization() {
             gamma.join(", ")
         ),
     );
+}
+
+#[test]
+fn rms_norm_of_wide_rows_issues_its_loads_in_rounds_without_spilling() {
+    // A 4096 row (Llama-2-7B): rounds of 64 x values per lane in the sum, 32 elements of x, gamma and
+    // step in the output pass; 2560: rounds of 64 with a tail of 512, then rounds of 32. No snapshot
+    // (thousands of unrolled lines): MLIR verifies, ptxas assembles without spills (`assemble`).
+    for (k, unrolled) in [(4096usize, 64usize), (2560, 64)] {
+        let gamma: Vec<String> = (0..k).map(|i| format!("{:?}", 0.5 + (i % 5) as f32 * 0.25)).collect();
+        let step: Vec<String> = (0..k).map(|i| format!("{:?}", 0.01 + (i % 3) as f32 * 0.01)).collect();
+        let qir = format!(
+            r#"graph @t(%x: f32[batch,seq,{k}]) -> (%y) {{
+  %g = constant {{value = dense<f32[{k}] [{}]>}} : f32[{k}]
+  %y = rms_norm(%x, %g) {{epsilon = 1e-5, step = dense<f32[{k}] [{}]>, to = i8}} : i8[batch,seq,{k}]
+  return %y
+}}"#,
+            gamma.join(", "),
+            step.join(", ")
+        );
+        let lowered = lower_text(&qir);
+        let case = format!("rms_norm_k{k}");
+        Mlir::new().check(&case, &lowered.mlir).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assemble(&case, &lowered);
+        // The first pass's loop body holds `unrolled` loads of x, the second 32 of x and of gamma.
+        let loads = lowered.mlir.matches("memref.load %x").count();
+        let gammas = lowered.mlir.matches("memref.load %gamma").count();
+        assert_eq!(loads, unrolled + 1 + 32 + 1, "k={k}: x loads (rounds, tail, rounds, tail)");
+        assert_eq!(gammas, 32 + 1, "k={k}: gamma loads");
+    }
 }
 
 #[test]

@@ -606,10 +606,13 @@ pub fn rms_norm(
     let zero_f64 = b.f64(0.0);
     // The sum of squares in f64 in the order shared with the CPU (`qcc_ir::lane_sum`): lane l sums
     // elements l, l + 32, ... in order, then a butterfly over the 32 lanes (xor 16, 8, 4, 2, 1).
-    // Rounds of UNROLL elements per lane load first and add in order (the loads overlap), then a
-    // tail of single elements from `tail_start` on.
-    const UNROLL: u64 = 16;
-    let rounds = k / (32 * UNROLL);
+    // Rounds of `unroll` elements per lane load first and add in order (the loads overlap), then a
+    // tail of single elements. A decode row is one warp waiting on its loads, so each round issues as
+    // many as the registers allow: up to 64 x values per lane in this pass, 32 elements of x, gamma,
+    // beta and step in the second (a 4096 row: 2 + 4 rounds instead of 8 + 8).
+    let unroll_for = |cap: u64| [64u64, 32, 16].into_iter().find(|&u| u <= cap && 32 * u <= k).unwrap_or(16);
+    let unroll = unroll_for(64);
+    let rounds = k / (32 * unroll);
     let square = |b: &mut Body, j: &str| {
         let at = b.binop("addi", &base, j, "index");
         let xv = b.load("%x", x_ty, &at);
@@ -619,14 +622,14 @@ pub fn rms_norm(
     };
     let mut partial = zero_f64.clone();
     if rounds > 0 {
-        let end = b.index((rounds * 32 * UNROLL) as i64);
-        let stride = b.index((32 * UNROLL) as i64);
+        let end = b.index((rounds * 32 * unroll) as i64);
+        let stride = b.index((32 * unroll) as i64);
         let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
         b.next += 1;
         partial =
             b.v(&format!("scf.for {j} = {lane} to {end} step {stride} iter_args({acc} = {zero_f64}) -> (f64) {{"));
         b.indent += 1;
-        let squares: Vec<String> = (0..UNROLL)
+        let squares: Vec<String> = (0..unroll)
             .map(|u| {
                 let off = b.index((32 * u) as i64);
                 let ju = b.binop("addi", &j, &off, "index");
@@ -640,7 +643,7 @@ pub fn rms_norm(
         b.line(&format!("scf.yield {next} : f64"));
         b.close("");
     }
-    let tail_offset = b.index((rounds * 32 * UNROLL) as i64);
+    let tail_offset = b.index((rounds * 32 * unroll) as i64);
     let tail_start = b.binop("addi", &lane, &tail_offset, "index");
     let (j, acc) = (format!("%j{}", b.next), format!("%acc{}", b.next));
     b.next += 1;
@@ -689,13 +692,17 @@ pub fn rms_norm(
         let at_out = b.binop("addi", &base, j, "index");
         b.store(&stored, "%out", out_ty, &at_out);
     };
+    let unroll = unroll_for(32);
+    let rounds = k / (32 * unroll);
+    let tail_offset = b.index((rounds * 32 * unroll) as i64);
+    let tail_start = b.binop("addi", &lane, &tail_offset, "index");
     if rounds > 0 {
-        let end = b.index((rounds * 32 * UNROLL) as i64);
-        let stride = b.index((32 * UNROLL) as i64);
+        let end = b.index((rounds * 32 * unroll) as i64);
+        let stride = b.index((32 * unroll) as i64);
         let j = format!("%j{}", b.next);
         b.next += 1;
         b.open(&format!("scf.for {j} = {lane} to {end} step {stride}"));
-        let at: Vec<String> = (0..UNROLL)
+        let at: Vec<String> = (0..unroll)
             .map(|u| {
                 let off = b.index((32 * u) as i64);
                 b.binop("addi", &j, &off, "index")

@@ -5,12 +5,14 @@
 //! - `int_linear` with int4 weights and integer activations held one value per element (`i16` when
 //!   the op keeps 16-bit prefix rows, `i4` otherwise; what `-O w4a4` plans contain), K % 32 == 0 and
 //!   N % 8 == 0: the weights are repacked once at load into the split-nibble rows of the W4 GEMM and
-//!   the tiled layout of the W4 GEMV ([`super::pack`]). Per run: `pack_act_rows_*` packs the rows and
-//!   flags the ones with a value outside -8..7 (16-bit prefix rows), the W4A4 GEMV (M <= 16) or
-//!   mma.sync GEMM (M > 16) computes every row with per-token scale 1 and the plan's per-channel
+//!   the tiled layout of the W4 GEMV ([`super::pack`]). M <= 16 (decode): one launch,
+//!   `w4_gemv_x{i16,i8}_*`, the W4 GEMV's MMA on the plan's activations narrowed to int8 in
+//!   registers, with the 32-value pieces of 16-bit prefix rows summed exactly beside it. M > 16:
+//!   `pack_act_rows_*` packs the rows and flags the ones with a value outside -8..7 (16-bit prefix
+//!   rows), the mma.sync GEMM computes every row with per-token scale 1 and the plan's per-channel
 //!   scale and bias, writing the plan's output type (f32 or f16), and `int_linear_fix_rows_*`
 //!   recomputes the flagged rows exactly (runtime/kernels/fast_linear.cu). The integer sums are
-//!   exact on both paths and the epilogue rounds the same steps in the same order, so the outputs
+//!   exact on every path and the epilogue rounds the same steps in the same order, so the outputs
 //!   are bit-identical to the micro-kernel's (and to the CPU executor's).
 //! - `int_linear` with int16 activations and int8 weights (the 8-bit LM head of `-O w4a4` plans),
 //!   K % 16 == 0: M <= 16 runs `w8_gemv_xi16_*` (one warp per output channel, weights read once);
@@ -30,9 +32,9 @@
 //!   instead of the micro-kernel's dense O(n^2) per row.
 //!   Float sums then follow cuBLAS's order, as the micro-kernel's follow its own.
 //!
-//! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` picks the GEMV
-//! variant (default [`DEFAULT_GEMV`]), `QCC_FAST_GEMM=<name>` the mma.sync GEMM (default
-//! [`DEFAULT_GEMM`]).
+//! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 16
+//! on the packed path instead (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
+//! `QCC_FAST_GEMM=<name>` picks the mma.sync GEMM (default [`DEFAULT_GEMM`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -140,7 +142,9 @@ pub struct HadRoute {
     m: usize,
     p: usize,
     scale: f64,
-    dense: Option<CudaSlice<i8>>,
+    /// The dense factor as sign words (hadamard.cu): bit a % 32 of word [b * W + a / 32] is set
+    /// when H[a][b] = -1, W = ceil(m / 32).
+    signs: Option<CudaSlice<u32>>,
 }
 
 /// How one launch of the plan runs.
@@ -387,7 +391,8 @@ impl Scratch {
 }
 
 impl W4Route {
-    /// Enqueues pack, GEMV/GEMM and the exact fix-up of the flagged rows. `ptr` resolves buffer ids.
+    /// Enqueues the GEMV on the plan's activations (M <= 16), or pack, GEMM and the exact fix-up of
+    /// the flagged rows. `ptr` resolves buffer ids.
     pub fn launch(
         &self,
         gpu: &Gpu,
@@ -403,7 +408,23 @@ impl W4Route {
         let (ones, flags, xq) = scratch.ptrs(gpu);
         let (n64, k64) = (n as i64, k as i64);
         let xt = if self.x_i16 { "i16" } else { "i8" };
+        let yt = if self.y_f32 { "f32" } else { "f16" };
         let launch_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+
+        // Decode: one launch on the plan's own activations, unless QCC_FAST_GEMV names a GEMV of the
+        // packed path (kept to compare the two).
+        if m <= 16 && std::env::var_os("QCC_FAST_GEMV").is_none() {
+            let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
+            let twin = if m <= 8 { "_m8" } else { "" };
+            let f = gpu.function("fast_linear", &format!("w4_gemv_x{xt}_{yt}{twin}")).map_err(|e| e.to_string())?;
+            let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+            let mut b = gpu.stream.launch_builder(&f);
+            b.arg(&tiled).arg(&x).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n32).arg(&k32);
+            let cfg = LaunchConfig { grid_dim: ((n / 8) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: signature (u32*, void*, float*, float*, void*, int, int, int); tiled holds the
+            // [N / 8][ceil(K / 128)][32][4] words of the weights, x m rows of k values, y m x n outputs.
+            return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| launch_err("w4_gemv", &e));
+        }
 
         let pack = gpu.function("fast_linear", &format!("pack_act_rows_{xt}")).map_err(|e| e.to_string())?;
         let mut b = gpu.stream.launch_builder(&pack);
@@ -443,7 +464,6 @@ impl W4Route {
             gpu.launch_gemm_to(v, &args, self.y_f32).map_err(|e| e.to_string())?;
         }
 
-        let yt = if self.y_f32 { "f32" } else { "f16" };
         let fix = gpu.function("fast_linear", &format!("int_linear_fix_rows_x{xt}_{yt}")).map_err(|e| e.to_string())?;
         let w_rows = rows.device_ptr(&gpu.stream).0;
         let m64 = m as i64;
@@ -534,19 +554,47 @@ impl HadRoute {
         }
         let h = qcc_ir::hadamard::Hadamard::new(n);
         let (m, p, _) = h.factors();
-        // 8 * n bytes of shared memory: at most Hopper's 227 KiB opt-in.
-        if h.block_size() != n || m * p != n || 8 * n > 227 * 1024 {
+        // The row in f64 and the sign words in shared memory: at most Hopper's 227 KiB opt-in. Only
+        // +-1 dense entries (an exact construction: no zero blocks).
+        let smem = 8 * n + 4 * m * m.div_ceil(32);
+        if h.block_size() != n || m * p != n || smem > 227 * 1024 || h.factors().2.iter().any(|&e| e == 0) {
             return None;
         }
         let scale = 1.0 / (h.block_size() as f64).sqrt();
-        Some(HadRoute { x: *x, out: *out, rows: rows.clone(), n, dtype, m, p, scale, dense: None })
+        Some(HadRoute { x: *x, out: *out, rows: rows.clone(), n, dtype, m, p, scale, signs: None })
     }
 
-    /// Uploads the dense factor (once per route).
+    /// The dense factor's sign words (see [`HadRoute::signs`]).
+    fn sign_words(dense: &[i8], m: usize) -> Vec<u32> {
+        let w = m.div_ceil(32);
+        let mut words = vec![0u32; m * w];
+        for a in 0..m {
+            for b in 0..m {
+                if dense[a * m + b] < 0 {
+                    words[b * w + a / 32] |= 1 << (a % 32);
+                }
+            }
+        }
+        words
+    }
+
+    /// Uploads the dense factor's sign words (once per route).
     pub fn attach(&mut self, gpu: &Gpu) -> Result<(), String> {
         let h = qcc_ir::hadamard::Hadamard::new(self.n);
-        self.dense = Some(gpu.stream.clone_htod(h.factors().2).map_err(|e| e.to_string())?);
+        let words = Self::sign_words(h.factors().2, self.m);
+        self.signs = Some(gpu.stream.clone_htod(&words).map_err(|e| e.to_string())?);
         Ok(())
+    }
+
+    /// Blocks per row and output sub-rows per block (a multiple of 4; 0 when m = 1): few rows
+    /// (decode) split each row's outputs to fill the GPU (about four blocks per SM of an H100/H200).
+    fn splits(&self, rows: usize) -> (usize, usize) {
+        let wanted = if rows >= 264 { 1 } else { 528usize.div_ceil(rows) };
+        if self.m == 1 {
+            return (wanted.clamp(1, 16), 0);
+        }
+        let a_per = self.m.div_ceil(wanted).next_multiple_of(4);
+        (self.m.div_ceil(a_per), a_per)
     }
 
     /// Enqueues the transform of every row.
@@ -564,9 +612,9 @@ impl HadRoute {
             return Err(format!("{rows} rows"));
         }
         let (x, out) = (ptr(self.x)?, ptr(self.out)?);
-        let dense = self.dense.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
+        let signs = self.signs.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
         let f = gpu.function("hadamard", &format!("hadamard_fast_{}", self.dtype)).map_err(|e| e.to_string())?;
-        let smem = (8 * self.n) as u32;
+        let smem = (8 * self.n + 4 * self.m * self.m.div_ceil(32)) as u32;
         if smem > 48 * 1024 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -574,15 +622,14 @@ impl HadRoute {
             )
             .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
         }
-        // Few rows (decode): split each row's outputs over several blocks to fill the GPU.
-        let splits = if rows >= 264 { 1 } else { (528 / rows).clamp(1, if self.m > 1 { self.m } else { 16 }) };
-        let (n64, m32, p64) = (self.n as i64, self.m as i32, self.p as i64);
+        let (splits, a_per) = self.splits(rows);
+        let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
         let mut b = gpu.stream.launch_builder(&f);
-        b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&dense).arg(&self.scale);
+        b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
         let cfg =
             LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
-        // SAFETY: signature (T*, T*, long, int, long, i8*, double); x and out hold rows * n values,
-        // dense m * m entries; the shared memory holds one row in f64.
+        // SAFETY: signature (T*, T*, long, int, long, u32*, double, int); x and out hold rows * n
+        // values, signs m * ceil(m / 32) words; the shared memory holds one row in f64 and the signs.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("hadamard_fast: {e}"))
     }
 }
@@ -806,5 +853,45 @@ mod tests {
         let one: SymbolValues = [("seq".to_string(), 16)].into_iter().collect();
         assert_eq!(w8.scratch_need(&one).unwrap(), Need::default(), "the GEMV needs no scratch");
         assert_eq!(r.weight(), Some(1));
+    }
+
+    #[test]
+    fn hadamard_sign_words_and_splits_cover_every_output_sub_row() {
+        for n in [11008usize, 1536, 44, 4096] {
+            let h = qcc_ir::hadamard::Hadamard::new(n);
+            let (m, p, dense) = h.factors();
+            let words = HadRoute::sign_words(dense, m);
+            let w = m.div_ceil(32);
+            for a in 0..m {
+                for b in 0..m {
+                    let negative = words[b * w + a / 32] >> (a % 32) & 1 == 1;
+                    assert_eq!(negative, dense[a * m + b] < 0, "n={n} H[{a}][{b}]");
+                }
+            }
+            let route = HadRoute {
+                x: 0,
+                out: 1,
+                rows: DimExpr::Const(1),
+                n,
+                dtype: "f32".into(),
+                m,
+                p,
+                scale: 1.0,
+                signs: None,
+            };
+            for rows in [1usize, 5, 16, 263, 264, 2048] {
+                let (splits, a_per) = route.splits(rows);
+                if m == 1 {
+                    assert!((1..=16).contains(&splits) && a_per == 0);
+                    continue;
+                }
+                // Whole tiles of 4 sub-rows per block, every sub-row in exactly one block.
+                assert_eq!(a_per % 4, 0, "n={n} rows={rows}");
+                assert!(splits * a_per >= m && (splits - 1) * a_per < m, "n={n} rows={rows}: {splits} x {a_per}");
+                if rows >= 264 {
+                    assert_eq!(splits, 1);
+                }
+            }
+        }
     }
 }
