@@ -371,60 +371,157 @@ extern "C" __global__ void combine_w8_f16(const int* c_hi, const int* c_lo, cons
 // ---- Weight-only int8 `int_linear` with float activations (no `act_bits`; the LM head of plans
 // whose final norm output stays float): y = f32(x . w) * scale[n] + bias[n]. Float sums follow this
 // kernel's order (as the micro-kernel's follow its own), within the float tolerance of the CPU's.
-// M <= 16: one warp per output channel, the int8 weight row read once in 16-byte pieces.
-template <bool F32>
+//
+// M <= 16 (decode): `wf8_gemv_m{MT}_xf32_f32` for M <= MT (MT = 1, 2, 4, 8; `wf8_gemv_xf32_f32` is
+// MT = 16, any M <= 16). Blocks of 8 warps, 128 output channels; in a warp, 4 lanes split each 64-k
+// piece of a weight row (16 bytes each) and 8 lanes x 2 slots split 16 channels, so a load
+// instruction reads 8 rows x 64 contiguous bytes and every weight byte is read once for all rows.
+// Each lane keeps U pieces (2 x 16 bytes each) in flight: one load per lane at a time left the M = 1
+// GEMV latency-bound at 1.7 TB/s. x is staged per block in shared memory, [MT, kc] floats per chunk
+// (kc = min(4096 / MT, 64 ceil(K / 64))), double-buffered with cp.async (zeros past K and for rows
+// >= M; the host gives 2 x 16 KiB), in an order where the 4 k-lanes of a warp read 64 contiguous
+// bytes (one wavefront; the 8 channel lanes share it by broadcast): one 16-byte shared read feeds 8
+// FMAs. Reading x from L2 per warp instead cost ~8 GB of traffic at M = 16.
+#define WF8_NC 2    // channel slots per lane (16 channels per warp, 128 per block)
+#define WF8_CH 128  // channels per block
+
+// int8 -> f32, exact, without I2F (quarter rate; at M = 1 it would cap the GEMV below the DRAM
+// rate): the byte + 128 as the low mantissa byte of 2^23, minus 2^23 + 128.
+QCC_DEVICE void wf8_widen4(u32 word, float (&f)[4]) {
+  const u32 u = word ^ 0x80808080u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + j)) - 8388736.0f;
+}
+
+QCC_DEVICE u32 wf8_word(const uint4& v, int q) { return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w; }
+
+// Issues chunk [k0, k0 + kc) of rows 0..MT-1 into dst (rows KC floats apart) as one cp.async group.
+// Float4 j of a row (k = k0 + 4j) goes to piece j / 16, position q * 4 + kl with kl = (j / 4) % 4,
+// q = j % 4: the float4 q of k-lane kl.
+template <int MT, int KC>
+QCC_DEVICE void wf8_stage(float4* dst, const float* __restrict__ x, int M, long K, long k0, int kc) {
+  const int per_row = kc >> 2;
+  for (int i = threadIdx.x; i < MT * per_row; i += blockDim.x) {
+    const int m = i / per_row, j = i - m * per_row;
+    const long k = k0 + 4 * j;
+    const bool ok = m < M && k < K;
+    cp_async_16(dst + m * (KC / 4) + (j & ~15) + ((j & 3) << 2) + ((j >> 2) & 3), ok ? x + m * K + k : x,
+                ok ? 16 : 0);
+  }
+  cp_async_commit();
+}
+
+// Weights of piece p (bytes p * 64 + 16 kl .. + 15 of each slot's row); zeros past K, past the last
+// piece or for channels >= N, so they add nothing.
+QCC_DEVICE void wf8_load(uint4 (&dst)[WF8_NC], const i8* const (&wr)[WF8_NC], const bool (&live)[WF8_NC], int p,
+                         int P, long K, int kl) {
+  const bool ok = p < P && (long)p * 64 + 16 * kl < K;
+#pragma unroll
+  for (int c = 0; c < WF8_NC; ++c)
+    dst[c] = ok && live[c] ? ld_stream_u4(wr[c] + (long)p * 64) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+template <int MT, int U>
 static __device__ __forceinline__ void wf8_gemv_body(const float* __restrict__ x, const i8* __restrict__ w,
                                                      const float* __restrict__ scale, const float* __restrict__ bias,
-                                                     void* __restrict__ y, int M, long N, long K) {
-  const int lane = threadIdx.x & 31;
-  const long n = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (n >= N) return;
-  const i8* wr = w + n * K;
-  // Rows in passes of 8 (one pass for M <= 8; the registers of 16 accumulators would spill).
-  for (int m0 = 0; m0 < M; m0 += 8) {
-    float acc[8];
+                                                     float* __restrict__ y, int M, long N, long K) {
+  extern __shared__ float4 wf8_xs[];
+  constexpr int KC = 4096 / MT;  // chunk width at most: 16 KiB per buffer
+  static_assert(KC / 64 % U == 0, "a chunk's first piece must sit in slot 0");
+  const int lane = threadIdx.x & 31, kl = lane & 3, cl = lane >> 2;
+  const long n0 = (long)blockIdx.x * WF8_CH + (threadIdx.x >> 5) * (8 * WF8_NC) + cl;  // slot c: n0 + 8c
+  const i8* wr[WF8_NC];
+  bool live[WF8_NC];
 #pragma unroll
-    for (int r = 0; r < 8; ++r) acc[r] = 0.0f;
-    for (long k0 = 16 * lane; k0 < K; k0 += 16 * 32) {
-      const uint4 wv = *(const uint4*)(wr + k0);
-      const i8* wb = (const i8*)&wv;
-      float wf[16];  // the piece's weights widened once, shared by the pass's rows
+  for (int c = 0; c < WF8_NC; ++c) {
+    live[c] = n0 + 8 * c < N;
+    wr[c] = w + (live[c] ? n0 + 8 * c : 0) * K + 16 * kl;
+  }
+  const int P = (int)((K + 63) >> 6);  // 64-k pieces
+  const int kc = (int)min((long)KC, 64L * P);
+  const int ppc = kc >> 6;             // pieces per chunk: a multiple of U when there are several chunks
+  const int chunks = (P + ppc - 1) / ppc;
+
+  float acc[MT][WF8_NC];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) wf[j] = (float)wb[j];
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int r = 0; r < 8; ++r) {
-        if (m0 + r >= M) break;
-        const float4* xp = (const float4*)(x + (long)(m0 + r) * K + k0);
+    for (int c = 0; c < WF8_NC; ++c) acc[m][c] = 0.0f;
+  // Slot u holds the pieces p = u mod U; the weight stream starts before the first x chunk.
+  uint4 wb[U][WF8_NC];
+#pragma unroll
+  for (int u = 0; u < U; ++u) wf8_load(wb[u], wr, live, u, P, K, kl);
+  wf8_stage<MT, KC>(wf8_xs, x, M, K, 0, kc);
+
+  for (int ch = 0; ch < chunks; ++ch) {
+    if (ch + 1 < chunks) {
+      wf8_stage<MT, KC>(wf8_xs + ((ch + 1) & 1) * (MT * KC / 4), x, M, K, (long)(ch + 1) * kc, kc);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float4* xs = wf8_xs + (ch & 1) * (MT * KC / 4) + kl;
+    const int p_begin = ch * ppc, p_end = min(P, p_begin + ppc);
+    for (int p0 = p_begin; p0 < p_end; p0 += U) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int p = p0 + u;
+        if (p >= p_end) break;
+        const float4* xp = xs + (p - p_begin) * 16;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const float4 xv = xp[q];
-          acc[r] = fmaf(xv.x, wf[4 * q], acc[r]);
-          acc[r] = fmaf(xv.y, wf[4 * q + 1], acc[r]);
-          acc[r] = fmaf(xv.z, wf[4 * q + 2], acc[r]);
-          acc[r] = fmaf(xv.w, wf[4 * q + 3], acc[r]);
+          float wf[WF8_NC][4];  // widened once, shared by the MT rows
+#pragma unroll
+          for (int c = 0; c < WF8_NC; ++c) wf8_widen4(wf8_word(wb[u][c], q), wf[c]);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            const float4 xv = xp[m * (KC / 4) + 4 * q];  // constant offsets from one address
+#pragma unroll
+            for (int c = 0; c < WF8_NC; ++c) {
+              acc[m][c] = fmaf(xv.x, wf[c][0], acc[m][c]);
+              acc[m][c] = fmaf(xv.y, wf[c][1], acc[m][c]);
+              acc[m][c] = fmaf(xv.z, wf[c][2], acc[m][c]);
+              acc[m][c] = fmaf(xv.w, wf[c][3], acc[m][c]);
+            }
+          }
         }
+        wf8_load(wb[u], wr, live, p + U, P, K, kl);  // refill the slot just consumed
       }
     }
+    __syncthreads();  // the next iteration restages this buffer with chunk ch + 2
+  }
+
+  // Sum the 4 k-lanes; k-lane kl then stores the rows m = kl mod 4 (8 consecutive channels per store).
 #pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      if (m0 + r >= M) break;
-      float a = acc[r];
+  for (int c = 0; c < WF8_NC; ++c) {
+    const long n = n0 + 8 * c;
+    const float s = live[c] ? scale[n] : 0.0f;
+    const float b = live[c] && bias ? bias[n] : 0.0f;
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) a += __shfl_down_sync(0xffffffffu, a, off);
-      if (lane == 0) {
-        float v = __fmul_rn(a, scale[n]);
-        if (bias) v = __fadd_rn(v, bias[n]);
-        const long m = m0 + r;
-        if (F32) ((float*)y)[m * N + n] = v;
-        else ((u16*)y)[m * N + n] = f32_to_f16(v);
+    for (int m = 0; m < MT; ++m) {
+      float a = acc[m][c];
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      if ((m & 3) == kl && m < M && live[c]) {
+        float v = __fmul_rn(a, s);
+        if (bias) v = __fadd_rn(v, b);
+        y[(long)m * N + n] = v;
       }
     }
   }
 }
-extern "C" __global__ void __launch_bounds__(256) wf8_gemv_xf32_f32(const float* x, const i8* w, const float* scale,
-                                                                   const float* bias, void* y, int M, long N, long K) {
-  wf8_gemv_body<true>(x, w, scale, bias, y, M, N, K);
-}
+
+#define QCC_WF8_GEMV(NAME, MT, U)                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2) NAME(const float* x, const i8* w, const float* scale, \
+                                                            const float* bias, void* y, int M, long N, long K) { \
+    wf8_gemv_body<MT, U>(x, w, scale, bias, (float*)y, M, N, K);                                          \
+  }
+QCC_WF8_GEMV(wf8_gemv_m1_xf32_f32, 1, 8)
+QCC_WF8_GEMV(wf8_gemv_m2_xf32_f32, 2, 8)
+QCC_WF8_GEMV(wf8_gemv_m4_xf32_f32, 4, 8)
+QCC_WF8_GEMV(wf8_gemv_m8_xf32_f32, 8, 4)
+QCC_WF8_GEMV(wf8_gemv_xf32_f32, 16, 2)
 
 // M > 16: the product comes from cuBLAS's f16 tensor-core GEMM with f32 accumulation, twice: the
 // int8 weights are exact in f16, and x = hi + lo with hi = f16(x), lo = f16(x - hi) carries 22 of

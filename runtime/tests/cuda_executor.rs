@@ -303,8 +303,16 @@ fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
     int_linear_sized(DType::I16, DType::I8, None, true, 17, (16, 1000, 576), DType::F32);
     int_linear_sized(DType::I16, DType::I8, None, false, 18, (40, 1024, 4096), DType::F32);
     int_linear_sized(DType::I16, DType::I8, None, true, 19, (300, 520, 576), DType::F16);
-    // Weight-only int8 with f32 activations: the GEMV and cuBLAS f32 over the widened weights.
+    // Weight-only int8 with f32 activations: the GEMV (row tiles 1, 4, 8, 16; N tails of its
+    // 128-channel blocks; K = 1040 and 8208 end in a partial 64-k piece and a partial x chunk, 8208
+    // takes several chunks at M = 1 too) and cuBLAS f32 over the widened weights.
     int_linear_sized(DType::F32, DType::I8, None, false, 20, (3, 1000, 576), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, false, 25, (1, 1000, 4096), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, true, 26, (8, 1000, 4096), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, true, 27, (16, 1000, 4096), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, false, 28, (16, 520, 1040), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, true, 29, (5, 300, 8208), DType::F32);
+    int_linear_sized(DType::F32, DType::I8, None, true, 30, (1, 200, 8208), DType::F32);
     int_linear_sized(DType::F32, DType::I8, None, true, 21, (200, 512, 1024), DType::F32);
 }
 

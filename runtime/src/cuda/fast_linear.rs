@@ -20,10 +20,12 @@
 //!   GEMM (exact int32) and combines 256 C_hi + C_lo + 128 sum(w) in int64 before the same f32
 //!   epilogue: exact, like the micro-kernel.
 //! - weight-only `int_linear` (f32 activations without `act_bits`, int8 weights, f32 out; an LM head
-//!   whose input stays float), K % 16 == 0: M <= 16 runs `wf8_gemv_xf32_f32` (int8 weights read
-//!   once); larger M splits x into two f16 halves (hi + lo, 22 significant bits) and runs cuBLAS's
-//!   f16 GEMM with f32 accumulation over the weights widened to f16 at load (exact for int8), twice,
-//!   then the epilogue. Float sums, so within the float tolerance rather than bit-exact (as the
+//!   whose input stays float), K % 16 == 0: M <= 16 runs `wf8_gemv_m{1,2,4,8}_xf32_f32` or
+//!   `wf8_gemv_xf32_f32` (row tiles of 1 to 16: the int8 weights read once for all rows, x staged
+//!   per block in shared memory, 16 channels per warp sharing each read of it); larger M splits x
+//!   into two f16 halves (hi + lo, 22 significant bits) and runs cuBLAS's f16 GEMM with f32
+//!   accumulation over the weights widened to f16 at load (exact for int8), twice, then the
+//!   epilogue. Float sums, so within the float tolerance rather than bit-exact (as the
 //!   micro-kernel).
 //! - `linear` in f16 or f32 (weights of the same type, no bias): cuBLAS (f32 compute; no TF32).
 //! - `hadamard` (the online rotation of the down_proj input): `hadamard_fast_*`
@@ -649,14 +651,23 @@ impl WfRoute {
         let (m64, n64, k64) = (m as i64, n as i64, k as i64);
         let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
         if m <= 16 {
-            let f = func("wf8_gemv_xf32_f32")?;
+            // The entry whose row tile MT (1, 2, 4, 8, 16) is the least >= m; 128 channels per block;
+            // two x chunk buffers of [MT, 4096 / MT] f32 (fast_linear.cu).
+            let f = match m.next_power_of_two() {
+                16 => func("wf8_gemv_xf32_f32")?,
+                mt => func(&format!("wf8_gemv_m{mt}_xf32_f32"))?,
+            };
             let m32 = m as i32;
             let mut b = gpu.stream.launch_builder(&f);
             b.arg(&x).arg(&w).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n64).arg(&k64);
-            let cfg =
-                LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: signature (float*, i8*, float*, float*, void*, int, long, long); x [m, k] f32,
-            // w [n, k] i8 (16-byte rows: k % 16 == 0), y [m, n] f32.
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(128) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 2 * 4096 * 4,
+            };
+            // SAFETY: signature (float*, i8*, float*, float*, void*, int, long, long); x [m, k] f32
+            // (16-byte rows: k % 16 == 0), w [n, k] i8, y [m, n] f32; 32 KiB of shared memory, the
+            // kernel's two chunk buffers; 256 threads, as the kernel's block layout assumes.
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("wf8_gemv: {e}"));
         }
         let wide = self.wide.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
