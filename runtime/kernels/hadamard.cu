@@ -59,8 +59,8 @@ HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)
 // dense m x m factor (+-1 entries) across sub-rows, out[a][i] = 0 + sum over b in order of
 // H[a][b] x[b][i] (added or subtracted: the same f64 result as the CPU's h * x with h = +-1), then
 // x 1/sqrt(n), rounded once to the storage type.
-// Grid [rows, splits]: block (r, s) transforms the whole row r (cheap: each warp takes whole
-// sub-rows in registers when 32 <= p <= 512) and writes its share of the outputs, sub-rows
+// Grid [rows, splits]: block (r, s) loads the whole row r into shared memory and transforms it
+// (cheap: each warp takes whole sub-rows in registers when 32 <= p <= 512) and writes its share of the outputs, sub-rows
 // [s * a_per, (s + 1) * a_per) when m > 1 (a_per % 4 == 0), else elements. The dense factor comes as
 // sign words: bit (a % 32) of signs[b * W + a / 32] is set when H[a][b] = -1 (W = ceil(m / 32)).
 // Dynamic shared memory 8 * n + 4 * m * W bytes (the row in f64, then the sign words).
@@ -90,18 +90,25 @@ static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
   }
 }
 
-// Sub-rows of p = 32 E values: warp w loads sub-rows w, w + warps, ... straight into registers,
-// transforms them and leaves them in shared memory.
-template <class X, int E>
-static __device__ __forceinline__ void wht_rows_warps(const typename X::S* xr, double* row, int m) {
+// Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w, w + warps,
+// ... in registers, two at a time (independent shuffle chains overlap), and writes them back.
+template <int E>
+static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  for (int b = threadIdx.x >> 5; b < m; b += warps) {
-    double v[E];
+  for (int b0 = (threadIdx.x >> 5) * 2; b0 < m; b0 += warps * 2) {
+    const int nb = min(2, m - b0);
+    double v[2][E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) v[j] = X::get(xr, (long)b * 32 * E + 32 * j + lane);
-    wht_warp<E>(v, lane);
+    for (int u = 0; u < 2; ++u)
 #pragma unroll
-    for (int j = 0; j < E; ++j) row[b * 32 * E + 32 * j + lane] = v[j];
+      for (int j = 0; j < E; ++j) v[u][j] = u < nb ? row[(b0 + u) * 32 * E + 32 * j + lane] : 0.0;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) wht_warp<E>(v[u], lane);
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int j = 0; j < E; ++j)
+        if (u < nb) row[(b0 + u) * 32 * E + 32 * j + lane] = v[u][j];
   }
 }
 
@@ -117,17 +124,20 @@ __device__ void hadamard_fast_impl(const typename X::S* x, typename X::S* out, l
   u32* sg = (u32*)(row + ni);
   if (m > 1)
     for (int t = threadIdx.x; t < m * W; t += blockDim.x) sg[t] = signs[t];
+  // The whole row into shared memory first, every thread's loads in flight together (a warp walking
+  // its sub-rows straight from global memory waited on each one's loads in turn).
   const typename X::S* xr = x + r * n;
+#pragma unroll 8
+  for (int j = threadIdx.x; j < ni; j += blockDim.x) row[j] = X::get(xr, j);
+  __syncthreads();
   switch (p) {
-    case 32: wht_rows_warps<X, 1>(xr, row, m); break;
-    case 64: wht_rows_warps<X, 2>(xr, row, m); break;
-    case 128: wht_rows_warps<X, 4>(xr, row, m); break;
-    case 256: wht_rows_warps<X, 8>(xr, row, m); break;
-    case 512: wht_rows_warps<X, 16>(xr, row, m); break;
+    case 32: wht_rows_warps<1>(row, m); break;
+    case 64: wht_rows_warps<2>(row, m); break;
+    case 128: wht_rows_warps<4>(row, m); break;
+    case 256: wht_rows_warps<8>(row, m); break;
+    case 512: wht_rows_warps<16>(row, m); break;
     default:
-      // Other sizes: the row in shared memory, one butterfly per thread per stage.
-      for (int j = threadIdx.x; j < ni; j += blockDim.x) row[j] = X::get(xr, j);
-      __syncthreads();
+      // Other sizes: one butterfly per thread per stage.
       for (int lh = 0; lh < lp; ++lh) {
         const int h = 1 << lh;
         for (int t = threadIdx.x; t < m * half; t += blockDim.x) {

@@ -559,7 +559,7 @@ impl HadRoute {
         // The row in f64 and the sign words in shared memory: at most Hopper's 227 KiB opt-in. Only
         // +-1 dense entries (an exact construction: no zero blocks).
         let smem = 8 * n + 4 * m * m.div_ceil(32);
-        if h.block_size() != n || m * p != n || smem > 227 * 1024 || h.factors().2.iter().any(|&e| e == 0) {
+        if h.block_size() != n || m * p != n || smem > 227 * 1024 || h.factors().2.contains(&0) {
             return None;
         }
         let scale = 1.0 / (h.block_size() as f64).sqrt();
