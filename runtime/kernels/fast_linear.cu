@@ -279,6 +279,155 @@ QCC_XGEMV(i16, true, f16, false)
 QCC_XGEMV(i8, false, f32, true)
 QCC_XGEMV(i8, false, f16, false)
 
+// Batch 1 (the decode step): the warp narrows each chunk's 128 activations together, 4 per lane
+// (one 8- or 4-byte load, one check, one byte permute), and the MMA's row-0 fragments come to lanes
+// 0-3 by shuffles, instead of lanes 0-3 narrowing 32 values each while the other 28 narrow zeros.
+// A lane's 4 values with one outside -128..127 are summed exactly against the tile's 8 weight rows.
+static __device__ __forceinline__ uint2 ld_cached_u2(const void* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+static __device__ __forceinline__ u32 ld_cached_u32(const void* p) {
+  u32 v;
+  asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+template <bool I16, int UNROLL>
+struct XGemvBatch1 {
+  uint4 w[UNROLL];
+  uint2 x[UNROLL];  // i16: 4 values; i8: 4 values in .x
+};
+
+template <bool I16, int UNROLL>
+static __device__ __forceinline__ void xgemv1_load(XGemvBatch1<I16, UNROLL>& b, const u32* __restrict__ wrow,
+                                                   const void* __restrict__ x, int c, int c_end, int lane, int K) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int cc = c + u;
+    const bool in = cc < c_end;
+    const int k = cc * 128 + 4 * lane;
+    b.w[u] = in ? ld_stream_u4(wrow + cc * 128) : make_uint4(0, 0, 0, 0);
+    const bool ok = in && k < K;
+    if (I16) {
+      b.x[u] = ok ? ld_cached_u2((const short*)x + k) : make_uint2(0, 0);
+    } else {
+      b.x[u] = make_uint2(ok ? ld_cached_u32((const i8*)x + k) : 0u, 0u);
+    }
+  }
+}
+
+// The exact sum of lane L's 4 values (k = 4 L .. 4 L + 3 of the chunk: byte half (L & 1) of word
+// (L & 7) / 2 in the piece of lane tig = L / 8) against the tile's 8 weight rows, into corr[0][g'].
+static __device__ __forceinline__ void xgemv1_exact(uint2 xv, const u32* __restrict__ wchunk, int lane,
+                                                    long long (*corr)[8]) {
+  const int tig = lane >> 3, j = (lane & 7) >> 1, half = lane & 1;
+  const int s[4] = {(short)(xv.x & 0xffffu), (short)(xv.x >> 16), (short)(xv.y & 0xffffu), (short)(xv.y >> 16)};
+#pragma unroll 1
+  for (int gp = 0; gp < 8; ++gp) {
+    const u32 word = wchunk[(gp * 4 + tig) * 4 + j];
+    int sum = 0;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int byte = (word >> (8 * t)) & 255;
+      const int w = half ? (byte >> 4) - ((byte & 128) >> 3) : (byte & 15) - ((byte & 8) << 1);
+      sum += s[t] * w;
+    }
+    atomicAdd((unsigned long long*)&corr[0][gp], (unsigned long long)(long long)sum);
+  }
+}
+
+template <bool I16, int UNROLL>
+static __device__ __forceinline__ void xgemv1_mma(int (&acc)[4], const XGemvBatch1<I16, UNROLL>& b,
+                                                  const u32* __restrict__ wtile, int c, int lane,
+                                                  long long (*corr)[8]) {
+  const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    u32 packed;
+    if (I16) {
+      const u32 w0 = b.x[u].x, w1 = b.x[u].y;
+      // A 16-bit value fits int8 when its bits 7..15 agree (see xgemv_mma).
+      const u32 spread = (w0 ^ (w0 << 1)) | (w1 ^ (w1 << 1));
+      packed = __byte_perm(w0, w1, 0x6420);
+      if (spread & 0xFF00FF00u) {
+        xgemv1_exact(b.x[u], wtile + (size_t)(c + u) * 128, lane, corr);
+        packed = 0;
+      }
+    } else {
+      packed = b.x[u].x;
+    }
+    __syncwarp();
+    const u32 ww[4] = {b.w[u].x, b.w[u].y, b.w[u].z, b.w[u].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Row 0's k = 32 tig + 8 j + 0..3 (lo) and + 4..7 (hi): the words of lanes 8 tig + 2 j (+ 1).
+      u32 lo = __shfl_sync(0xffffffffu, packed, 8 * tig + 2 * j);
+      u32 hi = __shfl_sync(0xffffffffu, packed, 8 * tig + 2 * j + 1);
+      if (g != 0) lo = hi = 0;
+      mma_s8_16832(acc, lo, 0u, hi, 0u, lo_nibbles_x16(ww[j]), hi_nibbles_x16(ww[j]));
+    }
+  }
+}
+
+template <bool I16, bool F32>
+static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, const void* __restrict__ x,
+                                                   const float* __restrict__ scale, const float* __restrict__ bias,
+                                                   void* __restrict__ y, int N, int K) {
+  constexpr int KSPLIT = 4, UNROLL = 4;
+  __shared__ int partial[KSPLIT][32][4];
+  __shared__ long long corr[1][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x < 8) corr[0][threadIdx.x] = 0;
+  __syncthreads();
+  const int nchunks = (K + 127) >> 7;
+  const int per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
+  const int c_begin = warp * per_warp;
+  const int c_end = min(nchunks, c_begin + per_warp);
+  const u32* wtile = w + (size_t)blockIdx.x * nchunks * 128;
+  const u32* wrow = wtile + lane * 4;
+  int acc[4] = {0, 0, 0, 0};
+  XGemvBatch1<I16, UNROLL> cur, nxt;
+  xgemv1_load<I16, UNROLL>(cur, wrow, x, c_begin, c_end, lane, K);
+  for (int c = c_begin; c < c_end; c += UNROLL) {
+    xgemv1_load<I16, UNROLL>(nxt, wrow, x, c + UNROLL, c_end, lane, K);
+    xgemv1_mma<I16, UNROLL>(acc, cur, wtile, c, lane, corr);
+    cur = nxt;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0 || lane >= 4) return;  // row 0 lives in lanes 0-3 (g = 0)
+  const int tig = lane;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][e];
+    const int n = blockIdx.x * 8 + 2 * tig + e;
+    const long long total = (long long)(s >> 4) + corr[0][2 * tig + e];
+    float v = __fmul_rn(__ll2float_rn(total), scale[n]);
+    if (bias) v = __fadd_rn(v, bias[n]);
+    if (F32) {
+      ((float*)y)[n] = v;
+    } else {
+      ((u16*)y)[n] = f32_to_f16(v);
+    }
+  }
+}
+
+// w4_gemv_x{i16,i8}_{f32,f16}_m1: M = 1; grid N / 8, block 128.
+#define QCC_XGEMV1(XN, I16, YN, F32)                                                                       \
+  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m1(                             \
+      const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
+    xgemv1_body<I16, F32>(w, x, scale, bias, y, N, K);                                                     \
+  }
+QCC_XGEMV1(i16, true, f32, true)
+QCC_XGEMV1(i16, true, f16, false)
+QCC_XGEMV1(i8, false, f32, true)
+QCC_XGEMV1(i8, false, f16, false)
+
 // ---- The 8-bit LM head of -O w4a4 plans: `int_linear` of int16 activations (static 16-bit steps)
 // and int8 weights, exact like the micro-kernel (int64 sums, then its f32 epilogue).
 

@@ -184,8 +184,36 @@ fn int_linear_case(x_dtype: DType, w_dtype: DType, act_bits: Option<i64>, bias: 
 
 /// [`int_linear_case`] at size (m, n, k) with output dtype `y_dtype`. With int4 weights and
 /// i16/i4 activations (K % 32 == 0, N % 8 == 0) the executor runs it on the W4 GEMV (m <= 16) or
-/// GEMM, plus the exact fix-up of the 16-bit prefix row; the test checks that it did.
+/// GEMM, plus the exact fix-up of the 16-bit prefix row; the test checks that it did. i16 rows 0
+/// and 9 hold 16-bit prefix values, row 3 int8-range values (see [`I16Rows`]).
 fn int_linear_sized(
+    x_dtype: DType,
+    w_dtype: DType,
+    act_bits: Option<i64>,
+    bias: bool,
+    seed: u64,
+    size: (usize, usize, usize),
+    y_dtype: DType,
+) {
+    let rows = I16Rows { prefix: &[0, 9], int8: &[3], mixed: &[] };
+    int_linear_rows(x_dtype, w_dtype, act_bits, bias, seed, size, y_dtype, rows);
+}
+
+/// What the rows of an i16 activation hold (the others: int4 values, as w4a4 graphs carry them).
+#[derive(Clone, Copy)]
+struct I16Rows {
+    /// 16-bit prefix values throughout.
+    prefix: &'static [usize],
+    /// Values in -128..127: past int4, within the decode GEMV's int8 narrowing.
+    int8: &'static [usize],
+    /// int4 values with a 16-bit one every 37 elements (some 4- and 32-value pieces exact, the
+    /// others narrowed).
+    mixed: &'static [usize],
+}
+
+/// [`int_linear_sized`] with the given kinds of i16 rows.
+#[allow(clippy::too_many_arguments)]
+fn int_linear_rows(
     x_dtype: DType,
     w_dtype: DType,
     act_bits: Option<i64>,
@@ -193,6 +221,7 @@ fn int_linear_sized(
     seed: u64,
     (m, n, k): (usize, usize, usize),
     y_dtype: DType,
+    rows: I16Rows,
 ) {
     let mut rng = Rng(seed);
     let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
@@ -200,17 +229,21 @@ fn int_linear_sized(
     let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
     let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
     let x = match x_dtype {
-        // Rows 0 and 9 hold 16-bit prefix values, row 3 int8-range values (past int4, within the
-        // decode GEMV's int8 narrowing), the others int4 values (as the w4a4 graphs carry them); with
-        // int8 weights (the 8-bit LM head) every row is 16-bit.
+        // `rows` says which rows hold what; with int8 weights (the 8-bit LM head) every row is 16-bit.
         DType::I16 => RtTensor::from_vec(
             &[m, k],
             (0..m * k)
-                .map(|i| match i / k {
-                    _ if w_dtype == DType::I8 => rng.int(-32768, 32767) as i16,
-                    0 | 9 => rng.int(-32768, 32767) as i16,
-                    3 => rng.int(-128, 127) as i16,
-                    _ => rng.int(-8, 7) as i16,
+                .map(|i| {
+                    let row = i / k;
+                    if w_dtype == DType::I8 || rows.prefix.contains(&row) {
+                        rng.int(-32768, 32767) as i16
+                    } else if rows.int8.contains(&row) {
+                        rng.int(-128, 127) as i16
+                    } else if rows.mixed.contains(&row) && i % 37 == 0 {
+                        rng.int(-32768, 32767) as i16
+                    } else {
+                        rng.int(-8, 7) as i16
+                    }
                 })
                 .collect(),
         ),
@@ -294,6 +327,15 @@ fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
     int_linear_sized(DType::I16, DType::I4, None, true, 22, (5, 4096, 4096), DType::F16);
     int_linear_sized(DType::I16, DType::I4, None, false, 23, (12, 1024, 11008), DType::F32);
     int_linear_sized(DType::I4, DType::I4, None, false, 24, (1, 11008, 4096), DType::F32);
+    // Batch 1 (`_m1`: the warp narrows each chunk together): an int8-range row, a row with scattered
+    // 16-bit values (exact 4-value pieces beside narrowed ones), a K tail (576 = 4.5 x 128).
+    let int8_row = I16Rows { prefix: &[], int8: &[0], mixed: &[] };
+    int_linear_rows(DType::I16, DType::I4, None, true, 31, (1, 4096, 4096), DType::F32, int8_row);
+    let mixed_row = I16Rows { prefix: &[], int8: &[], mixed: &[0] };
+    int_linear_rows(DType::I16, DType::I4, None, false, 32, (1, 1024, 11008), DType::F16, mixed_row);
+    let mixed_tail = I16Rows { prefix: &[], int8: &[], mixed: &[0, 2] };
+    int_linear_rows(DType::I16, DType::I4, None, false, 33, (1, 520, 576), DType::F32, mixed_tail);
+    int_linear_rows(DType::I16, DType::I4, None, true, 34, (3, 1536, 576), DType::F32, mixed_tail);
     int_linear_sized(DType::I4, DType::I4, None, true, 12, (16, 1536, 576), DType::F16);
     int_linear_sized(DType::I16, DType::I4, None, true, 13, (16, 576, 1536), DType::F32);
     int_linear_sized(DType::I16, DType::I4, None, false, 14, (300, 584, 576), DType::F32);

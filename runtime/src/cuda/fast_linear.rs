@@ -7,7 +7,8 @@
 //!   N % 8 == 0: the weights are repacked once at load into the split-nibble rows of the W4 GEMM and
 //!   the tiled layout of the W4 GEMV ([`super::pack`]). M <= 16 (decode): one launch,
 //!   `w4_gemv_x{i16,i8}_*`, the W4 GEMV's MMA on the plan's activations narrowed to int8 in
-//!   registers, with the 32-value pieces of 16-bit prefix rows summed exactly beside it. M > 16:
+//!   registers, with the 32-value pieces of 16-bit prefix rows summed exactly beside it (at M = 1,
+//!   `_m1`: the warp narrows each chunk's 128 values together and shuffles them to the MMA). M > 16:
 //!   `pack_act_rows_*` packs the rows and flags the ones with a value outside -8..7 (16-bit prefix
 //!   rows), the mma.sync GEMM computes every row with per-token scale 1 and the plan's per-channel
 //!   scale and bias, writing the plan's output type (f32 or f16), and `int_linear_fix_rows_*`
@@ -417,7 +418,11 @@ impl W4Route {
         // packed path (kept to compare the two).
         if m <= 16 && std::env::var_os("QCC_FAST_GEMV").is_none() {
             let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
-            let twin = if m <= 8 { "_m8" } else { "" };
+            let twin = match m {
+                1 => "_m1",
+                2..=8 => "_m8",
+                _ => "",
+            };
             let f = gpu.function("fast_linear", &format!("w4_gemv_x{xt}_{yt}{twin}")).map_err(|e| e.to_string())?;
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
             let mut b = gpu.stream.launch_builder(&f);
