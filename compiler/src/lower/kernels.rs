@@ -333,8 +333,8 @@ impl PointwiseOp {
 /// An element-wise kernel over a 4-D iteration space `dims` (leading dims padded with 1).
 /// Parameters: out, inputs..., [per-channel step]; total, d0..d3, then per operand (out first) its
 /// four strides and its element offset, each only when not a compile-time constant (constants are
-/// baked into the kernel); [scalar step]. One thread per 4 elements along d3 (when d3 is a
-/// constant multiple of 4) or per element, [`POINTWISE_BLOCK`] threads per block.
+/// baked into the kernel); [scalar step]. One thread per element, [`POINTWISE_BLOCK`] threads per
+/// block.
 pub fn pointwise(
     op: PointwiseOp,
     out: &Strided,
@@ -355,13 +355,6 @@ pub fn pointwise(
         args.push(Arg::Buffer(*buffer));
     }
     let total = super::shapes::product(dims);
-    // Elements per thread: 4 consecutive ones along d3 when it is a constant multiple of 4 (a
-    // thread's coordinates take three divisions; with symbolic sizes they dominated a KV-cache
-    // concat copy).
-    let vec: u32 = match dims[3] {
-        DimExpr::Const(c) if c > 0 && c % 4 == 0 => 4,
-        _ => 1,
-    };
     // Sizes known at compile time become constants of the kernel (cheaper index math, fewer
     // arguments); the others are i64 parameters.
     let mut consts = Body::new();
@@ -393,123 +386,112 @@ pub fn pointwise(
 
     let mut b = Body::new();
     b.text = consts.text;
-    let thread = b.global_index();
-    let vec_width = b.index(vec as i64);
-    let i = b.binop("muli", &thread, &vec_width, "index");
+    let i = b.global_index();
     let n = b.arg_index("%total");
     let inside = b.v(&format!("arith.cmpi ult, {i}, {n} : index"));
     b.open(&format!("scf.if {inside}"));
-    // Coordinates c0..c3 of the thread's first element i (row-major over d0..d3); its `vec`
-    // elements are i .. i + vec - 1 along d3 (d3 % vec == 0), so the divisions are shared.
+    // Coordinates c0..c3 of element i (row-major over d0..d3).
     let d: Vec<String> = (0..4).map(|k| b.arg_index(&format!("%d{k}"))).collect();
-    let c3_first = b.binop("remui", &i, &d[3], "index");
+    let c3 = b.binop("remui", &i, &d[3], "index");
     let t = b.binop("divui", &i, &d[3], "index");
     let c2 = b.binop("remui", &t, &d[2], "index");
     let t = b.binop("divui", &t, &d[2], "index");
     let c1 = b.binop("remui", &t, &d[1], "index");
     let c0 = b.binop("divui", &t, &d[1], "index");
-    for j in 0..vec {
-        let c3 = if j == 0 {
-            c3_first.clone()
-        } else {
-            let step = b.index(j as i64);
-            b.binop("addi", &c3_first, &step, "index")
-        };
-        let coords = [c0.clone(), c1.clone(), c2.clone(), c3.clone()];
-        let offset = |b: &mut Body, t: usize, coords: &[String; 4]| -> String {
-            let mut acc = b.arg_index(&format!("%o{t}"));
-            for (k, c) in coords.iter().enumerate() {
-                let s = b.arg_index(&format!("%s{t}_{k}"));
-                let term = b.binop("muli", c, &s, "index");
-                acc = b.binop("addi", &acc, &term, "index");
-            }
-            acc
-        };
-        let out_off = offset(&mut b, 0, &coords);
-        let mut loaded = Vec::new();
-        for (k, ty) in in_tys.iter().enumerate() {
-            let off = offset(&mut b, k + 1, &coords);
-            loaded.push(b.load(&format!("%in{k}"), ty, &off));
+    let coords = [c0, c1, c2, c3.clone()];
+    let offset = |b: &mut Body, t: usize, coords: &[String; 4]| -> String {
+        let mut acc = b.arg_index(&format!("%o{t}"));
+        for (k, c) in coords.iter().enumerate() {
+            let s = b.arg_index(&format!("%s{t}_{k}"));
+            let term = b.binop("muli", c, &s, "index");
+            acc = b.binop("addi", &acc, &term, "index");
         }
-        let raw_copy = op == PointwiseOp::Identity && quant.is_none() && in_tys[0] == out_ty;
-        let y = if raw_copy {
-            loaded[0].clone()
-        } else {
-            let x: Vec<String> = loaded.iter().zip(&in_tys).map(|(v, ty)| b.widen_to_f32(v, ty)).collect();
-            match op {
-                PointwiseOp::Add => b.binop("addf", &x[0], &x[1], "f32"),
-                PointwiseOp::Sub => b.binop("subf", &x[0], &x[1], "f32"),
-                PointwiseOp::Mul => b.binop("mulf", &x[0], &x[1], "f32"),
-                PointwiseOp::Div => b.binop("divf", &x[0], &x[1], "f32"),
-                PointwiseOp::Identity => x[0].clone(),
-                PointwiseOp::Neg => b.v(&format!("arith.negf {} : f32", x[0])),
-                PointwiseOp::Exp => emit_exp(&mut b, &x[0]),
-                PointwiseOp::Sqrt => b.intrinsic("llvm.sqrt.f32", &x[0], "f32"),
-                PointwiseOp::Reciprocal => {
-                    let one = b.f32(1.0);
-                    b.binop("divf", &one, &x[0], "f32")
-                }
-                PointwiseOp::Relu => {
-                    // x if x > 0 or NaN, else 0 (the CPU's rule).
-                    let zero = b.f32(0.0);
-                    let keep = b.v(&format!("arith.cmpf ugt, {}, {zero} : f32", x[0]));
-                    b.v(&format!("arith.select {keep}, {}, {zero} : f32", x[0]))
-                }
-                PointwiseOp::Sigmoid => {
-                    let zero = b.f32(0.0);
-                    let one = b.f32(1.0);
-                    let nonneg = b.v(&format!("arith.cmpf oge, {}, {zero} : f32", x[0]));
-                    let neg = b.v(&format!("arith.negf {} : f32", x[0]));
-                    let arg = b.v(&format!("arith.select {nonneg}, {neg}, {} : f32", x[0]));
-                    let e = emit_exp(&mut b, &arg);
-                    let den = b.binop("addf", &one, &e, "f32");
-                    let num = b.v(&format!("arith.select {nonneg}, {one}, {e} : f32"));
-                    b.binop("divf", &num, &den, "f32")
-                }
-                PointwiseOp::Swiglu => {
-                    let neg = b.v(&format!("arith.negf {} : f32", x[0]));
-                    let e = emit_exp(&mut b, &neg);
-                    let one = b.f32(1.0);
-                    let den = b.binop("addf", &one, &e, "f32");
-                    let sig = b.binop("divf", &x[0], &den, "f32");
-                    b.binop("mulf", &sig, &x[1], "f32")
-                }
-                PointwiseOp::Rotary => {
-                    // rotate_half(x)[c] = -x[c + D/2] for c < D/2, x[c - D/2] otherwise.
-                    let two = b.index(2);
-                    let half = b.binop("divui", &d[3], &two, "index");
-                    let low = b.v(&format!("arith.cmpi ult, {c3}, {half} : index"));
-                    let up = b.binop("addi", &c3, &half, "index");
-                    let down = b.binop("subi", &c3, &half, "index");
-                    let partner = b.v(&format!("arith.select {low}, {up}, {down} : index"));
-                    let pc = [coords[0].clone(), coords[1].clone(), coords[2].clone(), partner];
-                    let poff = offset(&mut b, 1, &pc);
-                    let xp = b.load("%in0", in_tys[0], &poff);
-                    let xp = b.widen_to_f32(&xp, in_tys[0]);
-                    let neg = b.v(&format!("arith.negf {xp} : f32"));
-                    let rot = b.v(&format!("arith.select {low}, {neg}, {xp} : f32"));
-                    let a = b.binop("mulf", &x[0], &x[1], "f32");
-                    let r = b.binop("mulf", &rot, &x[2], "f32");
-                    b.binop("addf", &a, &r, "f32")
-                }
-            }
-        };
-        let stored = match quant {
-            Some(q) => {
-                let channel = match q.step {
-                    Step::PerHeadChannel(_) => {
-                        let head = b.binop("muli", &coords[1], &d[3], "index");
-                        b.binop("addi", &head, &coords[3], "index")
-                    }
-                    _ => coords[3].clone(),
-                };
-                emit_quant(&mut b, &y, &channel, &coords[2], q, "%step", out_ty)
-            }
-            None if raw_copy => y,
-            None => b.narrow_from_f32(&y, out_ty),
-        };
-        b.store(&stored, "%out", out_ty, &out_off);
+        acc
+    };
+    let out_off = offset(&mut b, 0, &coords);
+    let mut loaded = Vec::new();
+    for (k, ty) in in_tys.iter().enumerate() {
+        let off = offset(&mut b, k + 1, &coords);
+        loaded.push(b.load(&format!("%in{k}"), ty, &off));
     }
+    let raw_copy = op == PointwiseOp::Identity && quant.is_none() && in_tys[0] == out_ty;
+    let y = if raw_copy {
+        loaded[0].clone()
+    } else {
+        let x: Vec<String> = loaded.iter().zip(&in_tys).map(|(v, ty)| b.widen_to_f32(v, ty)).collect();
+        match op {
+            PointwiseOp::Add => b.binop("addf", &x[0], &x[1], "f32"),
+            PointwiseOp::Sub => b.binop("subf", &x[0], &x[1], "f32"),
+            PointwiseOp::Mul => b.binop("mulf", &x[0], &x[1], "f32"),
+            PointwiseOp::Div => b.binop("divf", &x[0], &x[1], "f32"),
+            PointwiseOp::Identity => x[0].clone(),
+            PointwiseOp::Neg => b.v(&format!("arith.negf {} : f32", x[0])),
+            PointwiseOp::Exp => emit_exp(&mut b, &x[0]),
+            PointwiseOp::Sqrt => b.intrinsic("llvm.sqrt.f32", &x[0], "f32"),
+            PointwiseOp::Reciprocal => {
+                let one = b.f32(1.0);
+                b.binop("divf", &one, &x[0], "f32")
+            }
+            PointwiseOp::Relu => {
+                // x if x > 0 or NaN, else 0 (the CPU's rule).
+                let zero = b.f32(0.0);
+                let keep = b.v(&format!("arith.cmpf ugt, {}, {zero} : f32", x[0]));
+                b.v(&format!("arith.select {keep}, {}, {zero} : f32", x[0]))
+            }
+            PointwiseOp::Sigmoid => {
+                let zero = b.f32(0.0);
+                let one = b.f32(1.0);
+                let nonneg = b.v(&format!("arith.cmpf oge, {}, {zero} : f32", x[0]));
+                let neg = b.v(&format!("arith.negf {} : f32", x[0]));
+                let arg = b.v(&format!("arith.select {nonneg}, {neg}, {} : f32", x[0]));
+                let e = emit_exp(&mut b, &arg);
+                let den = b.binop("addf", &one, &e, "f32");
+                let num = b.v(&format!("arith.select {nonneg}, {one}, {e} : f32"));
+                b.binop("divf", &num, &den, "f32")
+            }
+            PointwiseOp::Swiglu => {
+                let neg = b.v(&format!("arith.negf {} : f32", x[0]));
+                let e = emit_exp(&mut b, &neg);
+                let one = b.f32(1.0);
+                let den = b.binop("addf", &one, &e, "f32");
+                let sig = b.binop("divf", &x[0], &den, "f32");
+                b.binop("mulf", &sig, &x[1], "f32")
+            }
+            PointwiseOp::Rotary => {
+                // rotate_half(x)[c] = -x[c + D/2] for c < D/2, x[c - D/2] otherwise.
+                let two = b.index(2);
+                let half = b.binop("divui", &d[3], &two, "index");
+                let low = b.v(&format!("arith.cmpi ult, {c3}, {half} : index"));
+                let up = b.binop("addi", &c3, &half, "index");
+                let down = b.binop("subi", &c3, &half, "index");
+                let partner = b.v(&format!("arith.select {low}, {up}, {down} : index"));
+                let pc = [coords[0].clone(), coords[1].clone(), coords[2].clone(), partner];
+                let poff = offset(&mut b, 1, &pc);
+                let xp = b.load("%in0", in_tys[0], &poff);
+                let xp = b.widen_to_f32(&xp, in_tys[0]);
+                let neg = b.v(&format!("arith.negf {xp} : f32"));
+                let rot = b.v(&format!("arith.select {low}, {neg}, {xp} : f32"));
+                let a = b.binop("mulf", &x[0], &x[1], "f32");
+                let r = b.binop("mulf", &rot, &x[2], "f32");
+                b.binop("addf", &a, &r, "f32")
+            }
+        }
+    };
+    let stored = match quant {
+        Some(q) => {
+            let channel = match q.step {
+                Step::PerHeadChannel(_) => {
+                    let head = b.binop("muli", &coords[1], &d[3], "index");
+                    b.binop("addi", &head, &coords[3], "index")
+                }
+                _ => coords[3].clone(),
+            };
+            emit_quant(&mut b, &y, &channel, &coords[2], q, "%step", out_ty)
+        }
+        None if raw_copy => y,
+        None => b.narrow_from_f32(&y, out_ty),
+    };
+    b.store(&stored, "%out", out_ty, &out_off);
     b.close("");
 
     let types: Vec<String> = inputs.iter().map(|i| i.dtype.to_string()).collect();
@@ -521,7 +503,7 @@ pub fn pointwise(
         base,
         text: function(&params, &b.text),
         args,
-        grid: [super::shapes::ceil_div(&total, (POINTWISE_BLOCK * vec) as i64), DimExpr::Const(1), DimExpr::Const(1)],
+        grid: [super::shapes::ceil_div(&total, POINTWISE_BLOCK as i64), DimExpr::Const(1), DimExpr::Const(1)],
         block: [POINTWISE_BLOCK, 1, 1],
     })
 }
