@@ -101,7 +101,7 @@ QCC_FIX_ROWS(i16, short, f16, false)
 QCC_FIX_ROWS(i8, i8, f32, true)
 QCC_FIX_ROWS(i8, i8, f16, false)
 
-// ---- Decode GEMV straight from the plan's activations (M <= 16): no pack and no fix-up launch.
+// ---- Decode GEMV straight from the plan's activations (M <= 8): no pack and no fix-up launch.
 // The W4 GEMV's tiled weights and MMA (runtime/kernels/w4_gemv.cu, "gemvq": KSPLIT warps per n8
 // tile split K, each software-pipelined over UNROLL chunks of 128), with the activations read as
 // the plan holds them (i16, or one int4 value per byte) and narrowed to int8 in registers: exact for
@@ -208,6 +208,38 @@ static __device__ __forceinline__ void xgemv_mma(int (&acc)[4], const XGemvBatch
   }
 }
 
+// Warp `warp`'s chunk range [c_begin, c_end) when KSPLIT warps split the ceil(K / 128) chunks, and
+// the block's n8 tile of the tiled weights.
+template <int KSPLIT>
+struct XgemvSplit {
+  int c_begin, c_end;
+  const u32* wtile;
+  __device__ __forceinline__ XgemvSplit(const u32* w, int K, int warp) {
+    const int nchunks = (K + 127) >> 7, per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
+    c_begin = warp * per_warp;
+    c_end = min(nchunks, c_begin + per_warp);
+    wtile = w + (size_t)blockIdx.x * nchunks * 128;
+  }
+};
+
+// Sums the KSPLIT warps' accumulators into warp 0's; false for the other warps (they are done).
+template <int KSPLIT>
+static __device__ __forceinline__ bool xgemv_ksplit_sum(int (&partial)[KSPLIT][32][4], int (&acc)[4], int warp,
+                                                        int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
+    acc[i] = s;
+  }
+  return true;
+}
+
 template <bool I16, bool ROWHI, bool F32>
 static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, const void* __restrict__ x,
                                                   const float* __restrict__ scale, const float* __restrict__ bias,
@@ -219,31 +251,19 @@ static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, con
   const int g = lane >> 2, tig = lane & 3;
   if (threadIdx.x < 128) corr[threadIdx.x >> 3][threadIdx.x & 7] = 0;
   __syncthreads();
-  const int nchunks = (K + 127) >> 7;
-  const int per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(nchunks, c_begin + per_warp);
-  const u32* wtile = w + (size_t)blockIdx.x * nchunks * 128;
-  const u32* wrow = wtile + lane * 4;
+  const XgemvSplit<KSPLIT> sp(w, K, warp);
+  const u32* wrow = sp.wtile + lane * 4;
   int acc[4] = {0, 0, 0, 0};
   XGemvBatch<I16, ROWHI, UNROLL> cur, nxt;
-  xgemv_load<I16, ROWHI, UNROLL>(cur, wrow, x, c_begin, c_end, g, tig, M, K);
-  for (int c = c_begin; c < c_end; c += UNROLL) {
-    xgemv_load<I16, ROWHI, UNROLL>(nxt, wrow, x, c + UNROLL, c_end, g, tig, M, K);
-    xgemv_mma<I16, ROWHI, UNROLL>(acc, cur, wtile, c, tig, g, corr);
+  xgemv_load<I16, ROWHI, UNROLL>(cur, wrow, x, sp.c_begin, sp.c_end, g, tig, M, K);
+  for (int c = sp.c_begin; c < sp.c_end; c += UNROLL) {
+    xgemv_load<I16, ROWHI, UNROLL>(nxt, wrow, x, c + UNROLL, sp.c_end, g, tig, M, K);
+    xgemv_mma<I16, ROWHI, UNROLL>(acc, cur, sp.wtile, c, tig, g, corr);
     cur = nxt;
   }
+  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane)) return;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int s = 0;
-#pragma unroll
-    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
-    acc[i] = s >> 4;  // weights entered the MMA as 16 w
-  }
+  for (int i = 0; i < 4; ++i) acc[i] >>= 4;  // weights entered the MMA as 16 w
   const int n0 = blockIdx.x * 8;
 #pragma unroll
   for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
@@ -264,12 +284,10 @@ static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, con
   }
 }
 
-// w4_gemv_x{i16,i8}_{f32,f16}: M <= 16 (the "_m8" twins for M <= 8); grid N / 8, block 128.
+// w4_gemv_x{i16,i8}_{f32,f16}_m8: M <= 8; grid N / 8, block 128. No entry for 9 to 16 rows (the
+// template's ROWHI half): narrowing both row halves in every lane made it slower there than pack +
+// GEMV + fix-up (H200: 16.8 against ~12 us per 4096x4096 at 16 rows).
 #define QCC_XGEMV(XN, I16, YN, F32)                                                                        \
-  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN(                                  \
-      const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
-    xgemv_body<I16, true, F32>(w, x, scale, bias, y, M, N, K);                                             \
-  }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m8(                             \
       const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
     xgemv_body<I16, false, F32>(w, x, scale, bias, y, M, N, K);                                            \
@@ -381,32 +399,22 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (threadIdx.x < 8) corr[0][threadIdx.x] = 0;
   __syncthreads();
-  const int nchunks = (K + 127) >> 7;
-  const int per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
-  const int c_begin = warp * per_warp;
-  const int c_end = min(nchunks, c_begin + per_warp);
-  const u32* wtile = w + (size_t)blockIdx.x * nchunks * 128;
-  const u32* wrow = wtile + lane * 4;
+  const XgemvSplit<KSPLIT> sp(w, K, warp);
+  const u32* wrow = sp.wtile + lane * 4;
   int acc[4] = {0, 0, 0, 0};
   XGemvBatch1<I16, UNROLL> cur, nxt;
-  xgemv1_load<I16, UNROLL>(cur, wrow, x, c_begin, c_end, lane, K);
-  for (int c = c_begin; c < c_end; c += UNROLL) {
-    xgemv1_load<I16, UNROLL>(nxt, wrow, x, c + UNROLL, c_end, lane, K);
-    xgemv1_mma<I16, UNROLL>(acc, cur, wtile, c, lane, corr);
+  xgemv1_load<I16, UNROLL>(cur, wrow, x, sp.c_begin, sp.c_end, lane, K);
+  for (int c = sp.c_begin; c < sp.c_end; c += UNROLL) {
+    xgemv1_load<I16, UNROLL>(nxt, wrow, x, c + UNROLL, sp.c_end, lane, K);
+    xgemv1_mma<I16, UNROLL>(acc, cur, sp.wtile, c, lane, corr);
     cur = nxt;
   }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0 || lane >= 4) return;  // row 0 lives in lanes 0-3 (g = 0)
+  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane) || lane >= 4) return;  // row 0: lanes 0-3
   const int tig = lane;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    int s = 0;
-#pragma unroll
-    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][e];
     const int n = blockIdx.x * 8 + 2 * tig + e;
-    const long long total = (long long)(s >> 4) + corr[0][2 * tig + e];
+    const long long total = (long long)(acc[e] >> 4) + corr[0][2 * tig + e];
     float v = __fmul_rn(__ll2float_rn(total), scale[n]);
     if (bias) v = __fadd_rn(v, bias[n]);
     if (F32) {

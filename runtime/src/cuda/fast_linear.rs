@@ -5,12 +5,12 @@
 //! - `int_linear` with int4 weights and integer activations held one value per element (`i16` when
 //!   the op keeps 16-bit prefix rows, `i4` otherwise; what `-O w4a4` plans contain), K % 32 == 0 and
 //!   N % 8 == 0: the weights are repacked once at load into the split-nibble rows of the W4 GEMM and
-//!   the tiled layout of the W4 GEMV ([`super::pack`]). M <= 16 (decode): one launch,
+//!   the tiled layout of the W4 GEMV ([`super::pack`]). M <= 8 (decode): one launch,
 //!   `w4_gemv_x{i16,i8}_*`, the W4 GEMV's MMA on the plan's activations narrowed to int8 in
 //!   registers, with the 32-value pieces of 16-bit prefix rows summed exactly beside it (at M = 1,
-//!   `_m1`: the warp narrows each chunk's 128 values together and shuffles them to the MMA). M > 16:
+//!   `_m1`: the warp narrows each chunk's 128 values together and shuffles them to the MMA). M > 8:
 //!   `pack_act_rows_*` packs the rows and flags the ones with a value outside -8..7 (16-bit prefix
-//!   rows), the mma.sync GEMM computes every row with per-token scale 1 and the plan's per-channel
+//!   rows), the W4A4 GEMV (M <= 16) or mma.sync GEMM computes every row with per-token scale 1 and the plan's per-channel
 //!   scale and bias, writing the plan's output type (f32 or f16), and `int_linear_fix_rows_*`
 //!   recomputes the flagged rows exactly (runtime/kernels/fast_linear.cu). The integer sums are
 //!   exact on every path and the epilogue rounds the same steps in the same order, so the outputs
@@ -35,8 +35,8 @@
 //!   instead of the micro-kernel's dense O(n^2) per row.
 //!   Float sums then follow cuBLAS's order, as the micro-kernel's follow its own.
 //!
-//! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 16
-//! on the packed path instead (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
+//! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 8
+//! on the packed path too (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
 //! `QCC_FAST_GEMM=<name>` picks the mma.sync GEMM (default [`DEFAULT_GEMM`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
@@ -414,15 +414,13 @@ impl W4Route {
         let yt = if self.y_f32 { "f32" } else { "f16" };
         let launch_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
 
-        // Decode: one launch on the plan's own activations, unless QCC_FAST_GEMV names a GEMV of the
-        // packed path (kept to compare the two).
-        if m <= 16 && std::env::var_os("QCC_FAST_GEMV").is_none() {
+        // Decode (M <= 8): one launch on the plan's own activations, unless QCC_FAST_GEMV names a
+        // GEMV of the packed path (kept to compare the two). From 9 rows on, narrowing both row halves
+        // in every lane costs more than pack + GEMV + fix-up (H200: 16.8 against ~12 us per 4096x4096
+        // at 16 rows).
+        if m <= 8 && std::env::var_os("QCC_FAST_GEMV").is_none() {
             let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
-            let twin = match m {
-                1 => "_m1",
-                2..=8 => "_m8",
-                _ => "",
-            };
+            let twin = if m == 1 { "_m1" } else { "_m8" };
             let f = gpu.function("fast_linear", &format!("w4_gemv_x{xt}_{yt}{twin}")).map_err(|e| e.to_string())?;
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
             let mut b = gpu.stream.launch_builder(&f);
