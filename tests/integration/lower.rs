@@ -47,7 +47,9 @@ fn assemble(name: &str, lowered: &Lowered) {
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "ptxas rejected {name}/{module}.ptx:\n{log}");
         // The row kernels hold whole rounds of loads in registers: none may spill to local memory.
-        let spills = log.lines().filter(|l| l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads"));
+        let spills = log
+            .lines()
+            .filter(|l| l.contains("bytes spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads"));
         assert_eq!(spills.count(), 0, "{name}/{module}.ptx spills registers:\n{log}");
     }
 }
