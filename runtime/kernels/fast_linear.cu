@@ -37,6 +37,25 @@ extern "C" __global__ void __launch_bounds__(256) pack_act_rows_i8(const i8* x, 
   pack_act_rows_body<i8>(x, q, flags, K);
 }
 
+// The signed int4 values in the low and high nibble of a split-nibble byte.
+static __device__ __forceinline__ int nibble_lo(int byte) { return (byte & 15) - ((byte & 8) << 1); }
+static __device__ __forceinline__ int nibble_hi(int byte) { return (byte >> 4) - ((byte & 128) >> 3); }
+
+// The micro-kernel's epilogue of an exact integer sum for output channel n: one rounding to f32,
+// `* scale[n]`, `+ bias[n]`, each rounded in f32, stored as the plan's output type at y[at].
+template <bool F32>
+static __device__ __forceinline__ void store_exact(void* __restrict__ y, size_t at, long long sum,
+                                                   const float* __restrict__ scale, const float* __restrict__ bias,
+                                                   long n) {
+  float v = __fmul_rn(__ll2float_rn(sum), scale[n]);
+  if (bias) v = __fadd_rn(v, bias[n]);
+  if (F32) {
+    ((float*)y)[at] = v;
+  } else {
+    ((u16*)y)[at] = f32_to_f16(v);
+  }
+}
+
 // Recomputes the flagged rows of y [M, N] = x [M, K] . w [N, K]^T exactly: one warp per output
 // (blocks over n; rows m = blockIdx.y, + gridDim.y, ...: a few block rows walk all M rows and skip
 // the unflagged ones, instead of one block per row), lanes split the row's split-nibble weight
@@ -53,21 +72,12 @@ static __device__ __forceinline__ void fix_one(const T* __restrict__ x, const u3
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int byte = (word >> (8 * j)) & 255;
-      const int lo = (byte & 15) - ((byte & 8) << 1), hi = (byte >> 4) - ((byte & 128) >> 3);
-      acc += (long long)xr[8 * g + j] * lo + (long long)xr[8 * g + 4 + j] * hi;
+      acc += (long long)xr[8 * g + j] * nibble_lo(byte) + (long long)xr[8 * g + 4 + j] * nibble_hi(byte);
     }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    float v = __fmul_rn(__ll2float_rn(acc), scale[n]);
-    if (bias) v = __fadd_rn(v, bias[n]);
-    if (F32) {
-      ((float*)y)[m * N + n] = v;
-    } else {
-      ((u16*)y)[m * N + n] = f32_to_f16(v);
-    }
-  }
+  if (lane == 0) store_exact<F32>(y, m * N + n, acc, scale, bias, n);
 }
 
 template <typename T, bool F32>
@@ -109,35 +119,36 @@ QCC_FIX_ROWS(i8, i8, f16, false)
 // prefix row) is left out of the MMA and summed exactly instead against the 8 weight rows of the
 // tile (int32 for 32 products, then int64 in shared memory), so every output is the exact integer
 // sum and then the micro-kernel's epilogue: bit-identical to it, like the pack + GEMV + fix-up path.
-template <bool I16, bool ROWHI, int UNROLL>
+// A lane (g, tig) feeds row g of the MMA (rows 8..15 are zeros: M <= 8).
+template <bool I16, int UNROLL>
 struct XGemvBatch {
   static constexpr int XV = I16 ? 4 : 2;  // 16-byte words per row piece of 32 values
   uint4 w[UNROLL];
-  uint4 x[UNROLL][ROWHI ? 2 : 1][XV];
+  uint4 x[UNROLL][XV];
 };
 
-template <bool I16, bool ROWHI, int UNROLL>
-static __device__ __forceinline__ void xgemv_load(XGemvBatch<I16, ROWHI, UNROLL>& b, const u32* __restrict__ wrow,
+template <bool I16, int UNROLL>
+static __device__ __forceinline__ void xgemv_load(XGemvBatch<I16, UNROLL>& b, const u32* __restrict__ wrow,
                                                   const void* __restrict__ x, int c, int c_end, int g, int tig,
                                                   int M, int K) {
-  constexpr int XV = XGemvBatch<I16, ROWHI, UNROLL>::XV;
+  constexpr int XV = XGemvBatch<I16, UNROLL>::XV;
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int cc = c + u;
     const bool in = cc < c_end;
-    const bool kok = in && (cc * 128 + 32 * tig) < K;
+    const bool ok = in && (cc * 128 + 32 * tig) < K && g < M;
     b.w[u] = in ? ld_stream_u4(wrow + cc * 128) : zero;
+    const char* xr = (const char*)x + ((size_t)g * K + (size_t)cc * 128 + 32 * tig) * (I16 ? 2 : 1);
 #pragma unroll
-    for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
-      const int m = g + 8 * h;
-      const bool ok = kok && m < M;
-      const char* xr = (const char*)x + ((size_t)m * K + (size_t)cc * 128 + 32 * tig) * (I16 ? 2 : 1);
-#pragma unroll
-      for (int q = 0; q < XV; ++q) b.x[u][h][q] = ok ? ld_cached_u4(xr + 16 * q) : zero;
-    }
+    for (int q = 0; q < XV; ++q) b.x[u][q] = ok ? ld_cached_u4(xr + 16 * q) : zero;
   }
 }
+
+// Bits i of w ^ (w << 1) mark where bits i and i - 1 of a word differ: a 16-bit value fits int8 when
+// its bits 7..15 agree, so the two values of a word fit when bits 8..15 and 24..31 are clear.
+static __device__ __forceinline__ u32 int8_spread(u32 w) { return w ^ (w << 1); }
+static __device__ __forceinline__ bool pairs_fit_int8(u32 spread) { return (spread & 0xFF00FF00u) == 0; }
 
 // The exact sum of one lane's 32-value i16 piece of row m against the tile's 8 weight rows over the
 // same k (their pieces sit at lanes 4 g' + tig of the chunk), added to corr[m][g'].
@@ -154,57 +165,52 @@ static __device__ __forceinline__ void xgemv_exact_piece(const uint4* xs, const 
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const int byte = (ww[q] >> (8 * t)) & 255;
-        const int lo = (byte & 15) - ((byte & 8) << 1), hi = (byte >> 4) - ((byte & 128) >> 3);
         const int x_lo = (short)(xw[t >> 1] >> (16 * (t & 1)));
         const int x_hi = (short)(xw[2 + (t >> 1)] >> (16 * (t & 1)));
-        s += x_lo * lo + x_hi * hi;
+        s += x_lo * nibble_lo(byte) + x_hi * nibble_hi(byte);
       }
     }
     atomicAdd((unsigned long long*)&corr[m][gp], (unsigned long long)(long long)s);
   }
 }
 
-template <bool I16, bool ROWHI, int UNROLL>
-static __device__ __forceinline__ void xgemv_mma(int (&acc)[4], const XGemvBatch<I16, ROWHI, UNROLL>& b,
+template <bool I16, int UNROLL>
+static __device__ __forceinline__ void xgemv_mma(int (&acc)[4], const XGemvBatch<I16, UNROLL>& b,
                                                  const u32* __restrict__ wtile, int c, int tig, int g,
                                                  long long (*corr)[8]) {
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
-    u32 a[2][8] = {};  // per row half: lo[0..3], hi[0..3]
+    u32 a[8];  // row g: lo[0..3], hi[0..3]
+    const uint4* xs = b.x[u];
+    if (I16) {
+      u32 spread = 0;
 #pragma unroll
-    for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
-      const uint4* xs = b.x[u][h];
-      if (I16) {
-        u32 spread = 0;  // bit i set where bits i and i - 1 of a word differ
+      for (int q = 0; q < 4; ++q) {
+        const u32 xw[4] = {xs[q].x, xs[q].y, xs[q].z, xs[q].w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const u32 xw[4] = {xs[q].x, xs[q].y, xs[q].z, xs[q].w};
+        for (int e = 0; e < 4; ++e) spread |= int8_spread(xw[e]);
+        a[q] = __byte_perm(xs[q].x, xs[q].y, 0x6420);
+        a[4 + q] = __byte_perm(xs[q].z, xs[q].w, 0x6420);
+      }
+      if (!pairs_fit_int8(spread)) {
+        xgemv_exact_piece(xs, wtile + (size_t)(c + u) * 128, tig, corr, g);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) spread |= xw[e] ^ (xw[e] << 1);
-          a[h][q] = __byte_perm(xs[q].x, xs[q].y, 0x6420);
-          a[h][4 + q] = __byte_perm(xs[q].z, xs[q].w, 0x6420);
-        }
-        // A 16-bit value fits int8 when its bits 7..15 agree: bits 8..15 and 24..31 of `spread` clear.
-        if (spread & 0xFF00FF00u) {
-          xgemv_exact_piece(xs, wtile + (size_t)(c + u) * 128, tig, corr, g + 8 * h);
+        for (int j = 0; j < 8; ++j) a[j] = 0;
+      }
+    } else {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) a[h][j] = 0;
-        }
-      } else {
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          a[h][2 * q] = xs[q].x;
-          a[h][4 + 2 * q] = xs[q].y;
-          a[h][2 * q + 1] = xs[q].z;
-          a[h][4 + 2 * q + 1] = xs[q].w;
-        }
+      for (int q = 0; q < 2; ++q) {
+        a[2 * q] = xs[q].x;
+        a[4 + 2 * q] = xs[q].y;
+        a[2 * q + 1] = xs[q].z;
+        a[4 + 2 * q + 1] = xs[q].w;
       }
     }
     __syncwarp();
     const u32 ww[4] = {b.w[u].x, b.w[u].y, b.w[u].z, b.w[u].w};
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      mma_s8_16832(acc, a[0][j], a[1][j], a[0][4 + j], a[1][4 + j], lo_nibbles_x16(ww[j]), hi_nibbles_x16(ww[j]));
+      mma_s8_16832(acc, a[j], 0u, a[4 + j], 0u, lo_nibbles_x16(ww[j]), hi_nibbles_x16(ww[j]));
   }
 }
 
@@ -240,57 +246,43 @@ static __device__ __forceinline__ bool xgemv_ksplit_sum(int (&partial)[KSPLIT][3
   return true;
 }
 
-template <bool I16, bool ROWHI, bool F32>
+template <bool I16, bool F32>
 static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, const void* __restrict__ x,
                                                   const float* __restrict__ scale, const float* __restrict__ bias,
                                                   void* __restrict__ y, int M, int N, int K) {
   constexpr int KSPLIT = 4, UNROLL = 2;
   __shared__ int partial[KSPLIT][32][4];
-  __shared__ long long corr[16][8];
+  __shared__ long long corr[8][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tig = lane & 3;
-  if (threadIdx.x < 128) corr[threadIdx.x >> 3][threadIdx.x & 7] = 0;
+  if (threadIdx.x < 64) corr[threadIdx.x >> 3][threadIdx.x & 7] = 0;
   __syncthreads();
   const XgemvSplit<KSPLIT> sp(w, K, warp);
   const u32* wrow = sp.wtile + lane * 4;
   int acc[4] = {0, 0, 0, 0};
-  XGemvBatch<I16, ROWHI, UNROLL> cur, nxt;
-  xgemv_load<I16, ROWHI, UNROLL>(cur, wrow, x, sp.c_begin, sp.c_end, g, tig, M, K);
+  XGemvBatch<I16, UNROLL> cur, nxt;
+  xgemv_load<I16, UNROLL>(cur, wrow, x, sp.c_begin, sp.c_end, g, tig, M, K);
   for (int c = sp.c_begin; c < sp.c_end; c += UNROLL) {
-    xgemv_load<I16, ROWHI, UNROLL>(nxt, wrow, x, c + UNROLL, sp.c_end, g, tig, M, K);
-    xgemv_mma<I16, ROWHI, UNROLL>(acc, cur, sp.wtile, c, tig, g, corr);
+    xgemv_load<I16, UNROLL>(nxt, wrow, x, c + UNROLL, sp.c_end, g, tig, M, K);
+    xgemv_mma<I16, UNROLL>(acc, cur, sp.wtile, c, tig, g, corr);
     cur = nxt;
   }
-  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane)) return;
+  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane) || g >= M) return;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] >>= 4;  // weights entered the MMA as 16 w
-  const int n0 = blockIdx.x * 8;
-#pragma unroll
-  for (int h = 0; h < (ROWHI ? 2 : 1); ++h) {
-    const int m = g + 8 * h;
-    if (m >= M) continue;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int n = n0 + 2 * tig + e;
-      const long long total = (long long)acc[2 * h + e] + corr[m][2 * tig + e];
-      float v = __fmul_rn(__ll2float_rn(total), scale[n]);
-      if (bias) v = __fadd_rn(v, bias[n]);
-      if (F32) {
-        ((float*)y)[(size_t)m * N + n] = v;
-      } else {
-        ((u16*)y)[(size_t)m * N + n] = f32_to_f16(v);
-      }
-    }
+  for (int e = 0; e < 2; ++e) {
+    const int n = blockIdx.x * 8 + 2 * tig + e;
+    // The weights entered the MMA as 16 w.
+    store_exact<F32>(y, (size_t)g * N + n, (long long)(acc[e] >> 4) + corr[g][2 * tig + e], scale, bias, n);
   }
 }
 
-// w4_gemv_x{i16,i8}_{f32,f16}_m8: M <= 8; grid N / 8, block 128. No entry for 9 to 16 rows (the
-// template's ROWHI half): narrowing both row halves in every lane made it slower there than pack +
-// GEMV + fix-up (H200: 16.8 against ~12 us per 4096x4096 at 16 rows).
+// w4_gemv_x{i16,i8}_{f32,f16}_m8: M <= 8; grid N / 8, block 128. No variant for 9 to 16 rows:
+// narrowing both MMA row halves in every lane made one slower there than pack + GEMV + fix-up
+// (H200: 16.8 against ~12 us per 4096x4096 at 16 rows).
 #define QCC_XGEMV(XN, I16, YN, F32)                                                                        \
   extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m8(                             \
       const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
-    xgemv_body<I16, false, F32>(w, x, scale, bias, y, M, N, K);                                            \
+    xgemv_body<I16, F32>(w, x, scale, bias, y, M, N, K);                                                   \
   }
 QCC_XGEMV(i16, true, f32, true)
 QCC_XGEMV(i16, true, f16, false)
@@ -349,8 +341,7 @@ static __device__ __forceinline__ void xgemv1_exact(uint2 xv, const u32* __restr
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       const int byte = (word >> (8 * t)) & 255;
-      const int w = half ? (byte >> 4) - ((byte & 128) >> 3) : (byte & 15) - ((byte & 8) << 1);
-      sum += s[t] * w;
+      sum += s[t] * (half ? nibble_hi(byte) : nibble_lo(byte));
     }
     atomicAdd((unsigned long long*)&corr[0][gp], (unsigned long long)(long long)sum);
   }
@@ -366,10 +357,8 @@ static __device__ __forceinline__ void xgemv1_mma(int (&acc)[4], const XGemvBatc
     u32 packed;
     if (I16) {
       const u32 w0 = b.x[u].x, w1 = b.x[u].y;
-      // A 16-bit value fits int8 when its bits 7..15 agree (see xgemv_mma).
-      const u32 spread = (w0 ^ (w0 << 1)) | (w1 ^ (w1 << 1));
       packed = __byte_perm(w0, w1, 0x6420);
-      if (spread & 0xFF00FF00u) {
+      if (!pairs_fit_int8(int8_spread(w0) | int8_spread(w1))) {
         xgemv1_exact(b.x[u], wtile + (size_t)(c + u) * 128, lane, corr);
         packed = 0;
       }
@@ -414,14 +403,7 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int n = blockIdx.x * 8 + 2 * tig + e;
-    const long long total = (long long)(acc[e] >> 4) + corr[0][2 * tig + e];
-    float v = __fmul_rn(__ll2float_rn(total), scale[n]);
-    if (bias) v = __fadd_rn(v, bias[n]);
-    if (F32) {
-      ((float*)y)[n] = v;
-    } else {
-      ((u16*)y)[n] = f32_to_f16(v);
-    }
+    store_exact<F32>(y, n, (long long)(acc[e] >> 4) + corr[0][2 * tig + e], scale, bias, n);
   }
 }
 
@@ -475,12 +457,7 @@ static __device__ __forceinline__ void w8_gemv_body(const short* __restrict__ x,
     long long a = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) a += __shfl_down_sync(0xffffffffu, a, off);
-    if (lane == 0) {
-      float v = __fmul_rn(__ll2float_rn(a), scale[n]);
-      if (bias) v = __fadd_rn(v, bias[n]);
-      if (F32) ((float*)y)[(long)m * N + n] = v;
-      else ((u16*)y)[(long)m * N + n] = f32_to_f16(v);
-    }
+    if (lane == 0) store_exact<F32>(y, (long)m * N + n, a, scale, bias, n);
   }
 }
 extern "C" __global__ void __launch_bounds__(256) w8_gemv_xi16_f32(const short* x, const i8* w, const float* scale,
@@ -509,11 +486,7 @@ static __device__ __forceinline__ void combine_body(const int* __restrict__ c_hi
                                                     long N) {
   for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < M * N; i += (long)gridDim.x * blockDim.x) {
     const long n = i % N;
-    const long long acc = 256LL * c_hi[i] + c_lo[i] + 128LL * wsum[n];
-    float v = __fmul_rn(__ll2float_rn(acc), scale[n]);
-    if (bias) v = __fadd_rn(v, bias[n]);
-    if (F32) ((float*)y)[i] = v;
-    else ((u16*)y)[i] = f32_to_f16(v);
+    store_exact<F32>(y, i, 256LL * c_hi[i] + c_lo[i] + 128LL * wsum[n], scale, bias, n);
   }
 }
 extern "C" __global__ void combine_w8_f32(const int* c_hi, const int* c_lo, const int* wsum, const float* scale,

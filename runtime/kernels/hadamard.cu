@@ -59,9 +59,9 @@ HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)
 // dense m x m factor (+-1 entries) across sub-rows, out[a][i] = 0 + sum over b in order of
 // H[a][b] x[b][i] (added or subtracted: the same f64 result as the CPU's h * x with h = +-1), then
 // x 1/sqrt(n), rounded once to the storage type.
-// Grid [rows, splits]: block (r, s) loads the whole row r into shared memory and transforms it
-// (cheap: each warp takes whole sub-rows in registers when 32 <= p <= 512) and writes its share of the outputs, sub-rows
-// [s * a_per, (s + 1) * a_per) when m > 1 (a_per % 4 == 0), else elements. The dense factor comes as
+// Grid [rows, splits]: block (r, s) loads the whole row r into shared memory, transforms it (each
+// warp takes whole sub-rows in registers when 32 <= p <= 512) and writes its share of the outputs,
+// sub-rows [s * a_per, (s + 1) * a_per) when m > 1 (a_per % 4 == 0), else elements. The dense factor comes as
 // sign words: bit (a % 32) of signs[b * W + a / 32] is set when H[a][b] = -1 (W = ceil(m / 32)).
 // Dynamic shared memory 8 * n + 4 * m * W bytes (the row in f64, then the sign words).
 
@@ -124,12 +124,10 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   u32* sg = (u32*)(row + ni);
   if (m > 1)
     for (int t = threadIdx.x; t < m * W; t += blockDim.x) sg[t] = signs[t];
-  // The whole row into shared memory first, every thread's loads in flight together (a warp walking
-  // its sub-rows straight from global memory waited on each one's loads in turn).
-  // Loads in batches written before their stores: through a generic pointer the compiler may not
-  // move a load above a store to shared memory, and one load at a time waited ~40 times on memory
-  // per row (ncu: 33 us for one 11008 row). 16-byte rows: up to 16 vector loads per thread in flight
-  // (a whole 11008 f32 row in one round trip); otherwise 8 elements per thread per batch.
+  // The whole row into shared memory, in batches of loads written before their stores (the compiler
+  // keeps a load after an earlier store to shared memory, and one load at a time waited ~40 times on
+  // memory per row): 16-byte rows take up to 16 vector loads per thread in flight (a whole 11008 f32
+  // row in one round trip), others 8 elements per thread per batch.
   const typename X::S* xr = x + r * n;
   constexpr int PER = 16 / (int)sizeof(typename X::S);
   const int vec_words = ni / PER;

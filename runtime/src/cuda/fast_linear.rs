@@ -10,8 +10,9 @@
 //!   registers, with the 32-value pieces of 16-bit prefix rows summed exactly beside it (at M = 1,
 //!   `_m1`: the warp narrows each chunk's 128 values together and shuffles them to the MMA). M > 8:
 //!   `pack_act_rows_*` packs the rows and flags the ones with a value outside -8..7 (16-bit prefix
-//!   rows), the W4A4 GEMV (M <= 16) or mma.sync GEMM computes every row with per-token scale 1 and the plan's per-channel
-//!   scale and bias, writing the plan's output type (f32 or f16), and `int_linear_fix_rows_*`
+//!   rows), the W4A4 GEMV (M <= 16) or mma.sync GEMM computes every row with per-token scale 1 and
+//!   the plan's per-channel scale and bias, writing the plan's output type (f32 or f16), and
+//!   `int_linear_fix_rows_*`
 //!   recomputes the flagged rows exactly (runtime/kernels/fast_linear.cu). The integer sums are
 //!   exact on every path and the epilogue rounds the same steps in the same order, so the outputs
 //!   are bit-identical to the micro-kernel's (and to the CPU executor's).
@@ -394,8 +395,8 @@ impl Scratch {
 }
 
 impl W4Route {
-    /// Enqueues the GEMV on the plan's activations (M <= 16), or pack, GEMM and the exact fix-up of
-    /// the flagged rows. `ptr` resolves buffer ids.
+    /// Enqueues the GEMV on the plan's activations (M <= 8), or pack, GEMV/GEMM and the exact fix-up
+    /// of the flagged rows. `ptr` resolves buffer ids.
     pub fn launch(
         &self,
         gpu: &Gpu,
@@ -405,11 +406,6 @@ impl W4Route {
     ) -> Result<(), String> {
         let Some(Bound { m, x, scale, bias, y, .. }) = self.ops.bind(values, ptr)? else { return Ok(()) };
         let (n, k) = (self.ops.n, self.ops.k);
-        if m > scratch.rows() || m * k / 8 > scratch.xq.len() {
-            return Err(format!("scratch for {} rows, {m} needed", scratch.rows()));
-        }
-        let (ones, flags, xq) = scratch.ptrs(gpu);
-        let (n64, k64) = (n as i64, k as i64);
         let xt = if self.x_i16 { "i16" } else { "i8" };
         let yt = if self.y_f32 { "f32" } else { "f16" };
         let launch_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
@@ -431,6 +427,11 @@ impl W4Route {
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| launch_err("w4_gemv", &e));
         }
 
+        if m > scratch.rows() || m * k / 8 > scratch.xq.len() {
+            return Err(format!("scratch for {} rows, {m} needed", scratch.rows()));
+        }
+        let (ones, flags, xq) = scratch.ptrs(gpu);
+        let (n64, k64) = (n as i64, k as i64);
         let pack = gpu.function("fast_linear", &format!("pack_act_rows_{xt}")).map_err(|e| e.to_string())?;
         let mut b = gpu.stream.launch_builder(&pack);
         b.arg(&x).arg(&xq).arg(&flags).arg(&k64);
@@ -558,15 +559,19 @@ impl HadRoute {
             return None;
         }
         let h = qcc_ir::hadamard::Hadamard::new(n);
-        let (m, p, _) = h.factors();
-        // The row in f64 and the sign words in shared memory: at most Hopper's 227 KiB opt-in. Only
-        // +-1 dense entries (an exact construction: no zero blocks).
-        let smem = 8 * n + 4 * m * m.div_ceil(32);
-        if h.block_size() != n || m * p != n || smem > 227 * 1024 || h.factors().2.contains(&0) {
+        let (m, p, dense) = h.factors();
+        // At most Hopper's 227 KiB of shared memory opt-in. Only +-1 dense entries (an exact
+        // construction: no zero blocks).
+        if h.block_size() != n || m * p != n || Self::smem_bytes(n, m) > 227 * 1024 || dense.contains(&0) {
             return None;
         }
         let scale = 1.0 / (h.block_size() as f64).sqrt();
         Some(HadRoute { x: *x, out: *out, rows: rows.clone(), n, dtype, m, p, scale, signs: None })
+    }
+
+    /// Dynamic shared memory of `hadamard_fast_*`: the row in f64, then the sign words.
+    fn smem_bytes(n: usize, m: usize) -> usize {
+        8 * n + 4 * m * m.div_ceil(32)
     }
 
     /// The dense factor's sign words (see [`HadRoute::signs`]).
@@ -619,7 +624,7 @@ impl HadRoute {
         let (x, out) = (ptr(self.x)?, ptr(self.out)?);
         let signs = self.signs.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
         let f = gpu.function("hadamard", &format!("hadamard_fast_{}", self.dtype)).map_err(|e| e.to_string())?;
-        let smem = (8 * self.n + 4 * self.m * self.m.div_ceil(32)) as u32;
+        let smem = Self::smem_bytes(self.n, self.m) as u32;
         if smem > 48 * 1024 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
