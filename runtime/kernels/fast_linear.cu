@@ -505,7 +505,10 @@ extern "C" __global__ void combine_w8_f16(const int* c_hi, const int* c_lo, cons
 // M <= 16 (decode): `wf8_gemv_m{MT}_xf32_f32` for M <= MT (MT = 1, 2, 4, 8; `wf8_gemv_xf32_f32` is
 // MT = 16, any M <= 16). Blocks of 8 warps, 128 output channels; in a warp, 4 lanes split each 64-k
 // piece of a weight row (16 bytes each) and 8 lanes x 2 slots split 16 channels, so a load
-// instruction reads 8 rows x 64 contiguous bytes and every weight byte is read once for all rows.
+// instruction reads 8 rows x 64 bytes and every weight byte is read once for all rows. The weights
+// come tiled (runtime/src/cuda/fast_linear.rs `pack_wf8_tiled`): piece p of the 8 rows of group G at
+// byte ((G P + p) 8 + row % 8) 64, zeros past K, so that load is 512 contiguous bytes and each
+// warp slot streams one contiguous region (row-major rows made 8 x 16 interleaved DRAM streams).
 // Each lane keeps U pieces (2 x 16 bytes each) in flight: one load per lane at a time left the M = 1
 // GEMV latency-bound at 1.7 TB/s. x is staged per block in shared memory, [MT, kc] floats per chunk
 // (kc = min(4096 / MT, 64 ceil(K / 64))), double-buffered with cp.async (zeros past K and for rows
@@ -541,14 +544,14 @@ QCC_DEVICE void wf8_stage(float4* dst, const float* __restrict__ x, int M, long 
   cp_async_commit();
 }
 
-// Weights of piece p (bytes p * 64 + 16 kl .. + 15 of each slot's row); zeros past K, past the last
-// piece or for channels >= N, so they add nothing.
+// Weights of piece p (bytes p * 64 + 16 kl .. + 15 of each slot's row, 512 bytes per piece in the
+// tiled layout); zeros past the last piece or for channels >= N, so they add nothing.
 QCC_DEVICE void wf8_load(uint4 (&dst)[WF8_NC], const i8* const (&wr)[WF8_NC], const bool (&live)[WF8_NC], int p,
-                         int P, long K, int kl) {
-  const bool ok = p < P && (long)p * 64 + 16 * kl < K;
+                         int P) {
+  const bool ok = p < P;
 #pragma unroll
   for (int c = 0; c < WF8_NC; ++c)
-    dst[c] = ok && live[c] ? ld_stream_u4(wr[c] + (long)p * 64) : make_uint4(0u, 0u, 0u, 0u);
+    dst[c] = ok && live[c] ? ld_stream_u4(wr[c] + (long)p * 512) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 template <int MT, int U>
@@ -560,14 +563,14 @@ static __device__ __forceinline__ void wf8_gemv_body(const float* __restrict__ x
   static_assert(KC / 64 % U == 0, "a chunk's first piece must sit in slot 0");
   const int lane = threadIdx.x & 31, kl = lane & 3, cl = lane >> 2;
   const long n0 = (long)blockIdx.x * WF8_CH + (threadIdx.x >> 5) * (8 * WF8_NC) + cl;  // slot c: n0 + 8c
+  const int P = (int)((K + 63) >> 6);  // 64-k pieces
   const i8* wr[WF8_NC];
   bool live[WF8_NC];
 #pragma unroll
   for (int c = 0; c < WF8_NC; ++c) {
     live[c] = n0 + 8 * c < N;
-    wr[c] = w + (live[c] ? n0 + 8 * c : 0) * K + 16 * kl;
+    wr[c] = w + ((live[c] ? (n0 + 8 * c) >> 3 : 0) * P * 8 + cl) * 64 + 16 * kl;
   }
-  const int P = (int)((K + 63) >> 6);  // 64-k pieces
   const int kc = (int)min((long)KC, 64L * P);
   const int ppc = kc >> 6;             // pieces per chunk: a multiple of U when there are several chunks
   const int chunks = (P + ppc - 1) / ppc;
@@ -580,7 +583,7 @@ static __device__ __forceinline__ void wf8_gemv_body(const float* __restrict__ x
   // Slot u holds the pieces p = u mod U; the weight stream starts before the first x chunk.
   uint4 wb[U][WF8_NC];
 #pragma unroll
-  for (int u = 0; u < U; ++u) wf8_load(wb[u], wr, live, u, P, K, kl);
+  for (int u = 0; u < U; ++u) wf8_load(wb[u], wr, live, u, P);
   wf8_stage<MT, KC>(wf8_xs, x, M, K, 0, kc);
 
   for (int ch = 0; ch < chunks; ++ch) {
@@ -616,7 +619,7 @@ static __device__ __forceinline__ void wf8_gemv_body(const float* __restrict__ x
             }
           }
         }
-        wf8_load(wb[u], wr, live, p + U, P, K, kl);  // refill the slot just consumed
+        wf8_load(wb[u], wr, live, p + U, P);  // refill the slot just consumed
       }
     }
     __syncthreads();  // the next iteration restages this buffer with chunk ch + 2

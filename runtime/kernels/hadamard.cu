@@ -26,7 +26,7 @@ struct D_bf16 { typedef u16 S; static __device__ double get(const S* p, long i) 
 template <class X>
 __device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long rows, long n, const i8* h,
                               double inv_sqrt) {
-  extern __shared__ double row[];
+  extern __shared__ __align__(16) double row[];
   for (long r = blockIdx.x; r < rows; r += gridDim.x) {
     __syncthreads();
     for (long j = threadIdx.x; j < n; j += blockDim.x) row[j] = X::get(x, r * n + j);
@@ -90,22 +90,24 @@ static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
   }
 }
 
-// Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w, w + warps,
-// ... in registers, two at a time (independent shuffle chains overlap), and writes them back.
+// Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w U, ... in
+// registers, U at a time (independent shuffle chains overlap; U = 4 for short sub-rows, whose rounds
+// are mostly latency), and writes them back.
 template <int E>
 static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
+  constexpr int U = E <= 2 ? 4 : 2;
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  for (int b0 = (threadIdx.x >> 5) * 2; b0 < m; b0 += warps * 2) {
-    const int nb = min(2, m - b0);
-    double v[2][E];
+  for (int b0 = (threadIdx.x >> 5) * U; b0 < m; b0 += warps * U) {
+    const int nb = min(U, m - b0);
+    double v[U][E];
 #pragma unroll
-    for (int u = 0; u < 2; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int j = 0; j < E; ++j) v[u][j] = u < nb ? row[(b0 + u) * 32 * E + 32 * j + lane] : 0.0;
 #pragma unroll
-    for (int u = 0; u < 2; ++u) wht_warp<E>(v[u], lane);
+    for (int u = 0; u < U; ++u) wht_warp<E>(v[u], lane);
 #pragma unroll
-    for (int u = 0; u < 2; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int j = 0; j < E; ++j)
         if (u < nb) row[(b0 + u) * 32 * E + 32 * j + lane] = v[u][j];
@@ -115,37 +117,57 @@ static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
 template <class X>
 __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename X::S* __restrict__ out, long n,
                                    int m, long p, const u32* __restrict__ signs, double scale, int a_per) {
-  extern __shared__ double row[];
+  extern __shared__ __align__(16) double row[];
   const long r = blockIdx.x;
   const int splits = gridDim.y, s = blockIdx.y;
   // 32-bit indices, and shifts for the power-of-two p: 64-bit divisions made this kernel ~5x slower.
   const int ni = (int)n, lp = __ffs((int)p) - 1, half = (int)(p >> 1);
   const int W = (m + 31) >> 5;
   u32* sg = (u32*)(row + ni);
-  if (m > 1)
-    for (int t = threadIdx.x; t < m * W; t += blockDim.x) sg[t] = signs[t];
-  // The whole row into shared memory, in batches of loads written before their stores (the compiler
-  // keeps a load after an earlier store to shared memory, and one load at a time waited ~40 times on
-  // memory per row): 16-byte rows take up to 16 vector loads per thread in flight (a whole 11008 f32
-  // row in one round trip), others 8 elements per thread per batch.
-  const typename X::S* xr = x + r * n;
-  constexpr int PER = 16 / (int)sizeof(typename X::S);
-  const int vec_words = ni / PER;
-  if ((((size_t)xr) & 15) == 0 && ni % PER == 0) {
-    for (int w0 = threadIdx.x; w0 < vec_words; w0 += 16 * blockDim.x) {
-      uint4 v[16];
+  // Only the sign-word columns of this block's output sub-rows, loaded in batches (a decode block
+  // needs one word per b: 344 of the 3784 words of H_344, and loads stored one by one waited on
+  // memory one after another).
+  const int a0 = s * a_per, a1 = min(m, a0 + a_per);
+  if (m > 1) {
+    const int w0 = a0 >> 5, wn = ((a1 - 1) >> 5) - w0 + 1, total = m * wn;
+    for (int t0 = threadIdx.x; t0 < total; t0 += 8 * blockDim.x) {
+      u32 v[8];
 #pragma unroll
-      for (int u = 0; u < 16; ++u) {
-        const int w = w0 + u * blockDim.x;
-        v[u] = w < vec_words ? ((const uint4*)xr)[w] : make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < 8; ++u) {
+        const int t = t0 + u * blockDim.x;
+        v[u] = t < total ? signs[(t / wn) * W + w0 + t % wn] : 0u;
       }
 #pragma unroll
-      for (int u = 0; u < 16; ++u) {
+      for (int u = 0; u < 8; ++u) {
+        const int t = t0 + u * blockDim.x;
+        if (t < total) sg[(t / wn) * W + w0 + t % wn] = v[u];
+      }
+    }
+  }
+  // The whole row into shared memory, in batches of loads written before their stores (the compiler
+  // keeps a load after an earlier store to shared memory, and one load at a time waited ~40 times on
+  // memory per row); rows not in 8-byte pieces take 8 elements per thread per batch.
+  const typename X::S* xr = x + r * n;
+  constexpr int PER = 8 / (int)sizeof(typename X::S);
+  const int pieces = ni / PER;
+  if ((((size_t)xr) & 7) == 0 && ni % PER == 0) {
+    // 8-byte pieces, up to 24 per thread in flight (a whole 11008 f32 row in one round trip), each
+    // stored as 16-byte f64 pairs: a warp's f32 stores fill whole shared-memory wavefronts.
+    for (int w0 = threadIdx.x; w0 < pieces; w0 += 24 * blockDim.x) {
+      uint2 v[24];
+#pragma unroll
+      for (int u = 0; u < 24; ++u) {
+        const int w = w0 + u * blockDim.x;
+        v[u] = w < pieces ? ((const uint2*)xr)[w] : make_uint2(0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 24; ++u) {
         const int w = w0 + u * blockDim.x;
         const typename X::S* e = (const typename X::S*)&v[u];
-        if (w < vec_words)
+        if (w < pieces)
 #pragma unroll
-          for (int t = 0; t < PER; ++t) row[w * PER + t] = X::get(e, t);
+          for (int t = 0; t < PER; t += 2)
+            *(double2*)&row[w * PER + t] = make_double2(X::get(e, t), X::get(e, t + 1));
       }
     }
   } else {
@@ -192,7 +214,6 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   }
   // Dense factor: each thread owns column i of 4 consecutive output sub-rows (one sign word serves
   // all 4: a_per % 4 == 0), the x[b][i] read once for the 4 sums.
-  const int a0 = s * a_per, a1 = min(m, a0 + a_per);
   const int tiles = (a1 - a0 + 3) >> 2;
   for (int q = threadIdx.x; q < tiles << lp; q += blockDim.x) {
     const int i = q & ((1 << lp) - 1), a = a0 + 4 * (q >> lp);

@@ -128,8 +128,9 @@ fn rms_norm_with_prefix_quantization() {
 
 #[test]
 fn rms_norm_of_wide_rows_issues_its_loads_in_rounds_without_spilling() {
-    // A 4096 row (Llama-2-7B): rounds of 64 x values per lane in the sum, 32 elements of x, gamma and
-    // step in the output pass; 2560: rounds of 64 with a tail of 512, then rounds of 32. No snapshot
+    // A 4096 row (Llama-2-7B): rounds of 64 x values per lane in the sum, 16 elements of x, gamma and
+    // step per lane in the output pass (a decode row's 128 chunks of 32: one round of each of its 8
+    // shares); 2560: rounds of 64 with a tail of 512, then rounds of 16. No snapshot
     // (thousands of unrolled lines): MLIR verifies, ptxas assembles without spills (`assemble`).
     for (k, unrolled) in [(4096usize, 64usize), (2560, 64)] {
         let gamma: Vec<String> = (0..k).map(|i| format!("{:?}", 0.5 + (i % 5) as f32 * 0.25)).collect();
@@ -147,11 +148,16 @@ fn rms_norm_of_wide_rows_issues_its_loads_in_rounds_without_spilling() {
         let case = format!("rms_norm_k{k}");
         Mlir::new().check(&case, &lowered.mlir).unwrap_or_else(|e| panic!("{case}: {e}"));
         assemble(&case, &lowered);
-        // The first pass's loop body holds `unrolled` loads of x, the second 32 of x and of gamma.
+        // The first pass's loop body holds `unrolled` loads of x, the second 16 of x and of gamma.
         let loads = lowered.mlir.matches("memref.load %x").count();
         let gammas = lowered.mlir.matches("memref.load %gamma").count();
-        assert_eq!(loads, unrolled + 1 + 32 + 1, "k={k}: x loads (rounds, tail, rounds, tail)");
-        assert_eq!(gammas, 32 + 1, "k={k}: gamma loads");
+        assert_eq!(loads, unrolled + 1 + 16 + 1, "k={k}: x loads (rounds, tail, rounds, tail)");
+        assert_eq!(gammas, 16 + 1, "k={k}: gamma loads");
+        // Few rows split each row's outputs over grid y: 8 shares for one row, 1 from 15 rows on.
+        let rms = lowered.launches.iter().find(|l| l.entry.starts_with("rms_norm")).expect("rms_norm launch");
+        let shares =
+            |rows: i64| rms.grid[1].eval(&[("batch".to_string(), 1), ("seq".to_string(), rows)].into()).unwrap();
+        assert_eq!([shares(1), shares(2), shares(7), shares(15), shares(2048)], [8, 6, 2, 1, 1], "k={k}");
     }
 }
 

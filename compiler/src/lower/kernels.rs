@@ -26,8 +26,13 @@ use std::fmt::Write;
 pub const MAX_ELEMENTS: u64 = 1 << 40;
 /// Threads per block of the element-wise kernels.
 pub const POINTWISE_BLOCK: u32 = 256;
-/// Rows per block of the row kernels (one warp per row).
+/// Rows per block of the row kernels (one warp per row, or per row share for `rms_norm`).
 pub const ROWS_PER_BLOCK: u32 = 4;
+/// `rms_norm` splits each row's outputs over up to ROW_SPLIT / (rows + 1) blocks (grid y): a decode
+/// row's second pass was one warp issuing ~30 instructions per element.
+pub const ROW_SPLIT: i64 = 16;
+/// Elements per lane per round of `rms_norm`'s second pass (x, gamma and beta loads in flight).
+const PASS2_UNROLL: u64 = 16;
 /// Placeholder for a kernel's name until the module names it.
 pub const NAME_PLACEHOLDER: &str = "__NAME__";
 
@@ -545,8 +550,9 @@ fn emit_lane_butterfly_f64(b: &mut Body, value: &str) -> String {
 }
 
 /// `rms_norm(x, gamma, beta?)` over rows of `k` contiguous elements, with an optional output
-/// quantization. One warp per row: the lanes sum the squares in f64 in the order shared with the
-/// CPU (`qcc_ir::lane_sum`, so the norm is bit-identical), then write the row's elements strided by 32.
+/// quantization. One warp per row and share: the lanes sum the squares in f64 in the order shared
+/// with the CPU (`qcc_ir::lane_sum`, so the norm is bit-identical), then write their share of the
+/// row's 32-element chunks (few rows are split over grid y, see [`ROW_SPLIT`]).
 /// Parameters: out, x, gamma, [beta], [per-channel step]; rows, seq (extent of the second-to-last
 /// axis, for prefix positions); [scalar step].
 #[allow(clippy::too_many_arguments)]
@@ -692,31 +698,40 @@ pub fn rms_norm(
         let at_out = b.binop("addi", &base, j, "index");
         b.store(&stored, "%out", out_ty, &at_out);
     };
-    let unroll = unroll_for(32);
-    let rounds = k / (32 * unroll);
-    let tail_offset = b.index((rounds * 32 * unroll) as i64);
-    let tail_start = b.binop("addi", &lane, &tail_offset, "index");
-    if rounds > 0 {
-        let end = b.index((rounds * 32 * unroll) as i64);
-        let stride = b.index((32 * unroll) as i64);
-        let j = format!("%j{}", b.next);
-        b.next += 1;
-        b.open(&format!("scf.for {j} = {lane} to {end} step {stride}"));
-        let at: Vec<String> = (0..unroll)
-            .map(|u| {
-                let off = b.index((32 * u) as i64);
-                b.binop("addi", &j, &off, "index")
-            })
-            .collect();
-        let loaded: Vec<_> = at.iter().map(|ju| load(&mut b, ju)).collect();
-        for (ju, l) in at.iter().zip(loaded) {
-            finish(&mut b, ju, l);
-        }
-        b.close("");
-    }
+    // Each row's outputs are split over the grid's y blocks (ROW_SPLIT / (rows + 1), rounded up: 8 for
+    // a decode row, 1 from 15 rows on): block y takes the 32-element chunks c = y, y + split, ..., so
+    // a decode row is written by 8 warps instead of one (each repeats the sum above, a few L2 reads).
+    let split = b.v("gpu.grid_dim y");
+    let share = b.v("gpu.block_id y");
+    let chunk = b.binop("muli", &share, &warp_size, "index");
+    let first_j = b.binop("addi", &lane, &chunk, "index");
+    let step = b.binop("muli", &split, &warp_size, "index");
+    let unroll = PASS2_UNROLL.min((k / 32).max(1));
+    let unroll_i = b.index(unroll as i64);
+    let stride = b.binop("muli", &step, &unroll_i, "index");
+    let chunks = b.index((k / 32) as i64);
+    let per_round = b.binop("muli", &split, &unroll_i, "index");
+    let rounds = b.binop("divui", &chunks, &per_round, "index");
+    let covered = b.binop("muli", &rounds, &stride, "index");
+    let end = b.binop("addi", &first_j, &covered, "index");
     let j = format!("%j{}", b.next);
     b.next += 1;
-    b.open(&format!("scf.for {j} = {tail_start} to {k_i} step {warp_size}"));
+    b.open(&format!("scf.for {j} = {first_j} to {end} step {stride}"));
+    let at: Vec<String> = (0..unroll)
+        .map(|u| {
+            let u_i = b.index(u as i64);
+            let off = b.binop("muli", &step, &u_i, "index");
+            b.binop("addi", &j, &off, "index")
+        })
+        .collect();
+    let loaded: Vec<_> = at.iter().map(|ju| load(&mut b, ju)).collect();
+    for (ju, l) in at.iter().zip(loaded) {
+        finish(&mut b, ju, l);
+    }
+    b.close("");
+    let j = format!("%j{}", b.next);
+    b.next += 1;
+    b.open(&format!("scf.for {j} = {end} to {k_i} step {step}"));
     let l = load(&mut b, &j);
     finish(&mut b, &j, l);
     b.close("");
@@ -733,7 +748,11 @@ pub fn rms_norm(
         base: name,
         text: function(&params, &b.text),
         args,
-        grid: [super::shapes::ceil_div(&rows, ROWS_PER_BLOCK as i64), DimExpr::Const(1), DimExpr::Const(1)],
+        grid: [
+            super::shapes::ceil_div(&rows, ROWS_PER_BLOCK as i64),
+            DimExpr::ceil_div(DimExpr::Const(ROW_SPLIT), DimExpr::add(rows, DimExpr::Const(1))),
+            DimExpr::Const(1),
+        ],
         block: [32 * ROWS_PER_BLOCK, 1, 1],
     })
 }

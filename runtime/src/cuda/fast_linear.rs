@@ -23,8 +23,9 @@
 //!   epilogue: exact, like the micro-kernel.
 //! - weight-only `int_linear` (f32 activations without `act_bits`, int8 weights, f32 out; an LM head
 //!   whose input stays float), K % 16 == 0: M <= 16 runs `wf8_gemv_m{1,2,4,8}_xf32_f32` or
-//!   `wf8_gemv_xf32_f32` (row tiles of 1 to 16: the int8 weights read once for all rows, x staged
-//!   per block in shared memory, 16 channels per warp sharing each read of it); larger M splits x
+//!   `wf8_gemv_xf32_f32` (row tiles of 1 to 16: the int8 weights, repacked at load so that each warp
+//!   load reads 512 contiguous bytes, read once for all rows; x staged per block in shared memory,
+//!   16 channels per warp sharing each read of it); larger M splits x
 //!   into two f16 halves (hi + lo, 22 significant bits) and runs cuBLAS's f16 GEMM with f32
 //!   accumulation over the weights widened to f16 at load (exact for int8), twice, then the
 //!   epilogue. Float sums, so within the float tolerance rather than bit-exact (as the
@@ -46,7 +47,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use qcc_ir::DType;
 
 use super::device::{GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
-use super::pack::{pack_int4_split, pack_int4_tiled, tiled_words};
+use super::pack::{pack_int4_split, pack_int4_tiled, pack_wf8_tiled, tiled_words, wf8_tiled_bytes};
 use super::CudaError;
 use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
 
@@ -133,6 +134,8 @@ pub struct WfRoute {
     ops: Operands,
     /// The weights as f16 [N, K] (exact for int8; the cuBLAS path at M > 16).
     wide: Option<CudaSlice<u16>>,
+    /// The weights in the tiled layout of `wf8_gemv_*` ([`pack_wf8_tiled`]; M <= 16).
+    tiled: Option<CudaSlice<u8>>,
 }
 
 /// A `hadamard` launch on the fast transform.
@@ -216,7 +219,7 @@ impl Route {
                     launch.entry.split('_').any(|p| p.len() > 1 && p.starts_with('a') && p[1..].parse::<u32>().is_ok());
                 let ops = Operands { x, w, scale, bias, y, m: m.clone(), n, k };
                 if (xd, wd) == (DType::F32, DType::I8) && y_f32 && !dynamic && k % 16 == 0 && n > 0 {
-                    return Some(Route::Wf(WfRoute { ops, wide: None }));
+                    return Some(Route::Wf(WfRoute { ops, wide: None, tiled: None }));
                 }
                 if (xd, wd) == (DType::I16, DType::I8) {
                     if k % 16 != 0 || n == 0 {
@@ -281,21 +284,29 @@ impl Route {
         }
         if let Route::Wf(r) = self {
             let (n, k) = (r.ops.n, r.ops.k);
-            let wide = match bytes {
+            let (wide, tiled) = match bytes {
                 Some(b) if b.len() == n * k => {
                     let f: Vec<u16> = b.iter().map(|&v| half::f16::from_f32(v as i8 as f32).to_bits()).collect();
-                    gpu.stream.clone_htod(&f).map_err(|e| e.to_string())?
+                    let tiled = pack_wf8_tiled(b, n, k).ok_or("tiled int8 layout")?;
+                    (
+                        gpu.stream.clone_htod(&f).map_err(|e| e.to_string())?,
+                        gpu.stream.clone_htod(&tiled).map_err(|e| e.to_string())?,
+                    )
                 }
                 Some(b) => return Err(format!("int8 weight of {} bytes, expected {n} x {k}", b.len())),
                 None => {
                     let wide = gpu.stream.alloc_zeros::<u16>(n * k).map_err(|e| e.to_string())?;
+                    let tiled = gpu.stream.alloc_zeros::<u8>(wf8_tiled_bytes(n, k)).map_err(|e| e.to_string())?;
                     let kernels = super::bench::e2e::DecoderKernels::new(gpu);
                     let p = wide.device_ptr(&gpu.stream).0;
                     kernels.fill_f16(p, n * k, seed, -100.0, 100.0).map_err(|e| e.to_string())?;
-                    wide
+                    let p = tiled.device_ptr(&gpu.stream).0;
+                    kernels.fill_u32(p, wf8_tiled_bytes(n, k) / 4, seed ^ 1).map_err(|e| e.to_string())?;
+                    (wide, tiled)
                 }
             };
             r.wide = Some(wide);
+            r.tiled = Some(tiled);
             return Ok(());
         }
         let Route::W4(r) = self else { return Ok(()) };
@@ -654,11 +665,12 @@ impl WfRoute {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let Some(Bound { m, x, w, scale, bias, y }) = self.ops.bind(values, ptr)? else { return Ok(()) };
+        let Some(Bound { m, x, scale, bias, y, .. }) = self.ops.bind(values, ptr)? else { return Ok(()) };
         let (n, k) = (self.ops.n, self.ops.k);
         let (m64, n64, k64) = (m as i64, n as i64, k as i64);
         let func = |name: &str| gpu.function("fast_linear", name).map_err(|e| e.to_string());
         if m <= 16 {
+            let w = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
             // The entry whose row tile MT (1, 2, 4, 8, 16) is the least >= m; 128 channels per block;
             // two x chunk buffers of [MT, 4096 / MT] f32 (fast_linear.cu).
             let f = match m.next_power_of_two() {
@@ -674,7 +686,7 @@ impl WfRoute {
                 shared_mem_bytes: 2 * 4096 * 4,
             };
             // SAFETY: signature (float*, i8*, float*, float*, void*, int, long, long); x [m, k] f32
-            // (16-byte rows: k % 16 == 0), w [n, k] i8, y [m, n] f32; 32 KiB of shared memory, the
+            // (16-byte rows: k % 16 == 0), w the tiled [n, k] i8 (wf8_tiled_bytes), y [m, n] f32; 32 KiB of shared memory, the
             // kernel's two chunk buffers; 256 threads, as the kernel's block layout assumes.
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("wf8_gemv: {e}"));
         }

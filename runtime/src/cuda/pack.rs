@@ -75,6 +75,30 @@ pub fn pack_int4_tiled(words: &[u32], n: usize, k: usize) -> Option<Vec<u32>> {
     Some(out)
 }
 
+/// Bytes of the tiled layout of the weight-only int8 GEMV of an [n, k] matrix (see [`pack_wf8_tiled`]).
+pub fn wf8_tiled_bytes(n: usize, k: usize) -> usize {
+    n.div_ceil(8) * k.div_ceil(64) * 512
+}
+
+/// Reorders int8 weights [n, k] (row-major) into the layout of `wf8_gemv_*`
+/// (runtime/kernels/fast_linear.cu): `[ceil(n/8)][ceil(k/64)][8 rows][64 bytes]`, so one warp load
+/// reads the 64-byte piece p of 8 consecutive rows as 512 contiguous bytes; zeros past k and n.
+/// `None` unless `bytes` holds n * k values.
+pub fn pack_wf8_tiled(bytes: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
+    if bytes.len() != n.checked_mul(k)? {
+        return None;
+    }
+    let pieces = k.div_ceil(64);
+    let mut out = vec![0u8; wf8_tiled_bytes(n, k)];
+    for (row, src) in bytes.chunks_exact(k.max(1)).enumerate().take(n) {
+        for (p, piece) in src.chunks(64).enumerate() {
+            let at = ((row / 8 * pieces + p) * 8 + row % 8) * 64;
+            out[at..at + piece.len()].copy_from_slice(piece);
+        }
+    }
+    Some(out)
+}
+
 /// Inverse of [`pack_int4_tiled`]: split-nibble words [n, k/8].
 pub fn unpack_int4_tiled(tiled: &[u32], n: usize, k: usize) -> Vec<u32> {
     let (wpr, chunks) = (k / 8, k.div_ceil(128));
@@ -256,6 +280,24 @@ mod tests {
         // Hand-checked word: k0..k3 = 1, -1, 7, -8 in the low nibbles; k4..k7 = 0, 2, -3, 5 high.
         let w = pack_int4_split(&[1, -1, 7, -8, 0, 2, -3, 5], 1, 8).unwrap();
         assert_eq!(w, vec![u32::from_le_bytes([0x01, 0x2F, 0xD7, 0x58])]);
+    }
+
+    #[test]
+    fn wf8_tiled_layout_puts_each_rows_piece_at_its_group_slot() {
+        // 11 rows (a partial group of 3) x 150 bytes (a partial third piece of 22).
+        let (n, k) = (11, 150);
+        let mut rng = SplitMix64(3);
+        let w: Vec<u8> = rng.i8_vec(n * k, -128, 127).into_iter().map(|v| v as u8).collect();
+        let t = pack_wf8_tiled(&w, n, k).unwrap();
+        assert_eq!(t.len(), 2 * 3 * 512);
+        for row in 0..16 {
+            for kk in 0..192 {
+                let at = ((row / 8 * 3 + kk / 64) * 8 + row % 8) * 64 + kk % 64;
+                let want = if row < n && kk < k { w[row * k + kk] } else { 0 };
+                assert_eq!(t[at], want, "row {row} k {kk}");
+            }
+        }
+        assert!(pack_wf8_tiled(&w[1..], n, k).is_none());
     }
 
     #[test]

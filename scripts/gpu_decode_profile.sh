@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Where one decode step of the compiled Llama-2-7B-shaped plans goes, kernel by kernel (runs on the
+# GPU machine after scripts/gpu_artifacts_7b.sh built .gpu/art7b with KV=1; carry [".gpu"]):
+#   bash scripts/gpu_decode_profile.sh [PLAN ...]      (default: kv-w4a4 kv-fp16)
+# Nsight Compute times every kernel of a 512-token prefill and two decode steps (synthetic weights,
+# seed 7); scripts/ncu_step.py prints the last decode step (between the last two embedding gathers).
+# Kernels run one at a time with caches flushed, so the sum exceeds the CUDA-graph step time.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/gpu_env.sh"
+export QCC_CACHE_DIR=/tmp/qcc-cache QCC_SYNTHETIC_WEIGHTS=7
+NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
+[[ -n "$NCU" ]] || { echo "ncu not found"; exit 1; }
+status=0
+for plan in "${@:-kv-w4a4 kv-fp16}"; do
+  for p in $plan; do
+    echo "== ncu: one decode step of art7b/$p"
+    "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv -c 140 "$BIN" generate \
+      ".gpu/art7b/$p.qcc" --ids .gpu/art7b/prompt-512.npy --max-tokens 3 > "$OUT/ncu-$p.csv" 2>&1 || status=1
+    python3 "$ROOT/scripts/ncu_step.py" "$OUT/ncu-$p.csv" || status=1
+  done
+done
+exit $status
