@@ -110,6 +110,9 @@ if [[ "${1:-}" == "--artifacts" ]]; then
         echo "== decode $(basename "$art") $(basename "$prompt") (synthetic weights)"
         QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 --profile 2>&1 \
           | grep -E 'routed|decode|rror|profile (module|launch +[0-9]+ +[0-9.]+ ms)' | head -n 40 || status=1
+        echo "== decode $(basename "$art") $(basename "$prompt") with QCC_PDL=0 (no programmatic dependent launch)"
+        QCC_PDL=0 QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 2>&1 \
+          | grep -E 'decode step|rror' || status=1
       done
       continue
     fi

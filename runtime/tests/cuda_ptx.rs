@@ -1,12 +1,13 @@
 //! GPU-less validity check of every CUDA kernel: NVRTC compiles each runtime/kernels/*.cu to PTX for
-//! sm_90 and ptxas (PyPI nvidia-cuda-nvcc==13.0.88, installed by scripts/fixtures.sh) assembles it.
+//! sm_90 and ptxas (PyPI nvidia-cuda-nvcc==13.0.88, installed by scripts/fixtures.sh) assembles it,
+//! as the runtime loads it (patched for programmatic dependent launch, runtime/src/cuda/pdl.rs).
 //! ptxas's resource report (registers, spills, shared memory) is printed, and spills fail the test.
 //! Skips with a printed reason when NVRTC or ptxas is not installed.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use qcc_runtime::cuda::nvrtc;
+use qcc_runtime::cuda::{nvrtc, pdl};
 
 fn ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("QCC_PTXAS") {
@@ -30,6 +31,10 @@ fn every_kernel_compiles_with_nvrtc_and_assembles_for_sm90() {
         let ptx = nvrtc::compile_ptx(name).unwrap_or_else(|e| panic!("{e}"));
         assert!(ptx.contains(".target sm_90"), "{name}: PTX not for sm_90");
         assert!(ptx.contains(".entry"), "{name}: no kernel entry in PTX");
+        // What the runtime loads: every entry patched for programmatic dependent launch.
+        let ptx = pdl::patch_entries(&ptx).unwrap_or_else(|| panic!("{name}: PDL patch"));
+        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+        assert_eq!(ptx.matches("griddepcontrol.wait;").count(), entries, "{name}: one wait per entry");
         let Some(ptxas) = &ptxas else { continue };
         let ptx_path = dir.path().join(format!("{name}.ptx"));
         std::fs::write(&ptx_path, &ptx).unwrap();

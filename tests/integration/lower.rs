@@ -35,6 +35,8 @@ fn assemble(name: &str, lowered: &Lowered) {
     for (module, ptx) in &compiled.ptx {
         assert!(ptx.contains(".target sm_90"), "{name}: {module} is not for sm_90");
         assert!(!ptx.contains("fma."), "{name}: fused multiply-adds would break bit-exactness with the CPU");
+        // As the runtime loads it: every entry patched for programmatic dependent launch.
+        let ptx = qcc_runtime::cuda::pdl::patch_entries(ptx).unwrap_or_else(|| panic!("{name}: {module}: PDL patch"));
         let path = dir.path().join(format!("{module}.ptx"));
         std::fs::write(&path, ptx).unwrap();
         let out = Command::new(&ptxas)

@@ -4,7 +4,7 @@
 //! Kernel arguments are raw device addresses (`u64`) so callers can point into rotated buffers;
 //! [`W4LinearArgs`] documents what each must point at.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
@@ -486,8 +486,11 @@ pub fn check_w4_shape(kernel: &str, m: usize, n: usize, k: usize) -> Result<(), 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    /// Loaded modules and whether their PTX was patched for PDL (super::pdl).
+    modules: Mutex<HashMap<String, (Arc<CudaModule>, bool)>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Handles of the functions from PDL-patched modules ([`Gpu::launcher`] launches them with PDL).
+    pdl_functions: Mutex<HashSet<usize>>,
     /// Stream-K workspace of the `QCC_WS2` `sk` kernels: int32 partial tiles, then the flags
     /// (zeroed once; every launch leaves them zero). Allocated at the first such launch.
     stream_k_ws: Mutex<Option<CudaSlice<u8>>>,
@@ -533,6 +536,7 @@ impl Gpu {
             stream,
             modules: Default::default(),
             functions: Default::default(),
+            pdl_functions: Default::default(),
             stream_k_ws: Default::default(),
         })
     }
@@ -551,17 +555,19 @@ impl Gpu {
         if let Some(f) = self.functions.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(f);
         }
-        let module = {
+        let (module, pdl) = {
             let cached = self.modules.lock().ok().and_then(|m| m.get(file).cloned());
             match cached {
                 Some(m) => m,
                 None => {
-                    let ptx = nvrtc::compile_ptx(file)?;
+                    // Patched for PDL: the kernels then wait for their predecessor inside and
+                    // let the next kernel launch early (super::pdl).
+                    let (ptx, pdl) = super::pdl::prepare(nvrtc::compile_ptx(file)?);
                     let m = self.ctx.load_module(Ptx::from_src(ptx))?;
                     if let Ok(mut mods) = self.modules.lock() {
-                        mods.insert(file.to_string(), m.clone());
+                        mods.insert(file.to_string(), (m.clone(), pdl));
                     }
-                    m
+                    (m, pdl)
                 }
             }
         };
@@ -569,10 +575,22 @@ impl Gpu {
             kernel: kernel.to_string(),
             what: format!("function not found in {file}.cu: {e}"),
         })?;
+        if pdl {
+            if let Ok(mut set) = self.pdl_functions.lock() {
+                set.insert(f.cu_function() as usize);
+            }
+        }
         if let Ok(mut fs) = self.functions.lock() {
             fs.insert(key, f.clone());
         }
         Ok(f)
+    }
+
+    /// A launch of `f` (from [`Gpu::function`]) on this GPU's stream, with PDL when its module was
+    /// patched for it.
+    pub fn launcher<'a>(&'a self, f: &'a CudaFunction) -> super::pdl::Launcher<'a> {
+        let pdl = self.pdl_functions.lock().is_ok_and(|set| set.contains(&(f.cu_function() as usize)));
+        super::pdl::Launcher::new(&self.stream, f, pdl)
     }
 
     /// Decode GEMV (1 <= M <= 16).

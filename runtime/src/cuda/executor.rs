@@ -229,6 +229,8 @@ pub struct CudaExecutor {
     arena: CudaSlice<u8>,
     weights: HashMap<u32, CudaSlice<u8>>,
     functions: Vec<CudaFunction>,
+    /// Whether each launch's kernel was patched for programmatic dependent launch (super::pdl).
+    pdl: Vec<bool>,
     /// Runtime-supplied arguments appended to each launch's.
     extra_args: Vec<Vec<ArgVal>>,
     _tables: Vec<CudaSlice<i8>>,
@@ -293,11 +295,13 @@ impl CudaExecutor {
                 ModuleKind::Generated => text,
                 ModuleKind::Micro => micro_ptx(&module.name, &text)?,
             };
+            let (ptx, pdl) = super::pdl::prepare(ptx);
             let loaded = gpu.ctx.load_module(Ptx::from_src(ptx)).map_err(CudaError::from)?;
-            modules.insert(module.name.clone(), (module.kind, loaded));
+            modules.insert(module.name.clone(), (module.kind, loaded, pdl));
         }
 
         let mut functions = Vec::new();
+        let mut pdl = Vec::new();
         let mut extra_args = Vec::new();
         let mut tables = Vec::new();
         let mut hadamard_tables: HashMap<i64, (u64, f64)> = HashMap::new();
@@ -309,7 +313,8 @@ impl CudaExecutor {
                 entry: launch.entry.clone(),
                 what,
             };
-            let (kind, module) = modules.get(&launch.module).ok_or_else(|| fail("module not loaded".into()))?;
+            let (kind, module, patched) =
+                modules.get(&launch.module).ok_or_else(|| fail("module not loaded".into()))?;
             let f = module.load_function(&launch.entry).map_err(|e| fail(format!("no such entry: {e}")))?;
             if launch.shared_bytes > 48 * 1024 {
                 f.set_attribute(
@@ -347,6 +352,7 @@ impl CudaExecutor {
                 extra = vec![ArgVal::Ptr(ptr), ArgVal::F64(scale)];
             }
             functions.push(f);
+            pdl.push(*patched);
             extra_args.push(extra);
         }
 
@@ -395,6 +401,7 @@ impl CudaExecutor {
             arena,
             weights,
             functions,
+            pdl,
             extra_args,
             _tables: tables,
             prologue,
@@ -779,18 +786,34 @@ impl CudaExecutor {
             block_dim: (launch.block[0], launch.block[1], launch.block[2]),
             shared_mem_bytes: launch.shared_bytes,
         };
-        let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
-        for a in &args {
-            match a {
-                ArgVal::Ptr(p) => builder.arg(p),
-                ArgVal::I64(v) => builder.arg(v),
-                ArgVal::F32(v) => builder.arg(v),
-                ArgVal::F64(v) => builder.arg(v),
-            };
+        if self.pdl[index] {
+            let mut params: Vec<*mut std::ffi::c_void> = args
+                .iter_mut()
+                .map(|a| match a {
+                    ArgVal::Ptr(p) => p as *mut u64 as *mut std::ffi::c_void,
+                    ArgVal::I64(v) => v as *mut i64 as *mut std::ffi::c_void,
+                    ArgVal::F32(v) => v as *mut f32 as *mut std::ffi::c_void,
+                    ArgVal::F64(v) => v as *mut f64 as *mut std::ffi::c_void,
+                })
+                .collect();
+            // SAFETY: as below; the kernel's module was patched for PDL (self.pdl), and `args`
+            // outlives the call that reads the values `params` points at.
+            unsafe { super::pdl::launch(&self.gpu.stream, &self.functions[index], cfg, &mut params) }
+                .map_err(|e| fail(e.to_string()))?;
+        } else {
+            let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
+            for a in &args {
+                match a {
+                    ArgVal::Ptr(p) => builder.arg(p),
+                    ArgVal::I64(v) => builder.arg(v),
+                    ArgVal::F32(v) => builder.arg(v),
+                    ArgVal::F64(v) => builder.arg(v),
+                };
+            }
+            // SAFETY: the argument list follows the manifest (checked against the kernels by the
+            // GPU check); pointers are into buffers sized by the plan for these symbol values.
+            unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
         }
-        // SAFETY: the argument list follows the manifest (checked against the kernels by the
-        // GPU check); pointers are into buffers sized by the plan for these symbol values.
-        unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
         if sync {
             self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
         }

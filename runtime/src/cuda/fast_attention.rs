@@ -30,7 +30,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 use qcc_ir::DType;
 
 use super::device::Gpu;
@@ -241,7 +241,7 @@ impl AttnRoute {
         let smem = kernel.smem_bytes(d, tu) as u32;
         self.ensure_smem(&f, kernel as usize, smem)?;
         let scale = self.scale;
-        let mut l = gpu.stream.launch_builder(&f);
+        let mut l = gpu.launcher(&f);
         l.arg(&q).arg(&k).arg(&v).arg(&mask).arg(&out);
         l.arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&self.causal).arg(&scale);
         let cfg = LaunchConfig {
@@ -287,7 +287,7 @@ impl AttnRoute {
             .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
         }
         let (d, scale) = (self.d as i64, self.scale);
-        let mut l = gpu.stream.launch_builder(&f);
+        let mut l = gpu.launcher(&f);
         l.arg(&q).arg(&k).arg(&v);
         if self.mask.is_some() {
             l.arg(&mask);

@@ -43,7 +43,7 @@
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use qcc_ir::DType;
 
 use super::device::{GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
@@ -430,7 +430,7 @@ impl W4Route {
             let twin = if m == 1 { "_m1" } else { "_m8" };
             let f = gpu.function("fast_linear", &format!("w4_gemv_x{xt}_{yt}{twin}")).map_err(|e| e.to_string())?;
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-            let mut b = gpu.stream.launch_builder(&f);
+            let mut b = gpu.launcher(&f);
             b.arg(&tiled).arg(&x).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n32).arg(&k32);
             let cfg = LaunchConfig { grid_dim: ((n / 8) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: signature (u32*, void*, float*, float*, void*, int, int, int); tiled holds the
@@ -444,7 +444,7 @@ impl W4Route {
         let (ones, flags, xq) = scratch.ptrs(gpu);
         let (n64, k64) = (n as i64, k as i64);
         let pack = gpu.function("fast_linear", &format!("pack_act_rows_{xt}")).map_err(|e| e.to_string())?;
-        let mut b = gpu.stream.launch_builder(&pack);
+        let mut b = gpu.launcher(&pack);
         b.arg(&x).arg(&xq).arg(&flags).arg(&k64);
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: signature (T*, u32*, int*, long); x holds m * k values, xq m * k / 8 words, flags m ints.
@@ -484,7 +484,7 @@ impl W4Route {
         let fix = gpu.function("fast_linear", &format!("int_linear_fix_rows_x{xt}_{yt}")).map_err(|e| e.to_string())?;
         let w_rows = rows.device_ptr(&gpu.stream).0;
         let m64 = m as i64;
-        let mut b = gpu.stream.launch_builder(&fix);
+        let mut b = gpu.launcher(&fix);
         b.arg(&x).arg(&w_rows).arg(&scale).arg(&bias).arg(&y).arg(&flags).arg(&m64).arg(&n64).arg(&k64);
         // At most 16 block rows walk the M rows in windows of 32 (one ballot of flags per window).
         let cfg = LaunchConfig {
@@ -521,7 +521,7 @@ impl W8Route {
         if m <= 16 {
             let f = func(&format!("w8_gemv_xi16_{yt}"))?;
             let m32 = m as i32;
-            let mut b = gpu.stream.launch_builder(&f);
+            let mut b = gpu.launcher(&f);
             b.arg(&x).arg(&w).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n64).arg(&k64);
             let cfg =
                 LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
@@ -538,7 +538,7 @@ impl W8Route {
         let c_lo = c_hi + (4 * m * n) as u64;
         let count = (m * k) as i64;
         let f = func("split_i16_to_i8")?;
-        let mut b = gpu.stream.launch_builder(&f);
+        let mut b = gpu.launcher(&f);
         b.arg(&x).arg(&hi).arg(&lo).arg(&count);
         let cfg = grid_stride(m * k);
         // SAFETY: signature (short*, i8*, i8*, long); x holds m * k values, hi and lo m * k bytes each.
@@ -552,7 +552,7 @@ impl W8Route {
         let wsum = self.wsum.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
         let f = func(&format!("combine_w8_{yt}"))?;
         let m64 = m as i64;
-        let mut b = gpu.stream.launch_builder(&f);
+        let mut b = gpu.launcher(&f);
         b.arg(&c_hi).arg(&c_lo).arg(&wsum).arg(&scale).arg(&bias).arg(&y).arg(&m64).arg(&n64);
         let cfg = grid_stride(m * n);
         // SAFETY: signature (int*, int*, int*, float*, float*, void*, long, long) over the buffers above.
@@ -645,7 +645,7 @@ impl HadRoute {
         }
         let (splits, a_per) = self.splits(rows);
         let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
-        let mut b = gpu.stream.launch_builder(&f);
+        let mut b = gpu.launcher(&f);
         b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
         let cfg =
             LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
@@ -678,7 +678,7 @@ impl WfRoute {
                 mt => func(&format!("wf8_gemv_m{mt}_xf32_f32"))?,
             };
             let m32 = m as i32;
-            let mut b = gpu.stream.launch_builder(&f);
+            let mut b = gpu.launcher(&f);
             b.arg(&x).arg(&w).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n64).arg(&k64);
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(128) as u32, 1, 1),
@@ -698,7 +698,7 @@ impl WfRoute {
         let lo = hi + (2 * m * k) as u64;
         let count = (m * k) as i64;
         let f = func("split_f32_to_f16")?;
-        let mut b = gpu.stream.launch_builder(&f);
+        let mut b = gpu.launcher(&f);
         b.arg(&x).arg(&hi).arg(&lo).arg(&count);
         let cfg = grid_stride(m * k);
         // SAFETY: signature (float*, u16*, u16*, long); x holds m * k floats, hi and lo m * k halves.
@@ -712,7 +712,7 @@ impl WfRoute {
             .map_err(|e| format!("cuBLAS gemm: {e}"))?;
         }
         let f = func("scale_bias_f32")?;
-        let mut b = gpu.stream.launch_builder(&f);
+        let mut b = gpu.launcher(&f);
         b.arg(&y).arg(&scale).arg(&bias).arg(&m64).arg(&n64);
         let cfg = grid_stride(m * n);
         // SAFETY: signature (float*, float*, float*, long, long); y [m, n], scale and bias [n].

@@ -23,6 +23,8 @@ pub mod fast_linear;
 pub mod lm;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod pdl;
 
 #[cfg(feature = "cuda")]
 pub use device::{ActBits, GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
