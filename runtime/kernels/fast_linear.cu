@@ -220,11 +220,11 @@ template <int KSPLIT>
 struct XgemvSplit {
   int c_begin, c_end;
   const u32* wtile;
-  __device__ __forceinline__ XgemvSplit(const u32* w, int K, int warp) {
+  __device__ __forceinline__ XgemvSplit(const u32* w, int K, int warp, int tile) {
     const int nchunks = (K + 127) >> 7, per_warp = (nchunks + KSPLIT - 1) / KSPLIT;
     c_begin = warp * per_warp;
     c_end = min(nchunks, c_begin + per_warp);
-    wtile = w + (size_t)blockIdx.x * nchunks * 128;
+    wtile = w + (size_t)tile * nchunks * 128;
   }
 };
 
@@ -257,7 +257,7 @@ static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, con
   const int g = lane >> 2, tig = lane & 3;
   if (threadIdx.x < 64) corr[threadIdx.x >> 3][threadIdx.x & 7] = 0;
   __syncthreads();
-  const XgemvSplit<KSPLIT> sp(w, K, warp);
+  const XgemvSplit<KSPLIT> sp(w, K, warp, blockIdx.x);
   const u32* wrow = sp.wtile + lane * 4;
   int acc[4] = {0, 0, 0, 0};
   XGemvBatch<I16, UNROLL> cur, nxt;
@@ -381,14 +381,14 @@ static __device__ __forceinline__ void xgemv1_mma(int (&acc)[4], const XGemvBatc
 template <bool I16, bool F32>
 static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, const void* __restrict__ x,
                                                    const float* __restrict__ scale, const float* __restrict__ bias,
-                                                   void* __restrict__ y, int N, int K) {
+                                                   void* __restrict__ y, int N, int K, int tile) {
   constexpr int KSPLIT = 4, UNROLL = 4;
   __shared__ int partial[KSPLIT][32][4];
   __shared__ long long corr[1][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (threadIdx.x < 8) corr[0][threadIdx.x] = 0;
   __syncthreads();
-  const XgemvSplit<KSPLIT> sp(w, K, warp);
+  const XgemvSplit<KSPLIT> sp(w, K, warp, tile);
   const u32* wrow = sp.wtile + lane * 4;
   int acc[4] = {0, 0, 0, 0};
   XGemvBatch1<I16, UNROLL> cur, nxt;
@@ -402,7 +402,7 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
   const int tig = lane;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    const int n = blockIdx.x * 8 + 2 * tig + e;
+    const int n = tile * 8 + 2 * tig + e;
     store_exact<F32>(y, n, (long long)(acc[e] >> 4) + corr[0][2 * tig + e], scale, bias, n);
   }
 }
@@ -411,12 +411,44 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
 #define QCC_XGEMV1(XN, I16, YN, F32)                                                                       \
   extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m1(                             \
       const u32* w, const void* x, const float* scale, const float* bias, void* y, int M, int N, int K) {   \
-    xgemv1_body<I16, F32>(w, x, scale, bias, y, N, K);                                                     \
+    xgemv1_body<I16, F32>(w, x, scale, bias, y, N, K, blockIdx.x);                                         \
   }
 QCC_XGEMV1(i16, true, f32, true)
 QCC_XGEMV1(i16, true, f16, false)
 QCC_XGEMV1(i8, false, f32, true)
 QCC_XGEMV1(i8, false, f16, false)
+
+// w4_gemv_x{i16,i8}_{f32,f16}_m1g: up to 4 batch-1 GEMVs of one activation row (q, k and v; gate and
+// up) in one launch: grid = the sum of their N / 8 tiles, block b takes tile b of the first GEMV,
+// then of the next, ... (runtime/src/cuda/fast_linear.rs `W4Group`): one ramp and one tail instead
+// of one per GEMV. Each output is the `_m1` kernel's, bit for bit.
+struct W4GemvGroup {
+  const u32* w[4];
+  const float* scale[4];
+  const float* bias[4];
+  void* y[4];
+  int n[4];
+  int count;
+};
+#define QCC_XGEMV1G(XN, I16, YN, F32)                                                                      \
+  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m1g(const W4GemvGroup g,         \
+                                                                              const void* x, int K) {       \
+    int tile = blockIdx.x, i = 0;                                                                           \
+    _Pragma("unroll") for (int j = 0; j < 3; ++j) if (i == j && j + 1 < g.count && tile >= g.n[j] / 8) {    \
+      tile -= g.n[j] / 8;                                                                                   \
+      i = j + 1;                                                                                            \
+    }                                                                                                       \
+    const int n = i == 0 ? g.n[0] : i == 1 ? g.n[1] : i == 2 ? g.n[2] : g.n[3];                             \
+    const u32* w = i == 0 ? g.w[0] : i == 1 ? g.w[1] : i == 2 ? g.w[2] : g.w[3];                            \
+    const float* scale = i == 0 ? g.scale[0] : i == 1 ? g.scale[1] : i == 2 ? g.scale[2] : g.scale[3];      \
+    const float* bias = i == 0 ? g.bias[0] : i == 1 ? g.bias[1] : i == 2 ? g.bias[2] : g.bias[3];           \
+    void* y = i == 0 ? g.y[0] : i == 1 ? g.y[1] : i == 2 ? g.y[2] : g.y[3];                                 \
+    xgemv1_body<I16, F32>(w, x, scale, bias, y, n, K, tile);                                                \
+  }
+QCC_XGEMV1G(i16, true, f32, true)
+QCC_XGEMV1G(i16, true, f16, false)
+QCC_XGEMV1G(i8, false, f32, true)
+QCC_XGEMV1G(i8, false, f16, false)
 
 // ---- The 8-bit LM head of -O w4a4 plans: `int_linear` of int16 activations (static 16-bit steps)
 // and int8 weights, exact like the micro-kernel (int64 sums, then its f32 epilogue).

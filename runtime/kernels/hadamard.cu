@@ -212,8 +212,26 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
     for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) X::put(out, r * n + e, row[e] * scale);
     return;
   }
-  // Dense factor: each thread owns column i of 4 consecutive output sub-rows (one sign word serves
-  // all 4: a_per % 4 == 0), the x[b][i] read once for the 4 sums.
+  // Dense factor. A block with at most one output per thread (a decode row split over blocks):
+  // one chain per thread (the chain is the block's critical path; 4 per thread left 7 of 8 warps idle).
+  if (((a1 - a0) << lp) <= (int)blockDim.x) {
+    const int q = threadIdx.x;
+    if (q < ((a1 - a0) << lp)) {
+      const int i = q & ((1 << lp) - 1), a = a0 + (q >> lp);
+      const u32* col = sg + (a >> 5);
+      const int sh = a & 31;
+      double acc = 0.0;
+#pragma unroll 8
+      for (int b = 0; b < m; ++b) {
+        const double v = row[(b << lp) + i];
+        acc += ((col[b * W] >> sh) & 1u) ? -v : v;
+      }
+      X::put(out, r * n + ((long)a << lp) + i, acc * scale);
+    }
+    return;
+  }
+  // Else each thread owns column i of 4 consecutive output sub-rows (one sign word serves all 4:
+  // a_per % 4 == 0), the x[b][i] read once for the 4 sums.
   const int tiles = (a1 - a0 + 3) >> 2;
   for (int q = threadIdx.x; q < tiles << lp; q += blockDim.x) {
     const int i = q & ((1 << lp) - 1), a = a0 + 4 * (q >> lp);

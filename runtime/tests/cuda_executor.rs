@@ -314,6 +314,95 @@ fn int_linear_rows(
     }
 }
 
+/// Three W4 `int_linear`s of one activation row (q, k, v: n = 4096, 1024, 1024 at k = 4096, with and
+/// without bias, f32 and f16 out), a float op on q's output in between (as the rotary sits between
+/// q and k in a decoder): the executor runs all three in one grouped launch at batch 1
+/// (`w4_gemv_*_m1g`, fast_linear::group_w4), one after another at 5 rows; every output bit equal to
+/// the CPU's.
+fn int_linear_group_case(m: usize, seed: u64, rows: I16Rows) {
+    let (k, ns) = (4096usize, [4096usize, 1024, 1024]);
+    let mut rng = Rng(seed);
+    let x: Vec<i16> = (0..m * k)
+        .map(|i| {
+            let row = i / k;
+            if rows.prefix.contains(&row) {
+                rng.int(-32768, 32767) as i16
+            } else if rows.mixed.contains(&row) && i % 37 == 0 {
+                rng.int(-32768, 32767) as i16
+            } else {
+                rng.int(-8, 7) as i16
+            }
+        })
+        .collect();
+    let x = RtTensor::from_vec(&[m, k], x).unwrap();
+    let mut g = Graph::new("t");
+    let mut plan = Plan { buffers: vec![], arena: 0 };
+    let xv = g.add_input("x", TensorType::known(DType::I16, &[m, k])).unwrap();
+    let bx = plan.arena("x", DType::I16, &[m, k]);
+    let mut launches = Vec::new();
+    let mut outputs = Vec::new();
+    for (i, &n) in ns.iter().enumerate() {
+        let (name, y_dtype, bias) = [("q", DType::F32, true), ("k", DType::F16, false), ("v", DType::F32, false)][i];
+        let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(-8, 7)).collect();
+        let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
+        let wv = g.add_constant(&format!("w{name}"), int_tensor(DType::I4, &[n, k], w_vals)).unwrap();
+        let sv = g.add_constant(&format!("s{name}"), Tensor::from_slice(vec![n], &scale)).unwrap();
+        let mut ins = vec![xv, wv, sv];
+        let bw = plan.weight(&format!("w{name}"), DType::I4, &[n, k]);
+        let bs = plan.weight(&format!("s{name}"), DType::F32, &[n]);
+        let mut args = vec![Arg::Buffer(bx), Arg::Buffer(bw), Arg::Buffer(bs)];
+        if bias {
+            let b: Vec<f32> = (0..n).map(|_| rng.float()).collect();
+            ins.push(g.add_constant(&format!("b{name}"), Tensor::from_slice(vec![n], &b)).unwrap());
+            args.push(Arg::Buffer(plan.weight(&format!("b{name}"), DType::F32, &[n])));
+        }
+        let y = g.add_op(Op::new(OpKind::IntLinear), &ins, TensorType::known(y_dtype, &[m, n]));
+        g.add_output(name, y);
+        let by = plan.arena(name, y_dtype, &[m, n]);
+        args.extend([Arg::Buffer(by), Arg::I64(c(m as i64)), Arg::I64(c(n as i64)), Arg::I64(c(k as i64))]);
+        let entry = format!("int_linear_xi16_wi4{}_{}", if bias { "_bias" } else { "" }, y_dtype.name());
+        launches.push(Launch {
+            node: name.into(),
+            module: "int_linear".into(),
+            entry,
+            grid: [c(n.div_ceil(64) as i64), c(m.div_ceil(16) as i64), c(1)],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+            args,
+        });
+        outputs.push((name, by));
+    }
+    let label = format!("w4 group q/k/v m{m}");
+    let feed = vec![("x", x.clone())];
+    let want = CpuExecutor::new(&g).unwrap().run(&feed).unwrap_or_else(|e| panic!("{label}: CPU: {e}"));
+    let dir = write_artifact(&label, &g, plan, &[("x", x, bx)], &outputs, launches);
+    // SAFETY: only probes dlopen for libcuda.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        eprintln!("{label}: plan ok; GPU part SKIPPED: no CUDA driver");
+        return;
+    }
+    let mut gpu = CudaExecutor::load(dir.path(), 0).unwrap_or_else(|e| panic!("{label}: {e}"));
+    gpu.set_sync_each(true);
+    assert!(gpu.is_grouped(1) && gpu.is_grouped(2), "{label}: k and v run with q");
+    let got = gpu.run(&feed).unwrap_or_else(|e| panic!("{label}: {e}"));
+    for ((name, got), (_, want)) in got.iter().zip(&want) {
+        let a = compare::agreement(got, want).unwrap_or_else(|| panic!("{label}: {name}: shapes differ"));
+        println!("{label} {name}: {a}");
+        assert_eq!(a.differing, 0, "{label} {name}: {a}");
+    }
+}
+
+#[test]
+fn grouped_w4_gemvs_of_one_activation_match_the_cpu_bit_for_bit() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found (run scripts/fixtures.sh or set QCC_CUDA_LIB_DIR)");
+        return;
+    }
+    int_linear_group_case(1, 41, I16Rows { prefix: &[], int8: &[], mixed: &[0] });
+    int_linear_group_case(1, 42, I16Rows { prefix: &[0], int8: &[], mixed: &[] });
+    int_linear_group_case(5, 43, I16Rows { prefix: &[0], int8: &[], mixed: &[2] });
+}
+
 #[test]
 fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
     if !nvrtc::nvrtc_available() {

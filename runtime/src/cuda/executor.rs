@@ -382,6 +382,9 @@ impl CudaExecutor {
             }
             routes.push(route);
         }
+        if std::env::var_os("QCC_GROUP_GEMV").is_none_or(|v| v != "0") {
+            fast_linear::group_w4(&manifest, &mut routes);
+        }
         let blas = if routes.iter().any(|r| matches!(r, Some(Route::Blas(_) | Route::W8(_) | Route::Wf(_)))) {
             Some(CudaBlas::new(stream.clone()).map_err(CudaError::from)?)
         } else {
@@ -412,6 +415,11 @@ impl CudaExecutor {
         })
     }
 
+    /// Whether launch `index` runs with an earlier launch's W4 GEMV (fast_linear::group_w4).
+    pub fn is_grouped(&self, index: usize) -> bool {
+        matches!(self.routes.get(index), Some(Some(Route::Grouped)))
+    }
+
     /// Whether launch `index` runs on a tuned-kernel route instead of its micro-kernel.
     pub fn is_routed(&self, index: usize) -> bool {
         self.routes.get(index).is_some_and(Option::is_some)
@@ -420,7 +428,11 @@ impl CudaExecutor {
     /// How many launches run on tuned kernels instead of their micro-kernels: `int_linear` (W4
     /// GEMV/GEMM, the 8-bit LM heads) and float `linear` (cuBLAS).
     pub fn routed_launches(&self) -> (usize, usize) {
-        let w4 = self.routes.iter().filter(|r| matches!(r, Some(Route::W4(_) | Route::W8(_) | Route::Wf(_)))).count();
+        let w4 = self
+            .routes
+            .iter()
+            .filter(|r| matches!(r, Some(Route::W4(_) | Route::W8(_) | Route::Wf(_) | Route::Grouped)))
+            .count();
         let blas = self.routes.iter().filter(|r| matches!(r, Some(Route::Blas(_)))).count();
         (w4, blas)
     }
@@ -745,6 +757,8 @@ impl CudaExecutor {
             Route::Had(r) => r.launch(&self.gpu, values, &ptr),
             Route::Attn(r) => r.launch(&self.gpu, values, &ptr),
             Route::Blas(r) => r.launch(self.blas.as_ref().ok_or("no cuBLAS handle")?, values, &ptr),
+            // Launched with the W4 route of an earlier launch (fast_linear::group_w4).
+            Route::Grouped => Ok(()),
         }
     }
 

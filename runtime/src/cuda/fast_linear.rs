@@ -49,7 +49,7 @@ use qcc_ir::DType;
 use super::device::{GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 use super::pack::{pack_int4_split, pack_int4_tiled, pack_wf8_tiled, tiled_words, wf8_tiled_bytes};
 use super::CudaError;
-use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
+use crate::artifact::{Arg, DimExpr, Launch, Manifest, Place, SymbolValues};
 
 /// The GEMV of the fast `int_linear` route (the best at 11008x4096, M = 1, on an H200).
 pub const DEFAULT_GEMV: &str = "w4a4_gemvq_ks4_u2";
@@ -108,6 +108,91 @@ pub struct W4Route {
     rows: Option<CudaSlice<u32>>,
     /// Tiled GEMV layout.
     tiled: Option<CudaSlice<u32>>,
+    /// Later launches of GEMVs of the same activations that run with this one ([`group_w4`]):
+    /// one `_m1g` launch at batch 1, else each after this one.
+    group: Vec<W4Route>,
+}
+
+/// The `W4GemvGroup` kernel parameter of `w4_gemv_*_m1g` (fast_linear.cu), field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct W4GemvGroup {
+    w: [u64; 4],
+    scale: [u64; 4],
+    bias: [u64; 4],
+    y: [u64; 4],
+    n: [i32; 4],
+    count: i32,
+}
+
+// SAFETY: plain old data laid out as the kernel's struct (repr(C), the same field order and types).
+unsafe impl cudarc::driver::DeviceRepr for W4GemvGroup {}
+
+/// The arena bytes buffer `id` occupies at the symbols' max values; `None` for weights and host
+/// values (no launch writes them).
+fn arena_range(manifest: &Manifest, id: u32) -> Option<(u64, u64)> {
+    match manifest.buffer(id)?.place {
+        Place::Arena { offset, bytes } => Some((offset, offset + bytes)),
+        _ => None,
+    }
+}
+
+fn overlap(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a.0 < b.1 && b.0 < a.1)
+}
+
+/// Joins W4 launches that read the same activations (q, k, v; gate, up) into their first one's
+/// route, leaving [`Route::Grouped`] at the others. A later launch joins when moving it up is
+/// invisible: no launch in between touches arena bytes that overlap its output or the shared
+/// activations (a launch that might write those ends the search), and its weights, scales and bias
+/// are weights. Up to 4 per group, within 12 launches.
+pub fn group_w4(manifest: &Manifest, routes: &mut [Option<Route>]) {
+    for lead in 0..routes.len() {
+        let Some(Route::W4(first)) = &routes[lead] else { continue };
+        let (x, k, x_i16, y_f32, m) = (first.ops.x, first.ops.k, first.x_i16, first.y_f32, first.ops.m.clone());
+        let x_range = arena_range(manifest, x);
+        let mut outputs = vec![arena_range(manifest, first.ops.y)];
+        let mut touched: Vec<Option<(u64, u64)>> = Vec::new();
+        let mut members = Vec::new();
+        for j in lead + 1..routes.len().min(lead + 12) {
+            if let Some(Route::W4(r)) = &routes[j] {
+                let y = arena_range(manifest, r.ops.y);
+                let joins = members.len() < 3
+                    && (r.ops.x, r.ops.k, r.x_i16, r.y_f32) == (x, k, x_i16, y_f32)
+                    && r.ops.m == m
+                    && [Some(r.ops.w), Some(r.ops.scale), r.ops.bias]
+                        .into_iter()
+                        .flatten()
+                        .all(|b| arena_range(manifest, b).is_none())
+                    && !overlap(y, x_range)
+                    && !outputs.iter().chain(&touched).any(|&o| overlap(o, y));
+                if joins {
+                    members.push(j);
+                    outputs.push(y);
+                    continue;
+                }
+            }
+            let buffers: Vec<u32> = manifest.launches[j]
+                .args
+                .iter()
+                .filter_map(|a| if let Arg::Buffer(b) = a { Some(*b) } else { None })
+                .collect();
+            if buffers.iter().any(|&b| b == x || overlap(arena_range(manifest, b), x_range)) {
+                break;
+            }
+            touched.extend(buffers.iter().map(|&b| arena_range(manifest, b)));
+        }
+        let taken: Vec<W4Route> = members
+            .iter()
+            .filter_map(|&j| match routes[j].replace(Route::Grouped) {
+                Some(Route::W4(r)) => Some(r),
+                _ => None,
+            })
+            .collect();
+        if let Some(Route::W4(first)) = &mut routes[lead] {
+            first.group = taken;
+        }
+    }
 }
 
 /// A float `linear` launch on cuBLAS.
@@ -162,6 +247,8 @@ pub enum Route {
     Blas(BlasRoute),
     Had(HadRoute),
     Attn(super::fast_attention::AttnRoute),
+    /// A W4 launch that runs with an earlier one ([`group_w4`]): nothing to launch here.
+    Grouped,
 }
 
 /// Scratch one route needs for some symbol values.
@@ -236,7 +323,7 @@ impl Route {
                 if buffer_dtype(manifest, w)? != DType::I4 || !shapes_ok {
                     return None;
                 }
-                Some(Route::W4(W4Route { ops, x_i16, y_f32, rows: None, tiled: None }))
+                Some(Route::W4(W4Route { ops, x_i16, y_f32, rows: None, tiled: None, group: Vec::new() }))
             }
             "linear" => {
                 let [x, w, y] = bufs.as_slice() else { return None };
@@ -261,7 +348,7 @@ impl Route {
             Route::W4(r) => Some(r.ops.w),
             Route::W8(r) => Some(r.ops.w),
             Route::Wf(r) => Some(r.ops.w),
-            Route::Attn(_) => None,
+            Route::Attn(_) | Route::Grouped => None,
             Route::Blas(_) | Route::Had(_) => None,
         }
     }
@@ -352,7 +439,7 @@ impl Route {
                 let m = eval_rows(&r.ops.m, values)?;
                 Need { bytes: if m > 16 { 4 * m * r.ops.k } else { 0 }, ..Need::default() }
             }
-            Route::Attn(_) => Need::default(),
+            Route::Attn(_) | Route::Grouped => Need::default(),
             Route::Blas(_) | Route::Had(_) => Need::default(),
         })
     }
@@ -406,9 +493,48 @@ impl Scratch {
 }
 
 impl W4Route {
+    /// Enqueues this GEMV and those of its group ([`group_w4`]): one `_m1g` launch at batch 1, else
+    /// one after another.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        if self.group.is_empty() || std::env::var_os("QCC_FAST_GEMV").is_some() || eval_rows(&self.ops.m, values)? != 1
+        {
+            self.launch_alone(gpu, scratch, values, ptr)?;
+            return self.group.iter().try_for_each(|r| r.launch_alone(gpu, scratch, values, ptr));
+        }
+        let mut g = W4GemvGroup { count: 1 + self.group.len() as i32, ..W4GemvGroup::default() };
+        let mut tiles = 0usize;
+        for (i, r) in std::iter::once(self).chain(&self.group).enumerate() {
+            let Some(b) = r.ops.bind(values, ptr)? else { return Ok(()) };
+            g.w[i] = r.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
+            (g.scale[i], g.bias[i], g.y[i], g.n[i]) = (b.scale, b.bias, b.y, r.ops.n as i32);
+            tiles += r.ops.n / 8;
+        }
+        let x = ptr(self.ops.x)?;
+        let k32 = self.ops.k as i32;
+        let name = format!(
+            "w4_gemv_x{}_{}_m1g",
+            if self.x_i16 { "i16" } else { "i8" },
+            if self.y_f32 { "f32" } else { "f16" }
+        );
+        let f = gpu.function("fast_linear", &name).map_err(|e| e.to_string())?;
+        let mut b = gpu.launcher(&f);
+        b.arg(&g).arg(&x).arg(&k32);
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (W4GemvGroup, void*, int); every member reads the same x (one row of k
+        // values) and writes its own y (n outputs), with tiled weights of [n / 8][ceil(k / 128)][32][4]
+        // words; the grid is the sum of the members' n / 8 tiles, as the kernel walks them.
+        unsafe { b.launch(cfg) }.map_err(|e| format!("w4_gemv group: {e}"))
+    }
+
     /// Enqueues the GEMV on the plan's activations (M <= 8), or pack, GEMV/GEMM and the exact fix-up
     /// of the flagged rows. `ptr` resolves buffer ids.
-    pub fn launch(
+    fn launch_alone(
         &self,
         gpu: &Gpu,
         scratch: &Scratch,
@@ -820,6 +946,65 @@ mod tests {
             shared_bytes: 0,
             args,
         }
+    }
+
+    #[test]
+    fn w4_launches_of_one_activation_join_the_first_unless_moving_them_up_shows() {
+        let m = || DimExpr::Sym("seq".into());
+        let arena = |offset: u64| Place::Arena { offset, bytes: 100 };
+        let mut mf = manifest(&[
+            ("x", "i16", &[1, 576], false),  // 0
+            ("wq", "i4", &[576, 576], true), // 1
+            ("s", "f32", &[576], true),      // 2
+            ("q", "f32", &[1, 576], false),  // 3
+            ("wk", "i4", &[576, 576], true), // 4
+            ("k", "f32", &[1, 576], false),  // 5
+            ("wv", "i4", &[576, 576], true), // 6
+            ("v", "f32", &[1, 576], false),  // 7
+            ("qr", "f32", &[1, 576], false), // 8: the rotary output of q
+            ("x2", "i16", &[1, 576], false), // 9: another activation
+            ("wo", "i4", &[576, 576], true), // 10
+        ]);
+        for (id, offset) in [(0, 0), (3, 100), (5, 200), (7, 300), (8, 400), (9, 500)] {
+            mf.buffers[id].place = arena(offset);
+        }
+        let rotary =
+            |out: u32, input: u32| Launch { module: "qcc_generated".into(), ..launch("r", &[out, input], m(), 1, 1) };
+        let plan = |mf: &Manifest, launches: &[Launch]| -> Vec<&'static str> {
+            let mf = Manifest { launches: launches.to_vec(), ..mf.clone() };
+            let mut routes: Vec<Option<Route>> = launches.iter().map(|l| Route::plan(&mf, l)).collect();
+            group_w4(&mf, &mut routes);
+            routes
+                .iter()
+                .map(|r| match r {
+                    Some(Route::W4(r)) => ["w4", "w4+1", "w4+2", "w4+3"][r.group.len()],
+                    Some(Route::Grouped) => "grouped",
+                    Some(_) => "other",
+                    None => "-",
+                })
+                .collect()
+        };
+        // q, rotary(q), k, v: k and v run with q.
+        let qkv = [
+            launch("int_linear", &[0, 1, 2, 3], m(), 576, 576),
+            rotary(8, 3),
+            launch("int_linear", &[0, 4, 2, 5], m(), 576, 576),
+            launch("int_linear", &[0, 6, 2, 7], m(), 576, 576),
+        ];
+        assert_eq!(plan(&mf, &qkv), ["w4+2", "-", "grouped", "grouped"]);
+        // The rotary's output shares arena bytes with k's: k would clobber it, so k stays where it
+        // is, and (reading x) ends q's search; v joins k.
+        let mut shared = mf.clone();
+        shared.buffers[8].place = arena(150);
+        assert_eq!(plan(&shared, &qkv), ["w4", "-", "w4+1", "grouped"]);
+        // A launch that may write the activations ends the search.
+        let rewrite = [qkv[0].clone(), rotary(0, 8), qkv[2].clone()];
+        assert_eq!(plan(&mf, &rewrite), ["w4", "-", "w4"]);
+        // Another activation, or another row count, does not join.
+        let other = [qkv[0].clone(), launch("int_linear", &[9, 10, 2, 5], m(), 576, 576)];
+        assert_eq!(plan(&mf, &other), ["w4", "w4"]);
+        let rows = [qkv[0].clone(), launch("int_linear", &[0, 4, 2, 5], DimExpr::Const(1), 576, 576)];
+        assert_eq!(plan(&mf, &rows), ["w4", "w4"]);
     }
 
     #[test]
