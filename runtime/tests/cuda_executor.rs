@@ -314,12 +314,11 @@ fn int_linear_rows(
     }
 }
 
-/// Three W4 `int_linear`s of one activation row (q, k, v: n = 4096, 1024, 1024 at k = 4096, with and
-/// without bias, f32 and f16 out), a float op on q's output in between (as the rotary sits between
-/// q and k in a decoder): the executor runs all three in one grouped launch at batch 1
-/// (`w4_gemv_*_m1g`, fast_linear::group_w4), one after another at 5 rows; every output bit equal to
-/// the CPU's.
-fn int_linear_group_case(m: usize, seed: u64, rows: I16Rows) {
+/// Three W4 `int_linear`s of one activation row (q, k, v: n = 4096, 1024, 1024 at k = 4096, q with a
+/// bias, all `y_dtype` out): the executor runs all three in one grouped launch at batch 1
+/// (`w4_gemv_*_m1g`, fast_linear::group_w4), one after another at more rows; every output bit
+/// equal to the CPU's.
+fn int_linear_group_case(m: usize, seed: u64, rows: I16Rows, y_dtype: DType) {
     let (k, ns) = (4096usize, [4096usize, 1024, 1024]);
     let mut rng = Rng(seed);
     let x: Vec<i16> = (0..m * k)
@@ -342,7 +341,7 @@ fn int_linear_group_case(m: usize, seed: u64, rows: I16Rows) {
     let mut launches = Vec::new();
     let mut outputs = Vec::new();
     for (i, &n) in ns.iter().enumerate() {
-        let (name, y_dtype, bias) = [("q", DType::F32, true), ("k", DType::F16, false), ("v", DType::F32, false)][i];
+        let (name, bias) = [("q", true), ("k", false), ("v", false)][i];
         let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(-8, 7)).collect();
         let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
         let wv = g.add_constant(&format!("w{name}"), int_tensor(DType::I4, &[n, k], w_vals)).unwrap();
@@ -398,9 +397,9 @@ fn grouped_w4_gemvs_of_one_activation_match_the_cpu_bit_for_bit() {
         eprintln!("SKIPPED: libnvrtc.so.13 not found (run scripts/fixtures.sh or set QCC_CUDA_LIB_DIR)");
         return;
     }
-    int_linear_group_case(1, 41, I16Rows { prefix: &[], int8: &[], mixed: &[0] });
-    int_linear_group_case(1, 42, I16Rows { prefix: &[0], int8: &[], mixed: &[] });
-    int_linear_group_case(5, 43, I16Rows { prefix: &[0], int8: &[], mixed: &[2] });
+    int_linear_group_case(1, 41, I16Rows { prefix: &[], int8: &[], mixed: &[0] }, DType::F32);
+    int_linear_group_case(1, 42, I16Rows { prefix: &[0], int8: &[], mixed: &[] }, DType::F16);
+    int_linear_group_case(5, 43, I16Rows { prefix: &[0], int8: &[], mixed: &[2] }, DType::F32);
 }
 
 #[test]

@@ -281,6 +281,29 @@ fn int_linear_micro_kernel_after_a_materialised_transpose() {
 }
 
 #[test]
+fn int_linears_of_one_activation_launch_together() {
+    // q's float op comes first in the graph, then k reads the same activations: k moves up next to
+    // q (its weights with it), so the runtime can run both as one GEMV launch; v reads other
+    // activations and stays in place.
+    let lowered = check(
+        "int_linear_siblings",
+        r#"graph @t(%x: i16[batch,seq,8], %x2: i16[batch,seq,8]) -> (%qn, %k, %v) {
+  %wq = constant {value = dense<i8[2,8] [1, -2, 3, -4, 5, -6, 7, -8, 1, 1, 1, 1, 1, 1, 1, 1]>} : i8[2,8]
+  %sq = constant {value = dense<f32[2] [0.5, 0.25]>} : f32[2]
+  %q = int_linear(%x, %wq, %sq) : f32[batch,seq,2]
+  %qn = neg(%q) : f32[batch,seq,2]
+  %wk = constant {value = dense<i8[2,8] [-1, 2, -3, 4, -5, 6, -7, 8, 1, 0, 1, 0, 1, 0, 1, 0]>} : i8[2,8]
+  %sk = constant {value = dense<f32[2] [0.125, 2.0]>} : f32[2]
+  %k = int_linear(%x, %wk, %sk) : f32[batch,seq,2]
+  %v = int_linear(%x2, %wk, %sk) : f32[batch,seq,2]
+  return %qn, %k, %v
+}"#,
+    );
+    let nodes: Vec<&str> = lowered.launches.iter().map(|l| l.node.as_str()).collect();
+    assert_eq!(nodes, ["q", "k", "qn", "v"]);
+}
+
+#[test]
 fn attention_and_hadamard_get_quantization_epilogues() {
     check(
         "attention_hadamard_quant",

@@ -117,11 +117,49 @@ enum BufPlace {
 /// Lowers `graph` into a launch plan. Errors name the node and op that cannot be lowered.
 pub fn lower(graph: &Graph, options: &LowerOptions) -> Result<Lowered, LowerError> {
     let mut l = Lowerer::new(graph, options)?;
-    let order = graph.topo_order().map_err(|e| LowerError::Graph(e.to_string()))?;
-    for &id in &order {
+    for id in launch_order(graph)? {
         l.node(id)?;
     }
     l.finish()
+}
+
+/// The graph's topological order, with each `int_linear` that reads the same activations as an
+/// earlier one moved up right after it (with its constant inputs) when its other inputs are ready
+/// there: q, k and v (gate and up) become adjacent launches, which the runtime runs as one GEMV
+/// launch at batch 1 (runtime/src/cuda/fast_linear.rs `group_w4`), and the memory plan follows
+/// that order.
+fn launch_order(graph: &Graph) -> Result<Vec<NodeId>, LowerError> {
+    let order = graph.topo_order().map_err(|e| LowerError::Graph(e.to_string()))?;
+    let mut placed: HashSet<NodeId> = HashSet::with_capacity(order.len());
+    let mut out = Vec::with_capacity(order.len());
+    for (i, &id) in order.iter().enumerate() {
+        if !placed.insert(id) {
+            continue;
+        }
+        out.push(id);
+        if graph.node(id).op.kind != OpKind::IntLinear {
+            continue;
+        }
+        let Some(x) = graph.input(id, 0) else { continue };
+        for &later in &order[i + 1..] {
+            if placed.contains(&later) || graph.node(later).op.kind != OpKind::IntLinear {
+                continue;
+            }
+            let ins: Vec<Value> = graph.inputs(later).into_iter().flatten().collect();
+            let ready = |v: &Value| placed.contains(&v.node) || graph.node(v.node).op.kind == OpKind::Constant;
+            if ins.first() != Some(&x) || !ins.iter().all(ready) {
+                continue;
+            }
+            for v in &ins {
+                if placed.insert(v.node) {
+                    out.push(v.node);
+                }
+            }
+            placed.insert(later);
+            out.push(later);
+        }
+    }
+    Ok(out)
 }
 
 struct Lowerer<'g> {
