@@ -491,6 +491,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// Handles of the functions from PDL-patched modules ([`Gpu::launcher`] launches them with PDL).
     pdl_functions: Mutex<HashSet<usize>>,
+    /// Whether [`Gpu::launcher`] uses PDL now ([`Gpu::set_pdl`]; on by default).
+    pdl_on: std::sync::atomic::AtomicBool,
     /// Stream-K workspace of the `QCC_WS2` `sk` kernels: int32 partial tiles, then the flags
     /// (zeroed once; every launch leaves them zero). Allocated at the first such launch.
     stream_k_ws: Mutex<Option<CudaSlice<u8>>>,
@@ -537,6 +539,7 @@ impl Gpu {
             modules: Default::default(),
             functions: Default::default(),
             pdl_functions: Default::default(),
+            pdl_on: std::sync::atomic::AtomicBool::new(true),
             stream_k_ws: Default::default(),
         })
     }
@@ -589,8 +592,14 @@ impl Gpu {
     /// A launch of `f` (from [`Gpu::function`]) on this GPU's stream, with PDL when its module was
     /// patched for it.
     pub fn launcher<'a>(&'a self, f: &'a CudaFunction) -> super::pdl::Launcher<'a> {
-        let pdl = self.pdl_functions.lock().is_ok_and(|set| set.contains(&(f.cu_function() as usize)));
+        let pdl = self.pdl_on.load(std::sync::atomic::Ordering::Relaxed)
+            && self.pdl_functions.lock().is_ok_and(|set| set.contains(&(f.cu_function() as usize)));
         super::pdl::Launcher::new(&self.stream, f, pdl)
+    }
+
+    /// Whether [`Gpu::launcher`] launches patched kernels with PDL from now on.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl_on.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Decode GEMV (1 <= M <= 16).

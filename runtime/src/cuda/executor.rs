@@ -779,6 +779,8 @@ impl CudaExecutor {
         if grid.contains(&0) {
             return Ok(());
         }
+        let pdl = super::pdl::wanted(values);
+        self.gpu.set_pdl(pdl);
         if let Some(route) = &self.routes[index] {
             self.launch_routed(route, values).map_err(fail)?;
             if sync {
@@ -800,7 +802,7 @@ impl CudaExecutor {
             block_dim: (launch.block[0], launch.block[1], launch.block[2]),
             shared_mem_bytes: launch.shared_bytes,
         };
-        if self.pdl[index] {
+        if self.pdl[index] && pdl {
             let mut params: Vec<*mut std::ffi::c_void> = args
                 .iter_mut()
                 .map(|a| match a {

@@ -25,6 +25,16 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("QCC_PDL").is_none_or(|v| v != "0"))
 }
 
+/// Runs of at most this many new tokens (symbol `seq`) launch with PDL. On an H200 it made decode
+/// steps of the 30-layer SmolLM2 11% faster and 128-token prefills 4% faster, but 2048-token
+/// prefills (few, long kernels) 2-3% slower (docs/gpu-results.md, 2026-12-04).
+pub const MAX_SEQ: i64 = 512;
+
+/// Whether a run with these symbol values launches with PDL ([`enabled`] and `seq <= MAX_SEQ`).
+pub fn wanted(values: &crate::artifact::SymbolValues) -> bool {
+    enabled() && values.get("seq").is_none_or(|&s| s <= MAX_SEQ)
+}
+
 const PROLOGUE: &str = "\tgriddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n";
 
 /// `ptx` with the PDL prologue at the top of every `.entry` body (see the module header), or `None`
@@ -187,6 +197,17 @@ mod tests {
         let helper = patched.find(".func helper").unwrap();
         assert!(!patched[helper..patched.find(".visible .entry k2").unwrap()].contains("griddepcontrol"));
         assert!(patched.rfind("griddepcontrol.launch_dependents").unwrap() < patched.rfind("ret;").unwrap());
+    }
+
+    #[test]
+    fn decode_steps_and_short_prompts_launch_with_pdl_long_prefills_do_not() {
+        if !enabled() {
+            return; // QCC_PDL=0 in this environment
+        }
+        let values = |seq: i64| [("batch".to_string(), 1), ("seq".to_string(), seq)].into_iter().collect();
+        assert!(wanted(&values(1)) && wanted(&values(MAX_SEQ)));
+        assert!(!wanted(&values(MAX_SEQ + 1)) && !wanted(&values(2048)));
+        assert!(wanted(&Default::default()), "a plan without a sequence symbol");
     }
 
     #[test]
