@@ -324,9 +324,7 @@ fn int_linear_group_case(m: usize, seed: u64, rows: I16Rows, y_dtype: DType) {
     let x: Vec<i16> = (0..m * k)
         .map(|i| {
             let row = i / k;
-            if rows.prefix.contains(&row) {
-                rng.int(-32768, 32767) as i16
-            } else if rows.mixed.contains(&row) && i % 37 == 0 {
+            if rows.prefix.contains(&row) || (rows.mixed.contains(&row) && i % 37 == 0) {
                 rng.int(-32768, 32767) as i16
             } else {
                 rng.int(-8, 7) as i16

@@ -154,8 +154,8 @@ pub fn group_w4(manifest: &Manifest, routes: &mut [Option<Route>]) {
         let mut outputs = vec![arena_range(manifest, first.ops.y)];
         let mut touched: Vec<Option<(u64, u64)>> = Vec::new();
         let mut members = Vec::new();
-        for j in lead + 1..routes.len().min(lead + 12) {
-            if let Some(Route::W4(r)) = &routes[j] {
+        for (j, route) in routes.iter().enumerate().take(lead + 12).skip(lead + 1) {
+            if let Some(Route::W4(r)) = route {
                 let y = arena_range(manifest, r.ops.y);
                 let joins = members.len() < 3
                     && (r.ops.x, r.ops.k, r.x_i16, r.y_f32) == (x, k, x_i16, y_f32)
