@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use ndarray::{ArrayD, IxDyn};
 use qcc_ir::{DType, Graph, GraphOutput, NodeId};
@@ -802,34 +802,19 @@ impl CudaExecutor {
             block_dim: (launch.block[0], launch.block[1], launch.block[2]),
             shared_mem_bytes: launch.shared_bytes,
         };
-        if self.pdl[index] && pdl {
-            let mut params: Vec<*mut std::ffi::c_void> = args
-                .iter_mut()
-                .map(|a| match a {
-                    ArgVal::Ptr(p) => p as *mut u64 as *mut std::ffi::c_void,
-                    ArgVal::I64(v) => v as *mut i64 as *mut std::ffi::c_void,
-                    ArgVal::F32(v) => v as *mut f32 as *mut std::ffi::c_void,
-                    ArgVal::F64(v) => v as *mut f64 as *mut std::ffi::c_void,
-                })
-                .collect();
-            // SAFETY: as below; the kernel's module was patched for PDL (self.pdl), and `args`
-            // outlives the call that reads the values `params` points at.
-            unsafe { super::pdl::launch(&self.gpu.stream, &self.functions[index], cfg, &mut params) }
-                .map_err(|e| fail(e.to_string()))?;
-        } else {
-            let mut builder = self.gpu.stream.launch_builder(&self.functions[index]);
-            for a in &args {
-                match a {
-                    ArgVal::Ptr(p) => builder.arg(p),
-                    ArgVal::I64(v) => builder.arg(v),
-                    ArgVal::F32(v) => builder.arg(v),
-                    ArgVal::F64(v) => builder.arg(v),
-                };
-            }
-            // SAFETY: the argument list follows the manifest (checked against the kernels by the
-            // GPU check); pointers are into buffers sized by the plan for these symbol values.
-            unsafe { builder.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
+        let mut launcher = super::pdl::Launcher::new(&self.gpu.stream, &self.functions[index], self.pdl[index] && pdl);
+        for a in &args {
+            match a {
+                ArgVal::Ptr(p) => launcher.arg(p),
+                ArgVal::I64(v) => launcher.arg(v),
+                ArgVal::F32(v) => launcher.arg(v),
+                ArgVal::F64(v) => launcher.arg(v),
+            };
         }
+        // SAFETY: the argument list follows the manifest (checked against the kernels by the
+        // GPU check); pointers are into buffers sized by the plan for these symbol values. PDL only
+        // for kernels whose module was patched for it (self.pdl).
+        unsafe { launcher.launch(cfg) }.map_err(|e| fail(e.to_string()))?;
         if sync {
             self.gpu.stream.synchronize().map_err(|e| fail(format!("after the launch: {e}")))?;
         }
