@@ -9,8 +9,9 @@
 //! `griddepcontrol.launch_dependents` (lets the next kernel launch early, to wait in turn). So a
 //! patched kernel touches no memory before its predecessor finished, whether it was launched with
 //! PDL or not, and the order of every read and write stays that of the stream. Only patched kernels
-//! are launched with the attribute ([`launch`]); cuBLAS's kernels and memory copies keep ordinary
-//! stream order around them. `QCC_PDL=0` turns it off (no patch, ordinary launches).
+//! are launched with the attribute ([`launch`], [`Launcher`]); cuBLAS's kernels and memory copies
+//! keep ordinary stream order around them. Runs of more than [`MAX_SEQ`] new tokens launch without
+//! it ([`wanted`]); `QCC_PDL=0` turns it off altogether (no patch, ordinary launches).
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
