@@ -11,6 +11,7 @@
 #     (CALIB_SAMPLES windows of CALIB_CTX tokens) and a GPU memory plan for up to SEQ tokens (any
 #     sequence length up to SEQ binds at run time), in .cache/gpu-art-7b/<name>.qcc (with weights)
 #   - the same artifacts minus the weights file (model.qir.safetensors) in .gpu/art7b/<name>.qcc
+#     (.gpu/art7b-L<LAYERS>/ for more than one layer)
 #   - token ids for runs: .gpu/art7b/ids-16.npy and ids-128.npy ([1, n] int64, all < 32000)
 #   - a CPU check of every full artifact: `qcc run <name>.qcc --input input_ids=ids-16.npy` gives finite
 #     logits [1, 16, 32000] (.cache/gpu-art-7b/ref-<name>/logits.npy; seeded weights, not the GPU's)
@@ -25,8 +26,9 @@ SCHEMES="${SCHEMES:-fp16 w4a4}" KV="${KV:-0}" STATS_CACHE="${STATS_CACHE:-0}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-4}" CALIB_CTX="${CALIB_CTX:-128}"
 VOCAB=32000
 PY="$ROOT/.cache/venv/bin/python"
-WORK="$ROOT/.cache/gpu-art-7b"
-OUT="$ROOT/.gpu/art7b"
+WORK="$ROOT/.cache/gpu-art-7b"; [[ "$LAYERS" == 1 ]] || WORK="$WORK-L$LAYERS"
+# One layer (the default) goes to .gpu/art7b, more layers to .gpu/art7b-L<LAYERS> (gpu_check times both).
+if [[ "$LAYERS" == 1 ]]; then OUT="$ROOT/.gpu/art7b"; else OUT="$ROOT/.gpu/art7b-L$LAYERS"; fi
 STEM="llama2-7b-shaped-L$LAYERS"
 MODEL="$WORK/model/$STEM.onnx"
 GGUF="$ROOT/.cache/models/smollm2-135m/smollm2-135m.gguf"
@@ -132,7 +134,7 @@ fi
 
 echo "artifacts with weights:"
 du -sh "$WORK"/*.qcc
-echo "without weights (.gpu/art7b):"
+echo "without weights ($OUT):"
 for d in "$OUT"/*.qcc; do
   echo "$d:"; (cd "$d" && find . -type f -printf '  %p %s\n' | sort)
 done

@@ -101,7 +101,8 @@ if [[ "${1:-}" == "--artifacts" ]]; then
   done
   # Llama-2-7B-shaped artifacts compiled here (scripts/gpu_artifacts_7b.sh) travel without their
   # weights: seeded random weights are made on the device (QCC_SYNTHETIC_WEIGHTS), for timing only.
-  for art7 in "$ROOT"/.gpu/art7b "$ROOT"/.gpu/artfull; do
+  for art7 in "$ROOT"/.gpu/art7b "$ROOT"/.gpu/art7b-L* "$ROOT"/.gpu/artfull; do
+  [[ -d "$art7" ]] || continue
   for art in "$art7"/[a-z]*.qcc; do
     [[ -d "$art" ]] || continue
     if [[ "$(basename "$art")" == kv-* ]]; then
