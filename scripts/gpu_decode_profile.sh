@@ -13,12 +13,12 @@ export QCC_CACHE_DIR=/tmp/qcc-cache QCC_SYNTHETIC_WEIGHTS=7
 NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
 [[ -n "$NCU" ]] || { echo "ncu not found"; exit 1; }
 status=0
-for plan in "${@:-kv-w4a4 kv-fp16}"; do
-  for p in $plan; do
-    echo "== ncu: one decode step of art7b/$p"
-    "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv -c 140 "$BIN" generate \
-      ".gpu/art7b/$p.qcc" --ids .gpu/art7b/prompt-512.npy --max-tokens 3 > "$OUT/ncu-$p.csv" 2>&1 || status=1
-    python3 "$ROOT/scripts/ncu_step.py" "$OUT/ncu-$p.csv" || status=1
-  done
+plans=("$@")
+((${#plans[@]})) || plans=(kv-w4a4 kv-fp16)
+for p in "${plans[@]}"; do
+  echo "== ncu: one decode step of art7b/$p"
+  "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv -c 140 "$BIN" generate \
+    ".gpu/art7b/$p.qcc" --ids .gpu/art7b/prompt-512.npy --max-tokens 3 > "$OUT/ncu-$p.csv" 2>&1 || status=1
+  python3 "$ROOT/scripts/ncu_step.py" "$OUT/ncu-$p.csv" || status=1
 done
 exit $status

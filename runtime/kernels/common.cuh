@@ -41,6 +41,24 @@ QCC_DEVICE void mma_s8_16832(int (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Sums the accumulators of the KSPLIT warps that split one tile's K into warp 0's (through
+// `partial`, shared memory); false for the other warps, which are then done.
+template <int KSPLIT>
+QCC_DEVICE bool ksplit_sum(int (&partial)[KSPLIT][32][4], int (&acc)[4], int warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int s = 0;
+#pragma unroll
+    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
+    acc[i] = s;
+  }
+  return true;
+}
+
 // Streaming 16-byte global load that bypasses L1 allocation (weights are read exactly once).
 QCC_DEVICE uint4 ld_stream_u4(const void* p) {
   uint4 v;

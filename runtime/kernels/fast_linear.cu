@@ -228,23 +228,6 @@ struct XgemvSplit {
   }
 };
 
-// Sums the KSPLIT warps' accumulators into warp 0's; false for the other warps (they are done).
-template <int KSPLIT>
-static __device__ __forceinline__ bool xgemv_ksplit_sum(int (&partial)[KSPLIT][32][4], int (&acc)[4], int warp,
-                                                        int lane) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return false;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int s = 0;
-#pragma unroll
-    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
-    acc[i] = s;
-  }
-  return true;
-}
 
 template <bool I16, bool F32>
 static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, const void* __restrict__ x,
@@ -267,7 +250,7 @@ static __device__ __forceinline__ void xgemv_body(const u32* __restrict__ w, con
     xgemv_mma<I16, UNROLL>(acc, cur, sp.wtile, c, tig, g, corr);
     cur = nxt;
   }
-  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane) || g >= M) return;
+  if (!ksplit_sum(partial, acc, warp, lane) || g >= M) return;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int n = blockIdx.x * 8 + 2 * tig + e;
@@ -398,7 +381,7 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
     xgemv1_mma<I16, UNROLL>(acc, cur, sp.wtile, c, lane, corr);
     cur = nxt;
   }
-  if (!xgemv_ksplit_sum<KSPLIT>(partial, acc, warp, lane) || lane >= 4) return;  // row 0: lanes 0-3
+  if (!ksplit_sum(partial, acc, warp, lane) || lane >= 4) return;  // row 0: lanes 0-3
   const int tig = lane;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
@@ -430,6 +413,11 @@ struct W4GemvGroup {
   int n[4];
   int count;
 };
+// a[i] by selects: a computed index into a kernel parameter would copy it to local memory.
+template <class T>
+QCC_DEVICE T pick4(const T (&a)[4], int i) {
+  return i == 0 ? a[0] : i == 1 ? a[1] : i == 2 ? a[2] : a[3];
+}
 #define QCC_XGEMV1G(XN, I16, YN, F32)                                                                      \
   extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_##YN##_m1g(const W4GemvGroup g,         \
                                                                               const void* x, int K) {       \
@@ -438,12 +426,8 @@ struct W4GemvGroup {
       tile -= g.n[j] / 8;                                                                                   \
       i = j + 1;                                                                                            \
     }                                                                                                       \
-    const int n = i == 0 ? g.n[0] : i == 1 ? g.n[1] : i == 2 ? g.n[2] : g.n[3];                             \
-    const u32* w = i == 0 ? g.w[0] : i == 1 ? g.w[1] : i == 2 ? g.w[2] : g.w[3];                            \
-    const float* scale = i == 0 ? g.scale[0] : i == 1 ? g.scale[1] : i == 2 ? g.scale[2] : g.scale[3];      \
-    const float* bias = i == 0 ? g.bias[0] : i == 1 ? g.bias[1] : i == 2 ? g.bias[2] : g.bias[3];           \
-    void* y = i == 0 ? g.y[0] : i == 1 ? g.y[1] : i == 2 ? g.y[2] : g.y[3];                                 \
-    xgemv1_body<I16, F32>(w, x, scale, bias, y, n, K, tile);                                                \
+    xgemv1_body<I16, F32>(pick4(g.w, i), x, pick4(g.scale, i), pick4(g.bias, i), pick4(g.y, i), pick4(g.n, i), \
+                          K, tile);                                                                         \
   }
 QCC_XGEMV1G(i16, true, f32, true)
 QCC_XGEMV1G(i16, true, f16, false)

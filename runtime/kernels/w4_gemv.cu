@@ -108,18 +108,10 @@ static __device__ __forceinline__ void w4_gemv_body(const u32* __restrict__ w, c
     }
   }
 
+  if (!ksplit_sum(partial, acc, warp, lane)) return;
+  // Remove the exact x16 per int4 operand (arithmetic shift of a multiple of 2^shift).
 #pragma unroll
-  for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int s = 0;
-#pragma unroll
-    for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
-    // Remove the exact x16 per int4 operand (arithmetic shift of a multiple of 2^shift).
-    acc[i] = A8 ? (s >> 4) : (s >> 8);
-  }
+  for (int i = 0; i < 4; ++i) acc[i] = A8 ? (acc[i] >> 4) : (acc[i] >> 8);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = g + 8 * h;
@@ -500,19 +492,7 @@ static __device__ __forceinline__ void w4_gemv_async_body(const u32* __restrict_
   }
   cp_async_wait<0>();
 
-  if (KSPLIT > 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][lane][i] = acc[i];
-    __syncthreads();
-    if (warp != 0) return;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int s = 0;
-#pragma unroll
-      for (int q = 0; q < KSPLIT; ++q) s += partial[q][lane][i];
-      acc[i] = s;
-    }
-  }
+  if (KSPLIT > 1 && !ksplit_sum(partial, acc, warp, lane)) return;
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i] = A8 ? (acc[i] >> 4) : (acc[i] >> 8);
 #pragma unroll

@@ -613,11 +613,10 @@ pub fn rms_norm(
     // The sum of squares in f64 in the order shared with the CPU (`qcc_ir::lane_sum`): lane l sums
     // elements l, l + 32, ... in order, then a butterfly over the 32 lanes (xor 16, 8, 4, 2, 1).
     // Rounds of `unroll` elements per lane load first and add in order (the loads overlap), then a
-    // tail of single elements. A decode row is one warp waiting on its loads, so each round issues as
-    // many as the registers allow: up to 64 x values per lane in this pass, 32 elements of x, gamma,
-    // beta and step in the second (a 4096 row: 2 + 4 rounds instead of 8 + 8).
-    let unroll_for = |cap: u64| [64u64, 32, 16].into_iter().find(|&u| u <= cap && 32 * u <= k).unwrap_or(16);
-    let unroll = unroll_for(64);
+    // tail of single elements. A decode row's sum is one warp waiting on its loads, so each round
+    // issues as many as the registers allow: up to 64 x values per lane (a 4096 row: 2 rounds); the
+    // second pass takes PASS2_UNROLL elements of x, gamma, beta and step per lane and round.
+    let unroll = [64u64, 32, 16].into_iter().find(|&u| 32 * u <= k).unwrap_or(16);
     let rounds = k / (32 * unroll);
     let square = |b: &mut Body, j: &str| {
         let at = b.binop("addi", &base, j, "index");
