@@ -397,6 +397,48 @@ fn kv_cache_concat_unary_ops_and_softmax() {
 }
 
 #[test]
+fn copies_and_float_casts_move_16_bytes_per_thread_where_rows_align() {
+    // A decode step's KV append of 128-wide heads: one thread moves 4 f32 (copy4) or casts 4 f32 to
+    // f16 (copy4_f32_f16); 16-bit copies take 8 lanes. Rows of 6 do not align and keep one element
+    // per thread.
+    let lowered = check(
+        "vector_copies",
+        r#"graph @t(%past: f32[batch,4,past,128], %new: f32[batch,4,seq,128], %h: f16[batch,seq,64], %odd: f32[batch,seq,6]) -> (%kv, %half, %h2, %o) {
+  %kv = concat(%past, %new) {axis = 2} : f32[batch,4,total,128]
+  %half = cast(%kv) {to = f16} : f16[batch,4,total,128]
+  %h2 = concat(%h, %h) {axis = 1} : f16[batch,seq2,64]
+  %o = concat(%odd, %odd) {axis = 1} : f32[batch,seq2,6]
+  return %kv, %half, %h2, %o
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(
+        entries,
+        [
+            "copy4_f32_f32",
+            "copy4_f32_f32_2",
+            "copy4_f32_f16",
+            "copy8_f16_f16",
+            "copy8_f16_f16_2",
+            "copy_f32_f32",
+            "copy_f32_f32_2"
+        ]
+    );
+    let compiled = Mlir::new().compile_to_ptx("vector_copies", &lowered.mlir, false).unwrap();
+    let ptx = &compiled.ptx.iter().find(|(m, _)| m == "qcc_generated").unwrap().1;
+    let body = |entry: &str| {
+        let start = ptx.find(&format!(".entry {entry}(")).unwrap_or_else(|| panic!("no entry {entry}"));
+        let end = ptx[start..].find("\n}").map_or(ptx.len(), |e| start + e);
+        &ptx[start..end]
+    };
+    for entry in ["copy4_f32_f32", "copy4_f32_f16", "copy8_f16_f16"] {
+        assert!(body(entry).contains("ld.global.v4"), "{entry} does not load 16 bytes at once:\n{}", body(entry));
+    }
+    assert!(body("copy4_f32_f16").contains("st.global.v4.b16") || body("copy4_f32_f16").contains("st.global.v2"));
+    assert!(!body("copy_f32_f32").contains(".v4"));
+}
+
+#[test]
 fn half_precision_graph() {
     // An fp16 model: generated kernels load and store f16 and compute in f32; linear is a micro-kernel.
     let lowered = check(

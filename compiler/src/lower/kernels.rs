@@ -335,6 +335,135 @@ impl PointwiseOp {
     }
 }
 
+/// The size parameters of an element-wise kernel over `dims` with operands `strided` (out first):
+/// `%total`, `%d{i}`, and per operand its strides `%s{t}_{i}` and element offset `%o{t}`. Sizes known
+/// at compile time become constants of the kernel (cheaper index math, fewer arguments), returned as
+/// the body's first lines; the others are i64 parameters.
+fn size_params(dims: &[DimExpr; 4], strided: &[&Strided], params: &mut Vec<String>, args: &mut Vec<Arg>) -> String {
+    let mut consts = Body::new();
+    let mut size = |name: String, value: &DimExpr| match value {
+        DimExpr::Const(c) => consts.line(&format!("%{name} = arith.constant {c} : i64")),
+        _ => {
+            params.push(format!("%{name}: i64"));
+            args.push(Arg::I64(value.clone()));
+        }
+    };
+    size("total".into(), &super::shapes::product(dims));
+    for (i, d) in dims.iter().enumerate() {
+        size(format!("d{i}"), d);
+    }
+    for (t, s) in strided.iter().enumerate() {
+        for (i, stride) in s.strides.iter().enumerate() {
+            size(format!("s{t}_{i}"), stride);
+        }
+        size(format!("o{t}"), &s.offset);
+    }
+    consts.text
+}
+
+/// Opens the body of an element-wise kernel at element `i` (one per thread, `if i < total`) and
+/// returns its coordinates c0..c3 (row-major over d0..d3) and d0..d3 as index values.
+fn open_elementwise(b: &mut Body) -> ([String; 4], Vec<String>) {
+    let i = b.global_index();
+    let n = b.arg_index("%total");
+    let inside = b.v(&format!("arith.cmpi ult, {i}, {n} : index"));
+    b.open(&format!("scf.if {inside}"));
+    let d: Vec<String> = (0..4).map(|k| b.arg_index(&format!("%d{k}"))).collect();
+    let c3 = b.binop("remui", &i, &d[3], "index");
+    let t = b.binop("divui", &i, &d[3], "index");
+    let c2 = b.binop("remui", &t, &d[2], "index");
+    let t = b.binop("divui", &t, &d[2], "index");
+    let c1 = b.binop("remui", &t, &d[1], "index");
+    let c0 = b.binop("divui", &t, &d[1], "index");
+    ([c0, c1, c2, c3], d)
+}
+
+/// Element offset of operand `t` (0 = out) at `coords`.
+fn operand_offset(b: &mut Body, t: usize, coords: &[String; 4]) -> String {
+    let mut acc = b.arg_index(&format!("%o{t}"));
+    for (k, c) in coords.iter().enumerate() {
+        let s = b.arg_index(&format!("%s{t}_{k}"));
+        let term = b.binop("muli", c, &s, "index");
+        acc = b.binop("addi", &acc, &term, "index");
+    }
+    acc
+}
+
+/// Bytes moved per thread by a vectorised copy or float conversion.
+const VECTOR_BYTES: u64 = 16;
+
+/// `Identity` without a quantization (a copy or a float conversion) as a kernel that moves up to
+/// [`VECTOR_BYTES`] per thread: the one-element kernel spends ~30 integer instructions of index math
+/// per element, which made a decode step's KV-cache copies (millions of elements) issue-bound.
+/// Applies when every operand's innermost stride is 1 and its other strides, its offset and the
+/// innermost dim are provable multiples of the lane count, so that each vector is one aligned access
+/// (arena buffers start at 256-byte boundaries). Same values as the one-element kernel: a copy moves
+/// bits, a conversion rounds each lane alike.
+fn vector_convert(op: PointwiseOp, out: &Strided, inputs: &[Strided], dims: &[DimExpr; 4]) -> Option<Kernel> {
+    let [input] = inputs else { return None };
+    if op != PointwiseOp::Identity {
+        return None;
+    }
+    let (in_ty, out_ty) = (storage_type(input.dtype)?, storage_type(out.dtype)?);
+    let float = |t: &str| matches!(t, "f32" | "f16" | "bf16");
+    if in_ty != out_ty && !(float(in_ty) && float(out_ty)) {
+        return None;
+    }
+    let lanes = (VECTOR_BYTES / storage_bytes(input.dtype).max(storage_bytes(out.dtype))) as i64;
+    if lanes < 2 {
+        return None;
+    }
+    let scaled = |s: &Strided| -> Option<Strided> {
+        if s.strides[3] != DimExpr::Const(1) {
+            return None;
+        }
+        let [s0, s1, s2, _] = &s.strides;
+        Some(Strided {
+            strides: [
+                super::shapes::exact_div(s0, lanes)?,
+                super::shapes::exact_div(s1, lanes)?,
+                super::shapes::exact_div(s2, lanes)?,
+                DimExpr::Const(1),
+            ],
+            offset: super::shapes::exact_div(&s.offset, lanes)?,
+            ..s.clone()
+        })
+    };
+    let (vout, vin) = (scaled(out)?, scaled(input)?);
+    let vdims = [dims[0].clone(), dims[1].clone(), dims[2].clone(), super::shapes::exact_div(&dims[3], lanes)?];
+    let (vin_ty, vout_ty) = (format!("vector<{lanes}x{in_ty}>"), format!("vector<{lanes}x{out_ty}>"));
+    let mut params = vec![format!("%out: {}", memref(&vout_ty)), format!("%in0: {}", memref(&vin_ty))];
+    let mut args = vec![Arg::Buffer(out.buffer), Arg::Buffer(input.buffer)];
+    let mut b = Body::new();
+    b.text = size_params(&vdims, &[&vout, &vin], &mut params, &mut args);
+    let (coords, _) = open_elementwise(&mut b);
+    let from = operand_offset(&mut b, 1, &coords);
+    let to = operand_offset(&mut b, 0, &coords);
+    let mut y = b.load("%in0", &vin_ty, &from);
+    if in_ty != out_ty {
+        let wide = format!("vector<{lanes}xf32>");
+        if in_ty != "f32" {
+            y = b.v(&format!("arith.extf {y} : {vin_ty} to {wide}"));
+        }
+        if out_ty != "f32" {
+            y = b.v(&format!("arith.truncf {y} : {wide} to {vout_ty}"));
+        }
+    }
+    b.store(&y, "%out", &vout_ty, &to);
+    b.close("");
+    Some(Kernel {
+        base: format!("copy{lanes}_{}_{}", input.dtype, out.dtype),
+        text: function(&params, &b.text),
+        args,
+        grid: [
+            super::shapes::ceil_div(&super::shapes::product(&vdims), POINTWISE_BLOCK as i64),
+            DimExpr::Const(1),
+            DimExpr::Const(1),
+        ],
+        block: [POINTWISE_BLOCK, 1, 1],
+    })
+}
+
 /// An element-wise kernel over a 4-D iteration space `dims` (leading dims padded with 1).
 /// Parameters: out, inputs..., [per-channel step]; total, d0..d3, then per operand (out first) its
 /// four strides and its element offset, each only when not a compile-time constant (constants are
@@ -347,6 +476,11 @@ pub fn pointwise(
     dims: &[DimExpr; 4],
     quant: Option<&Quant>,
 ) -> Option<Kernel> {
+    if quant.is_none() {
+        if let Some(k) = vector_convert(op, out, inputs, dims) {
+            return Some(k);
+        }
+    }
     let out_ty = storage_type(out.dtype)?;
     let in_tys: Vec<&str> = inputs.iter().map(|i| storage_type(i.dtype)).collect::<Option<_>>()?;
     let mut params = vec![format!("%out: {}", memref(out_ty))];
@@ -359,28 +493,8 @@ pub fn pointwise(
         params.push(format!("%step: {}", memref("f32")));
         args.push(Arg::Buffer(*buffer));
     }
-    let total = super::shapes::product(dims);
-    // Sizes known at compile time become constants of the kernel (cheaper index math, fewer
-    // arguments); the others are i64 parameters.
-    let mut consts = Body::new();
-    let mut size = |name: String, value: &DimExpr, params: &mut Vec<String>, args: &mut Vec<Arg>| match value {
-        DimExpr::Const(c) => consts.line(&format!("%{name} = arith.constant {c} : i64")),
-        _ => {
-            params.push(format!("%{name}: i64"));
-            args.push(Arg::I64(value.clone()));
-        }
-    };
-    size("total".into(), &total, &mut params, &mut args);
-    for (i, d) in dims.iter().enumerate() {
-        size(format!("d{i}"), d, &mut params, &mut args);
-    }
     let strided: Vec<&Strided> = std::iter::once(out).chain(inputs).collect();
-    for (t, s) in strided.iter().enumerate() {
-        for (i, stride) in s.strides.iter().enumerate() {
-            size(format!("s{t}_{i}"), stride, &mut params, &mut args);
-        }
-        size(format!("o{t}"), &s.offset, &mut params, &mut args);
-    }
+    let consts = size_params(dims, &strided, &mut params, &mut args);
     if let Some(Quant { step: Step::Scalar(v), .. }) = quant {
         params.push("%step: f32".into());
         args.push(Arg::F32(*v));
@@ -390,29 +504,10 @@ pub fn pointwise(
     }
 
     let mut b = Body::new();
-    b.text = consts.text;
-    let i = b.global_index();
-    let n = b.arg_index("%total");
-    let inside = b.v(&format!("arith.cmpi ult, {i}, {n} : index"));
-    b.open(&format!("scf.if {inside}"));
-    // Coordinates c0..c3 of element i (row-major over d0..d3).
-    let d: Vec<String> = (0..4).map(|k| b.arg_index(&format!("%d{k}"))).collect();
-    let c3 = b.binop("remui", &i, &d[3], "index");
-    let t = b.binop("divui", &i, &d[3], "index");
-    let c2 = b.binop("remui", &t, &d[2], "index");
-    let t = b.binop("divui", &t, &d[2], "index");
-    let c1 = b.binop("remui", &t, &d[1], "index");
-    let c0 = b.binop("divui", &t, &d[1], "index");
-    let coords = [c0, c1, c2, c3.clone()];
-    let offset = |b: &mut Body, t: usize, coords: &[String; 4]| -> String {
-        let mut acc = b.arg_index(&format!("%o{t}"));
-        for (k, c) in coords.iter().enumerate() {
-            let s = b.arg_index(&format!("%s{t}_{k}"));
-            let term = b.binop("muli", c, &s, "index");
-            acc = b.binop("addi", &acc, &term, "index");
-        }
-        acc
-    };
+    b.text = consts;
+    let (coords, d) = open_elementwise(&mut b);
+    let c3 = coords[3].clone();
+    let offset = operand_offset;
     let out_off = offset(&mut b, 0, &coords);
     let mut loaded = Vec::new();
     for (k, ty) in in_tys.iter().enumerate() {
@@ -508,7 +603,11 @@ pub fn pointwise(
         base,
         text: function(&params, &b.text),
         args,
-        grid: [super::shapes::ceil_div(&total, POINTWISE_BLOCK as i64), DimExpr::Const(1), DimExpr::Const(1)],
+        grid: [
+            super::shapes::ceil_div(&super::shapes::product(dims), POINTWISE_BLOCK as i64),
+            DimExpr::Const(1),
+            DimExpr::Const(1),
+        ],
         block: [POINTWISE_BLOCK, 1, 1],
     })
 }

@@ -51,6 +51,45 @@ pub fn add(a: &DimExpr, b: &DimExpr) -> DimExpr {
     }
 }
 
+/// `e / k` when `e` is provably a multiple of `k` for every symbol value.
+pub fn exact_div(e: &DimExpr, k: i64) -> Option<DimExpr> {
+    if k == 1 {
+        return Some(e.clone());
+    }
+    match e {
+        DimExpr::Const(c) => (c % k == 0).then(|| DimExpr::Const(c / k)),
+        DimExpr::Add(a, b) => Some(add(&exact_div(a, k)?, &exact_div(b, k)?)),
+        DimExpr::Mul(a, b) => {
+            if let Some(a) = exact_div(a, k) {
+                return Some(mul(&a, b));
+            }
+            if let Some(b) = exact_div(b, k) {
+                return Some(mul(a, &b));
+            }
+            // Part of k in a constant factor, the rest in the other: 6 * x is a multiple of 4 when x
+            // is one of 2.
+            let (c, other) = match (&**a, &**b) {
+                (DimExpr::Const(c), other) | (other, DimExpr::Const(c)) => (*c, other),
+                _ => return None,
+            };
+            let g = gcd(c.unsigned_abs(), k.unsigned_abs()) as i64;
+            if g <= 1 {
+                return None;
+            }
+            Some(mul(&DimExpr::Const(c / g), &exact_div(other, k / g)?))
+        }
+        DimExpr::Sym(_) | DimExpr::CeilDiv(..) => None,
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// `ceil(a / b)`, folding constants.
 pub fn ceil_div(a: &DimExpr, b: i64) -> DimExpr {
     match a {
@@ -188,5 +227,35 @@ mod tests {
         max.insert("batch".into(), 2);
         max.insert("seq".into(), 5);
         assert_eq!(at_max(&product(&dims), &max), Some(2 * 9 * 5 * 64));
+    }
+
+    #[test]
+    fn exact_division_only_where_every_symbol_value_divides() {
+        let mut at = SymbolValues::new();
+        at.insert("past".into(), 515);
+        at.insert("seq".into(), 3);
+        let cases = [
+            (mul(&add(&s("past"), &s("seq")), &c(128)), 4, true),
+            (mul(&s("seq"), &c(6)), 4, false),
+            (mul(&mul(&s("seq"), &c(2)), &c(6)), 4, true),
+            (mul(&c(6), &mul(&s("seq"), &c(2))), 4, true),
+            (add(&mul(&s("past"), &c(8)), &c(12)), 4, true),
+            (add(&mul(&s("past"), &c(8)), &c(6)), 4, false),
+            (s("seq"), 4, false),
+            (ceil_div(&mul(&s("seq"), &c(64)), 2), 4, false),
+            (s("seq"), 1, true),
+        ];
+        for (e, k, divides) in cases {
+            let q = exact_div(&e, k);
+            assert_eq!(q.is_some(), divides, "{e} / {k}");
+            if let Some(q) = q {
+                assert_eq!(q.eval(&at).unwrap() * k, e.eval(&at).unwrap(), "{e} / {k} = {q}");
+            }
+        }
+        // Units fold away: (past + seq) * 128 / 4 prints as a plain product.
+        assert_eq!(
+            exact_div(&mul(&add(&s("past"), &s("seq")), &c(128)), 4),
+            Some(mul(&add(&s("past"), &s("seq")), &c(32)))
+        );
     }
 }
