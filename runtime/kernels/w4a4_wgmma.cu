@@ -837,10 +837,10 @@ QCC_DEVICE void add_cg_i4(int& a0, int& a1, int& a2, int& a3, const int* p) {
       : "memory");
 }
 
-template <int BM, int BN, int STAGES, int NB, bool GA, int SK, bool W0, bool UP, bool PR = false>
+template <int BM, int BN, int STAGES, int NB, bool GA, int SK, bool W0, bool UP, bool PR = false, bool F32 = false>
 static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const TmaDesc* tx, const float* __restrict__ sw,
                                                      const float* __restrict__ sx, const float* __restrict__ bias,
-                                                     const u16* __restrict__ residual, u16* __restrict__ y, int M,
+                                                     const u16* __restrict__ residual, void* __restrict__ y, int M,
                                                      int N, int K, const u32* __restrict__ xq4, int n_dp, int g_sk,
                                                      int* __restrict__ ws, u32* __restrict__ flags) {
   constexpr int MB = BM / 128;  // m64 blocks per consumer warpgroup
@@ -1118,7 +1118,7 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
                 bs[0] = b0.x; bs[1] = b0.y; bs[2] = b0.z; bs[3] = b0.w;
                 bs[4] = b1.x; bs[5] = b1.y; bs[6] = b1.z; bs[7] = b1.w;
               }
-              u32 o[4];
+              float v[8];
 #pragma unroll
               for (int r = 0; r < 4; ++r) {
                 float v0 = __fmul_rn(__fmul_rn((float)(acc[mb][4 * (4 * jj + r) + 2 * h] >> 8), sxm), scl[2 * r]);
@@ -1132,9 +1132,21 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
                   v0 = __fadd_rn(v0, f16_to_f32((u16)(rw & 0xFFFFu)));
                   v1 = __fadd_rn(v1, f16_to_f32((u16)(rw >> 16)));
                 }
-                o[r] = (u32)f32_to_f16(v0) | ((u32)f32_to_f16(v1) << 16);
+                v[2 * r] = v0;
+                v[2 * r + 1] = v1;
               }
-              *(uint4*)(y + rowoff + c0) = make_uint4(o[0], o[1], o[2], o[3]);
+              if (F32) {
+                // The compiled plans' f32 outputs: the same values before the f16 rounding, two
+                // 16-byte stores per 8 columns.
+                float4* yo = (float4*)((float*)y + rowoff + c0);
+                yo[0] = make_float4(v[0], v[1], v[2], v[3]);
+                yo[1] = make_float4(v[4], v[5], v[6], v[7]);
+              } else {
+                u32 o[4];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) o[r] = (u32)f32_to_f16(v[2 * r]) | ((u32)f32_to_f16(v[2 * r + 1]) << 16);
+                *(uint4*)((u16*)y + rowoff + c0) = make_uint4(o[0], o[1], o[2], o[3]);
+              }
             }
           }
         return;
@@ -1152,13 +1164,9 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
             const int n = n0 + 32 * jj + 8 * tig;
             if (n >= N) continue;
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const u16 y0 = epilogue(acc[mb][4 * (4 * jj + r) + 2 * h] >> 8, sxm, sw[n + 2 * r], bias, residual, m,
-                                      n + 2 * r, N);
-              const u16 y1 = epilogue(acc[mb][4 * (4 * jj + r) + 2 * h + 1] >> 8, sxm, sw[n + 2 * r + 1], bias,
-                                      residual, m, n + 2 * r + 1, N);
-              *(u32*)(y + (size_t)m * N + n + 2 * r) = (u32)y0 | ((u32)y1 << 16);
-            }
+            for (int r = 0; r < 4; ++r)
+              store_pair<F32>(y, acc[mb][4 * (4 * jj + r) + 2 * h] >> 8, acc[mb][4 * (4 * jj + r) + 2 * h + 1] >> 8, sxm,
+                              sw, bias, residual, m, n + 2 * r, N);
           }
         }
     };
@@ -1241,14 +1249,15 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
 // n_dp + g_sk CTAs (without SK: one per tile, n_dp = tiles). `x`: the int4 activations (GA), `ws` /
 // `flags`: the stream-K workspace (SK): g_sk x 2 x BM/2 x BN int32 partials, g_sk x 2 u32 flags
 // (zero at the first launch; each launch leaves them zero).
-#define QCC_WS2(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR)                                         \
+#define QCC_WS2_F(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR, F32)                                  \
   extern "C" __global__ void __launch_bounds__(384, 1)                                                 \
       NAME(const __grid_constant__ TmaDesc tw, const __grid_constant__ TmaDesc tx, const float* sw,    \
-           const float* sx, const float* bias, const u16* residual, u16* y, int M, int N, int K,       \
+           const float* sx, const float* bias, const u16* residual, void* y, int M, int N, int K,      \
            const u32* x, int n_dp, int g_sk, int* ws, u32* flags) {                                    \
-    w4a4_ws2_body<BM, BN, STAGES, NB, GA, SK, W0, UP, PR>(&tw, &tx, sw, sx, bias, residual, y, M, N, K, x, n_dp, g_sk, ws, \
-                                              flags);                                                  \
+    w4a4_ws2_body<BM, BN, STAGES, NB, GA, SK, W0, UP, PR, F32>(&tw, &tx, sw, sx, bias, residual, y, M, N, K, x, n_dp, \
+                                                   g_sk, ws, flags);                                   \
   }
+#define QCC_WS2(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR) QCC_WS2_F(NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR, false)
 // (NAME, BM, BN, STAGES, NB, GA, SK, W0, UP, PR); device.rs GemmVariant::ALL lists them (GemmKind::Ws2).
 // SK: 0 one tile per CTA, 1 stream-K, 2 persistent whole tiles.
 // `w`: W0 on the TMA A path (GA implies it). The SK TMA variants need W0: with two A register sets
@@ -1259,6 +1268,8 @@ static __device__ __forceinline__ void w4a4_ws2_body(const TmaDesc* tw, const Tm
 // `r` (PR): weight rows permuted at pack time (pack.rs permute_rows32, rows padded to 32; same int4
 // bytes), so the unpack is `_b4_e`'s (thread tid: staging row tid -> B row tid).
 QCC_WS2(w4a4_ws_256x128_s6_b4_c, 256, 128, 6, 4, false, 0, false, false, false)
+// f32 outputs (the `int_linear`s of compiled w4a4 plans at prefill sizes): `_c` with y in f32.
+QCC_WS2_F(w4a4_ws_256x128_s6_b4_c_f32, 256, 128, 6, 4, false, 0, false, false, false, true)
 QCC_WS2(w4a4_ws_256x128_s6_b4_cp, 256, 128, 6, 4, false, 0, false, true, false)
 QCC_WS2(w4a4_ws_256x128_s6_b4_cw, 256, 128, 6, 4, false, 0, true, false, false)
 QCC_WS2(w4a4_ws_256x128_s6_b4_ckw, 256, 128, 6, 4, false, 1, true, false, false)

@@ -407,7 +407,8 @@ fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
         return;
     }
     // W4A4: GEMV on the plan's activations (M <= 8 and M = 16; 16-bit prefix rows 0 and 9 summed
-    // exactly beside the MMA, int8-range row 3 narrowed), GEMM (K tail 576 = 4.5 x 128, N tail) with
+    // exactly beside the MMA, int8-range row 3 narrowed), GEMM (K tail 576 = 4.5 x 128, N tail; the
+    // wgmma GEMM from 129 rows) with
     // the flagged rows recomputed by the fix-up, f32 and f16 outputs, bias, a lone prefix row.
     int_linear_sized(DType::I16, DType::I4, None, false, 11, (1, 64, 128), DType::F32);
     int_linear_sized(DType::I16, DType::I4, None, true, 22, (5, 4096, 4096), DType::F16);
@@ -427,6 +428,10 @@ fn int_linear_on_the_tuned_kernels_matches_the_cpu_bit_for_bit() {
     int_linear_sized(DType::I16, DType::I4, None, false, 14, (300, 584, 576), DType::F32);
     int_linear_sized(DType::I4, DType::I4, None, true, 15, (77, 1536, 576), DType::F16);
     int_linear_sized(DType::I16, DType::I4, None, true, 16, (130, 256, 4096), DType::F16);
+    // From 129 rows on sm_90: the warp-specialised wgmma GEMM (`_c`, 256 x 128 tiles) and its f32
+    // twin; whole tiles (the guard-free epilogue) and M / N / K tails (the guarded one).
+    int_linear_sized(DType::I16, DType::I4, None, true, 35, (512, 1024, 4096), DType::F32);
+    int_linear_sized(DType::I16, DType::I4, None, false, 36, (300, 1000, 1056), DType::F32);
     // The 8-bit LM head (int16 x int8): the W8 GEMV (M <= 16) and the split cuBLAS int8 path.
     int_linear_sized(DType::I16, DType::I8, None, true, 17, (16, 1000, 576), DType::F32);
     int_linear_sized(DType::I16, DType::I8, None, false, 18, (40, 1024, 4096), DType::F32);

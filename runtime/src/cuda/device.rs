@@ -313,6 +313,17 @@ impl GemmVariant {
             ws2(12, 6, true, StreamK::Off, true, false, false),
         ]
     };
+    /// Whether the kernel has an `_f32` twin that stores f32 outputs (compiled plans' `int_linear`).
+    pub fn has_f32_output(&self) -> bool {
+        match self.kind {
+            GemmKind::MmaSync => true,
+            GemmKind::Ws2 { nb, ga, sk, w0, up, pr } => {
+                self.stages == 6 && nb == 4 && !ga && sk == StreamK::Off && !w0 && !up && !pr
+            }
+            _ => false,
+        }
+    }
+
     pub fn kernel_name(&self) -> String {
         match self.kind {
             GemmKind::MmaSync => format!("w4a4_gemm_{}x{}_w{}", self.bm, self.bn, self.warps),
@@ -552,6 +563,11 @@ impl Gpu {
         format!("{name} ({cc}, {mem:.1} GiB)")
     }
 
+    /// Whether the device is an sm_90 (Hopper) GPU: the wgmma kernels (`arch_for`: sm_90a) load there only.
+    pub fn is_sm90(&self) -> bool {
+        self.ctx.compute_capability().is_ok_and(|cc| cc == (9, 0))
+    }
+
     /// Loads (compiling with NVRTC on first use) kernel file `file` and returns function `kernel`.
     pub fn function(&self, file: &str, kernel: &str) -> Result<CudaFunction, CudaError> {
         let key = format!("{file}::{kernel}");
@@ -647,8 +663,11 @@ impl Gpu {
     pub fn launch_gemm_to(&self, variant: GemmVariant, a: &W4LinearArgs, f32_out: bool) -> Result<(), CudaError> {
         let name = variant.kernel_name();
         check_w4_shape(&name, a.m, a.n, a.k)?;
-        if f32_out && variant.kind != GemmKind::MmaSync {
-            return Err(CudaError::BadShape { kernel: name, what: "f32 output needs an mma.sync GEMM".into() });
+        if f32_out && !variant.has_f32_output() {
+            return Err(CudaError::BadShape {
+                kernel: name,
+                what: "f32 output needs an mma.sync GEMM or the ws `_c` GEMM (an `_f32` twin)".into(),
+            });
         }
         let entry = if f32_out { format!("{name}_f32") } else { name.clone() };
         let f = self.function(variant.file(), &entry)?;

@@ -39,22 +39,30 @@
 //!
 //! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 8
 //! on the packed path too (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
-//! `QCC_FAST_GEMM=<name>` picks the mma.sync GEMM (default [`DEFAULT_GEMM`]).
+//! `QCC_FAST_GEMM=<name>` picks the GEMM (default [`DEFAULT_WS_GEMM`] from [`WS_MIN_ROWS`] rows on an
+//! sm_90 GPU, else [`DEFAULT_GEMM`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use qcc_ir::DType;
 
-use super::device::{GemmKind, GemmVariant, GemvVariant, Gpu, W4LinearArgs};
+use super::device::{GemmVariant, GemvVariant, Gpu, W4LinearArgs};
 use super::pack::{pack_int4_split, pack_int4_tiled, pack_wf8_tiled, tiled_words, wf8_tiled_bytes};
 use super::CudaError;
 use crate::artifact::{Arg, DimExpr, Launch, Manifest, Place, SymbolValues};
 
 /// The GEMV of the fast `int_linear` route (the best at 11008x4096, M = 1, on an H200).
 pub const DEFAULT_GEMV: &str = "w4a4_gemvq_ks4_u2";
-/// The GEMM of the fast `int_linear` route for M > 16 (mma.sync: it has f32-output twins).
+/// The GEMM of the fast `int_linear` route for 16 < M < [`WS_MIN_ROWS`], or on a GPU other than
+/// sm_90 (mma.sync: it has f32-output twins).
 pub const DEFAULT_GEMM: &str = "w4a4_gemm_128x128_w4";
+/// The GEMM from [`WS_MIN_ROWS`] rows on, on sm_90: the warp-specialised wgmma GEMM (1.6-1.8x cuBLAS
+/// fp16 at M = 2048 on the Llama-2-7B shapes, where the mma.sync GEMM ran at ~0.9x), with an f32
+/// output twin (`_f32`) for the plans' f32 outputs.
+pub const DEFAULT_WS_GEMM: &str = "w4a4_ws_256x128_s6_b4_c";
+/// Rows from which the 256-row tiles of [`DEFAULT_WS_GEMM`] are at least half full.
+pub const WS_MIN_ROWS: usize = 129;
 
 /// Whether routing is on (`QCC_FAST_LINEAR` unset or not `0`).
 pub fn enabled() -> bool {
@@ -599,10 +607,11 @@ impl W4Route {
             }
             gpu.launch_gemv_to(v, &args, self.y_f32).map_err(|e| e.to_string())?;
         } else {
-            let name = std::env::var("QCC_FAST_GEMM").unwrap_or_else(|_| DEFAULT_GEMM.to_string());
+            let default = if m >= WS_MIN_ROWS && gpu.is_sm90() { DEFAULT_WS_GEMM } else { DEFAULT_GEMM };
+            let name = std::env::var("QCC_FAST_GEMM").unwrap_or_else(|_| default.to_string());
             let v = GemmVariant::by_name(&name).ok_or_else(|| format!("QCC_FAST_GEMM: no GEMM {name}"))?;
-            if v.kind != GemmKind::MmaSync {
-                return Err(format!("QCC_FAST_GEMM: {name} is not an mma.sync GEMM"));
+            if !v.has_f32_output() {
+                return Err(format!("QCC_FAST_GEMM: {name} has no f32-output twin (an mma.sync GEMM or `_c`)"));
             }
             gpu.launch_gemm_to(v, &args, self.y_f32).map_err(|e| e.to_string())?;
         }
