@@ -142,6 +142,80 @@ fn prologue_graph(graph: &Graph, values: &[String]) -> Result<Graph, ExecutorErr
     Ok(g)
 }
 
+/// Suffix of the prologue input that stands for a graph input's dims ([`HostPrologue`]).
+const SHAPE_SUFFIX: &str = "#shape";
+
+/// The host prologue: a CPU executor of the part of the graph it computes, where every graph input
+/// that this part reads only through plain `shape` ops is replaced by an input `{name}#shape`
+/// (i64[rank]) holding its dims. A KV-cache graph's prologue derives positions and the causal mask
+/// from the caches' lengths, so a decode step feeds it four numbers per cache instead of a
+/// zero-filled host copy of every cache (16.8 MB per 7B-shaped layer and step, which took most of a
+/// generated token's time).
+struct HostPrologue {
+    exec: CpuExecutor,
+    shape_only: HashSet<String>,
+}
+
+impl HostPrologue {
+    fn new(graph: &Graph, values: &[String]) -> Result<HostPrologue, ExecutorError> {
+        let mut g = prologue_graph(graph, values)?;
+        let mut shape_only = HashSet::new();
+        for id in g.graph_inputs().to_vec() {
+            let input = qcc_ir::Value::new(id, 0);
+            let users = g.users(input);
+            let plain_shape = |n: NodeId| {
+                let op = &g.node(n).op;
+                op.kind == qcc_ir::OpKind::Shape && op.int("start").is_none() && op.int("end").is_none()
+            };
+            if users.is_empty() || !users.iter().all(|&(n, _)| plain_shape(n)) {
+                continue;
+            }
+            let name = g.value_name(input).to_string();
+            let Some(rank) = g.value_type(input).shape.as_ref().map(|s| s.rank()) else { continue };
+            let dims = g
+                .add_input(&format!("{name}{SHAPE_SUFFIX}"), qcc_ir::TensorType::known(DType::I64, &[rank]))
+                .map_err(|e| ExecutorError::Graph { path: PathBuf::from("model.qir"), what: e.to_string() })?;
+            for (n, _) in users {
+                g.replace_all_uses(qcc_ir::Value::new(n, 0), dims);
+                g.remove_node(n);
+            }
+            g.remove_node(id);
+            shape_only.insert(name);
+        }
+        Ok(HostPrologue { exec: CpuExecutor::new(&g)?, shape_only })
+    }
+
+    /// Runs on the graph inputs given by name and shape; `data` gives an input's values, asked only
+    /// for inputs whose values the prologue reads.
+    fn run(
+        &self,
+        inputs: &[(&str, &[usize])],
+        data: &dyn Fn(&str) -> RtTensor,
+    ) -> Result<Vec<(String, RtTensor)>, ExecutorError> {
+        let (names, tensors): (Vec<String>, Vec<RtTensor>) = inputs
+            .iter()
+            .map(|&(name, shape)| {
+                if self.shape_only.contains(name) {
+                    let dims = shape.iter().map(|&d| d as i64).collect();
+                    (format!("{name}{SHAPE_SUFFIX}"), RtTensor::from_vec(&[shape.len()], dims).expect("rank-1 dims"))
+                } else {
+                    (name.to_string(), data(name))
+                }
+            })
+            .unzip();
+        let fed: Vec<(&str, RtTensor)> = names.iter().map(String::as_str).zip(tensors).collect();
+        Ok(self.exec.run(&fed)?)
+    }
+}
+
+/// Zeros in the dtype of graph input `name` and its shape in `shapes`.
+fn input_zeros(manifest: &Manifest, name: &str, shapes: &[(&str, &[usize])]) -> RtTensor {
+    let shape = shapes.iter().find(|(n, _)| *n == name).map_or(&[][..], |(_, s)| *s);
+    let dtype = manifest.inputs.iter().find(|i| i.name == name).and_then(|i| DType::from_name(&i.dtype));
+    RtTensor::from_vec(shape, vec![0f32; shape.iter().product()])
+        .map_or_else(|| RtTensor::scalar(0f32), |t| t.cast(dtype.unwrap_or(DType::F32)))
+}
+
 /// Device data of a weight buffer: the graph constant of that name (converted to the buffer's
 /// dtype if they differ; int4 stays packed as in the weights file), or for `X.step` the `step`
 /// tensor attribute of the node producing `X`.
@@ -234,7 +308,7 @@ pub struct CudaExecutor {
     /// Runtime-supplied arguments appended to each launch's.
     extra_args: Vec<Vec<ArgVal>>,
     _tables: Vec<CudaSlice<i8>>,
-    prologue: Option<CpuExecutor>,
+    prologue: Option<HostPrologue>,
     sync_each: bool,
     /// Per launch, the tuned-kernel route that replaces its micro-kernel, if any (fast_linear.rs).
     routes: Vec<Option<Route>>,
@@ -392,7 +466,7 @@ impl CudaExecutor {
         };
 
         let prologue = match &manifest.host_prologue {
-            Some(p) if !p.values.is_empty() => Some(CpuExecutor::new(&prologue_graph(&graph, &p.values)?)?),
+            Some(p) if !p.values.is_empty() => Some(HostPrologue::new(&graph, &p.values)?),
             _ => None,
         };
         stream.synchronize().map_err(CudaError::from)?;
@@ -611,12 +685,22 @@ impl CudaExecutor {
     }
 
     /// A device copy of output `name` as the last run left it (e.g. a KV cache's `present.*`,
-    /// fed back as the next step's `past_*` with [`CudaExecutor::prepare_with_device`]).
-    pub fn keep_output(&self, name: &str, values: &SymbolValues) -> Result<(CudaSlice<u8>, Vec<usize>), ExecutorError> {
+    /// fed back as the next step's `past_*` with [`CudaExecutor::prepare_with_device`]), written into
+    /// `reuse` when that buffer is large enough; a new buffer gets a quarter of headroom, so a
+    /// growing cache is reallocated once every few steps rather than every step.
+    pub fn keep_output(
+        &self,
+        name: &str,
+        values: &SymbolValues,
+        reuse: Option<CudaSlice<u8>>,
+    ) -> Result<(CudaSlice<u8>, Vec<usize>), ExecutorError> {
         let buffer = self.io_buffer(name)?;
         let (dims, offset, len) = self.arena_range(&buffer, values)?;
         let stream = &self.gpu.stream;
-        let mut kept = stream.alloc_zeros::<u8>(len.max(1)).map_err(CudaError::from)?;
+        let mut kept = match reuse {
+            Some(b) if b.len() >= len.max(1) => b,
+            _ => stream.alloc_zeros::<u8>((len + len / 4).max(1)).map_err(CudaError::from)?,
+        };
         if len > 0 {
             let start = offset as usize;
             stream
@@ -661,15 +745,14 @@ impl CudaExecutor {
             }
         }
         if let Some(prologue) = &self.prologue {
-            let mut all: Vec<(&str, RtTensor)> = host.to_vec();
-            for (name, _, shape) in device {
-                let dtype =
-                    self.manifest.inputs.iter().find(|i| i.name == *name).and_then(|i| DType::from_name(&i.dtype));
-                let zeros = RtTensor::from_vec(shape, vec![0f32; shape.iter().product()])
-                    .map(|t| t.cast(dtype.unwrap_or(DType::F32)));
-                all.push((name, zeros.unwrap_or_else(|| RtTensor::scalar(0f32))));
-            }
-            let results = prologue.run(&all)?;
+            let mut all: Vec<(&str, &[usize])> = host.iter().map(|(n, t)| (*n, t.shape())).collect();
+            all.extend(device.iter().map(|(n, _, shape)| (*n, shape.as_slice())));
+            // Values of device inputs, should the prologue read them: zeros of their shape.
+            let data = |name: &str| match host.iter().find(|(n, _)| *n == name) {
+                Some((_, t)) => t.clone(),
+                None => input_zeros(&self.manifest, name, &all),
+            };
+            let results = prologue.run(&all, &data)?;
             for (name, t) in results {
                 let targets: Vec<Buffer> = self
                     .manifest
@@ -706,7 +789,10 @@ impl CudaExecutor {
             }
         }
         if let Some(prologue) = &self.prologue {
-            let results = prologue.run(inputs)?;
+            let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, t)| (*n, t.shape())).collect();
+            let data =
+                |name: &str| inputs.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone()).expect("bound above");
+            let results = prologue.run(&shapes, &data)?;
             for (name, t) in results {
                 let targets: Vec<Buffer> = self
                     .manifest
@@ -965,19 +1051,18 @@ pub fn check_plan(dir: &Path) -> Result<Vec<String>, ExecutorError> {
     }
     // Host prologue: runs on the CPU for a short sequence and yields its planned shapes.
     if let Some(p) = manifest.host_prologue.as_ref().filter(|p| !p.values.is_empty()) {
-        let prologue = CpuExecutor::new(&prologue_graph(&graph, &p.values)?)?;
+        let prologue = HostPrologue::new(&graph, &p.values)?;
         let given: Vec<(&str, i64)> =
             manifest.symbols.iter().map(|s| (s.name.as_str(), (s.max as i64).min(8))).collect();
         let values = manifest.symbol_values(&given)?;
-        let mut inputs = Vec::new();
+        let mut shapes = Vec::new();
         for io in &manifest.inputs {
             let dims: Vec<usize> =
                 io.dims.iter().map(|d| d.eval(&values).map(|v| v as usize)).collect::<Result<_, _>>()?;
-            let dtype = DType::from_name(&io.dtype).unwrap_or(DType::F32);
-            let zeros = RtTensor::from_vec(&dims, vec![0f32; dims.iter().product()]).map(|t| t.cast(dtype));
-            inputs.push((io.name.as_str(), zeros.unwrap_or_else(|| RtTensor::scalar(0f32))));
+            shapes.push((io.name.as_str(), dims));
         }
-        for (name, t) in prologue.run(&inputs)? {
+        let all: Vec<(&str, &[usize])> = shapes.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+        for (name, t) in prologue.run(&all, &|name| input_zeros(&manifest, name, &all))? {
             for b in manifest.buffers.iter().filter(|b| b.name == name) {
                 let dims: Vec<usize> =
                     b.dims.iter().map(|d| d.eval(&values).map(|v| v as usize)).collect::<Result<_, _>>()?;
@@ -1058,5 +1143,38 @@ mod tests {
         assert_eq!(out[0].0, shape_name);
         assert_eq!(out[0].1.to_i64_vec().unwrap(), vec![2, 3]);
         assert!(prologue_graph(&g, &["missing".to_string()]).is_err());
+    }
+
+    #[test]
+    fn a_prologue_that_reads_only_a_shape_takes_the_dims_instead_of_the_data() {
+        // cache -> shape -> (with the ids' shape) a position table; the cache's values are never read.
+        let mut g = Graph::new("t");
+        let ids = g.add_input("ids", qcc_ir::TensorType::known(DType::I64, &[1, 3])).unwrap();
+        let cache = g.add_input("cache", qcc_ir::TensorType::known(DType::F32, &[1, 2, 5, 4])).unwrap();
+        let i64s = |n| qcc_ir::TensorType::known(DType::I64, &[n]);
+        let cache_dims = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[cache], i64s(4));
+        let ids_dims = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[ids], i64s(2));
+        let both = g.add_op(
+            qcc_ir::Op::new(qcc_ir::OpKind::Concat).with("axis", qcc_ir::Attr::Int(0)),
+            &[cache_dims, ids_dims],
+            i64s(6),
+        );
+        let neg =
+            g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Neg), &[ids], qcc_ir::TensorType::known(DType::I64, &[1, 3]));
+        g.add_output("y", neg);
+        let names = [g.value_name(both).to_string(), g.value_name(neg).to_string()];
+        let p = HostPrologue::new(&g, &names).unwrap();
+        // ids are read (neg), the cache only through shape.
+        assert_eq!(p.shape_only, HashSet::from(["cache".to_string()]));
+        let ids_t = RtTensor::from_vec(&[1, 3], vec![4i64, 5, 6]).unwrap();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let data = |name: &str| {
+            asked.borrow_mut().push(name.to_string());
+            ids_t.clone()
+        };
+        let out = p.run(&[("ids", &[1, 3]), ("cache", &[1, 2, 515, 4])], &data).unwrap();
+        assert_eq!(*asked.borrow(), ["ids"], "the cache's data is never asked for");
+        assert_eq!(out[0].1.to_i64_vec().unwrap(), vec![1, 2, 515, 4, 1, 3]);
+        assert_eq!(out[1].1.to_i64_vec().unwrap(), vec![-4, -5, -6]);
     }
 }

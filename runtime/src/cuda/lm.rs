@@ -183,7 +183,8 @@ impl CudaKvDecoder {
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
         let logits = read_logits(&self.exec, &self.output, values, fed)?;
         for slot in &mut self.slots {
-            slot.data = Some(self.exec.keep_output(&slot.present, values)?);
+            let reuse = slot.data.take().map(|(buffer, _)| buffer);
+            slot.data = Some(self.exec.keep_output(&slot.present, values, reuse)?);
         }
         self.past += fed;
         Ok(logits.last_row())
