@@ -159,15 +159,29 @@ struct HostPrologue {
 impl HostPrologue {
     fn new(graph: &Graph, values: &[String]) -> Result<HostPrologue, ExecutorError> {
         let mut g = prologue_graph(graph, values)?;
+        let plain_shape = |g: &Graph, n: NodeId| {
+            let op = &g.node(n).op;
+            op.kind == qcc_ir::OpKind::Shape && op.int("start").is_none() && op.int("end").is_none()
+        };
+        // shape(cast(x)) is shape(x) (an fp16 plan casts each cache where it enters); casts left
+        // without users go.
+        let shapes: Vec<NodeId> = g.node_ids().filter(|&n| plain_shape(&g, n)).collect();
+        for n in shapes {
+            while let Some(src) = g.input(n, 0).filter(|v| g.node(v.node).op.kind == qcc_ir::OpKind::Cast) {
+                let through = g.input(src.node, 0);
+                g.set_input(n, 0, through);
+                let outputs: HashSet<qcc_ir::Value> = g.graph_outputs().iter().map(|o| o.value).collect();
+                if !g.is_used(src) && !outputs.contains(&src) {
+                    g.remove_node(src.node);
+                }
+            }
+        }
         let mut shape_only = HashSet::new();
         for id in g.graph_inputs().to_vec() {
             let input = qcc_ir::Value::new(id, 0);
             let users = g.users(input);
-            let plain_shape = |n: NodeId| {
-                let op = &g.node(n).op;
-                op.kind == qcc_ir::OpKind::Shape && op.int("start").is_none() && op.int("end").is_none()
-            };
-            if users.is_empty() || !users.iter().all(|&(n, _)| plain_shape(n)) {
+            // Inputs without users here (the other layers' caches) also take only their dims.
+            if !users.iter().all(|&(n, _)| plain_shape(&g, n)) {
                 continue;
             }
             let name = g.value_name(input).to_string();
@@ -1151,8 +1165,18 @@ mod tests {
         let mut g = Graph::new("t");
         let ids = g.add_input("ids", qcc_ir::TensorType::known(DType::I64, &[1, 3])).unwrap();
         let cache = g.add_input("cache", qcc_ir::TensorType::known(DType::F32, &[1, 2, 5, 4])).unwrap();
+        let other = g.add_input("other_cache", qcc_ir::TensorType::known(DType::F32, &[1, 2, 5, 4])).unwrap();
         let i64s = |n| qcc_ir::TensorType::known(DType::I64, &[n]);
-        let cache_dims = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[cache], i64s(4));
+        // As an fp16 plan has it: the shape of the cache cast to f16.
+        let half = qcc_ir::Op::new(qcc_ir::OpKind::Cast).with("to", qcc_ir::Attr::Str("f16".into()));
+        let cache16 = g.add_op(half, &[cache], qcc_ir::TensorType::known(DType::F16, &[1, 2, 5, 4]));
+        let cache_dims = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[cache16], i64s(4));
+        let other_neg = g.add_op(
+            qcc_ir::Op::new(qcc_ir::OpKind::Neg),
+            &[other],
+            qcc_ir::TensorType::known(DType::F32, &[1, 2, 5, 4]),
+        );
+        g.add_output("other", other_neg);
         let ids_dims = g.add_op(qcc_ir::Op::new(qcc_ir::OpKind::Shape), &[ids], i64s(2));
         let both = g.add_op(
             qcc_ir::Op::new(qcc_ir::OpKind::Concat).with("axis", qcc_ir::Attr::Int(0)),
@@ -1164,15 +1188,16 @@ mod tests {
         g.add_output("y", neg);
         let names = [g.value_name(both).to_string(), g.value_name(neg).to_string()];
         let p = HostPrologue::new(&g, &names).unwrap();
-        // ids are read (neg), the cache only through shape.
-        assert_eq!(p.shape_only, HashSet::from(["cache".to_string()]));
+        // ids are read (neg), the cache only through shape (after its cast), the other cache not at all.
+        assert_eq!(p.shape_only, HashSet::from(["cache".to_string(), "other_cache".to_string()]));
         let ids_t = RtTensor::from_vec(&[1, 3], vec![4i64, 5, 6]).unwrap();
         let asked = std::cell::RefCell::new(Vec::new());
         let data = |name: &str| {
             asked.borrow_mut().push(name.to_string());
             ids_t.clone()
         };
-        let out = p.run(&[("ids", &[1, 3]), ("cache", &[1, 2, 515, 4])], &data).unwrap();
+        let out =
+            p.run(&[("ids", &[1, 3]), ("cache", &[1, 2, 515, 4]), ("other_cache", &[1, 2, 515, 4])], &data).unwrap();
         assert_eq!(*asked.borrow(), ["ids"], "the cache's data is never asked for");
         assert_eq!(out[0].1.to_i64_vec().unwrap(), vec![1, 2, 515, 4, 1, 3]);
         assert_eq!(out[1].1.to_i64_vec().unwrap(), vec![-4, -5, -6]);
