@@ -16,13 +16,14 @@
 #   - a CPU check of every full artifact: `qcc run <name>.qcc --input input_ids=ids-16.npy` gives finite
 #     logits [1, 16, 32000] (.cache/gpu-art-7b/ref-<name>/logits.npy; seeded weights, not the GPU's)
 # Each compile runs under /usr/bin/time -v (log: .cache/gpu-art-7b/time-<name>.log): wall time, peak RSS.
-# KV=1 also compiles the KV-cache graph as kv-fp16.qcc (-O fp16) and kv-w4a4.qcc (-O w4a4). STATS_CACHE=1 keeps the calibration
+# KV=1 also compiles the KV-cache graph as kv-fp16.qcc (-O fp16) and kv-w4a4.qcc (-O w4a4, when w4a4 is
+# among SCHEMES); artifacts not rebuilt stay as they were. STATS_CACHE=1 keeps the calibration
 # statistics cache beside the model (GBs at this size; off by default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LAYERS="${LAYERS:-1}" SEED="${SEED:-0}" SEQ="${SEQ:-2048}"
-SCHEMES="${SCHEMES:-fp16 w4a4}" KV="${KV:-0}" STATS_CACHE="${STATS_CACHE:-0}"
+SCHEMES="${SCHEMES-fp16 w4a4}" KV="${KV:-0}" STATS_CACHE="${STATS_CACHE:-0}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-4}" CALIB_CTX="${CALIB_CTX:-128}"
 VOCAB=32000
 PY="$ROOT/.cache/venv/bin/python"
@@ -113,7 +114,7 @@ print(f"{sys.argv[2]}: logits {x.shape} finite, mean {x.mean():.4f} std {x.std()
 EOF
 }
 
-rm -rf "$OUT"/*.qcc
+# Only the artifacts named here are replaced (SCHEMES= KV=1 rebuilds kv-fp16 alone).
 for name in $SCHEMES; do
   scheme=$name; [[ $name == fp32 ]] && scheme=none
   compile "$name" "$MODEL" "$scheme" --calib "$WORK/calib.txt" --calib-samples "$CALIB_SAMPLES" \

@@ -6,7 +6,11 @@
 //! Rewrite: constants are rounded to the target type (round to nearest even); casts cast to the target;
 //! value types follow; type inference re-checks the whole graph afterwards. The interface keeps its
 //! types: a float graph input is cast down where it enters, a float graph output cast back up (under
-//! its own name), so callers feed and read the same tensors as before.
+//! its own name), so callers feed and read the same tensors as before. With `kv-cache=half` the KV
+//! cache (`past_key_values.*` inputs, `present.*` outputs) is the exception: it is held in the target
+//! type at the interface too, as a half-precision runtime keeps it (half the bytes per step, and no
+//! casts of the whole cache on entry and exit). Decoding is unchanged by it: the cache's values are
+//! half-precision values either way (a present cast up and fed back casts down exactly).
 //! Preconditions: a float graph (run it before `quantize`: quantized ops keep f32 steps and epilogues).
 //! Postcondition: no f32/f64 value remains; outputs equal the f32 graph's up to half-precision rounding
 //! (a lossy pass: its filetest carries a tolerance).
@@ -18,19 +22,41 @@ use qcc_ir::{Attr, DType, Graph, Op, OpKind, Tensor, TensorType, Value};
 pub const ENTRY: PassEntry = PassEntry {
     name: "convert-precision",
     description: "run a float graph in half precision (f16 or bf16): constants, casts and value types",
-    options: &[OptionSpec { key: "to", kind: OptionKind::Str, default: "f16", help: "f16 or bf16" }],
+    options: &[
+        OptionSpec { key: "to", kind: OptionKind::Str, default: "f16", help: "f16 or bf16" },
+        OptionSpec {
+            key: "kv-cache",
+            kind: OptionKind::Str,
+            default: "keep",
+            help: "keep: the KV cache interface keeps its float type; half: past_key_values.* / present.* in the target type",
+        },
+    ],
     build: |o: &PassOptions| {
         let to = match o.str("to")? {
             "f16" => DType::F16,
             "bf16" => DType::BF16,
             other => return Err(PassError::Other(format!("convert-precision: to must be f16 or bf16, got '{other}'"))),
         };
-        Ok(Box::new(ConvertPrecision { to }))
+        let half_cache = match o.str("kv-cache")? {
+            "keep" => false,
+            "half" => true,
+            other => {
+                return Err(PassError::Other(format!("convert-precision: kv-cache must be keep or half, got '{other}'")))
+            }
+        };
+        Ok(Box::new(ConvertPrecision { to, half_cache }))
     },
 };
 
 pub struct ConvertPrecision {
     to: DType,
+    /// KV-cache inputs and outputs in the target type (no boundary casts).
+    half_cache: bool,
+}
+
+/// A KV-cache input or output, by the names the importer gives them.
+fn is_cache(name: &str, input: bool) -> bool {
+    name.starts_with(if input { "past_key_values." } else { "present." })
 }
 
 fn is_wide_float(d: DType) -> bool {
@@ -74,11 +100,22 @@ impl Pass for ConvertPrecision {
             .iter()
             .map(|&id| Value::new(id, 0))
             .filter(|&v| is_wide_float(graph.value_type(v).dtype))
+            .filter(|&v| !(self.half_cache && is_cache(graph.value_name(v), true)))
             .collect();
         let output_types: Vec<TensorType> =
             graph.graph_outputs().iter().map(|o| graph.value_type(o.value).clone()).collect();
-        let ids: Vec<_> = graph.node_ids().filter(|id| !graph.graph_inputs().contains(id)).collect();
         let mut rewrites = 0;
+        if self.half_cache {
+            for id in graph.graph_inputs().to_vec() {
+                let v = Value::new(id, 0);
+                if is_cache(graph.value_name(v), true) && is_wide_float(graph.value_type(v).dtype) {
+                    let ty = TensorType { dtype: self.to, shape: graph.value_type(v).shape.clone() };
+                    graph.set_value_type(v, ty);
+                    rewrites += 1;
+                }
+            }
+        }
+        let ids: Vec<_> = graph.node_ids().filter(|id| !graph.graph_inputs().contains(id)).collect();
         for id in ids {
             let name = graph.node(id).outputs.first().map(|o| o.name.clone()).unwrap_or_default();
             let kind = graph.node(id).op.kind;
@@ -117,7 +154,7 @@ impl Pass for ConvertPrecision {
             rewrites += 1;
         }
         for (i, ty) in output_types.into_iter().enumerate() {
-            if !is_wide_float(ty.dtype) {
+            if !is_wide_float(ty.dtype) || (self.half_cache && is_cache(&graph.graph_outputs()[i].name, false)) {
                 continue;
             }
             let v = graph.graph_outputs()[i].value;

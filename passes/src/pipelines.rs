@@ -50,7 +50,8 @@ impl OptLevel {
         // measured cheapest for accuracy, and it needs no second calibration pass.
         let tail = match self {
             OptLevel::None => return STRUCTURAL.to_string(),
-            OptLevel::Fp16 => "convert-precision{to=f16}",
+            // A half-precision runtime keeps its KV cache in half precision (the fair fp16 baseline).
+            OptLevel::Fp16 => "convert-precision{kv-cache=half,to=f16}",
             OptLevel::W8A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=8},quantize{a=8,prefix=1,skip=lm-head,w=8,weight-rounding=gptq},quantize{a=16,w=8},qsm",
             OptLevel::W4A16 => "fold-norm-weights,rotate,clip{a=16,gram=true,skip=lm-head,w=4},quantize{a=16,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",
             OptLevel::W4A8 => "fold-norm-weights,rotate,clip{a=8,gram=true,prefix=1,skip=lm-head,w=4},quantize{a=8,prefix=1,skip=lm-head,w=4,weight-rounding=gptq},quantize{a=16,w=8},qsm",

@@ -107,9 +107,15 @@ pub(crate) fn calibration_set(g: &Graph) -> qcc_passes::CalibrationSet {
     qcc_passes::CalibrationSet { samples, key: "filetest".into() }
 }
 
+/// Runs `g` on `inputs` (made for the original graph), each cast to `g`'s declared input type: a pass
+/// may change interface types (convert-precision's half-precision KV cache).
 fn run_graph(g: &Graph, inputs: &[(String, RtTensor)]) -> Vec<Vec<f64>> {
     let exec = CpuExecutor::new(g).unwrap();
-    let refs: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let declared = |name: &str| g.value_by_name(name).map(|v| g.value_type(v).dtype);
+    let refs: Vec<(&str, RtTensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), declared(n).map_or_else(|| t.clone(), |d| t.cast(d))))
+        .collect();
     exec.run(&refs).unwrap().into_iter().map(|(_, t)| t.to_f64_vec()).collect()
 }
 

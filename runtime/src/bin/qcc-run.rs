@@ -40,6 +40,7 @@ use std::process::ExitCode;
 
 use qcc_runtime::artifact::{compare, npy};
 use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, CudaExecutor, CudaKvDecoder, CudaLm, Gpu};
+use qcc_ir::DType;
 use qcc_runtime::{Logits, RtTensor};
 
 fn open_gpu() -> Result<Gpu, ExitCode> {
@@ -634,7 +635,10 @@ fn generate(args: &[String]) -> Result<bool, String> {
     let mut all_inputs: Vec<(&str, RtTensor)> = vec![("input_ids", ids)];
     let empty_caches = dec.cache_shapes(0);
     for (name, shape) in &empty_caches {
-        all_inputs.push((name.as_str(), RtTensor::from_vec(shape, Vec::<f32>::new()).ok_or("bad cache")?));
+        // Empty caches in the plan's cache type (an fp16 plan keeps its cache in f16).
+        let dtype = dec.exec.manifest.inputs.iter().find(|i| i.name == *name).and_then(|i| DType::from_name(&i.dtype));
+        let empty = RtTensor::from_vec(shape, Vec::<f32>::new()).ok_or("bad cache")?;
+        all_inputs.push((name.as_str(), empty.cast(dtype.unwrap_or(DType::F32))));
     }
     let gpu_full = dec.exec.run(&all_inputs).map_err(|e| e.to_string())?;
     let cpu_full = cpu_executor(&dec.exec)?.run(&all_inputs).map_err(|e| e.to_string())?;
