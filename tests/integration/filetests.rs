@@ -112,10 +112,8 @@ pub(crate) fn calibration_set(g: &Graph) -> qcc_passes::CalibrationSet {
 fn run_graph(g: &Graph, inputs: &[(String, RtTensor)]) -> Vec<Vec<f64>> {
     let exec = CpuExecutor::new(g).unwrap();
     let declared = |name: &str| g.value_by_name(name).map(|v| g.value_type(v).dtype);
-    let refs: Vec<(&str, RtTensor)> = inputs
-        .iter()
-        .map(|(n, t)| (n.as_str(), declared(n).map_or_else(|| t.clone(), |d| t.cast(d))))
-        .collect();
+    let refs: Vec<(&str, RtTensor)> =
+        inputs.iter().map(|(n, t)| (n.as_str(), declared(n).map_or_else(|| t.clone(), |d| t.cast(d)))).collect();
     exec.run(&refs).unwrap().into_iter().map(|(_, t)| t.to_f64_vec()).collect()
 }
 

@@ -38,9 +38,9 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use qcc_ir::DType;
 use qcc_runtime::artifact::{compare, npy};
 use qcc_runtime::cuda::{bench, check, nvrtc, CudaError, CudaExecutor, CudaKvDecoder, CudaLm, Gpu};
-use qcc_ir::DType;
 use qcc_runtime::{Logits, RtTensor};
 
 fn open_gpu() -> Result<Gpu, ExitCode> {
