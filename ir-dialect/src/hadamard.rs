@@ -5,10 +5,10 @@
 //! smallest order that has a construction here:
 //!   * Sylvester, for powers of two (applied with the fast Walsh-Hadamard transform);
 //!   * Paley I, m = q + 1 for a prime power q = 3 (mod 4) (12, 20, 24, 28, 44, 60, 108, 140, 344, ...);
-//!   * Paley II, m = 2 (q + 1) for a prime power q = 1 (mod 4) (12, 20, 28, 36, 52, 60, 76, 100, 148, ...).
-//!
-//! 156 and 172 themselves are not Paley orders (they need Williamson-type tables), but 156 * 2^k and
-//! 172 * 2^k for k >= 1 are covered through 312 (q = 311) and 344 (q = 7^3): 11008 = H_344 (x) H_32.
+//!   * Paley II, m = 2 (q + 1) for a prime power q = 1 (mod 4) (12, 20, 28, 36, 52, 60, 76, 100, 148, ...);
+//!   * Williamson, m = 4 w from four symmetric circulant matrices of order w held in [`WILLIAMSON`]:
+//!     156 (w = 39) and 172 (w = 43), which no Paley construction reaches, so that 11008 = H_172 (x)
+//!     H_64 (Llama-2-7B's FFN) rather than H_344 (x) H_32: half the dense work per element.
 //! An order with no construction falls back to a block-diagonal matrix of the largest constructible
 //! blocks ([`Hadamard::is_exact`] is then false): still orthogonal, but it mixes channels only inside
 //! blocks.
@@ -28,6 +28,10 @@ pub enum Construction {
     },
     PaleyII {
         q: usize,
+    },
+    /// The Williamson array of four circulant matrices of odd order `w` (order 4 w).
+    Williamson {
+        w: usize,
     },
 }
 
@@ -75,7 +79,7 @@ impl Hadamard {
         }
         for j in 0..=twos {
             let m = odd << j;
-            if let Some((dense, construction)) = paley(m) {
+            if let Some((dense, construction)) = paley(m).or_else(|| williamson(m)) {
                 return Some(Hadamard { n, block: n, m, dense, pow2: n / m, construction });
             }
         }
@@ -369,6 +373,7 @@ impl fmt::Display for Hadamard {
             Construction::Sylvester => format!("H_{} (Sylvester)", self.pow2),
             Construction::PaleyI { q } => format!("H_{} (Paley I, q = {q}) x H_{}", self.m, self.pow2),
             Construction::PaleyII { q } => format!("H_{} (Paley II, q = {q}) x H_{}", self.m, self.pow2),
+            Construction::Williamson { w } => format!("H_{} (Williamson, w = {w}) x H_{}", self.m, self.pow2),
         };
         if self.is_exact() {
             f.write_str(&core)
@@ -519,6 +524,50 @@ fn paley(m: usize) -> Option<(Vec<i8>, Construction)> {
         }
     }
     None
+}
+
+/// First rows of Williamson matrices A, B, C, D: symmetric circulant +-1 matrices of odd order w
+/// ('+' = 1, '-' = -1; row i of X is the first row shifted right by i) with A^2 + B^2 + C^2 + D^2 =
+/// 4 w I. Both came from qcc's own search: symmetric sequences with a_0 = 1 and the row sums of one
+/// decomposition of 4 w into four odd squares (39: -9, -5, -5, -5; 43: -5, 7, 7, 7), matched in the
+/// middle on their power spectra under Williamson's relation a_i b_i c_i d_i = -1 for i > 0.
+/// `williamson_orders_are_hadamard` checks H H^T = 4 w I.
+const WILLIAMSON: &[[&str; 4]] = &[
+    [
+        "++------+--+-+--++-++-++--+-+--+------+",
+        "+-+-----+-+++--+++----+++--+++-+-----+-",
+        "++---+--++----+-+-++++-+-+----++--+---+",
+        "++-++-++---+-----+-++-+-----+---++-++-+",
+    ],
+    [
+        "+--++----+-+---+--++++++++--+---+-+----++--",
+        "+-+-+----++++-++++-++--++-++++-++++----+-+-",
+        "++-+--++-+++----+++-++++-+++----+++-++--+-+",
+        "+--+++--+-+--+-+++++-++-+++++-+--+-+--+++--",
+    ],
+];
+
+/// The Williamson array [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]] of order m,
+/// when [`WILLIAMSON`] holds sequences of length m / 4.
+fn williamson(m: usize) -> Option<(Vec<i8>, Construction)> {
+    let rows = WILLIAMSON.iter().find(|rows| rows[0].len() * 4 == m)?;
+    let w = m / 4;
+    let seq: Vec<Vec<i8>> = rows.iter().map(|r| r.bytes().map(|c| if c == b'+' { 1 } else { -1 }).collect()).collect();
+    // (block row, block column) -> (sequence, sign).
+    const ARRAY: [[(usize, i8); 4]; 4] = [
+        [(0, 1), (1, 1), (2, 1), (3, 1)],
+        [(1, -1), (0, 1), (3, -1), (2, 1)],
+        [(2, -1), (3, 1), (0, 1), (1, -1)],
+        [(3, -1), (2, -1), (1, 1), (0, 1)],
+    ];
+    let mut h = vec![0i8; m * m];
+    for i in 0..m {
+        for j in 0..m {
+            let (x, sign) = ARRAY[i / w][j / w];
+            h[i * m + j] = sign * seq[x][(j % w + w - i % w) % w];
+        }
+    }
+    Some((h, Construction::Williamson { w }))
 }
 
 /// Jacobsthal matrix Q[i][j] = chi(a_i - a_j) (chi the quadratic character, chi(0) = 0).
@@ -724,15 +773,35 @@ mod tests {
 
     #[test]
     fn listed_orders_are_hadamard() {
-        for m in [4, 8, 12, 20, 24, 28, 36, 40, 44, 52, 60, 64, 76, 100, 108, 140, 148, 312, 344, 576] {
+        for m in [4, 8, 12, 20, 24, 28, 36, 40, 44, 52, 60, 64, 76, 100, 108, 140, 148, 156, 172, 312, 344, 576] {
             let h = Hadamard::exact(m).unwrap_or_else(|| panic!("no construction for {m}"));
             assert_hadamard(&h);
         }
         assert!(matches!(Hadamard::exact(36).unwrap().construction(), Construction::PaleyII { q: 17 }));
-        assert!(matches!(Hadamard::exact(344).unwrap().construction(), Construction::PaleyI { q: 343 }));
+        // The smallest dense factor wins: 344 = H_172 (x) H_2, though Paley I reaches 344 itself.
+        assert!(matches!(Hadamard::exact(344).unwrap().construction(), Construction::Williamson { w: 43 }));
+        assert_eq!(Hadamard::exact(344).unwrap().factors().0, 172);
+        assert!(matches!(paley(344), Some((_, Construction::PaleyI { q: 343 }))));
         assert!(matches!(Hadamard::exact(52).unwrap().construction(), Construction::PaleyII { q: 25 }));
-        // Not Paley orders: these need tables (Williamson); qcc falls back for them.
-        assert!(Hadamard::exact(156).is_none() && Hadamard::exact(172).is_none());
+    }
+
+    #[test]
+    fn williamson_orders_are_hadamard() {
+        for rows in WILLIAMSON {
+            let w = rows[0].len();
+            assert!(w % 2 == 1 && rows.iter().all(|r| r.len() == w), "{rows:?}");
+            for r in rows {
+                let b = r.as_bytes();
+                assert!((1..w).all(|i| b[i] == b[w - i]), "{r}: not symmetric");
+            }
+            let h = Hadamard::exact(4 * w).unwrap();
+            assert_eq!(h.construction(), Construction::Williamson { w });
+            assert_hadamard(&h);
+        }
+        assert_eq!(WILLIAMSON.len(), 2);
+        assert!(matches!(Hadamard::exact(172 * 64).unwrap().construction(), Construction::Williamson { w: 43 }));
+        // 312 = 311 + 1 is Paley, but the smaller 156 now comes first.
+        assert!(matches!(Hadamard::exact(156 * 32).unwrap().construction(), Construction::Williamson { w: 39 }));
     }
 
     /// Inner products of random vectors survive the normalised transform (an orthogonality check
@@ -764,7 +833,7 @@ mod tests {
         }
         assert_eq!(Hadamard::new(576).to_string(), "H_36 (Paley II, q = 17) x H_16");
         assert_eq!(Hadamard::new(1536).to_string(), "H_12 (Paley I, q = 11) x H_128");
-        assert_eq!(Hadamard::new(11008).to_string(), "H_344 (Paley I, q = 343) x H_32");
+        assert_eq!(Hadamard::new(11008).to_string(), "H_172 (Williamson, w = 43) x H_64");
         assert_hadamard(&Hadamard::new(64));
         assert_hadamard(&Hadamard::new(576));
     }
@@ -789,14 +858,15 @@ mod tests {
 
     #[test]
     fn fallback_is_block_diagonal_and_orthogonal() {
-        let h = Hadamard::new(172);
+        // 188 = 4 x 47: neither 187 nor 93 is a prime power, no Williamson table.
+        let h = Hadamard::new(188);
         assert!(!h.is_exact());
         assert_eq!(h.block_size(), 4);
         assert!(h.to_string().contains("block-diagonal"), "{h}");
         let d = dense(&h);
-        for i in 0..172 {
-            for j in 0..172 {
-                let dot: i64 = (0..172).map(|k| i64::from(d[i * 172 + k]) * i64::from(d[j * 172 + k])).sum();
+        for i in 0..188 {
+            for j in 0..188 {
+                let dot: i64 = (0..188).map(|k| i64::from(d[i * 188 + k]) * i64::from(d[j * 188 + k])).sum();
                 assert_eq!(dot, if i == j { 4 } else { 0 });
             }
         }

@@ -1,6 +1,6 @@
 // Micro-kernel of the `hadamard` op as qcc's lowering launches it (compiler/src/lower/micro.rs):
 // y = x H_n^T / sqrt(n) over rows of n elements, H_n = qcc_ir::hadamard::Hadamard::new(n) (any
-// construction: Sylvester 2^k, Paley / Kronecker sizes such as 1536 = 12 x 128, block-diagonal
+// construction: Sylvester 2^k, Paley / Williamson / Kronecker sizes such as 1536 = 12 x 128, block-diagonal
 // fallback). The runtime builds the n x n matrix of +-1/0 entries on the host and appends two
 // arguments to the manifest's: its device pointer and the f64 scale 1/sqrt(block size) (1/sqrt(n)
 // unless the fallback's blocks are smaller). Like the CPU executor (runtime/src/cpu/ops/fused.rs `hadamard`), the
@@ -125,7 +125,7 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   const int W = (m + 31) >> 5;
   u32* sg = (u32*)(row + ni);
   // Only the sign-word columns of this block's output sub-rows, loaded in batches (a decode block
-  // needs one word per b: 344 of the 3784 words of H_344, and loads stored one by one waited on
+  // needs one word per b: 172 of the 1032 words of H_172, and loads stored one by one waited on
   // memory one after another).
   const int a0 = s * a_per, a1 = min(m, a0 + a_per);
   if (m > 1) {

@@ -469,7 +469,8 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
         return;
     }
     // 64 = 2^6, 576 = 36 x 16 and 1536 = 12 x 128 (Paley x Sylvester), 44 (Paley, no power of two),
-    // 11008 = 172 x 64 (Llama-2-7B's FFN), 2560 = 20 x 128; sub-rows of 32 to 512 values take the
+    // 11008 = 172 x 64 and 4992 = 156 x 32 (Williamson x Sylvester; the first is Llama-2-7B's FFN),
+    // 4480 = 140 x 32 (a long Paley factor), 2560 = 20 x 128; sub-rows of 32 to 512 values take the
     // warp-register butterflies, 16, 1 and 4096 the shared-memory ones; 1 to 16 rows split each row's
     // outputs over blocks (decode), 300 take one block per row.
     for (seed, n, rows) in [
@@ -485,6 +486,8 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
         (20, 256, 4),
         (21, 512, 1),
         (22, 4096, 2),
+        (23, 4992, 1),
+        (24, 4480, 270),
     ] {
         let mut rng = Rng(seed);
         let x = RtTensor::from_vec(&[rows, n], (0..rows * n).map(|_| rng.float() * 4.0).collect()).unwrap();

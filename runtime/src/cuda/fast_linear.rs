@@ -1082,7 +1082,7 @@ mod tests {
 
     #[test]
     fn hadamard_sign_words_and_splits_cover_every_output_sub_row() {
-        for n in [11008usize, 1536, 44, 4096] {
+        for n in [11008usize, 4992, 4480, 1536, 44, 4096] {
             let h = qcc_ir::hadamard::Hadamard::new(n);
             let (m, p, dense) = h.factors();
             let words = HadRoute::sign_words(dense, m);
