@@ -9,6 +9,7 @@
 //!   * Williamson, m = 4 w from four symmetric circulant matrices of order w held in [`WILLIAMSON`]:
 //!     156 (w = 39) and 172 (w = 43), which no Paley construction reaches, so that 11008 = H_172 (x)
 //!     H_64 (Llama-2-7B's FFN) rather than H_344 (x) H_32: half the dense work per element.
+//!
 //! An order with no construction falls back to a block-diagonal matrix of the largest constructible
 //! blocks ([`Hadamard::is_exact`] is then false): still orthogonal, but it mixes channels only inside
 //! blocks.
