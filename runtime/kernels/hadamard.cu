@@ -92,11 +92,10 @@ static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
 
 // Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w U, ... in
 // registers, U at a time (independent shuffle chains overlap; U = 4 for short sub-rows, whose rounds
-// are mostly latency; MAX_U caps it where the wide entries have only 64 registers), and writes
-// them back.
-template <int E, int MAX_U>
+// are mostly latency), and writes them back.
+template <int E>
 static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
-  constexpr int U = (E <= 2 ? 4 : 2) < MAX_U ? (E <= 2 ? 4 : 2) : MAX_U;
+  constexpr int U = E <= 2 ? 4 : 2;
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   for (int b0 = (threadIdx.x >> 5) * U; b0 < m; b0 += warps * U) {
     const int nb = min(U, m - b0);
@@ -115,7 +114,7 @@ static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
   }
 }
 
-template <class X, int LOADS>
+template <class X>
 __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename X::S* __restrict__ out, long n,
                                    int m, long p, const u32* __restrict__ signs, double scale, int a_per) {
   extern __shared__ __align__(16) double row[];
@@ -152,17 +151,17 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   constexpr int PER = 8 / (int)sizeof(typename X::S);
   const int pieces = ni / PER;
   if ((((size_t)xr) & 7) == 0 && ni % PER == 0) {
-    // 8-byte pieces, up to LOADS per thread in flight (a whole 11008 f32 row in one round trip), each
+    // 8-byte pieces, up to 24 per thread in flight (a whole 11008 f32 row in one round trip), each
     // stored as 16-byte f64 pairs: a warp's f32 stores fill whole shared-memory wavefronts.
-    for (int w0 = threadIdx.x; w0 < pieces; w0 += LOADS * blockDim.x) {
-      uint2 v[LOADS];
+    for (int w0 = threadIdx.x; w0 < pieces; w0 += 24 * blockDim.x) {
+      uint2 v[24];
 #pragma unroll
-      for (int u = 0; u < LOADS; ++u) {
+      for (int u = 0; u < 24; ++u) {
         const int w = w0 + u * blockDim.x;
         v[u] = w < pieces ? ((const uint2*)xr)[w] : make_uint2(0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < LOADS; ++u) {
+      for (int u = 0; u < 24; ++u) {
         const int w = w0 + u * blockDim.x;
         const typename X::S* e = (const typename X::S*)&v[u];
         if (w < pieces)
@@ -188,11 +187,11 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   }
   __syncthreads();
   switch (p) {
-    case 32: wht_rows_warps<1, 4>(row, m); break;
-    case 64: wht_rows_warps<2, 4>(row, m); break;
-    case 128: wht_rows_warps<4, 4>(row, m); break;
-    case 256: wht_rows_warps<8, LOADS >= 24 ? 2 : 1>(row, m); break;
-    case 512: wht_rows_warps<16, LOADS >= 24 ? 2 : 1>(row, m); break;
+    case 32: wht_rows_warps<1>(row, m); break;
+    case 64: wht_rows_warps<2>(row, m); break;
+    case 128: wht_rows_warps<4>(row, m); break;
+    case 256: wht_rows_warps<8>(row, m); break;
+    case 512: wht_rows_warps<16>(row, m); break;
     default:
       // Other sizes: one butterfly per thread per stage.
       for (int lh = 0; lh < lp; ++lh) {
@@ -252,18 +251,10 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   }
 }
 
-// 256 threads per block; the `wide_` entries take 1024 (few rows: one output per thread), with
-// fewer loads in flight per thread (a 11008 f32 row is still one round trip) to stay within 64
-// registers.
 #define HAD_FAST_ENTRY(XN)                                                                                \
   extern "C" __global__ void __launch_bounds__(256) hadamard_fast_##XN(                                   \
       const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const u32* signs, double scale,          \
       int a_per) {                                                                                        \
-    hadamard_fast_impl<D_##XN, 24>(x, out, n, m, p, signs, scale, a_per);                                 \
-  }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(1024) hadamard_fast_wide_##XN(                             \
-      const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const u32* signs, double scale,          \
-      int a_per) {                                                                                        \
-    hadamard_fast_impl<D_##XN, 6>(x, out, n, m, p, signs, scale, a_per);                                  \
+    hadamard_fast_impl<D_##XN>(x, out, n, m, p, signs, scale, a_per);                                     \
   }
 HAD_FAST_ENTRY(f32) HAD_FAST_ENTRY(f16) HAD_FAST_ENTRY(bf16)

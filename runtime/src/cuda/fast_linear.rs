@@ -40,8 +40,7 @@
 //! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 8
 //! on the packed path too (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
 //! `QCC_FAST_GEMM=<name>` picks the GEMM (default [`DEFAULT_WS_GEMM`] from [`WS_MIN_ROWS`] rows on an
-//! sm_90 GPU, else [`DEFAULT_GEMM`]). `QCC_HAD_WIDE=0` keeps the Hadamard of a few rows on
-//! 256-thread blocks.
+//! sm_90 GPU, else [`DEFAULT_GEMM`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -743,27 +742,16 @@ impl HadRoute {
         Ok(())
     }
 
-    /// Blocks per row, output sub-rows per block (a multiple of 4; 0 when m = 1) and threads per
-    /// block. Few rows (decode) split each row's outputs to fill the GPU (about four blocks per SM of
-    /// an H100/H200); up to [`HadRoute::WIDE_ROWS`] rows a block has 1024 threads and one output per
-    /// thread: every block loads and transforms the whole row before its dense chains, so a decode
-    /// row is bound by that latency, which 4x the threads per block cut with 4x fewer blocks.
-    /// `wide_rows`: [`HadRoute::WIDE_ROWS`], or 0 for 256-thread blocks throughout (`QCC_HAD_WIDE=0`).
-    fn splits(&self, rows: usize, wide_rows: usize) -> (usize, usize, u32) {
+    /// Blocks per row and output sub-rows per block (a multiple of 4; 0 when m = 1): few rows
+    /// (decode) split each row's outputs to fill the GPU (about four blocks per SM of an H100/H200).
+    fn splits(&self, rows: usize) -> (usize, usize) {
         let wanted = if rows >= 264 { 1 } else { 528usize.div_ceil(rows) };
         if self.m == 1 {
-            return (wanted.clamp(1, 16), 0, 256);
-        }
-        if rows <= wide_rows {
-            let a_per = (1024 / self.p / 4 * 4).max(4);
-            return (self.m.div_ceil(a_per), a_per, 1024);
+            return (wanted.clamp(1, 16), 0);
         }
         let a_per = self.m.div_ceil(wanted).next_multiple_of(4);
-        (self.m.div_ceil(a_per), a_per, 256)
+        (self.m.div_ceil(a_per), a_per)
     }
-
-    /// Rows up to which the transform runs on 1024-thread blocks ([`HadRoute::splits`]).
-    const WIDE_ROWS: usize = 16;
 
     /// Enqueues the transform of every row.
     pub fn launch(
@@ -781,10 +769,7 @@ impl HadRoute {
         }
         let (x, out) = (ptr(self.x)?, ptr(self.out)?);
         let signs = self.signs.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
-        let wide_rows = if std::env::var("QCC_HAD_WIDE").is_ok_and(|v| v == "0") { 0 } else { Self::WIDE_ROWS };
-        let (splits, a_per, threads) = self.splits(rows, wide_rows);
-        let wide = if threads == 1024 { "wide_" } else { "" };
-        let f = gpu.function("hadamard", &format!("hadamard_fast_{wide}{}", self.dtype)).map_err(|e| e.to_string())?;
+        let f = gpu.function("hadamard", &format!("hadamard_fast_{}", self.dtype)).map_err(|e| e.to_string())?;
         let smem = Self::smem_bytes(self.n, self.m) as u32;
         if smem > 48 * 1024 {
             f.set_attribute(
@@ -793,14 +778,12 @@ impl HadRoute {
             )
             .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
         }
+        let (splits, a_per) = self.splits(rows);
         let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
         let mut b = gpu.launcher(&f);
         b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, splits as u32, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem,
-        };
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
         // SAFETY: signature (T*, T*, long, int, long, u32*, double, int); x and out hold rows * n
         // values, signs m * ceil(m / 32) words; the shared memory holds one row in f64 and the signs.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("hadamard_fast: {e}"))
@@ -1121,21 +1104,15 @@ mod tests {
                 scale: 1.0,
                 signs: None,
             };
-            for rows in [1usize, 5, 16, 17, 263, 264, 2048] {
-                assert_eq!(route.splits(rows, 0).2, 256);
-                let (splits, a_per, threads) = route.splits(rows, HadRoute::WIDE_ROWS);
+            for rows in [1usize, 5, 16, 263, 264, 2048] {
+                let (splits, a_per) = route.splits(rows);
                 if m == 1 {
-                    assert!((1..=16).contains(&splits) && a_per == 0 && threads == 256);
+                    assert!((1..=16).contains(&splits) && a_per == 0);
                     continue;
                 }
                 // Whole tiles of 4 sub-rows per block, every sub-row in exactly one block.
                 assert_eq!(a_per % 4, 0, "n={n} rows={rows}");
                 assert!(splits * a_per >= m && (splits - 1) * a_per < m, "n={n} rows={rows}: {splits} x {a_per}");
-                // Wide blocks for decode rows, one output per thread where sub-rows are short enough.
-                assert_eq!(threads, if rows <= 16 { 1024 } else { 256 }, "n={n} rows={rows}");
-                if rows <= 16 && p <= 256 {
-                    assert!(a_per * p <= 1024 && a_per * p * 2 > 1024, "n={n}: {a_per} x {p}");
-                }
                 if rows >= 264 {
                     assert_eq!(splits, 1);
                 }
