@@ -6,7 +6,7 @@
 //!   * Sylvester, for powers of two (applied with the fast Walsh-Hadamard transform);
 //!   * Paley I, m = q + 1 for a prime power q = 3 (mod 4) (12, 20, 24, 28, 44, 60, 108, 140, 344, ...);
 //!   * Paley II, m = 2 (q + 1) for a prime power q = 1 (mod 4) (12, 20, 28, 36, 52, 60, 76, 100, 148, ...);
-//!   * Williamson, m = 4 w from four symmetric circulant matrices of order w held in [`WILLIAMSON`]:
+//!   * Williamson, m = 4 w from four symmetric circulant matrices of order w held in `WILLIAMSON`:
 //!     156 (w = 39) and 172 (w = 43), which no Paley construction reaches, so that 11008 = H_172 (x)
 //!     H_64 (Llama-2-7B's FFN) rather than H_344 (x) H_32: half the dense work per element.
 //!
