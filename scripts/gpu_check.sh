@@ -5,6 +5,9 @@
 # The GPU machine has no Rust toolchain: build here and carry the stripped binary (and PTX fallback):
 #   cargo build --release -p qcc-runtime --features cuda --bin qcc-run
 #   mkdir -p .gpu && strip -o .gpu/qcc-run target/release/qcc-run && .gpu/qcc-run ptx .gpu/ptx
+# or, to save the device about a minute of NVRTC per fresh machine (scripts/gpu_env.sh copies it into
+# QCC_CACHE_DIR; .gpu/ptx is only the fallback for a machine without libnvrtc, so leave it out then):
+#   QCC_CACHE_DIR=$PWD/.gpu/cache .gpu/qcc-run ptx /tmp/qcc-ptx
 # then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick] [--profile] [--e2e] [--no-bench]
 #   --profile: Nsight Compute on the decode GEMV variants and cuBLAS fp16 at 11008x4096, M=1 (ncu-gemv.txt)
 #   --e2e:     the end-to-end decode benchmark (qcc-run bench --e2e: W4A4 vs fp16, Llama-2-7B shape)
@@ -31,7 +34,6 @@ status=0
 if [[ "${1:-}" == "--artifacts" ]]; then
   shift
   ART="$ROOT/.gpu/art"
-  export QCC_CACHE_DIR=/tmp/qcc-cache
   for name in fp32 fp16 w8a8 w4a4; do
     [[ -d "$ART/$name.qcc" ]] || { echo "== $name: not carried this time ($ART/$name.qcc missing), skipped"; continue; }
     echo "== $name: verify (GPU vs CPU executor, every value)"
