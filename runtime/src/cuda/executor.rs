@@ -767,20 +767,30 @@ impl CudaExecutor {
                 None => input_zeros(&self.manifest, name, &all),
             };
             let results = prologue.run(&all, &data)?;
-            for (name, t) in results {
-                let targets: Vec<Buffer> = self
-                    .manifest
-                    .buffers
-                    .iter()
-                    .filter(|b| b.name == name && matches!(b.place, Place::Arena { .. }))
-                    .cloned()
-                    .collect();
-                for buffer in targets {
-                    self.upload(&buffer, &t, &values)?;
-                }
-            }
+            self.upload_prologue_results(results, &values)?;
         }
         Ok(values)
+    }
+
+    /// Uploads the host prologue's values into every arena buffer of their names.
+    fn upload_prologue_results(
+        &mut self,
+        results: Vec<(String, RtTensor)>,
+        values: &SymbolValues,
+    ) -> Result<(), ExecutorError> {
+        for (name, t) in results {
+            let targets: Vec<Buffer> = self
+                .manifest
+                .buffers
+                .iter()
+                .filter(|b| b.name == name && matches!(b.place, Place::Arena { .. }))
+                .cloned()
+                .collect();
+            for buffer in targets {
+                self.upload(&buffer, &t, values)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads graph output `name` (after a run with these symbol values).
@@ -807,18 +817,7 @@ impl CudaExecutor {
             let data =
                 |name: &str| inputs.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone()).expect("bound above");
             let results = prologue.run(&shapes, &data)?;
-            for (name, t) in results {
-                let targets: Vec<Buffer> = self
-                    .manifest
-                    .buffers
-                    .iter()
-                    .filter(|b| b.name == name && matches!(b.place, Place::Arena { .. }))
-                    .cloned()
-                    .collect();
-                for buffer in targets {
-                    self.upload(&buffer, &t, &values)?;
-                }
-            }
+            self.upload_prologue_results(results, &values)?;
         }
         Ok(values)
     }
