@@ -648,6 +648,23 @@ fn emit_lane_butterfly_f64(b: &mut Body, value: &str) -> String {
     acc
 }
 
+/// One warp per row: warp w of block b takes row b * ROWS_PER_BLOCK + w and opens `scf.if row <
+/// %rows`. Returns the warp size constant, the lane and the row.
+fn open_warp_row(b: &mut Body) -> (String, String, String) {
+    let tid = b.v("gpu.thread_id x");
+    let bid = b.v("gpu.block_id x");
+    let warp_size = b.index(32);
+    let per_block = b.index(ROWS_PER_BLOCK as i64);
+    let warp = b.binop("divui", &tid, &warp_size, "index");
+    let lane = b.binop("remui", &tid, &warp_size, "index");
+    let first = b.binop("muli", &bid, &per_block, "index");
+    let row = b.binop("addi", &first, &warp, "index");
+    let rows_i = b.arg_index("%rows");
+    let inside = b.v(&format!("arith.cmpi ult, {row}, {rows_i} : index"));
+    b.open(&format!("scf.if {inside}"));
+    (warp_size, lane, row)
+}
+
 /// `rms_norm(x, gamma, beta?)` over rows of `k` contiguous elements, with an optional output
 /// quantization. One warp per row and share: the lanes sum the squares in f64 in the order shared
 /// with the CPU (`qcc_ir::lane_sum`, so the norm is bit-identical), then write their share of the
@@ -695,17 +712,7 @@ pub fn rms_norm(
     }
 
     let mut b = Body::new();
-    let tid = b.v("gpu.thread_id x");
-    let bid = b.v("gpu.block_id x");
-    let warp_size = b.index(32);
-    let per_block = b.index(ROWS_PER_BLOCK as i64);
-    let warp = b.binop("divui", &tid, &warp_size, "index");
-    let lane = b.binop("remui", &tid, &warp_size, "index");
-    let first = b.binop("muli", &bid, &per_block, "index");
-    let row = b.binop("addi", &first, &warp, "index");
-    let rows_i = b.arg_index("%rows");
-    let inside = b.v(&format!("arith.cmpi ult, {row}, {rows_i} : index"));
-    b.open(&format!("scf.if {inside}"));
+    let (warp_size, lane, row) = open_warp_row(&mut b);
     let k_i = b.index(k as i64);
     let base = b.binop("muli", &row, &k_i, "index");
     let zero_f64 = b.f64(0.0);
@@ -865,17 +872,7 @@ pub fn softmax_rows(out: (u32, DType), x: (u32, DType), rows: DimExpr, k: DimExp
         [format!("%out: {}", memref(out_ty)), format!("%x: {}", memref(x_ty)), "%rows: i64".into(), "%k: i64".into()];
     let args = vec![Arg::Buffer(out.0), Arg::Buffer(x.0), Arg::I64(rows.clone()), Arg::I64(k)];
     let mut b = Body::new();
-    let tid = b.v("gpu.thread_id x");
-    let bid = b.v("gpu.block_id x");
-    let warp_size = b.index(32);
-    let per_block = b.index(ROWS_PER_BLOCK as i64);
-    let warp = b.binop("divui", &tid, &warp_size, "index");
-    let lane = b.binop("remui", &tid, &warp_size, "index");
-    let first = b.binop("muli", &bid, &per_block, "index");
-    let row = b.binop("addi", &first, &warp, "index");
-    let rows_i = b.arg_index("%rows");
-    let inside = b.v(&format!("arith.cmpi ult, {row}, {rows_i} : index"));
-    b.open(&format!("scf.if {inside}"));
+    let (warp_size, lane, row) = open_warp_row(&mut b);
     let k_i = b.arg_index("%k");
     let base = b.binop("muli", &row, &k_i, "index");
     let zero = b.index(0);
