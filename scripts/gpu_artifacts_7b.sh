@@ -17,13 +17,14 @@
 #     logits [1, 16, 32000] (.cache/gpu-art-7b/ref-<name>/logits.npy; seeded weights, not the GPU's)
 # Each compile runs under /usr/bin/time -v (log: .cache/gpu-art-7b/time-<name>.log): wall time, peak RSS.
 # KV=1 also compiles the KV-cache graph as kv-fp16.qcc (-O fp16) and kv-w4a4.qcc (-O w4a4, when w4a4 is
-# among SCHEMES); artifacts not rebuilt stay as they were. STATS_CACHE=1 keeps the calibration
+# among SCHEMES), with a GPU memory plan for up to MAX_BATCH sequences (default 1; MAX_BATCH=16 lets
+# `qcc-run generate --batch 16` time batch-16 decode); artifacts not rebuilt stay as they were. STATS_CACHE=1 keeps the calibration
 # statistics cache beside the model (GBs at this size; off by default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 LAYERS="${LAYERS:-1}" SEED="${SEED:-0}" SEQ="${SEQ:-2048}"
-SCHEMES="${SCHEMES-fp16 w4a4}" KV="${KV:-0}" STATS_CACHE="${STATS_CACHE:-0}"
+SCHEMES="${SCHEMES-fp16 w4a4}" KV="${KV:-0}" STATS_CACHE="${STATS_CACHE:-0}" MAX_BATCH="${MAX_BATCH:-1}"
 CALIB_SAMPLES="${CALIB_SAMPLES:-4}" CALIB_CTX="${CALIB_CTX:-128}"
 VOCAB=32000
 PY="$ROOT/.cache/venv/bin/python"
@@ -124,11 +125,11 @@ for name in $SCHEMES; do
 done
 if [[ "$KV" == 1 ]]; then
   # The KV-cache graph: fp16, and w4a4 calibrated as prefills from an empty cache.
-  compile kv-fp16 "$WORK/model/$STEM-kv.onnx" fp16
+  compile kv-fp16 "$WORK/model/$STEM-kv.onnx" fp16 --max-batch "$MAX_BATCH"
   strip_weights kv-fp16
   if [[ " $SCHEMES " == *" w4a4 "* ]]; then
     compile kv-w4a4 "$WORK/model/$STEM-kv.onnx" w4a4 --calib "$WORK/calib.txt" --calib-samples "$CALIB_SAMPLES" \
-      --calib-ctx "$CALIB_CTX" "${cache_flag[@]}"
+      --calib-ctx "$CALIB_CTX" "${cache_flag[@]}" --max-batch "$MAX_BATCH"
     strip_weights kv-w4a4
   fi
 fi

@@ -25,10 +25,12 @@
 //!                              run the artifact's graph on the CPU executor here and compare, after every
 //!                              launch, each buffer it touched with the CPU's value of that name
 //!                              (integers exactly, floats by max relative error)
-//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--check] [--profile]
+//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--batch B] [--check] [--profile]
 //!                              greedy decoding with the KV cache kept on the device (an artifact compiled
 //!                              from a model with past_key_values.* inputs and present.* outputs); one
-//!                              decode step is also timed as a CUDA graph; --check recomputes the whole
+//!                              decode step is also timed as a CUDA graph; --batch B decodes B copies of
+//!                              the prompt side by side (a plan compiled with --max-batch >= B) and
+//!                              reports tokens/s at that batch; --check (batch 1) recomputes the whole
 //!                              sequence without cache on the GPU and on the CPU executor and compares
 //! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W] [--check [--tolerance T]]
 //!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
@@ -590,6 +592,11 @@ fn generate(args: &[String]) -> Result<bool, String> {
     let mut dec = CudaKvDecoder::new(load_artifact(args)?).map_err(|e| e.to_string())?;
     let prompt = read_ids(args)?;
     let max_new: usize = parsed(args, "--max-tokens", 16)?;
+    let batch: usize = parsed(args, "--batch", 1)?;
+    if batch > 1 && args.iter().any(|a| a == "--check") {
+        return Err("--check compares one sequence: leave out --batch".into());
+    }
+    dec.set_batch(batch).map_err(|e| e.to_string())?;
     let mut tokens = prompt.clone();
     let mut step_logits: Vec<Logits> = Vec::new();
     let mut step_ms = Vec::new();
@@ -617,10 +624,11 @@ fn generate(args: &[String]) -> Result<bool, String> {
     println!("generated ids: {generated:?}");
     step_ms.sort_by(f64::total_cmp);
     if !step_ms.is_empty() {
+        let median = step_ms[step_ms.len() / 2];
         println!(
-            "decode: {} steps, median {:.3} ms per token (inputs, cache copies, launches, logits read back)",
+            "decode: {} steps, median {median:.3} ms per step of {batch} token(s), {:.1} tokens/s (inputs, cache copies, launches, logits read back)",
             step_ms.len(),
-            step_ms[step_ms.len() / 2]
+            batch as f64 * 1e3 / median
         );
     }
     if !graph_report.is_empty() {
@@ -691,10 +699,12 @@ fn time_graph_step(dec: &mut CudaKvDecoder, feed: &[i64]) -> Result<String, Stri
     eager.sort_by(f64::total_cmp);
     replay.sort_by(f64::total_cmp);
     Ok(format!(
-        "decode step (past {}): eager launches {:.3} ms, CUDA graph replay {:.3} ms (medians of 20); graph logits {} the eager step's",
+        "decode step (past {}, batch {}): eager launches {:.3} ms, CUDA graph replay {:.3} ms = {:.1} tokens/s (medians of 20); graph logits {} the eager step's",
         dec.past,
+        dec.batch(),
         eager[10],
         replay[10],
+        dec.batch() as f64 * 1e3 / replay[10],
         if outputs.iter().all(|&same| same) { "bit-identical to" } else { "DIFFER from" }
     ))
 }

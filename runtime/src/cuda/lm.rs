@@ -34,8 +34,10 @@ fn logits_output(manifest: &Manifest) -> Result<String, ExecutorError> {
         .ok_or_else(|| ExecutorError::Input { name: "logits".into(), what: "the artifact has no outputs".into() })
 }
 
-fn ids_tensor(ids: &[i64]) -> RtTensor {
-    RtTensor::from_vec(&[1, ids.len()], ids.to_vec()).expect("shape matches length")
+/// `[batch, len]` token ids, every row `ids` (a batch of one prompt: each row decodes the same
+/// tokens, which is what a throughput measurement at that batch needs).
+fn ids_tensor(ids: &[i64], batch: usize) -> RtTensor {
+    RtTensor::from_vec(&[batch, ids.len()], ids.repeat(batch)).expect("shape matches length")
 }
 
 /// Reads the logits output of a run that fed `positions` tokens.
@@ -65,7 +67,7 @@ impl CudaLm {
 
     /// Logits at every position of `ids` (run as one `[1, len]` batch).
     pub fn logits(&mut self, ids: &[i64]) -> Result<Logits, ExecutorError> {
-        let values = self.exec.prepare(&[(self.input.as_str(), ids_tensor(ids))])?;
+        let values = self.exec.prepare(&[(self.input.as_str(), ids_tensor(ids, 1))])?;
         self.exec.launch_all(&values)?;
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
         read_logits(&self.exec, &self.output, &values, ids.len())
@@ -87,9 +89,9 @@ struct CacheSlot {
 }
 
 impl CacheSlot {
-    /// The cache's shape after `past` positions: the first symbolic dim is the batch (1), the second the
+    /// The cache's shape after `past` positions: the first symbolic dim is the batch, the second the
     /// past length (`[batch, heads, past, head_dim]`).
-    fn shape(&self, past: usize) -> Vec<usize> {
+    fn shape(&self, batch: usize, past: usize) -> Vec<usize> {
         let mut symbolic = 0;
         self.declared
             .iter()
@@ -97,7 +99,7 @@ impl CacheSlot {
                 d.unwrap_or_else(|| {
                     symbolic += 1;
                     if symbolic == 1 {
-                        1
+                        batch
                     } else {
                         past
                     }
@@ -116,6 +118,8 @@ pub struct CudaKvDecoder {
     slots: Vec<CacheSlot>,
     /// Positions already in the cache.
     pub past: usize,
+    /// Sequences decoded side by side (1 unless [`CudaKvDecoder::set_batch`]).
+    batch: usize,
     empty: CudaSlice<u8>,
 }
 
@@ -154,7 +158,26 @@ impl CudaKvDecoder {
             });
         }
         let empty = exec.gpu().stream.alloc_zeros::<u8>(1).map_err(CudaError::from)?;
-        Ok(CudaKvDecoder { exec, input, output, slots, past: 0, empty })
+        Ok(CudaKvDecoder { exec, input, output, slots, past: 0, batch: 1, empty })
+    }
+
+    /// Decodes `batch` copies of the sequence side by side from now on (forgets the cache). The
+    /// plan must be sized for it (`qcc compile --max-batch`).
+    pub fn set_batch(&mut self, batch: usize) -> Result<(), ExecutorError> {
+        let max = self.exec.manifest.symbols.iter().find(|s| s.name == "batch").map_or(1, |s| s.max as usize);
+        if batch == 0 || batch > max {
+            return Err(ExecutorError::Input {
+                name: self.input.clone(),
+                what: format!("batch {batch}: the plan is sized for 1 to {max} (qcc compile --max-batch)"),
+            });
+        }
+        self.batch = batch;
+        self.reset();
+        Ok(())
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
     }
 
     /// Forgets every cached position.
@@ -167,21 +190,21 @@ impl CudaKvDecoder {
 
     /// Binds `ids` after the cached positions and copies inputs and caches in; nothing is launched.
     pub fn prepare(&mut self, ids: &[i64]) -> Result<SymbolValues, ExecutorError> {
-        let shapes: Vec<Vec<usize>> = self.slots.iter().map(|s| s.shape(self.past)).collect();
+        let shapes: Vec<Vec<usize>> = self.slots.iter().map(|s| s.shape(self.batch, self.past)).collect();
         let device: Vec<(&str, &CudaSlice<u8>, Vec<usize>)> = self
             .slots
             .iter()
             .zip(shapes)
             .map(|(s, shape)| (s.past.as_str(), s.data.as_ref().map_or(&self.empty, |(d, _)| d), shape))
             .collect();
-        self.exec.prepare_with_device(&[(self.input.as_str(), ids_tensor(ids))], &device)
+        self.exec.prepare_with_device(&[(self.input.as_str(), ids_tensor(ids, self.batch))], &device)
     }
 
     /// After the launches of a step prepared for `fed` tokens: keeps the new caches and returns the
-    /// logits of the last position.
+    /// logits of the last position (of the last sequence; with one prompt every sequence has the same).
     pub fn finish(&mut self, fed: usize, values: &SymbolValues) -> Result<Logits, ExecutorError> {
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
-        let logits = read_logits(&self.exec, &self.output, values, fed)?;
+        let logits = read_logits(&self.exec, &self.output, values, self.batch * fed)?;
         for slot in &mut self.slots {
             let reuse = slot.data.take().map(|(buffer, _)| buffer);
             slot.data = Some(self.exec.keep_output(&slot.present, values, reuse)?);
@@ -192,7 +215,7 @@ impl CudaKvDecoder {
 
     /// The cache inputs after `past` positions: (name, shape), e.g. empty caches for `past` = 0.
     pub fn cache_shapes(&self, past: usize) -> Vec<(String, Vec<usize>)> {
-        self.slots.iter().map(|s| (s.past.clone(), s.shape(past))).collect()
+        self.slots.iter().map(|s| (s.past.clone(), s.shape(self.batch, past))).collect()
     }
 
     /// Runs `ids` after everything fed so far; returns the logits of the last position.
@@ -200,5 +223,26 @@ impl CudaKvDecoder {
         let values = self.prepare(ids)?;
         self.exec.launch_all(&values)?;
         self.finish(ids.len(), &values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batched_ids_repeat_the_prompt_and_caches_take_the_batch_first() {
+        let t = ids_tensor(&[5, 6, 7], 3);
+        assert_eq!(t.shape(), &[3, 3]);
+        assert_eq!(t.to_f64_vec(), vec![5.0, 6.0, 7.0, 5.0, 6.0, 7.0, 5.0, 6.0, 7.0]);
+        assert_eq!(ids_tensor(&[9], 1).shape(), &[1, 1]);
+        let slot = CacheSlot {
+            past: "past_key_values.0.key".into(),
+            present: "present.0.key".into(),
+            declared: vec![None, Some(32), None, Some(128)],
+            data: None,
+        };
+        assert_eq!(slot.shape(16, 515), vec![16, 32, 515, 128]);
+        assert_eq!(slot.shape(1, 0), vec![1, 32, 0, 128]);
     }
 }
