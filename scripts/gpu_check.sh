@@ -2,15 +2,9 @@
 # The one script that runs on the GPU machine: kernel correctness (bit-exact against the CPU
 # reference) and the benchmark against cuBLAS fp16, with results under $OUT.
 #
-# The GPU machine has no Rust toolchain: build here and carry the stripped binary (and PTX fallback):
-#   cargo build --release -p qcc-runtime --features cuda --bin qcc-run
-#   mkdir -p .gpu && strip -o .gpu/qcc-run target/release/qcc-run && .gpu/qcc-run ptx .gpu/ptx
-# or, to save the device about a minute of NVRTC per fresh machine (scripts/gpu_env.sh copies it into
-# QCC_CACHE_DIR; .gpu/ptx is only the fallback for a machine without libnvrtc, so leave it out then):
-#   QCC_CACHE_DIR=$PWD/.gpu/cache .gpu/qcc-run ptx /tmp/qcc-ptx
-# and, for the micro-kernels an artifact carries (its kernels/*.cu as compiled then), a GPU-less
-# `qcc-run plan` of each full artifact (it compiles them through the same cache):
-#   QCC_CACHE_DIR=$PWD/.gpu/cache .gpu/qcc-run plan .cache/gpu-art-7b/w4a4.qcc
+# The GPU machine has no Rust toolchain: build here with `bash scripts/gpu_build.sh` (qcc-run and the
+# cuda_executor test binary, stripped, and NVRTC's PTX of every kernel in .gpu/cache, which
+# scripts/gpu_env.sh seeds the device's QCC_CACHE_DIR from; artifacts from scripts/gpu_artifacts*.sh),
 # then on the device (run tool, carry [".gpu"]):  bash scripts/gpu_check.sh [--quick] [--profile] [--e2e] [--no-bench]
 #   --profile: Nsight Compute on the decode GEMV variants and cuBLAS fp16 at 11008x4096, M=1 (ncu-gemv.txt)
 #   --e2e:     the end-to-end decode benchmark (qcc-run bench --e2e: W4A4 vs fp16, Llama-2-7B shape)
