@@ -841,7 +841,8 @@ mod tests {
 
     #[test]
     fn fast_transform_equals_matrix_product() {
-        for n in [8, 12, 48, 576, 1536] {
+        // 156 and 344 = 172 x 2: the Williamson dense factors, alone and with a Sylvester factor.
+        for n in [8, 12, 48, 156, 344, 576, 1536] {
             let h = Hadamard::new(n);
             let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.61).cos() * (1.0 + i as f64 / 7.0)).collect();
             let mut fast = x.clone();
