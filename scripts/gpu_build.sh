@@ -28,12 +28,19 @@ for line in sys.stdin:
 strip -o .gpu/cuda_executor "$exe"
 
 rm -rf .gpu/cache
-if [[ "${1:-}" == "--ptx" ]]; then ptx_dir=.gpu/ptx; else ptx_dir="$(mktemp -d)"; rm -rf .gpu/ptx; fi
-QCC_CACHE_DIR="$ROOT/.gpu/cache" .gpu/qcc-run ptx "$ptx_dir"
+export QCC_CACHE_DIR="$ROOT/.gpu/cache"
+if [[ "${1:-}" == "--ptx" ]]; then
+  ptx_dir=.gpu/ptx
+else
+  ptx_dir="$(mktemp -d)"
+  trap 'rm -rf "$ptx_dir"' EXIT
+  rm -rf .gpu/ptx
+fi
+.gpu/qcc-run ptx "$ptx_dir"
 shopt -s nullglob
 for art in .cache/gpu-art*/*.qcc; do
   [[ -f "$art/manifest.json" ]] || continue
-  QCC_CACHE_DIR="$ROOT/.gpu/cache" .gpu/qcc-run plan "$art" | sed "s|^|$art: |"
+  .gpu/qcc-run plan "$art" | sed "s|^|$art: |"
 done
 find .gpu -name tokenizer.json -delete
 du -sh .gpu/*; du -sh .gpu

@@ -105,6 +105,8 @@ if [[ "${1:-}" == "--artifacts" ]]; then
   for art in "$art7"/[a-z]*.qcc; do
     [[ -d "$art" ]] || continue
     if [[ "$(basename "$art")" == kv-* ]]; then
+      # Batch 16 too where the plan is sized for it (gpu_artifacts_7b.sh MAX_BATCH=16).
+      batch_max=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(max([s["max"] for s in m["symbols"] if s["name"] == "batch"] or [1]))' "$art/manifest.json")
       for prompt in "$art7"/prompt-*.npy; do
         [[ -f "$prompt" ]] || continue
         echo "== decode $(basename "$art") $(basename "$prompt") (synthetic weights)"
@@ -113,8 +115,6 @@ if [[ "${1:-}" == "--artifacts" ]]; then
         echo "== decode $(basename "$art") $(basename "$prompt") with QCC_PDL=0 (no programmatic dependent launch)"
         QCC_PDL=0 QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 2>&1 \
           | grep -E 'decode step|rror' || status=1
-        # Batch 16 where the plan is sized for it (gpu_artifacts_7b.sh MAX_BATCH=16).
-        batch_max=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(max([s["max"] for s in m["symbols"] if s["name"] == "batch"] or [1]))' "$art/manifest.json")
         if ((batch_max >= 16)); then
           echo "== decode $(basename "$art") $(basename "$prompt") at batch 16"
           QCC_SYNTHETIC_WEIGHTS=7 timeout 300 "$BIN" generate "$art" --ids "$prompt" --max-tokens 8 --batch 16 2>&1 \

@@ -15,10 +15,8 @@ if ((${#libdirs[@]})); then
   export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
   export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
 fi
-# NVRTC's PTX, compiled here ahead of time into .gpu/cache (`QCC_CACHE_DIR=$PWD/.gpu/cache .gpu/qcc-run
-# ptx /tmp/qcc-ptx`, the project's NVRTC 13.0 wheel): runtime/src/cuda/nvrtc.rs keys its disk cache by
-# the sha256 of the source and architecture, so a fresh GPU machine finds every runtime kernel there
-# and skips about a minute of NVRTC (device time is scarce). Copied to a writable cache directory.
+# NVRTC's PTX compiled ahead of time (.gpu/cache, scripts/gpu_build.sh) seeds a writable cache
+# directory, so a fresh GPU machine skips about a minute of NVRTC.
 export QCC_CACHE_DIR="${QCC_CACHE_DIR:-/tmp/qcc-cache}"
 if [[ -d "$ROOT/.gpu/cache/nvrtc" ]]; then
   mkdir -p "$QCC_CACHE_DIR/nvrtc"
