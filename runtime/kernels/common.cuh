@@ -126,3 +126,35 @@ QCC_DEVICE u16 f32_to_bf16(float v) {
 struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) { return p[i]; } static __device__ void put(S* p, long i, float v) { p[i] = v; } };
 struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
 struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };
+
+// ---- Output quantization inside a micro-kernel (compiler/src/lower/micro.rs `fused_quant`): the
+// generated epilogue's arithmetic (compiler/src/lower/kernels.rs `emit_quant`), so a fused store is
+// bit-identical to a float store followed by that epilogue: q = clamp(roundeven(y / step[c]), lo,
+// hi), clamped to [plo, phi] instead where the position plus `past` is below `prefix` (the 16-bit
+// attention-sink rows).
+struct OutQuant {
+  const float* step;
+  long seq, past, prefix;
+  float lo, hi, plo, phi;
+  __device__ __forceinline__ float apply(float y, long channel, long pos) const {
+    const float r = rintf(__fdiv_rn(y, step[channel]));
+    const bool p = pos + past < prefix;
+    return fminf(fmaxf(r, p ? plo : lo), p ? phi : hi);
+  }
+};
+template <class A, class B>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <class A>
+struct same_type<A, A> {
+  static constexpr bool value = true;
+};
+
+// swiglu(g, u) as the generated kernel computes it (kernels.rs, PointwiseOp::Swiglu): g / (1 +
+// ex2.approx(g * -log2 e)) * u, each step rounded in f32 (no FMA).
+QCC_DEVICE float swiglu_f32(float g, float u) {
+  float e;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(g, __int_as_float(0xBFB8AA3B))));
+  return __fmul_rn(u, __fdiv_rn(g, __fadd_rn(e, 1.0f)));
+}

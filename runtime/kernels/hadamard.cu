@@ -23,13 +23,36 @@ struct D_f32 { typedef float S; static __device__ double get(const S* p, long i)
 struct D_f16 { typedef u16 S; static __device__ double get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_f16(v); } };
 struct D_bf16 { typedef u16 S; static __device__ double get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, double v) { p[i] = f64_to_bf16(v); } };
 
-template <class X>
-__device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long rows, long n, const i8* h,
-                              double inv_sqrt) {
+// One output element: X's float rounding, or with a quantized output O (short, i8) the generated
+// epilogue's quantization of that f32 value (common.cuh `OutQuant`).
+template <class X, class O>
+QCC_DEVICE void had_put(O* out, long idx, long channel, long pos, double v, const OutQuant& q) {
+  if constexpr (same_type<O, typename X::S>::value) {
+    X::put(out, idx, v);
+  } else {
+    out[idx] = (O)q.apply(__double2float_rn(v), channel, pos);
+  }
+}
+
+// Element j of row r of the transform's input: x, or with SWIGLU (f32 only) swiglu(x, x2).
+template <class X, bool SWIGLU>
+QCC_DEVICE double had_get(const typename X::S* x, const typename X::S* x2, long i) {
+  if constexpr (SWIGLU) {
+    return swiglu_f32(x[i], x2[i]);
+  } else {
+    return X::get(x, i);
+  }
+}
+
+template <class X, class O, bool SWIGLU>
+__device__ void hadamard_impl(const typename X::S* x, const typename X::S* x2, O* out, long rows, long n,
+                              const OutQuant& oq, const i8* h, double inv_sqrt) {
   extern __shared__ __align__(16) double row[];
+  constexpr bool QUANT = !same_type<O, typename X::S>::value;
   for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const long pos = QUANT ? r % oq.seq : 0;
     __syncthreads();
-    for (long j = threadIdx.x; j < n; j += blockDim.x) row[j] = X::get(x, r * n + j);
+    for (long j = threadIdx.x; j < n; j += blockDim.x) row[j] = had_get<X, SWIGLU>(x, x2, r * n + j);
     __syncthreads();
     for (long i = threadIdx.x; i < n; i += blockDim.x) {
       const i8* hi = h + i * n;
@@ -39,18 +62,40 @@ __device__ void hadamard_impl(const typename X::S* x, typename X::S* out, long r
         if (e > 0) acc += row[j];
         else if (e < 0) acc -= row[j];
       }
-      X::put(out, r * n + i, acc * inv_sqrt);
+      had_put<X, O>(out, r * n + i, i, pos, acc * inv_sqrt, oq);
     }
   }
 }
 
+// Entries: hadamard_{X}(x, out, rows, n, H, inv_sqrt); the fused forms of f32 (compiler/src/lower/
+// micro.rs) hadamard_swiglu_f32(g, u, out, rows, n, H, inv_sqrt) (the transform of swiglu(g, u)) and
+// hadamard_[swiglu_]f32_q{i16,i8}(x | g, u, out, rows, n, step, seq, past, prefix, lo, hi, plo, phi,
+// H, inv_sqrt) (the output quantized, OutQuant's fields in that order).
 #define HAD_ENTRY(XN)                                                                                    \
   extern "C" __global__ void __launch_bounds__(128) hadamard_##XN(const D_##XN::S* x, D_##XN::S* out,    \
                                                                   long rows, long n, const i8* h,         \
                                                                   double inv_sqrt) {                     \
-    hadamard_impl<D_##XN>(x, out, rows, n, h, inv_sqrt);                                                         \
+    hadamard_impl<D_##XN, D_##XN::S, false>(x, nullptr, out, rows, n, OutQuant{}, h, inv_sqrt);          \
   }
 HAD_ENTRY(f32) HAD_ENTRY(f16) HAD_ENTRY(bf16)
+extern "C" __global__ void __launch_bounds__(128) hadamard_swiglu_f32(const float* g, const float* u, float* out,
+                                                                      long rows, long n, const i8* h,
+                                                                      double inv_sqrt) {
+  hadamard_impl<D_f32, float, true>(g, u, out, rows, n, OutQuant{}, h, inv_sqrt);
+}
+#define HAD_Q_PARAMS const float *step, long seq, long past, long prefix, float lo, float hi, float plo, float phi
+#define HAD_Q_FIELDS OutQuant { step, seq, past, prefix, lo, hi, plo, phi }
+#define HAD_Q_ENTRY(ON, O)                                                                               \
+  extern "C" __global__ void __launch_bounds__(128) hadamard_f32_q##ON(                                  \
+      const float* x, O* out, long rows, long n, HAD_Q_PARAMS, const i8* h, double inv_sqrt) {           \
+    hadamard_impl<D_f32, O, false>(x, nullptr, out, rows, n, HAD_Q_FIELDS, h, inv_sqrt);                 \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(128) hadamard_swiglu_f32_q##ON(                           \
+      const float* g, const float* u, O* out, long rows, long n, HAD_Q_PARAMS, const i8* h,              \
+      double inv_sqrt) {                                                                                 \
+    hadamard_impl<D_f32, O, true>(g, u, out, rows, n, HAD_Q_FIELDS, h, inv_sqrt);                        \
+  }
+HAD_Q_ENTRY(i16, short) HAD_Q_ENTRY(i8, i8)
 
 // ---- Fast form (runtime route for the `hadamard` launches, runtime/src/cuda/fast_linear.rs): the
 // CPU's own algorithm and summation order (qcc_ir::hadamard::Hadamard::transform), so every output
@@ -92,10 +137,11 @@ static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
 
 // Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w U, ... in
 // registers, U at a time (independent shuffle chains overlap; U = 4 for short sub-rows, whose rounds
-// are mostly latency), and writes them back.
-template <int E>
+// are mostly latency; MAX_U caps it where the wide entries have only 64 registers), and writes
+// them back.
+template <int E, int MAX_U>
 static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
-  constexpr int U = E <= 2 ? 4 : 2;
+  constexpr int U = (E <= 2 ? 4 : 2) < MAX_U ? (E <= 2 ? 4 : 2) : MAX_U;
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   for (int b0 = (threadIdx.x >> 5) * U; b0 < m; b0 += warps * U) {
     const int nb = min(U, m - b0);
@@ -114,11 +160,14 @@ static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
   }
 }
 
-template <class X>
-__device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename X::S* __restrict__ out, long n,
-                                   int m, long p, const u32* __restrict__ signs, double scale, int a_per) {
+template <class X, int LOADS, class O, bool SWIGLU>
+__device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, const typename X::S* __restrict__ x2,
+                                   O* __restrict__ out, long n, int m, long p, const u32* __restrict__ signs,
+                                   double scale, int a_per, const OutQuant& oq) {
+  constexpr bool QUANT = !same_type<O, typename X::S>::value;
   extern __shared__ __align__(16) double row[];
   const long r = blockIdx.x;
+  const long pos = QUANT ? r % oq.seq : 0;
   const int splits = gridDim.y, s = blockIdx.y;
   // 32-bit indices, and shifts for the power-of-two p: 64-bit divisions made this kernel ~5x slower.
   const int ni = (int)n, lp = __ffs((int)p) - 1, half = (int)(p >> 1);
@@ -148,26 +197,35 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   // keeps a load after an earlier store to shared memory, and one load at a time waited ~40 times on
   // memory per row); rows not in 8-byte pieces take 8 elements per thread per batch.
   const typename X::S* xr = x + r * n;
+  const typename X::S* xr2 = SWIGLU ? x2 + r * n : xr;
   constexpr int PER = 8 / (int)sizeof(typename X::S);
+  // With SWIGLU two loads per piece (gate and up), half as many pieces per round.
+  constexpr int L = SWIGLU ? LOADS / 2 : LOADS;
   const int pieces = ni / PER;
-  if ((((size_t)xr) & 7) == 0 && ni % PER == 0) {
-    // 8-byte pieces, up to 24 per thread in flight (a whole 11008 f32 row in one round trip), each
+  if (((((size_t)xr) | ((size_t)xr2)) & 7) == 0 && ni % PER == 0) {
+    // 8-byte pieces, up to LOADS per thread in flight (a whole 11008 f32 row in one round trip), each
     // stored as 16-byte f64 pairs: a warp's f32 stores fill whole shared-memory wavefronts.
-    for (int w0 = threadIdx.x; w0 < pieces; w0 += 24 * blockDim.x) {
-      uint2 v[24];
+    for (int w0 = threadIdx.x; w0 < pieces; w0 += L * blockDim.x) {
+      uint2 v[L], v2[SWIGLU ? L : 1];
 #pragma unroll
-      for (int u = 0; u < 24; ++u) {
+      for (int u = 0; u < L; ++u) {
         const int w = w0 + u * blockDim.x;
         v[u] = w < pieces ? ((const uint2*)xr)[w] : make_uint2(0, 0);
+        if constexpr (SWIGLU) v2[u] = w < pieces ? ((const uint2*)xr2)[w] : make_uint2(0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < 24; ++u) {
+      for (int u = 0; u < L; ++u) {
         const int w = w0 + u * blockDim.x;
-        const typename X::S* e = (const typename X::S*)&v[u];
-        if (w < pieces)
+        if (w >= pieces) continue;
+        if constexpr (SWIGLU) {
+          const float2 g = *(const float2*)&v[u], up = *(const float2*)&v2[u];
+          *(double2*)&row[w * PER] = make_double2(swiglu_f32(g.x, up.x), swiglu_f32(g.y, up.y));
+        } else {
+          const typename X::S* e = (const typename X::S*)&v[u];
 #pragma unroll
           for (int t = 0; t < PER; t += 2)
             *(double2*)&row[w * PER + t] = make_double2(X::get(e, t), X::get(e, t + 1));
+        }
       }
     }
   } else {
@@ -176,7 +234,7 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         const int j = j0 + u * blockDim.x;
-        v[u] = j < ni ? X::get(xr, j) : 0.0;
+        v[u] = j < ni ? had_get<X, SWIGLU>(xr, xr2, j) : 0.0;
       }
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
@@ -187,11 +245,11 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   }
   __syncthreads();
   switch (p) {
-    case 32: wht_rows_warps<1>(row, m); break;
-    case 64: wht_rows_warps<2>(row, m); break;
-    case 128: wht_rows_warps<4>(row, m); break;
-    case 256: wht_rows_warps<8>(row, m); break;
-    case 512: wht_rows_warps<16>(row, m); break;
+    case 32: wht_rows_warps<1, 4>(row, m); break;
+    case 64: wht_rows_warps<2, 4>(row, m); break;
+    case 128: wht_rows_warps<4, 4>(row, m); break;
+    case 256: wht_rows_warps<8, LOADS >= 24 ? 2 : 1>(row, m); break;
+    case 512: wht_rows_warps<16, LOADS >= 24 ? 2 : 1>(row, m); break;
     default:
       // Other sizes: one butterfly per thread per stage.
       for (int lh = 0; lh < lp; ++lh) {
@@ -209,7 +267,7 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
   __syncthreads();
   if (m == 1) {
     const int per = (ni + splits - 1) / splits, e0 = s * per, e1 = min(ni, e0 + per);
-    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) X::put(out, r * n + e, row[e] * scale);
+    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) had_put<X, O>(out, r * n + e, e, pos, row[e] * scale, oq);
     return;
   }
   // Dense factor. A block with at most one output per thread (a decode row split over blocks):
@@ -226,7 +284,8 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
         const double v = row[(b << lp) + i];
         acc += ((col[b * W] >> sh) & 1u) ? -v : v;
       }
-      X::put(out, r * n + ((long)a << lp) + i, acc * scale);
+      const long c = ((long)a << lp) + i;
+      had_put<X, O>(out, r * n + c, c, pos, acc * scale, oq);
     }
     return;
   }
@@ -247,14 +306,42 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, typename
     }
 #pragma unroll
     for (int t = 0; t < 4; ++t)
-      if (a + t < a1) X::put(out, r * n + ((long)(a + t) << lp) + i, acc[t] * scale);
+      if (a + t < a1) {
+        const long c = ((long)(a + t) << lp) + i;
+        had_put<X, O>(out, r * n + c, c, pos, acc[t] * scale, oq);
+      }
   }
 }
 
+// 256 threads per block; the `wide_` entries take 1024 (few rows: one output per thread), with
+// fewer loads in flight per thread (a 11008 f32 row is still one round trip) to stay within 64
+// registers. Arguments (x, out, n, m, p, signs, scale, a_per); the fused f32 forms as the micro-kernel
+// entries: `swiglu_` takes (g, u, out, ...), `_q{i16,i8}` appends OutQuant's fields.
+#define HAD_FAST_PARAMS long n, int m, long p, const u32 *signs, double scale, int a_per
+#define HAD_FAST_ARGS n, m, p, signs, scale, a_per
 #define HAD_FAST_ENTRY(XN)                                                                                \
-  extern "C" __global__ void __launch_bounds__(256) hadamard_fast_##XN(                                   \
-      const D_##XN::S* x, D_##XN::S* out, long n, int m, long p, const u32* signs, double scale,          \
-      int a_per) {                                                                                        \
-    hadamard_fast_impl<D_##XN>(x, out, n, m, p, signs, scale, a_per);                                     \
+  extern "C" __global__ void __launch_bounds__(256)                                                      \
+      hadamard_fast_##XN(const D_##XN::S* x, D_##XN::S* out, HAD_FAST_PARAMS) {                          \
+    hadamard_fast_impl<D_##XN, 24, D_##XN::S, false>(x, nullptr, out, HAD_FAST_ARGS, OutQuant{});         \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                                     \
+      hadamard_fast_wide_##XN(const D_##XN::S* x, D_##XN::S* out, HAD_FAST_PARAMS) {                     \
+    hadamard_fast_impl<D_##XN, 6, D_##XN::S, false>(x, nullptr, out, HAD_FAST_ARGS, OutQuant{});          \
   }
 HAD_FAST_ENTRY(f32) HAD_FAST_ENTRY(f16) HAD_FAST_ENTRY(bf16)
+#define HAD_FAST_FUSED(W, THREADS, LOADS)                                                                 \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
+      hadamard_fast_##W##swiglu_f32(const float* g, const float* u, float* out, HAD_FAST_PARAMS) {        \
+    hadamard_fast_impl<D_f32, LOADS, float, true>(g, u, out, HAD_FAST_ARGS, OutQuant{});                  \
+  }                                                                                                       \
+  HAD_FAST_Q(W, THREADS, LOADS, i16, short) HAD_FAST_Q(W, THREADS, LOADS, i8, i8)
+#define HAD_FAST_Q(W, THREADS, LOADS, ON, O)                                                              \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
+      hadamard_fast_##W##f32_q##ON(const float* x, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) {               \
+    hadamard_fast_impl<D_f32, LOADS, O, false>(x, nullptr, out, HAD_FAST_ARGS, HAD_Q_FIELDS);             \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(THREADS) hadamard_fast_##W##swiglu_f32_q##ON(             \
+      const float* g, const float* u, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) {                            \
+    hadamard_fast_impl<D_f32, LOADS, O, true>(g, u, out, HAD_FAST_ARGS, HAD_Q_FIELDS);                    \
+  }
+HAD_FAST_FUSED(, 256, 24) HAD_FAST_FUSED(wide_, 1024, 6)

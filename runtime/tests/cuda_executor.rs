@@ -521,6 +521,98 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
 }
 
 #[test]
+fn fused_hadamard_of_swiglu_with_quantized_output_matches_the_cpu() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    // The fused forms compiler/src/lower/micro.rs launches: `hadamard_swiglu_f32_qi16` (the
+    // down_proj input of a W4A4 MLP: swiglu(gate, up) transformed, quantized to int4 per channel,
+    // 16-bit for the first `prefix` positions of each sequence) and `hadamard_f32_q{i16,i8}`.
+    // Positions repeat every `seq` rows (rows = batch * seq). 11008 at 1 and 6 rows takes the
+    // 1024-thread decode blocks, at 300 rows one block per row, 188 (no exact order: block
+    // diagonal) the micro-kernel.
+    for (seed, n, batch, seq, swiglu, to, prefix) in [
+        (31u64, 11008usize, 1usize, 1usize, true, DType::I4, 1usize),
+        (32, 11008, 2, 3, true, DType::I4, 1),
+        (33, 11008, 100, 3, true, DType::I4, 1),
+        (34, 4096, 1, 2, false, DType::I8, 0),
+        (35, 1536, 2, 2, false, DType::I4, 2),
+        (36, 188, 1, 3, true, DType::I4, 1),
+    ] {
+        let mut rng = Rng(seed);
+        let rows = batch * seq;
+        let dims = [batch, seq, n];
+        let mut data =
+            |scale: f32| RtTensor::from_vec(&dims, (0..rows * n).map(|_| rng.float() * scale).collect()).unwrap();
+        let (gate, up) = (data(4.0), data(2.0));
+        let step: Vec<f32> = (0..n).map(|_| 0.05 + 0.3 * rng.float().abs()).collect();
+        let out_dtype = if prefix > 0 { DType::I16 } else { to };
+        let mut g = Graph::new("t");
+        let gv = g.add_input("g", TensorType::known(DType::F32, &dims)).unwrap();
+        let x = if swiglu {
+            let uv = g.add_input("u", TensorType::known(DType::F32, &dims)).unwrap();
+            g.add_op(Op::new(OpKind::Swiglu), &[gv, uv], TensorType::known(DType::F32, &dims))
+        } else {
+            gv
+        };
+        let mut op = Op::new(OpKind::Hadamard)
+            .with("size", qcc_ir::Attr::Int(n as i64))
+            .with("to", qcc_ir::Attr::DType(to))
+            .with("step", qcc_ir::Attr::Tensor(Tensor::from_slice(vec![n], &step)));
+        if prefix > 0 {
+            op = op
+                .with("prefix_tokens", qcc_ir::Attr::Int(prefix as i64))
+                .with("prefix_to", qcc_ir::Attr::DType(DType::I16));
+        }
+        let y = g.add_op(op, &[x], TensorType::known(out_dtype, &dims));
+        g.add_output("y", y);
+        let mut plan = Plan { buffers: vec![], arena: 0 };
+        let bg = plan.arena("g", DType::F32, &dims);
+        let bu = swiglu.then(|| plan.arena("u", DType::F32, &dims));
+        let by = plan.arena("y", out_dtype, &dims);
+        let bstep = plan.weight(&format!("{}.step", g.value_name(y)), DType::F32, &[n]);
+        let (lo, hi) = to.int_range().unwrap();
+        let (plo, phi) = if prefix > 0 { DType::I16.int_range().unwrap() } else { (lo, hi) };
+        let mut args = vec![Arg::Buffer(bg)];
+        args.extend(bu.map(Arg::Buffer));
+        args.extend([Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(n as i64))]);
+        args.extend([Arg::Buffer(bstep), Arg::I64(c(seq as i64)), Arg::I64(c(0)), Arg::I64(c(prefix as i64))]);
+        args.extend([lo, hi, plo, phi].map(|v| Arg::F32(v as f32)));
+        let entry = format!(
+            "hadamard_{}f32_q{}",
+            if swiglu { "swiglu_" } else { "" },
+            if out_dtype == DType::I16 { "i16" } else { "i8" }
+        );
+        let launch = Launch {
+            node: "hadamard".into(),
+            module: "hadamard".into(),
+            entry: entry.clone(),
+            grid: [c(rows as i64), c(1), c(1)],
+            block: [128, 1, 1],
+            shared_bytes: 8 * n as u32,
+            args,
+        };
+        let label = format!("{entry} n={n} rows={batch}x{seq}");
+        let mut inputs = vec![("g", gate, bg)];
+        if let Some(bu) = bu {
+            inputs.push(("u", up, bu));
+        }
+        if let Some(a) = run_case(&label, &g, plan, inputs, by, launch) {
+            if swiglu {
+                // The GPU's swiglu takes exp as ex2.approx (the generated kernel's, so the fused launch
+                // equals the unfused pair); the CPU's is exact: a few values land one step apart.
+                assert!(a.max_abs <= 1.0 && a.differing * 200 <= a.elements, "{label}: {a}");
+            } else {
+                assert_eq!(a.differing, 0, "{label}: {a}");
+            }
+            let fast = usize::from(n != 188);
+            assert_eq!(LAST_ROUTED.with(|r| r.get()), (fast, 0), "{label}: route");
+        }
+    }
+}
+
+#[test]
 fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
     if !nvrtc::nvrtc_available() {
         eprintln!("SKIPPED: libnvrtc.so.13 not found");

@@ -35,6 +35,9 @@ fn assemble(name: &str, lowered: &Lowered) {
     for (module, ptx) in &compiled.ptx {
         assert!(ptx.contains(".target sm_90"), "{name}: {module} is not for sm_90");
         assert!(!ptx.contains("fma."), "{name}: fused multiply-adds would break bit-exactness with the CPU");
+        if !ptx.contains(".entry") {
+            continue; // every op went to micro-kernels
+        }
         // As the runtime loads it: every entry patched for programmatic dependent launch.
         let ptx = qcc_runtime::cuda::pdl::patch_entries(ptx).unwrap_or_else(|| panic!("{name}: {module}: PDL patch"));
         let path = dir.path().join(format!("{module}.ptx"));
@@ -313,6 +316,33 @@ fn attention_and_hadamard_get_quantization_epilogues() {
   return %a, %h
 }"#,
     );
+}
+
+#[test]
+fn hadamard_of_a_swiglu_loads_gate_and_up_and_quantizes_its_own_output() {
+    // The down_proj input of a W4A4 MLP (KV-cache graph): swiglu read only by the hadamard, whose
+    // per-channel int4 output with a 16-bit first position (offset by the past length) is stored by
+    // the Hadamard launch itself: one `hadamard_swiglu_f32_qi16` launch, no swiglu or epilogue kernel.
+    // A swiglu with a second reader keeps its own kernel (the second graph).
+    let lowered = check(
+        "hadamard_swiglu_quant",
+        r#"graph @t(%g: f32[batch,seq,8], %u: f32[batch,seq,8], %past: f32[batch,past_seq,8]) -> (%h) {
+  %s = swiglu(%g, %u) : f32[batch,seq,8]
+  %h = hadamard(%s) {prefix_offset = "past_seq", prefix_to = i16, prefix_tokens = 1, size = 8, step = dense<f32[8] [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]>, to = i4} : i16[batch,seq,8]
+  return %h
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["hadamard_swiglu_f32_qi16"]);
+    let lowered = lower_text(
+        r#"graph @t(%g: f32[batch,seq,8], %u: f32[batch,seq,8]) -> (%h, %s) {
+  %s = swiglu(%g, %u) : f32[batch,seq,8]
+  %h = hadamard(%s) {size = 8} : f32[batch,seq,8]
+  return %h, %s
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["swiglu_f32_f32_f32", "hadamard_f32"]);
 }
 
 #[test]

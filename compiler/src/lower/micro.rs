@@ -1,15 +1,16 @@
 //! Launches of the runtime's CUDA micro-kernels (runtime/kernels/<module>.cu, compiled by NVRTC at load).
 //! This file is the contract with the runtime: module and entry names, the argument order, and the
 //! launch geometry the kernels must be written for (grid-stride loops make them correct for any
-//! problem size within the geometry). Every micro-kernel writes an f32 (or the float output type)
-//! result; an output quantization on the op becomes a generated epilogue kernel after it.
+//! problem size within the geometry). A micro-kernel writes an f32 (or the float output type) result,
+//! and an output quantization on the op becomes a generated epilogue kernel after it, except where the
+//! kernel has a quantized entry for it ([`fused_quant`]: `hadamard`).
 //!
 //! | op | module | entry | args | grid | block | shared |
 //! |----|--------|-------|------|------|-------|--------|
 //! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}` | x, w, scale, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `linear` | `linear` | `linear_{X}_w{W}[_bias]` | x, w, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `attention` | `attention` | `attention_{X}[_mask]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32) | [S, Hq, B] | [128,1,1] | 4 * T_max |
-//! | `hadamard` | `hadamard` | `hadamard_{X}` | x, out, rows, n | [rows, 1, 1] | [128,1,1] | 8 * n |
+//! | `hadamard` | `hadamard` | `hadamard_[swiglu_]{X}[_q{O}]` | x (swiglu: g, u), out, rows, n, [quant] | [rows, 1, 1] | [128,1,1] | 8 * n |
 //!
 //! Layouts: x [M, K] row-major (M = product of the leading dims); weights [N, K] row-major as in the
 //! weights file (int4 packed two per byte along K, low nibble first; the runtime may repack at
@@ -19,8 +20,12 @@
 //! [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], all contiguous; the mask
 //! is [S, T] of q's type broadcast over batch and heads; `causal` = 1 masks keys after the query's position
 //! counted from the end (key t visible for query s iff t <= T - S + s). Hadamard: rows of n elements,
-//! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64).
+//! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64);
+//! `swiglu_` (f32): x = swiglu(g, u) as the generated kernel computes it, for a swiglu read only by the
+//! Hadamard. `[quant]` (`_q{O}` entries, O = i16 or i8, f32 only): step, seq, past, prefix, lo, hi,
+//! plo, phi (see [`fused_quant`]): the micro-kernel stores the quantized output itself.
 
+use super::kernels::Step;
 use super::{const_of, join, shapes, LowerError, Lowerer, View};
 use qcc_ir::{DType, NodeId};
 use qcc_runtime::artifact::{Arg, DimExpr, Launch};
@@ -56,6 +61,47 @@ fn finish(l: &mut Lowerer, id: NodeId, result: View, quantized: Option<DType>) -
     let quant = l.quant(id, result.dims.last())?;
     let dims = result.dims.clone();
     l.emit_pointwise(id, super::PointwiseOp::Identity, vec![result], dims, out_dtype, quant, l.output_name(id))
+}
+
+/// An output quantization the micro-kernel applies itself (`_q{i16,i8}` entries, runtime/kernels/
+/// common.cuh `OutQuant`, the generated epilogue's arithmetic): the node's output buffer, the entry
+/// suffix and the trailing arguments (step, seq, past, prefix, lo, hi, plo, phi). Only for a step
+/// per channel of the last axis (`per_head`: per head and channel of an attention output) stored
+/// as i16 or i8 (int4 activations take a byte); `None` leaves the op to [`float_result`].
+fn fused_quant(
+    l: &mut Lowerer,
+    id: NodeId,
+    dims: &[DimExpr],
+    per_head: bool,
+) -> Result<Option<(View, String, Vec<Arg>)>, LowerError> {
+    let Some(q) = l.quant(id, dims.last())? else { return Ok(None) };
+    let step = match q.step {
+        Step::PerChannel(b) if !per_head => b,
+        Step::PerHeadChannel(b) if per_head => b,
+        _ => return Ok(None),
+    };
+    let out_dtype = q.output_dtype();
+    let suffix = match out_dtype {
+        DType::I16 => "_qi16",
+        DType::I8 | DType::I4 => "_qi8",
+        _ => return Ok(None),
+    };
+    let (Some((lo, hi)), prefix_range) = (q.to.int_range(), q.prefix_to.int_range()) else { return Ok(None) };
+    let (plo, phi) = if q.prefix_tokens > 0 { prefix_range.unwrap_or((lo, hi)) } else { (lo, hi) };
+    let seq = if dims.len() >= 2 { dims[dims.len() - 2].clone() } else { DimExpr::Const(1) };
+    let past = q.prefix_offset.clone().unwrap_or(DimExpr::Const(0));
+    let out = l.arena(l.output_name(id), out_dtype, dims.to_vec());
+    let args = vec![
+        Arg::Buffer(step),
+        Arg::I64(seq),
+        Arg::I64(past),
+        Arg::I64(DimExpr::Const(q.prefix_tokens as i64)),
+        Arg::F32(lo as f32),
+        Arg::F32(hi as f32),
+        Arg::F32(plo as f32),
+        Arg::F32(phi as f32),
+    ];
+    Ok(Some((out, suffix.to_string(), args)))
 }
 
 /// `int_linear` and `linear`.
@@ -185,8 +231,16 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
 }
 
 pub(super) fn hadamard(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
-    let x = l.input(id, 0, None)?;
-    let x = l.contiguous(id, x)?;
+    // A swiglu left to this launch (Lowerer::defer_swiglu): its gate and up are the inputs.
+    let deferred = l.graph.input(id, 0).and_then(|v| l.deferred_swiglu.remove(&v));
+    let ins = match deferred {
+        Some((g, u)) => vec![g, u],
+        None => {
+            let x = l.input(id, 0, None)?;
+            vec![l.contiguous(id, x)?]
+        }
+    };
+    let x = ins[0].clone();
     let Some(n) = x.dims.last().and_then(const_of) else {
         return Err(l.err(id, "the transformed (last) axis must have a known extent"));
     };
@@ -194,15 +248,26 @@ pub(super) fn hadamard(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> 
         return Err(l.err(id, format!("attribute size differs from the last dimension {n}")));
     }
     let rows = shapes::product(&x.dims[..x.dims.len() - 1]);
-    let (out, quantized) = float_result(l, id, x.dims.clone())?;
+    let fused = if x.dtype == DType::F32 { fused_quant(l, id, &x.dims, false)? } else { None };
+    let (out, quantized, suffix, qargs) = match fused {
+        Some((out, suffix, args)) => (out, None, suffix, args),
+        None => {
+            let (out, quantized) = float_result(l, id, x.dims.clone())?;
+            (out, quantized, String::new(), Vec::new())
+        }
+    };
+    let swiglu = if ins.len() == 2 { "swiglu_" } else { "" };
+    let mut args: Vec<Arg> = ins.iter().map(buffer).collect();
+    args.extend([buffer(&out), Arg::I64(rows.clone()), Arg::I64(DimExpr::Const(n as i64))]);
+    args.extend(qargs);
     l.launch_micro(Launch {
         node: super::label(l.graph, id),
         module: "hadamard".to_string(),
-        entry: format!("hadamard_{}", x.dtype),
-        grid: [rows.clone(), DimExpr::Const(1), DimExpr::Const(1)],
+        entry: format!("hadamard_{swiglu}{}{suffix}", x.dtype),
+        grid: [rows, DimExpr::Const(1), DimExpr::Const(1)],
         block: [128, 1, 1],
         shared_bytes: u32::try_from(8 * n).map_err(|_| l.err(id, "size too large for shared memory"))?,
-        args: vec![buffer(&x), buffer(&out), Arg::I64(rows), Arg::I64(DimExpr::Const(n as i64))],
+        args,
     });
     finish(l, id, out, quantized)
 }

@@ -177,6 +177,9 @@ struct Lowerer<'g> {
     functions: Vec<(String, String, String)>,
     by_text: HashMap<String, String>,
     micro_modules: BTreeSet<String>,
+    /// `swiglu` results left to the `hadamard` that is their only reader (its launch computes
+    /// swiglu(g, u) as it loads them): the value, and the views of g and u.
+    deferred_swiglu: HashMap<Value, (View, View)>,
 }
 
 pub(crate) fn label(graph: &Graph, id: NodeId) -> String {
@@ -221,6 +224,7 @@ impl<'g> Lowerer<'g> {
             functions: Vec::new(),
             by_text: HashMap::new(),
             micro_modules: BTreeSet::new(),
+            deferred_swiglu: HashMap::new(),
         })
     }
 
@@ -331,6 +335,7 @@ impl<'g> Lowerer<'g> {
             Transpose => self.transpose(id)?,
             Gather => self.gather(id)?,
             RmsNorm => self.rms_norm(id)?,
+            Swiglu if self.defer_swiglu(id)? => return Ok(()),
             Add | Sub | Mul | Div | Swiglu => {
                 let op = match kind {
                     Add => PointwiseOp::Add,
@@ -584,6 +589,42 @@ impl<'g> Lowerer<'g> {
             return Err(self.err(id, format!("element-wise {} on {dtype} is not lowered (float only)", op_name(op))));
         }
         self.emit_pointwise(id, op, vec![a, b], dims, dtype, quant, self.output_name(id))
+    }
+
+    /// Leaves `swiglu` node `id` to its reader when that is one `hadamard` of f32 with both operands
+    /// of the output's own dims (no broadcast) and no output quantization: the Hadamard launch
+    /// computes swiglu(g, u) as it loads its row ([`micro::hadamard`]), one launch and one f32 round
+    /// trip less per MLP.
+    fn defer_swiglu(&mut self, id: NodeId) -> Result<bool, LowerError> {
+        let v = self.output(id);
+        let users = self.graph.users(v);
+        let [(reader, 0)] = users.as_slice() else { return Ok(false) };
+        let reader = *reader;
+        let f32_value = |x: Option<Value>| x.is_some_and(|x| self.graph.value_type(x).dtype == DType::F32);
+        if self.graph.node(reader).op.kind != OpKind::Hadamard
+            || self.host.contains(&reader)
+            || self.graph.graph_outputs().iter().any(|o| o.value == v)
+            || self.graph.node(id).op.output_quant().is_some()
+            || !f32_value(Some(v))
+            || !f32_value(self.graph.input(id, 0))
+            || !f32_value(self.graph.input(id, 1))
+        {
+            return Ok(false);
+        }
+        let g = self.input(id, 0, None)?;
+        let u = self.input(id, 1, None)?;
+        let same = |a: &Dims, b: &Dims| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| shapes::same(x, y));
+        let declared_ok = match self.declared_dims(v) {
+            Some(d) if !d.iter().any(shapes::has_unknown) => same(&d, &g.dims),
+            _ => true,
+        };
+        if !same(&g.dims, &u.dims) || !declared_ok {
+            return Ok(false);
+        }
+        let g = self.contiguous(id, g)?;
+        let u = self.contiguous(id, u)?;
+        self.deferred_swiglu.insert(v, (g, u));
+        Ok(true)
     }
 
     fn rotary(&mut self, id: NodeId) -> Result<View, LowerError> {

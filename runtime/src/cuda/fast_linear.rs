@@ -40,7 +40,8 @@
 //! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 8
 //! on the packed path too (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
 //! `QCC_FAST_GEMM=<name>` picks the GEMM (default [`DEFAULT_WS_GEMM`] from [`WS_MIN_ROWS`] rows on an
-//! sm_90 GPU, else [`DEFAULT_GEMM`]).
+//! sm_90 GPU, else [`DEFAULT_GEMM`]). `QCC_HAD_WIDE=0` keeps the Hadamard of a few rows on
+//! 256-thread blocks.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -234,11 +235,15 @@ pub struct WfRoute {
 /// A `hadamard` launch on the fast transform.
 pub struct HadRoute {
     x: u32,
+    /// `up` of a fused `hadamard_swiglu_f32*` launch (x is then the gate).
+    up: Option<u32>,
     out: u32,
     rows: DimExpr,
     n: usize,
-    /// Entry suffix: the storage type (f32, f16, bf16).
+    /// Entry suffix: the storage type (f32, f16, bf16), after `swiglu_` for a fused launch.
     dtype: String,
+    /// A quantized output's arguments (`_q{i16,i8}` entries), passed through as the plan gives them.
+    quant: Option<HadQuant>,
     m: usize,
     p: usize,
     scale: f64,
@@ -695,15 +700,69 @@ impl W8Route {
     }
 }
 
+/// The output quantization arguments of a fused Hadamard launch (hadamard.cu `OutQuant`): the
+/// step buffer, seq, past and prefix, then lo, hi, plo, phi.
+#[derive(Clone, Debug)]
+struct HadQuant {
+    /// Entry suffix: `_qi16` or `_qi8`.
+    suffix: String,
+    step: u32,
+    ints: [DimExpr; 3],
+    bounds: [f32; 4],
+}
+
+impl HadQuant {
+    fn parse(suffix: &str, args: &[Arg]) -> Option<HadQuant> {
+        let [Arg::Buffer(step), Arg::I64(seq), Arg::I64(past), Arg::I64(prefix), Arg::F32(lo), Arg::F32(hi), Arg::F32(plo), Arg::F32(phi)] =
+            args
+        else {
+            return None;
+        };
+        Some(HadQuant {
+            suffix: suffix.to_string(),
+            step: *step,
+            ints: [seq.clone(), past.clone(), prefix.clone()],
+            bounds: [*lo, *hi, *plo, *phi],
+        })
+    }
+}
+
 impl HadRoute {
-    /// `hadamard_{X}(x, out, rows, n)` with one exact block (no block-diagonal fallback).
+    /// `hadamard_{X}(x, out, rows, n)`, or a fused f32 form (`hadamard_swiglu_f32(g, u, out, rows,
+    /// n)`, `hadamard_[swiglu_]f32_q{i16,i8}(..., step, seq, past, prefix, lo, hi, plo, phi)`), with
+    /// one exact block (no block-diagonal fallback).
     fn plan(manifest: &Manifest, launch: &Launch) -> Option<HadRoute> {
-        let [Arg::Buffer(x), Arg::Buffer(out), Arg::I64(rows), n] = launch.args.as_slice() else { return None };
+        let rest = launch.entry.strip_prefix("hadamard_")?;
+        let (rest, swiglu) = match rest.strip_prefix("swiglu_") {
+            Some(r) => (r, true),
+            None => (rest, false),
+        };
+        let (dtype, qsuffix) = match rest.find("_q") {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
+        let ins = 1 + swiglu as usize;
+        let head = launch.args.get(..ins + 3)?;
+        let [Arg::Buffer(out), Arg::I64(rows), n] = &head[ins..] else { return None };
+        let Arg::Buffer(x) = head[0] else { return None };
+        let up = match head.get(1) {
+            Some(Arg::Buffer(u)) if swiglu => Some(*u),
+            _ => None,
+        };
+        let quant = match qsuffix {
+            Some(q) if matches!(q, "_qi16" | "_qi8") => Some(HadQuant::parse(q, &launch.args[ins + 3..])?),
+            Some(_) => return None,
+            None if launch.args.len() == ins + 3 => None,
+            None => return None,
+        };
         let n = const_arg(n)?;
-        let dtype = launch.entry.strip_prefix("hadamard_")?.to_string();
-        if !matches!(dtype.as_str(), "f32" | "f16" | "bf16") || buffer_dtype(manifest, *x)?.name() != dtype {
+        if !matches!(dtype, "f32" | "f16" | "bf16") || buffer_dtype(manifest, x)?.name() != dtype {
             return None;
         }
+        if (swiglu || quant.is_some()) && dtype != "f32" {
+            return None;
+        }
+        let dtype = if swiglu { format!("swiglu_{dtype}") } else { dtype.to_string() };
         let h = qcc_ir::hadamard::Hadamard::new(n);
         let (m, p, dense) = h.factors();
         // At most Hopper's 227 KiB of shared memory opt-in. Only +-1 dense entries (an exact
@@ -712,7 +771,7 @@ impl HadRoute {
             return None;
         }
         let scale = 1.0 / (h.block_size() as f64).sqrt();
-        Some(HadRoute { x: *x, out: *out, rows: rows.clone(), n, dtype, m, p, scale, signs: None })
+        Some(HadRoute { x, up, out: *out, rows: rows.clone(), n, dtype, quant, m, p, scale, signs: None })
     }
 
     /// Dynamic shared memory of `hadamard_fast_*`: the row in f64, then the sign words.
@@ -742,16 +801,27 @@ impl HadRoute {
         Ok(())
     }
 
-    /// Blocks per row and output sub-rows per block (a multiple of 4; 0 when m = 1): few rows
-    /// (decode) split each row's outputs to fill the GPU (about four blocks per SM of an H100/H200).
-    fn splits(&self, rows: usize) -> (usize, usize) {
+    /// Blocks per row, output sub-rows per block (a multiple of 4; 0 when m = 1) and threads per
+    /// block. Few rows (decode) split each row's outputs to fill the GPU (about four blocks per SM of
+    /// an H100/H200); up to [`HadRoute::WIDE_ROWS`] rows a block has 1024 threads and one output per
+    /// thread: every block loads and transforms the whole row before its dense chains, so a decode
+    /// row is bound by that latency, which 4x the threads per block cut with 4x fewer blocks.
+    /// `wide_rows`: [`HadRoute::WIDE_ROWS`], or 0 for 256-thread blocks throughout (`QCC_HAD_WIDE=0`).
+    fn splits(&self, rows: usize, wide_rows: usize) -> (usize, usize, u32) {
         let wanted = if rows >= 264 { 1 } else { 528usize.div_ceil(rows) };
         if self.m == 1 {
-            return (wanted.clamp(1, 16), 0);
+            return (wanted.clamp(1, 16), 0, 256);
+        }
+        if rows <= wide_rows {
+            let a_per = (1024 / self.p / 4 * 4).max(4);
+            return (self.m.div_ceil(a_per), a_per, 1024);
         }
         let a_per = self.m.div_ceil(wanted).next_multiple_of(4);
-        (self.m.div_ceil(a_per), a_per)
+        (self.m.div_ceil(a_per), a_per, 256)
     }
+
+    /// Rows up to which the transform runs on 1024-thread blocks ([`HadRoute::splits`]).
+    const WIDE_ROWS: usize = 16;
 
     /// Enqueues the transform of every row.
     pub fn launch(
@@ -769,7 +839,12 @@ impl HadRoute {
         }
         let (x, out) = (ptr(self.x)?, ptr(self.out)?);
         let signs = self.signs.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
-        let f = gpu.function("hadamard", &format!("hadamard_fast_{}", self.dtype)).map_err(|e| e.to_string())?;
+        let wide_rows = if std::env::var("QCC_HAD_WIDE").is_ok_and(|v| v == "0") { 0 } else { Self::WIDE_ROWS };
+        let (splits, a_per, threads) = self.splits(rows, wide_rows);
+        let wide = if threads == 1024 { "wide_" } else { "" };
+        let qsuffix = self.quant.as_ref().map_or("", |q| q.suffix.as_str());
+        let entry = format!("hadamard_fast_{wide}{}{qsuffix}", self.dtype);
+        let f = gpu.function("hadamard", &entry).map_err(|e| e.to_string())?;
         let smem = Self::smem_bytes(self.n, self.m) as u32;
         if smem > 48 * 1024 {
             f.set_attribute(
@@ -778,14 +853,45 @@ impl HadRoute {
             )
             .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
         }
-        let (splits, a_per) = self.splits(rows);
         let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
+        let up = self.up.map(|u| ptr(u)).transpose()?;
+        let quant = match &self.quant {
+            Some(q) => {
+                let mut ints = [0i64; 3];
+                for (v, e) in ints.iter_mut().zip(&q.ints) {
+                    *v = e.eval(values).map_err(|e| e.to_string())?;
+                }
+                if ints[0] <= 0 {
+                    return Err(format!("{entry}: seq {}", ints[0]));
+                }
+                Some((ptr(q.step)?, ints, q.bounds))
+            }
+            None => None,
+        };
         let mut b = gpu.launcher(&f);
-        b.arg(&x).arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
-        let cfg =
-            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
-        // SAFETY: signature (T*, T*, long, int, long, u32*, double, int); x and out hold rows * n
-        // values, signs m * ceil(m / 32) words; the shared memory holds one row in f64 and the signs.
+        b.arg(&x);
+        if let Some(up) = &up {
+            b.arg(up);
+        }
+        b.arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
+        if let Some((step, ints, bounds)) = &quant {
+            b.arg(step);
+            for v in ints {
+                b.arg(v);
+            }
+            for v in bounds {
+                b.arg(v);
+            }
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, splits as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: signature (T*, [float* up,] O*, long, int, long, u32*, double, int, [float* step, long
+        // x 3, float x 4]) as hadamard.cu's entry of this name; x, up and out hold rows * n values,
+        // step n (the plan sized them), signs m * ceil(m / 32) words; the shared memory holds one row
+        // in f64 and the signs.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("hadamard_fast: {e}"))
     }
 }
@@ -1095,24 +1201,32 @@ mod tests {
             }
             let route = HadRoute {
                 x: 0,
+                up: None,
                 out: 1,
                 rows: DimExpr::Const(1),
                 n,
                 dtype: "f32".into(),
+                quant: None,
                 m,
                 p,
                 scale: 1.0,
                 signs: None,
             };
-            for rows in [1usize, 5, 16, 263, 264, 2048] {
-                let (splits, a_per) = route.splits(rows);
+            for rows in [1usize, 5, 16, 17, 263, 264, 2048] {
+                assert_eq!(route.splits(rows, 0).2, 256);
+                let (splits, a_per, threads) = route.splits(rows, HadRoute::WIDE_ROWS);
                 if m == 1 {
-                    assert!((1..=16).contains(&splits) && a_per == 0);
+                    assert!((1..=16).contains(&splits) && a_per == 0 && threads == 256);
                     continue;
                 }
                 // Whole tiles of 4 sub-rows per block, every sub-row in exactly one block.
                 assert_eq!(a_per % 4, 0, "n={n} rows={rows}");
                 assert!(splits * a_per >= m && (splits - 1) * a_per < m, "n={n} rows={rows}: {splits} x {a_per}");
+                // Wide blocks for decode rows, one output per thread where sub-rows are short enough.
+                assert_eq!(threads, if rows <= 16 { 1024 } else { 256 }, "n={n} rows={rows}");
+                if rows <= 16 && p <= 256 {
+                    assert!(a_per * p <= 1024 && a_per * p * 2 > 1024, "n={n}: {a_per} x {p}");
+                }
                 if rows >= 264 {
                     assert_eq!(splits, 1);
                 }
