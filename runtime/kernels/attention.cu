@@ -2,7 +2,8 @@
 // softmax(q k^T * scale + mask) v per head, grouped-query (query head h reads KV head h / (Hq/Hkv)),
 // causal masking counted from the end (key t visible for query s iff t <= T - S + s), computed in
 // f32 like the CPU executor (runtime/src/cpu/ops/fused.rs `attention`): scores, row max, exp(x - max)
-// and the row sum in f64 (rounded to f32), p = e / sum, then out = p v. Output in q's float type (the lowering adds any quantization).
+// and the row sum in f64 (rounded to f32), p = e / sum, then out = p v. Output in q's float type, or
+// quantized by the `_q` entries below.
 //
 // Geometry: grid [S, Hq, B], 128 threads, dynamic shared memory 4 * T_max bytes (the score row).
 // Layouts: q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] f32.
@@ -39,10 +40,11 @@ __device__ double block_sum_f64(double v, double* scratch) {
   return r;
 }
 
-template <class X, bool MASK>
+template <class X, class O, bool MASK>
 __device__ void attention_impl(const typename X::S* q, const typename X::S* k, const typename X::S* v,
-                               const typename X::S* mask, typename X::S* out, long B, long Hq, long Hkv, long S,
-                               long T, long D, long Dv, long causal, float scale) {
+                               const typename X::S* mask, O* out, long B, long Hq, long Hkv, long S, long T, long D,
+                               long Dv, long causal, float scale, const OutQuant& oq, long osh, long oss) {
+  constexpr bool QUANT = !same_type<O, typename X::S>::value;
   extern __shared__ float scores[];
   __shared__ float scratch[ATT_THREADS / 32];
   __shared__ double dscratch[ATT_THREADS / 32];
@@ -82,11 +84,15 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   for (long t = threadIdx.x; t < T; t += ATT_THREADS)
     if (sum > 0.0f) scores[t] = __fdiv_rn(scores[t], sum);
   __syncthreads();
-  typename X::S* orow = out + ((b * Hq + h) * S + s) * Dv;
+  const long orow = QUANT ? b * Hq * S * Dv + h * osh + s * oss : ((b * Hq + h) * S + s) * Dv;
   for (long d = threadIdx.x; d < Dv; d += ATT_THREADS) {
     float acc = 0.0f;
     for (long t = 0; t <= last_visible && t < T; ++t) acc = fmaf(scores[t], X::get(vh, t * Dv + d), acc);
-    X::put(orow, d, acc);
+    if constexpr (QUANT) {
+      out[orow + d] = (O)oq.apply(acc, h * Dv + d, s);
+    } else {
+      X::put(out + orow, d, acc);
+    }
   }
 }
 
@@ -94,11 +100,33 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN(                              \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, T_##XN::S* out, long B, long Hq,      \
       long Hkv, long S, long T, long D, long Dv, long causal, float scale) {                             \
-    attention_impl<T_##XN, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);        \
+    attention_impl<T_##XN, T_##XN::S, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal,    \
+                                             scale, OutQuant{}, 0, 0);                                   \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN##_mask(                       \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, \
       long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale) {            \
-    attention_impl<T_##XN, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale);            \
+    attention_impl<T_##XN, T_##XN::S, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,  \
+                                            OutQuant{}, 0, 0);                                           \
   }
 ATT_ENTRY(f32) ATT_ENTRY(f16) ATT_ENTRY(bf16)
+
+// Quantized output (compiler/src/lower/micro.rs `fused_quant`, f32): attention_f32[_mask]_q{i16,i8}
+// take the float entry's arguments, then OutQuant's fields (steps per head and channel: h Dv + d;
+// positions along S) and the output's head and row strides: element (b, h, s, d) at
+// b Hq S Dv + h osh + s oss + d (osh = Dv, oss = Hq Dv when o_proj reads it as [B, S, Hq, Dv]).
+#define ATT_QPARAMS                                                                                      \
+  long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale, const float *step, \
+      long seq, long past, long prefix, float lo, float hi, float plo, float phi, long osh, long oss
+#define ATT_QENTRY(ON, O)                                                                                \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32_q##ON(                         \
+      const float* q, const float* k, const float* v, O* out, ATT_QPARAMS) {                             \
+    attention_impl<T_f32, O, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,       \
+                                    OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);      \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32_mask_q##ON(                    \
+      const float* q, const float* k, const float* v, const float* mask, O* out, ATT_QPARAMS) {          \
+    attention_impl<T_f32, O, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,           \
+                                   OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);       \
+  }
+ATT_QENTRY(i16, short) ATT_QENTRY(i8, i8)

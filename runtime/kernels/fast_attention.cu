@@ -98,12 +98,14 @@ static __device__ __forceinline__ void fa_load_tile(float* dst, const typename X
   }
 }
 
-template <class X, bool MASK, int R, int TK, int D, int DVB, int CPT>
+template <class X, class O, bool MASK, int R, int TK, int D, int DVB, int CPT>
 static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__ q, const typename X::S* __restrict__ k,
                                                const typename X::S* __restrict__ v,
-                                               const typename X::S* __restrict__ mask, typename X::S* __restrict__ out,
-                                               long B, long Hq, long Hkv, long S, long T, long causal, float scale) {
+                                               const typename X::S* __restrict__ mask, O* __restrict__ out,
+                                               long B, long Hq, long Hkv, long S, long T, long causal, float scale,
+                                               const OutQuant& oq, long osh, long oss) {
   typedef typename X::S St;
+  constexpr bool QUANT = !same_type<O, St>::value;
   constexpr int NT = FA_THREADS;
   constexpr int DV = D;
   // Score phase: TK key columns x RG row groups, RPT rows per thread.
@@ -300,9 +302,19 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   for (int j = 0; j < RPT2; ++j) {
     const long s = s0 + rg2 * RPT2 + j;
     if (s >= S) continue;
-    St* orow = out + ((b * Hq + h) * S + s) * DV + dv0 + cg * CPT;
+    if constexpr (QUANT) {
+      // Quantized in the epilogue (micro.rs `fused_quant`): steps per head and channel, element (b, h,
+      // s, d) at b Hq S Dv + h osh + s oss + d (osh = Dv, oss = Hq Dv: the [B, S, Hq, Dv] order of
+      // o_proj's input).
+      const long c0 = dv0 + cg * CPT;
+      O* orow = out + b * Hq * S * DV + h * osh + s * oss + c0;
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) X::put(orow, c, acc[j][c]);
+      for (int c = 0; c < CPT; ++c) orow[c] = (O)oq.apply(acc[j][c], h * DV + c0 + c, s);
+    } else {
+      St* orow = out + ((b * Hq + h) * S + s) * DV + dv0 + cg * CPT;
+#pragma unroll
+      for (int c = 0; c < CPT; ++c) X::put(orow, c, acc[j][c]);
+    }
   }
 }
 
@@ -310,10 +322,20 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, long B, \
       long Hq, long Hkv, long S, long T, long causal, float scale) {                                             \
-    fa_body<T_##XN, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale);             \
+    fa_body<T_##XN, T_##XN::S, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale,    \
+                                                         OutQuant{}, 0, 0);                                      \
   }
 // Every entry takes (q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale); mask is ignored (null)
-// by the entries without `_mask`.
+// by the entries without `_mask`. The `_q{i16,i8}` entries (f32) store the output quantized and
+// append OutQuant's fields and the output's head and row strides (osh, oss).
+#define FA_QENTRY(NAME, MASK, R, TK, D, DVB, CPT, O)                                                             \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
+      const float* q, const float* k, const float* v, const float* mask, O* out, long B, long Hq, long Hkv,      \
+      long S, long T, long causal, float scale, const float* step, long seq, long past, long prefix, float lo,  \
+      float hi, float plo, float phi, long osh, long oss) {                                                       \
+    fa_body<T_f32, O, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale,              \
+                                                OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);   \
+  }
 #define FA_ENTRIES(XN, D)                                                                 \
   FA_ENTRY(attention_fast_dec_##XN##_d##D, XN, false, 1, 128, D, 32, 1)                   \
   FA_ENTRY(attention_fast_dec_##XN##_mask_d##D, XN, true, 1, 128, D, 32, 1)               \
@@ -321,6 +343,15 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   FA_ENTRY(attention_fast_pre_##XN##_mask_d##D, XN, true, 8, 64, D, D, 4)                 \
   FA_ENTRY(attention_fast_mid_##XN##_d##D, XN, false, 8, 64, D, 32, 1)                    \
   FA_ENTRY(attention_fast_mid_##XN##_mask_d##D, XN, true, 8, 64, D, 32, 1)
+#define FA_QENTRIES(D, ON, O)                                                               \
+  FA_QENTRY(attention_fast_dec_f32_d##D##_q##ON, false, 1, 128, D, 32, 1, O)                \
+  FA_QENTRY(attention_fast_dec_f32_mask_d##D##_q##ON, true, 1, 128, D, 32, 1, O)            \
+  FA_QENTRY(attention_fast_pre_f32_d##D##_q##ON, false, 8, 64, D, D, 4, O)                  \
+  FA_QENTRY(attention_fast_pre_f32_mask_d##D##_q##ON, true, 8, 64, D, D, 4, O)              \
+  FA_QENTRY(attention_fast_mid_f32_d##D##_q##ON, false, 8, 64, D, 32, 1, O)                 \
+  FA_QENTRY(attention_fast_mid_f32_mask_d##D##_q##ON, true, 8, 64, D, 32, 1, O)
 FA_ENTRIES(f32, 64) FA_ENTRIES(f32, 128)
 FA_ENTRIES(f16, 64) FA_ENTRIES(f16, 128)
 FA_ENTRIES(bf16, 64) FA_ENTRIES(bf16, 128)
+FA_QENTRIES(64, i16, short) FA_QENTRIES(128, i16, short)
+FA_QENTRIES(64, i8, i8) FA_QENTRIES(128, i8, i8)

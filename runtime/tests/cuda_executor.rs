@@ -612,6 +612,137 @@ fn fused_hadamard_of_swiglu_with_quantized_output_matches_the_cpu() {
     }
 }
 
+/// Host quantization of one value as the generated epilogue (and common.cuh `OutQuant`) does it.
+fn quantize_like_the_epilogue(y: f32, step: f32, (lo, hi): (i64, i64)) -> f64 {
+    f64::from((y / step).round_ties_even().clamp(lo as f32, hi as f32))
+}
+
+#[test]
+fn attention_quantized_in_its_epilogue_equals_its_float_output_quantized() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    // `attention_f32[_mask]_q{i16,i8}` (compiler/src/lower/micro.rs `fused_quant`): steps per head
+    // and channel, 16-bit clamps for positions (+ past) below `prefix`, the output in [B, S, H, D]
+    // order (o_proj's) or [B, H, S, D]. Checked against the same plan's float launch, quantized on the
+    // host: the fast decode (S = 1), mid (S = 7) and prefill (S = 300) kernels at D = 128 / 64, and
+    // the micro-kernel (D = 32, which the fast kernels decline).
+    for (seed, (b, hq, s, t, d), transposed, prefix, past, to) in [
+        (41u64, (1usize, 32usize, 1usize, 516usize, 128usize), true, 1usize, 515usize, DType::I4),
+        (42, (1, 32, 1, 40, 128), true, 1, 0, DType::I4),
+        (43, (2, 8, 7, 520, 128), false, 2, 1, DType::I4),
+        (44, (1, 8, 300, 300, 64), true, 1, 0, DType::I4),
+        (45, (2, 4, 5, 9, 32), true, 0, 0, DType::I8),
+        (46, (1, 32, 1, 300, 128), false, 0, 0, DType::I8),
+    ] {
+        let mut rng = Rng(seed);
+        let mut tensor = |dims: &[usize], scale: f32| {
+            let n = dims.iter().product();
+            RtTensor::from_vec(dims, (0..n).map(|_| rng.float() * scale).collect::<Vec<f32>>()).unwrap()
+        };
+        let (q, k, v) = (tensor(&[b, hq, s, d], 2.0), tensor(&[b, hq, t, d], 2.0), tensor(&[b, hq, t, d], 1.0));
+        let step: Vec<f32> = (0..hq * d).map(|_| 0.01 + 0.05 * rng.float().abs()).collect();
+        let out_dtype = if prefix > 0 { DType::I16 } else { to };
+        let mut g = Graph::new("t");
+        let ins: Vec<_> = [("q", [b, hq, s, d]), ("k", [b, hq, t, d]), ("v", [b, hq, t, d])]
+            .iter()
+            .map(|(n, dims)| g.add_input(n, TensorType::known(DType::F32, dims)).unwrap())
+            .collect();
+        let scale = 0.088f32;
+        let op = Op::new(OpKind::Attention)
+            .with("scale", qcc_ir::Attr::Float(scale))
+            .with("causal", qcc_ir::Attr::Int(1))
+            .with("to", qcc_ir::Attr::DType(to))
+            .with("step", qcc_ir::Attr::Tensor(Tensor::from_slice(vec![hq * d], &step)));
+        let y = g.add_op(op, &ins, TensorType::known(out_dtype, &[b, hq, s, d]));
+        g.add_output("y", y);
+        let step_name = format!("{}.step", g.value_name(y));
+        let out_dims = if transposed { [b, s, hq, d] } else { [b, hq, s, d] };
+        let run = |quantized: bool| -> Option<Vec<f64>> {
+            let mut plan = Plan { buffers: vec![], arena: 0 };
+            let (bq, bk, bv) = (
+                plan.arena("q", DType::F32, &[b, hq, s, d]),
+                plan.arena("k", DType::F32, &[b, hq, t, d]),
+                plan.arena("v", DType::F32, &[b, hq, t, d]),
+            );
+            let by = if quantized {
+                plan.arena("y", out_dtype, &out_dims)
+            } else {
+                plan.arena("y", DType::F32, &[b, hq, s, d])
+            };
+            let bstep = plan.weight(&step_name, DType::F32, &[hq * d]);
+            let mut args = vec![Arg::Buffer(bq), Arg::Buffer(bk), Arg::Buffer(bv), Arg::Buffer(by)];
+            for x in [b, hq, hq, s, t, d, d, 1] {
+                args.push(Arg::I64(c(x as i64)));
+            }
+            args.push(Arg::F32(scale));
+            let mut entry = "attention_f32".to_string();
+            if quantized {
+                let (lo, hi) = to.int_range().unwrap();
+                let (plo, phi) = if prefix > 0 { DType::I16.int_range().unwrap() } else { (lo, hi) };
+                args.extend([
+                    Arg::Buffer(bstep),
+                    Arg::I64(c(s as i64)),
+                    Arg::I64(c(past as i64)),
+                    Arg::I64(c(prefix as i64)),
+                ]);
+                args.extend([lo, hi, plo, phi].map(|v| Arg::F32(v as f32)));
+                let (osh, oss) = if transposed { (d, hq * d) } else { (s * d, d) };
+                args.extend([Arg::I64(c(osh as i64)), Arg::I64(c(oss as i64))]);
+                entry = format!("attention_f32_q{}", if out_dtype == DType::I16 { "i16" } else { "i8" });
+            }
+            let launch = Launch {
+                node: "attention".into(),
+                module: "attention".into(),
+                entry,
+                grid: [c(s as i64), c(hq as i64), c(b as i64)],
+                block: [128, 1, 1],
+                shared_bytes: 4 * t as u32,
+                args,
+            };
+            let inputs = [("q", q.clone(), bq), ("k", k.clone(), bk), ("v", v.clone(), bv)];
+            let dir = write_artifact("attention quantized", &g, plan, &inputs, &[("y", by)], vec![launch]);
+            // SAFETY: only probes dlopen for libcuda.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return None;
+            }
+            let mut gpu = CudaExecutor::load(dir.path(), 0).unwrap();
+            gpu.set_sync_each(true);
+            let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();
+            Some(gpu.run(&feed).unwrap()[0].1.to_f64_vec())
+        };
+        let label = format!(
+            "attention_f32_q B={b} H={hq} S={s} T={t} D={d} transposed={transposed} prefix={prefix} past={past}"
+        );
+        let (Some(float), Some(got)) = (run(false), run(true)) else {
+            eprintln!("{label}: plans ok; GPU part SKIPPED: no CUDA driver");
+            continue;
+        };
+        let mut differing = 0;
+        for bi in 0..b {
+            for h in 0..hq {
+                for si in 0..s {
+                    let range =
+                        if si + past < prefix { DType::I16.int_range().unwrap() } else { to.int_range().unwrap() };
+                    for di in 0..d {
+                        let y = float[((bi * hq + h) * s + si) * d + di] as f32;
+                        let want = quantize_like_the_epilogue(y, step[h * d + di], range);
+                        let at = if transposed {
+                            ((bi * s + si) * hq + h) * d + di
+                        } else {
+                            ((bi * hq + h) * s + si) * d + di
+                        };
+                        differing += usize::from(got[at] != want);
+                    }
+                }
+            }
+        }
+        println!("{label}: {differing} of {} differ", got.len());
+        assert_eq!(differing, 0, "{label}");
+    }
+}
+
 #[test]
 fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
     if !nvrtc::nvrtc_available() {

@@ -370,7 +370,8 @@ fn epilogue_stores_in_the_order_of_its_transposed_reader() {
 fn attention_epilogue_with_steps_per_head_and_channel() {
     // In a KV-cache graph v is concatenated with the cache input, so QSM cannot fold the attention's
     // output step into v_proj and leaves H * D steps on the attention: element (b, h, s, d) divides
-    // by step[h * D + d], read at channel h * D + d by the epilogue (stored [B, S, H, D]).
+    // by step[h * D + d]. The attention launch quantizes in its epilogue (`attention_f32_qi16`) and
+    // stores [B, S, H, D] (head stride 4, row stride 8) for o_proj: no epilogue kernel, no copy.
     let lowered = check(
         "attention_step_per_head",
         r#"graph @t(%q: f32[batch,2,seq,4], %k: f32[batch,2,seq,4], %v: f32[batch,2,seq,4]) -> (%y) {

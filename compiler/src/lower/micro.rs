@@ -3,13 +3,13 @@
 //! launch geometry the kernels must be written for (grid-stride loops make them correct for any
 //! problem size within the geometry). A micro-kernel writes an f32 (or the float output type) result,
 //! and an output quantization on the op becomes a generated epilogue kernel after it, except where the
-//! kernel has a quantized entry for it ([`fused_quant`]: `hadamard`).
+//! kernel has a quantized entry for it ([`fused_quant`]: `hadamard`, `attention` of f32).
 //!
 //! | op | module | entry | args | grid | block | shared |
 //! |----|--------|-------|------|------|-------|--------|
 //! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}` | x, w, scale, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `linear` | `linear` | `linear_{X}_w{W}[_bias]` | x, w, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
-//! | `attention` | `attention` | `attention_{X}[_mask]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32) | [S, Hq, B] | [128,1,1] | 4 * T_max |
+//! | `attention` | `attention` | `attention_{X}[_mask][_q{O}]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32), [quant, osh, oss] | [S, Hq, B] | [128,1,1] | 4 * T_max |
 //! | `hadamard` | `hadamard` | `hadamard_[swiglu_]{X}[_q{O}]` | x (swiglu: g, u), out, rows, n, [quant] | [rows, 1, 1] | [128,1,1] | 8 * n |
 //!
 //! Layouts: x [M, K] row-major (M = product of the leading dims); weights [N, K] row-major as in the
@@ -23,7 +23,9 @@
 //! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64);
 //! `swiglu_` (f32): x = swiglu(g, u) as the generated kernel computes it, for a swiglu read only by the
 //! Hadamard. `[quant]` (`_q{O}` entries, O = i16 or i8, f32 only): step, seq, past, prefix, lo, hi,
-//! plo, phi (see [`fused_quant`]): the micro-kernel stores the quantized output itself.
+//! plo, phi (see [`fused_quant`]): the micro-kernel stores the quantized output itself; attention's
+//! `[quant, osh, oss]` adds the output's head and row strides (element (b, h, s, d) at b Hq S Dv +
+//! h osh + s oss + d: [B, S, Hq, Dv] order when o_proj's transpose is its only reader).
 
 use super::kernels::Step;
 use super::{const_of, join, shapes, LowerError, Lowerer, View};
@@ -64,7 +66,7 @@ fn finish(l: &mut Lowerer, id: NodeId, result: View, quantized: Option<DType>) -
 }
 
 /// An output quantization the micro-kernel applies itself (`_q{i16,i8}` entries, runtime/kernels/
-/// common.cuh `OutQuant`, the generated epilogue's arithmetic): the node's output buffer, the entry
+/// common.cuh `OutQuant`, the generated epilogue's arithmetic): the output's storage type, the entry
 /// suffix and the trailing arguments (step, seq, past, prefix, lo, hi, plo, phi). Only for a step
 /// per channel of the last axis (`per_head`: per head and channel of an attention output) stored
 /// as i16 or i8 (int4 activations take a byte); `None` leaves the op to [`float_result`].
@@ -73,7 +75,7 @@ fn fused_quant(
     id: NodeId,
     dims: &[DimExpr],
     per_head: bool,
-) -> Result<Option<(View, String, Vec<Arg>)>, LowerError> {
+) -> Result<Option<(DType, String, Vec<Arg>)>, LowerError> {
     let Some(q) = l.quant(id, dims.last())? else { return Ok(None) };
     let step = match q.step {
         Step::PerChannel(b) if !per_head => b,
@@ -90,7 +92,6 @@ fn fused_quant(
     let (plo, phi) = if q.prefix_tokens > 0 { prefix_range.unwrap_or((lo, hi)) } else { (lo, hi) };
     let seq = if dims.len() >= 2 { dims[dims.len() - 2].clone() } else { DimExpr::Const(1) };
     let past = q.prefix_offset.clone().unwrap_or(DimExpr::Const(0));
-    let out = l.arena(l.output_name(id), out_dtype, dims.to_vec());
     let args = vec![
         Arg::Buffer(step),
         Arg::I64(seq),
@@ -101,7 +102,7 @@ fn fused_quant(
         Arg::F32(plo as f32),
         Arg::F32(phi as f32),
     ];
-    Ok(Some((out, suffix.to_string(), args)))
+    Ok(Some((out_dtype, suffix.to_string(), args)))
 }
 
 /// `int_linear` and `linear`.
@@ -204,12 +205,39 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
         1.0 / dd.sqrt()
     });
     let causal = op.int("causal").unwrap_or(0);
-    let (out, quantized) = float_result(l, id, vec![b.clone(), hq.clone(), s.clone(), dv.clone()])?;
+    let out_dims = vec![b.clone(), hq.clone(), s.clone(), dv.clone()];
+    let fused = if q.dtype == DType::F32 { fused_quant(l, id, &out_dims, true)? } else { None };
+    let (out, quantized, suffix, qargs) = match fused {
+        Some((dtype, suffix, mut args)) => {
+            // Stored as [B, S, Hq, Dv] when o_proj's transpose is the only reader (that view is then
+            // contiguous), else [B, Hq, S, Dv]; the kernel takes the head and row strides.
+            let name = l.output_name(id);
+            let (out, strides) = if l.layout_for_transpose(id, &name, &out_dims).as_deref() == Some(&[0, 2, 1, 3]) {
+                let stored = l.arena(name, dtype, vec![b.clone(), s.clone(), hq.clone(), dv.clone()]);
+                let st = stored.strides.clone();
+                let view = View {
+                    dims: out_dims.clone(),
+                    strides: vec![st[0].clone(), st[2].clone(), st[1].clone(), st[3].clone()],
+                    ..stored
+                };
+                (view, [dv.clone(), shapes::product(&[hq.clone(), dv.clone()])])
+            } else {
+                (l.arena(name, dtype, out_dims.clone()), [shapes::product(&[s.clone(), dv.clone()]), dv.clone()])
+            };
+            args.extend(strides.map(Arg::I64));
+            (out, None, suffix, args)
+        }
+        None => {
+            let (out, quantized) = float_result(l, id, out_dims)?;
+            (out, quantized, String::new(), Vec::new())
+        }
+    };
     let t_max = shapes::at_max(&t, &l.max).ok_or_else(|| l.err(id, format!("key length {t} cannot be sized")))?;
     let mut entry = format!("attention_{}", q.dtype);
     if mask.is_some() {
         entry.push_str("_mask");
     }
+    entry.push_str(&suffix);
     let mut args = vec![buffer(q), buffer(k), buffer(v)];
     args.extend(mask.as_ref().map(buffer));
     args.push(buffer(&out));
@@ -218,6 +246,7 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
     }
     args.push(Arg::I64(DimExpr::Const(causal)));
     args.push(Arg::F32(scale));
+    args.extend(qargs);
     l.launch_micro(Launch {
         node: super::label(l.graph, id),
         module: "attention".to_string(),
@@ -250,7 +279,7 @@ pub(super) fn hadamard(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> 
     let rows = shapes::product(&x.dims[..x.dims.len() - 1]);
     let fused = if x.dtype == DType::F32 { fused_quant(l, id, &x.dims, false)? } else { None };
     let (out, quantized, suffix, qargs) = match fused {
-        Some((out, suffix, args)) => (out, None, suffix, args),
+        Some((dtype, suffix, args)) => (l.arena(l.output_name(id), dtype, x.dims.clone()), None, suffix, args),
         None => {
             let (out, quantized) = float_result(l, id, x.dims.clone())?;
             (out, quantized, String::new(), Vec::new())

@@ -732,7 +732,7 @@ impl<'g> Lowerer<'g> {
 
     /// The permutation of the single `transpose` that reads node `id`'s output (named `name`, of
     /// `dims`), when that is its only use and not a graph output.
-    fn layout_for_transpose(&self, id: NodeId, name: &str, dims: &Dims) -> Option<Vec<usize>> {
+    pub(crate) fn layout_for_transpose(&self, id: NodeId, name: &str, dims: &Dims) -> Option<Vec<usize>> {
         let v = self.output(id);
         if self.graph.value_name(v) != name || self.graph.graph_outputs().iter().any(|o| o.value == v) {
             return None;

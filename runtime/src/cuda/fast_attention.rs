@@ -18,8 +18,9 @@
 //! decode kernel takes T up to about 40 000). Anything else keeps its micro-kernel ([`AttnRoute::plan`]
 //! returns `None`); a run whose sizes or pointers the fast kernels cannot take (misaligned operands,
 //! Hq not a multiple of Hkv) launches the micro-kernel from here. An output quantization of the op is a
-//! separate generated kernel after the float launch (compiler/src/lower/micro.rs `float_result`), so
-//! only the float launch is replaced.
+//! separate generated kernel after the float launch (compiler/src/lower/micro.rs `float_result`),
+//! except for f32 with a step per head and channel: the `_q{i16,i8}` entries quantize in the
+//! epilogue and store in the order o_proj reads (`fused_quant`).
 //!
 //! Measured on an H200 (Llama-2-7B-shaped layer: Hq = Hkv = 32, D = 128, outputs bit for bit equal
 //! to the micro-kernel's; `attention_fast_kernels_at_llama_7b_shapes_...` in tests/cuda_executor.rs),
@@ -34,6 +35,7 @@ use cudarc::driver::{CudaFunction, LaunchConfig};
 use qcc_ir::DType;
 
 use super::device::Gpu;
+use super::fast_linear::{BoundQuant, OutQuantArgs};
 use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
 
 /// Threads per block of both kernels.
@@ -121,6 +123,9 @@ pub struct AttnRoute {
     scale: f32,
     /// q's type name (f32, f16, bf16).
     dtype: &'static str,
+    /// A quantized output (`_q{i16,i8}` entries, f32): its arguments and the output's head and row
+    /// strides.
+    quant: Option<(OutQuantArgs, [DimExpr; 2])>,
     /// The micro-kernel's entry (the fallback).
     micro_entry: String,
     /// Largest dynamic shared memory set on the decode / prefill / mid function so far.
@@ -135,6 +140,10 @@ impl AttnRoute {
             return None;
         }
         let rest = launch.entry.strip_prefix("attention_")?;
+        let (rest, qsuffix) = match rest.find("_q") {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
         let (dtype, masked) = match rest.strip_suffix("_mask") {
             Some(d) => (d, true),
             None => (rest, false),
@@ -146,14 +155,24 @@ impl AttnRoute {
             _ => return None,
         };
         let nbuf = if masked { 5 } else { 4 };
-        if launch.args.len() != nbuf + 9 {
+        let extra = if qsuffix.is_some() { 10 } else { 0 };
+        if launch.args.len() != nbuf + 9 + extra || (qsuffix.is_some() && dtype != "f32") {
             return None;
         }
+        let quant = match qsuffix {
+            Some(q) => {
+                let args = OutQuantArgs::parse(q, &launch.args[nbuf + 9..nbuf + 17])?;
+                let [Arg::I64(osh), Arg::I64(oss)] = &launch.args[nbuf + 17..] else { return None };
+                Some((args, [osh.clone(), oss.clone()]))
+            }
+            None => None,
+        };
         let mut bufs = Vec::with_capacity(nbuf);
-        for a in &launch.args[..nbuf] {
+        for (i, a) in launch.args[..nbuf].iter().enumerate() {
             let Arg::Buffer(id) = a else { return None };
             let b = manifest.buffer(*id)?;
-            if DType::from_name(&b.dtype)?.name() != dtype {
+            // A quantized output is an integer buffer.
+            if DType::from_name(&b.dtype)?.name() != dtype && !(quant.is_some() && i == nbuf - 1) {
                 return None;
             }
             bufs.push(*id);
@@ -191,6 +210,7 @@ impl AttnRoute {
             causal,
             scale,
             dtype,
+            quant,
             micro_entry: launch.entry.clone(),
             smem_set: [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)],
         })
@@ -199,7 +219,8 @@ impl AttnRoute {
     /// The fast kernel's entry name for `kernel`.
     pub fn entry(&self, kernel: Kernel) -> String {
         let mask = if self.mask.is_some() { "_mask" } else { "" };
-        format!("attention_fast_{}_{}{mask}_d{}", kernel.tag(), self.dtype, self.d)
+        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        format!("attention_fast_{}_{}{mask}_d{}{q}", kernel.tag(), self.dtype, self.d)
     }
 
     /// Enqueues the attention of these symbol values.
@@ -225,17 +246,27 @@ impl AttnRoute {
             Some(m) => ptr(m)?,
             None => 0,
         };
+        let quant = match &self.quant {
+            Some((args, strides)) => {
+                let mut st = [0i64; 2];
+                for (v, e) in st.iter_mut().zip(strides) {
+                    *v = e.eval(values).map_err(|e| e.to_string())?;
+                }
+                Some((args.bind(values, ptr)?, st))
+            }
+            None => None,
+        };
         let (su, tu, d) = (s as usize, t as usize, self.d);
         let kernel = pick(su, (b * hq) as usize, d, tu);
         let aligned = [q, k, v, out].iter().all(|p| p % 16 == 0);
         let valid = hkv > 0 && hq % hkv == 0 && hq <= 65_535;
         let Some(kernel) = kernel.filter(|_| aligned && valid) else {
-            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out]);
+            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out], quant.as_ref());
         };
         let splits = d / kernel.channels(d);
         let (gx, gz) = (su.div_ceil(kernel.rows()), b as usize * splits);
         if gz > 65_535 || gx > i32::MAX as usize {
-            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out]);
+            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out], quant.as_ref());
         }
         let f = gpu.function("fast_attention", &self.entry(kernel)).map_err(|e| e.to_string())?;
         let smem = kernel.smem_bytes(d, tu) as u32;
@@ -244,12 +275,17 @@ impl AttnRoute {
         let mut l = gpu.launcher(&f);
         l.arg(&q).arg(&k).arg(&v).arg(&mask).arg(&out);
         l.arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&self.causal).arg(&scale);
+        if let Some((qa, strides)) = &quant {
+            qa.push(&mut l);
+            l.arg(&strides[0]).arg(&strides[1]);
+        }
         let cfg = LaunchConfig {
             grid_dim: (gx as u32, hq as u32, gz as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: signature (S*, S*, S*, S*, S*, long x 6, float); q [B, Hq, S, D], k [B, Hkv, T, D],
+        // SAFETY: signature (S*, S*, S*, S*, S*, long x 6, float, [float*, long x 3, float x 4, long x
+        // 2]) as fast_attention.cu's entry of this name; q [B, Hq, S, D], k [B, Hkv, T, D],
         // v [B, Hkv, T, D], out [B, Hq, S, D] and the mask [S, T] as the plan sized them for these
         // symbols (the micro-kernel reads the same elements); rows 16-byte aligned (checked above,
         // D a multiple of 64); `smem` is what the kernel's tiles take at this T.
@@ -276,6 +312,7 @@ impl AttnRoute {
         gpu: &Gpu,
         [b, hq, hkv, s, t]: [i64; 5],
         [q, k, v, mask, out]: [u64; 5],
+        quant: Option<&(BoundQuant, [i64; 2])>,
     ) -> Result<(), String> {
         let f = gpu.function("attention", &self.micro_entry).map_err(|e| e.to_string())?;
         let smem = u32::try_from(4 * t).map_err(|_| format!("key length {t}"))?;
@@ -293,6 +330,10 @@ impl AttnRoute {
             l.arg(&mask);
         }
         l.arg(&out).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&d).arg(&d).arg(&self.causal).arg(&scale);
+        if let Some((qa, strides)) = quant {
+            qa.push(&mut l);
+            l.arg(&strides[0]).arg(&strides[1]);
+        }
         let dim = |x: i64| u32::try_from(x).map_err(|_| format!("grid size {x}"));
         let cfg =
             LaunchConfig { grid_dim: (dim(s)?, dim(hq)?, dim(b)?), block_dim: (128, 1, 1), shared_mem_bytes: smem };

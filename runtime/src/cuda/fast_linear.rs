@@ -243,7 +243,7 @@ pub struct HadRoute {
     /// Entry suffix: the storage type (f32, f16, bf16), after `swiglu_` for a fused launch.
     dtype: String,
     /// A quantized output's arguments (`_q{i16,i8}` entries), passed through as the plan gives them.
-    quant: Option<HadQuant>,
+    quant: Option<OutQuantArgs>,
     m: usize,
     p: usize,
     scale: f64,
@@ -700,30 +700,66 @@ impl W8Route {
     }
 }
 
-/// The output quantization arguments of a fused Hadamard launch (hadamard.cu `OutQuant`): the
-/// step buffer, seq, past and prefix, then lo, hi, plo, phi.
+/// The output quantization arguments of a fused launch (`_q{i16,i8}` entries of hadamard.cu,
+/// attention.cu, fast_attention.cu; common.cuh `OutQuant`): the step buffer, seq, past and prefix,
+/// then lo, hi, plo, phi, as the plan lists them (compiler/src/lower/micro.rs `fused_quant`).
 #[derive(Clone, Debug)]
-struct HadQuant {
+pub struct OutQuantArgs {
     /// Entry suffix: `_qi16` or `_qi8`.
-    suffix: String,
+    pub suffix: String,
     step: u32,
     ints: [DimExpr; 3],
     bounds: [f32; 4],
 }
 
-impl HadQuant {
-    fn parse(suffix: &str, args: &[Arg]) -> Option<HadQuant> {
+/// [`OutQuantArgs`] for one run: the step's device pointer and the evaluated sizes.
+pub struct BoundQuant {
+    step: u64,
+    ints: [i64; 3],
+    bounds: [f32; 4],
+}
+
+impl OutQuantArgs {
+    /// The entry's suffix (`_qi16`, `_qi8`) and its 8 trailing arguments.
+    pub fn parse(suffix: &str, args: &[Arg]) -> Option<OutQuantArgs> {
         let [Arg::Buffer(step), Arg::I64(seq), Arg::I64(past), Arg::I64(prefix), Arg::F32(lo), Arg::F32(hi), Arg::F32(plo), Arg::F32(phi)] =
             args
         else {
             return None;
         };
-        Some(HadQuant {
+        if !matches!(suffix, "_qi16" | "_qi8") {
+            return None;
+        }
+        Some(OutQuantArgs {
             suffix: suffix.to_string(),
             step: *step,
             ints: [seq.clone(), past.clone(), prefix.clone()],
             bounds: [*lo, *hi, *plo, *phi],
         })
+    }
+
+    pub fn bind(&self, values: &SymbolValues, ptr: &dyn Fn(u32) -> Result<u64, String>) -> Result<BoundQuant, String> {
+        let mut ints = [0i64; 3];
+        for (v, e) in ints.iter_mut().zip(&self.ints) {
+            *v = e.eval(values).map_err(|e| e.to_string())?;
+        }
+        if ints[0] <= 0 {
+            return Err(format!("quantized output: seq {}", ints[0]));
+        }
+        Ok(BoundQuant { step: ptr(self.step)?, ints, bounds: self.bounds })
+    }
+}
+
+impl BoundQuant {
+    /// Appends the 8 arguments (float*, long x 3, float x 4).
+    pub fn push<'a>(&'a self, b: &mut super::pdl::Launcher<'a>) {
+        b.arg(&self.step);
+        for v in &self.ints {
+            b.arg(v);
+        }
+        for v in &self.bounds {
+            b.arg(v);
+        }
     }
 }
 
@@ -750,8 +786,7 @@ impl HadRoute {
             _ => None,
         };
         let quant = match qsuffix {
-            Some(q) if matches!(q, "_qi16" | "_qi8") => Some(HadQuant::parse(q, &launch.args[ins + 3..])?),
-            Some(_) => return None,
+            Some(q) => Some(OutQuantArgs::parse(q, &launch.args[ins + 3..])?),
             None if launch.args.len() == ins + 3 => None,
             None => return None,
         };
@@ -855,33 +890,16 @@ impl HadRoute {
         }
         let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
         let up = self.up.map(|u| ptr(u)).transpose()?;
-        let quant = match &self.quant {
-            Some(q) => {
-                let mut ints = [0i64; 3];
-                for (v, e) in ints.iter_mut().zip(&q.ints) {
-                    *v = e.eval(values).map_err(|e| e.to_string())?;
-                }
-                if ints[0] <= 0 {
-                    return Err(format!("{entry}: seq {}", ints[0]));
-                }
-                Some((ptr(q.step)?, ints, q.bounds))
-            }
-            None => None,
-        };
+        let quant =
+            self.quant.as_ref().map(|q| q.bind(values, ptr)).transpose().map_err(|e| format!("{entry}: {e}"))?;
         let mut b = gpu.launcher(&f);
         b.arg(&x);
         if let Some(up) = &up {
             b.arg(up);
         }
         b.arg(&out).arg(&n64).arg(&m32).arg(&p64).arg(&signs).arg(&self.scale).arg(&a_per32);
-        if let Some((step, ints, bounds)) = &quant {
-            b.arg(step);
-            for v in ints {
-                b.arg(v);
-            }
-            for v in bounds {
-                b.arg(v);
-            }
+        if let Some(q) = &quant {
+            q.push(&mut b);
         }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, splits as u32, 1),
