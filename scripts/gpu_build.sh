@@ -27,7 +27,7 @@ for line in sys.stdin:
 [[ -x "$exe" ]] || { echo "no cuda_executor test binary" >&2; exit 1; }
 strip -o .gpu/cuda_executor "$exe"
 
-rm -rf .gpu/cache
+rm -rf .gpu/cache .gpu/nvrtc-cache.tar.xz
 export QCC_CACHE_DIR="$ROOT/.gpu/cache"
 if [[ "${1:-}" == "--ptx" ]]; then
   ptx_dir=.gpu/ptx
@@ -43,6 +43,8 @@ for art in .cache/gpu-art*/*.qcc; do
   .gpu/qcc-run plan "$art" | sed "s|^|$art: |"
 done
 find .gpu -name tokenizer.json -delete
+# PTX is text: packed, the cache travels at about a tenth of its size (scripts/gpu_env.sh unpacks it).
+tar -C .gpu/cache -cJf .gpu/nvrtc-cache.tar.xz nvrtc && rm -rf .gpu/cache
 du -sh .gpu/*; du -sh .gpu
 size_kib=$(du -sk .gpu | cut -f1)
 ((size_kib <= 62 * 1024)) || { echo "error: .gpu is $((size_kib / 1024)) MiB (a run carries 64 MiB)" >&2; exit 1; }

@@ -15,10 +15,13 @@ if ((${#libdirs[@]})); then
   export LD_LIBRARY_PATH="$(printf '%s:' "${libdirs[@]}")${LD_LIBRARY_PATH:-}"
   export QCC_CUDA_LIB_DIR="$(printf '%s:' "${libdirs[@]}")"
 fi
-# NVRTC's PTX compiled ahead of time (.gpu/cache, scripts/gpu_build.sh) seeds a writable cache
+# NVRTC's PTX compiled ahead of time (.gpu/nvrtc-cache.tar.xz or .gpu/cache, scripts/gpu_build.sh) seeds a writable cache
 # directory, so a fresh GPU machine skips about a minute of NVRTC.
 export QCC_CACHE_DIR="${QCC_CACHE_DIR:-/tmp/qcc-cache}"
-if [[ -d "$ROOT/.gpu/cache/nvrtc" ]]; then
+if [[ -f "$ROOT/.gpu/nvrtc-cache.tar.xz" ]]; then
+  mkdir -p "$QCC_CACHE_DIR"
+  tar -C "$QCC_CACHE_DIR" --skip-old-files -xJf "$ROOT/.gpu/nvrtc-cache.tar.xz"
+elif [[ -d "$ROOT/.gpu/cache/nvrtc" ]]; then
   mkdir -p "$QCC_CACHE_DIR/nvrtc"
   cp -n "$ROOT/.gpu/cache/nvrtc/"*.ptx "$QCC_CACHE_DIR/nvrtc/" 2>/dev/null || true
 fi

@@ -19,7 +19,10 @@
 //!   (+ quantization), `rotary`, `concat`, `neg`/`exp`/`sqrt`/`reciprocal`/`relu`/`sigmoid`, `cast`
 //!   between float types, `quantize`, copies, and the quantization epilogue of micro-kernels.
 //! - **micro-kernels** ([`micro`]): `int_linear`, `linear`, `attention`, `hadamard`. They write
-//!   f32; an output quantization on them becomes a generated epilogue kernel.
+//!   f32; an output quantization on them becomes a generated epilogue kernel, except that f32
+//!   `hadamard` and `attention` quantize in their own epilogue (steps per channel, per head and
+//!   channel), and a `hadamard` whose input is a `swiglu` read by nothing else computes that swiglu
+//!   as it loads (no swiglu kernel).
 //!
 //! Generated-kernel ABI (what `Launch.args` lists, in the `gpu.func` parameter order): buffer
 //! pointers first (bare-pointer memref convention: one device pointer per buffer, the buffer's
