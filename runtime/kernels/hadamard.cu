@@ -137,11 +137,10 @@ static __device__ __forceinline__ void wht_warp(double (&v)[E], int lane) {
 
 // Sub-rows of p = 32 E values, already in shared memory: warp w transforms sub-rows w U, ... in
 // registers, U at a time (independent shuffle chains overlap; U = 4 for short sub-rows, whose rounds
-// are mostly latency; MAX_U caps it where the wide entries have only 64 registers), and writes
-// them back.
-template <int E, int MAX_U>
+// are mostly latency), and writes them back.
+template <int E>
 static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
-  constexpr int U = (E <= 2 ? 4 : 2) < MAX_U ? (E <= 2 ? 4 : 2) : MAX_U;
+  constexpr int U = E <= 2 ? 4 : 2;
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   for (int b0 = (threadIdx.x >> 5) * U; b0 < m; b0 += warps * U) {
     const int nb = min(U, m - b0);
@@ -160,7 +159,7 @@ static __device__ __forceinline__ void wht_rows_warps(double* row, int m) {
   }
 }
 
-template <class X, int LOADS, class O, bool SWIGLU>
+template <class X, class O, bool SWIGLU>
 __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, const typename X::S* __restrict__ x2,
                                    O* __restrict__ out, long n, int m, long p, const u32* __restrict__ signs,
                                    double scale, int a_per, const OutQuant& oq) {
@@ -200,10 +199,10 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, const ty
   const typename X::S* xr2 = SWIGLU ? x2 + r * n : xr;
   constexpr int PER = 8 / (int)sizeof(typename X::S);
   // With SWIGLU two loads per piece (gate and up), half as many pieces per round.
-  constexpr int L = SWIGLU ? LOADS / 2 : LOADS;
+  constexpr int L = SWIGLU ? 12 : 24;
   const int pieces = ni / PER;
   if (((((size_t)xr) | ((size_t)xr2)) & 7) == 0 && ni % PER == 0) {
-    // 8-byte pieces, up to LOADS per thread in flight (a whole 11008 f32 row in one round trip), each
+    // 8-byte pieces, up to 24 per thread in flight (a whole 11008 f32 row in one round trip), each
     // stored as 16-byte f64 pairs: a warp's f32 stores fill whole shared-memory wavefronts.
     for (int w0 = threadIdx.x; w0 < pieces; w0 += L * blockDim.x) {
       uint2 v[L], v2[SWIGLU ? L : 1];
@@ -245,11 +244,11 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, const ty
   }
   __syncthreads();
   switch (p) {
-    case 32: wht_rows_warps<1, 4>(row, m); break;
-    case 64: wht_rows_warps<2, 4>(row, m); break;
-    case 128: wht_rows_warps<4, 4>(row, m); break;
-    case 256: wht_rows_warps<8, LOADS >= 24 ? 2 : 1>(row, m); break;
-    case 512: wht_rows_warps<16, LOADS >= 24 ? 2 : 1>(row, m); break;
+    case 32: wht_rows_warps<1>(row, m); break;
+    case 64: wht_rows_warps<2>(row, m); break;
+    case 128: wht_rows_warps<4>(row, m); break;
+    case 256: wht_rows_warps<8>(row, m); break;
+    case 512: wht_rows_warps<16>(row, m); break;
     default:
       // Other sizes: one butterfly per thread per stage.
       for (int lh = 0; lh < lp; ++lh) {
@@ -313,35 +312,35 @@ __device__ void hadamard_fast_impl(const typename X::S* __restrict__ x, const ty
   }
 }
 
-// 256 threads per block; the `wide_` entries take 1024 (few rows: one output per thread), with
-// fewer loads in flight per thread (a 11008 f32 row is still one round trip) to stay within 64
-// registers. Arguments (x, out, n, m, p, signs, scale, a_per); the fused f32 forms as the micro-kernel
-// entries: `swiglu_` takes (g, u, out, ...), `_q{i16,i8}` appends OutQuant's fields.
+// 256 threads per block. Arguments (x, out, n, m, p, signs, scale, a_per); the fused f32 forms as the
+// micro-kernel entries: `swiglu_` takes (g, u, out, ...), `_q{i16,i8}` appends OutQuant's fields.
 #define HAD_FAST_PARAMS long n, int m, long p, const u32 *signs, double scale, int a_per
 #define HAD_FAST_ARGS n, m, p, signs, scale, a_per
 #define HAD_FAST_ENTRY(XN)                                                                                \
   extern "C" __global__ void __launch_bounds__(256)                                                      \
       hadamard_fast_##XN(const D_##XN::S* x, D_##XN::S* out, HAD_FAST_PARAMS) {                          \
-    hadamard_fast_impl<D_##XN, 24, D_##XN::S, false>(x, nullptr, out, HAD_FAST_ARGS, OutQuant{});         \
-  }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(1024)                                                     \
-      hadamard_fast_wide_##XN(const D_##XN::S* x, D_##XN::S* out, HAD_FAST_PARAMS) {                     \
-    hadamard_fast_impl<D_##XN, 6, D_##XN::S, false>(x, nullptr, out, HAD_FAST_ARGS, OutQuant{});          \
+    hadamard_fast_impl<D_##XN, D_##XN::S, false>(x, nullptr, out, HAD_FAST_ARGS, OutQuant{});             \
   }
 HAD_FAST_ENTRY(f32) HAD_FAST_ENTRY(f16) HAD_FAST_ENTRY(bf16)
-#define HAD_FAST_FUSED(W, THREADS, LOADS)                                                                 \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
-      hadamard_fast_##W##swiglu_f32(const float* g, const float* u, float* out, HAD_FAST_PARAMS) {        \
-    hadamard_fast_impl<D_f32, LOADS, float, true>(g, u, out, HAD_FAST_ARGS, OutQuant{});                  \
+extern "C" __global__ void __launch_bounds__(256)
+    hadamard_fast_swiglu_f32(const float* g, const float* u, float* out, HAD_FAST_PARAMS) {
+  hadamard_fast_impl<D_f32, float, true>(g, u, out, HAD_FAST_ARGS, OutQuant{});
+}
+#define HAD_FAST_Q(ON, O)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(256)                                                      \
+      hadamard_fast_f32_q##ON(const float* x, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) {                    \
+    hadamard_fast_impl<D_f32, O, false>(x, nullptr, out, HAD_FAST_ARGS, HAD_Q_FIELDS);                    \
   }                                                                                                       \
-  HAD_FAST_Q(W, THREADS, LOADS, i16, short) HAD_FAST_Q(W, THREADS, LOADS, i8, i8)
-#define HAD_FAST_Q(W, THREADS, LOADS, ON, O)                                                              \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
-      hadamard_fast_##W##f32_q##ON(const float* x, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) {               \
-    hadamard_fast_impl<D_f32, LOADS, O, false>(x, nullptr, out, HAD_FAST_ARGS, HAD_Q_FIELDS);             \
-  }                                                                                                       \
-  extern "C" __global__ void __launch_bounds__(THREADS) hadamard_fast_##W##swiglu_f32_q##ON(             \
-      const float* g, const float* u, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) {                            \
-    hadamard_fast_impl<D_f32, LOADS, O, true>(g, u, out, HAD_FAST_ARGS, HAD_Q_FIELDS);                    \
+  extern "C" __global__ void __launch_bounds__(256)                                                      \
+      hadamard_fast_swiglu_f32_q##ON(const float* g, const float* u, O* out, HAD_FAST_PARAMS, HAD_Q_PARAMS) { \
+    hadamard_fast_impl<D_f32, O, true>(g, u, out, HAD_FAST_ARGS, HAD_Q_FIELDS);                           \
   }
-HAD_FAST_FUSED(, 256, 24) HAD_FAST_FUSED(wide_, 1024, 6)
+HAD_FAST_Q(i16, short) HAD_FAST_Q(i8, i8)
+
+// swiglu(g, u) of `count` elements into y, exactly as the fused loads compute it: the Hadamard route
+// runs it first when a row's outputs are split over blocks (few rows: every block would otherwise
+// recompute the whole row's swiglu), then the transform of y.
+extern "C" __global__ void __launch_bounds__(256) swiglu_rows_f32(const float* g, const float* u, float* y, long count) {
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < count; i += (long)gridDim.x * blockDim.x)
+    y[i] = swiglu_f32(g[i], u[i]);
+}

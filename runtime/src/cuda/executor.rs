@@ -108,6 +108,16 @@ pub fn tensor_from_device(dtype: DType, dims: &[usize], bytes: Vec<u8>) -> Resul
 }
 
 /// Compiles a micro-kernel source (common header prepended) to PTX, cached in the process and on disk.
+/// The transform size of a `hadamard` micro-kernel launch: its arguments are (x | g, u), out, rows,
+/// n, ..., so n is the second size after the buffers, a constant.
+fn hadamard_size(launch: &crate::artifact::Launch) -> Result<i64, String> {
+    let mut sizes = launch.args.iter().skip_while(|a| matches!(a, Arg::Buffer(_)));
+    match sizes.nth(1) {
+        Some(Arg::I64(e)) => e.eval(&SymbolValues::new()).map_err(|e| format!("size n: {e}")),
+        _ => Err("expected args x (or g, u), out, rows, n".into()),
+    }
+}
+
 fn micro_ptx(name: &str, src: &str) -> Result<String, CudaError> {
     let full = format!("{}\n#line 1 \"{name}.cu\"\n{src}", nvrtc::COMMON_HEADER);
     nvrtc::compile_cached(name, &full, nvrtc::TARGET_ARCH)
@@ -413,10 +423,7 @@ impl CudaExecutor {
             }
             let mut extra = Vec::new();
             if *kind == ModuleKind::Micro && launch.module == "hadamard" {
-                let n = match launch.args.get(3) {
-                    Some(Arg::I64(e)) => e.eval(&SymbolValues::new()).map_err(|e| fail(e.to_string()))?,
-                    _ => return Err(fail("expected args x, out, rows, n".into())),
-                };
+                let n = hadamard_size(launch).map_err(fail)?;
                 let (ptr, scale) = match hadamard_tables.get(&n) {
                     Some(t) => *t,
                     None => {
@@ -853,7 +860,11 @@ impl CudaExecutor {
                 let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
                 r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
             }
-            Route::Had(r) => r.launch(&self.gpu, values, &ptr),
+            Route::Had(r) => {
+                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
+                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
+                r.launch(&self.gpu, scratch, values, &ptr)
+            }
             Route::Attn(r) => r.launch(&self.gpu, values, &ptr),
             Route::Blas(r) => r.launch(self.blas.as_ref().ok_or("no cuBLAS handle")?, values, &ptr),
             // Launched with the W4 route of an earlier launch (fast_linear::group_w4).
@@ -1034,6 +1045,16 @@ pub fn check_plan(dir: &Path) -> Result<Vec<String>, ExecutorError> {
         let mut widths: Vec<usize> = launch.args.iter().map(|a| if matches!(a, Arg::F32(_)) { 4 } else { 8 }).collect();
         if launch.module == "hadamard" {
             widths.extend([8, 8]);
+            // n is the transformed (last) axis of the input.
+            let last = match launch.args.first() {
+                Some(Arg::Buffer(x)) => manifest.buffer(*x).and_then(|b| b.dims.last().cloned()),
+                _ => None,
+            };
+            match (hadamard_size(launch), last) {
+                (Ok(n), Some(crate::artifact::DimExpr::Const(d))) if n == d => {}
+                (Ok(n), last) => problems.push(format!("{at}: size n = {n}, the input's last dim is {last:?}")),
+                (Err(what), _) => problems.push(format!("{at}: {what}")),
+            }
         }
         if &widths != params {
             problems.push(format!("{at}: arguments of widths {widths:?}, the kernel takes {params:?}"));

@@ -40,8 +40,7 @@
 //! `QCC_FAST_LINEAR=0` keeps every launch on its micro-kernel. `QCC_FAST_GEMV=<name>` runs M <= 8
 //! on the packed path too (pack, that GEMV of w4_gemv.cu, e.g. [`DEFAULT_GEMV`], fix-up),
 //! `QCC_FAST_GEMM=<name>` picks the GEMM (default [`DEFAULT_WS_GEMM`] from [`WS_MIN_ROWS`] rows on an
-//! sm_90 GPU, else [`DEFAULT_GEMM`]). `QCC_HAD_WIDE=0` keeps the Hadamard of a few rows on
-//! 256-thread blocks.
+//! sm_90 GPU, else [`DEFAULT_GEMM`]).
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -453,7 +452,11 @@ impl Route {
                 Need { bytes: if m > 16 { 4 * m * r.ops.k } else { 0 }, ..Need::default() }
             }
             Route::Attn(_) | Route::Grouped => Need::default(),
-            Route::Blas(_) | Route::Had(_) => Need::default(),
+            Route::Had(r) => {
+                let rows = eval_rows(&r.rows, values)?;
+                Need { bytes: if r.swiglu_first(rows) { 4 * rows * r.n } else { 0 }, ..Need::default() }
+            }
+            Route::Blas(_) => Need::default(),
         })
     }
 }
@@ -836,32 +839,34 @@ impl HadRoute {
         Ok(())
     }
 
-    /// Blocks per row, output sub-rows per block (a multiple of 4; 0 when m = 1) and threads per
-    /// block. Few rows (decode) split each row's outputs to fill the GPU (about four blocks per SM of
-    /// an H100/H200); up to [`HadRoute::WIDE_ROWS`] rows a block has 1024 threads and one output per
-    /// thread: every block loads and transforms the whole row before its dense chains, so a decode
-    /// row is bound by that latency, which 4x the threads per block cut with 4x fewer blocks.
-    /// `wide_rows`: [`HadRoute::WIDE_ROWS`], or 0 for 256-thread blocks throughout (`QCC_HAD_WIDE=0`).
-    fn splits(&self, rows: usize, wide_rows: usize) -> (usize, usize, u32) {
-        let wanted = if rows >= 264 { 1 } else { 528usize.div_ceil(rows) };
+    /// Blocks per row and output sub-rows per block (a multiple of 4; 0 when m = 1): few rows
+    /// (decode) split each row's outputs to fill the GPU (about four blocks per SM of an H100/H200).
+    /// (1024-thread blocks with 4x fewer of them were measured slower on a decode row of 11008: 18.4
+    /// against 11 us, each SM then runs 4x the dense chains; docs/gpu-results.md, 2026-12-04.)
+    fn splits(&self, rows: usize) -> (usize, usize) {
+        let wanted = if rows >= Self::WHOLE_ROW_ROWS { 1 } else { 528usize.div_ceil(rows) };
         if self.m == 1 {
-            return (wanted.clamp(1, 16), 0, 256);
-        }
-        if rows <= wide_rows {
-            let a_per = (1024 / self.p / 4 * 4).max(4);
-            return (self.m.div_ceil(a_per), a_per, 1024);
+            return (wanted.clamp(1, 16), 0);
         }
         let a_per = self.m.div_ceil(wanted).next_multiple_of(4);
-        (self.m.div_ceil(a_per), a_per, 256)
+        (self.m.div_ceil(a_per), a_per)
     }
 
-    /// Rows up to which the transform runs on 1024-thread blocks ([`HadRoute::splits`]).
-    const WIDE_ROWS: usize = 16;
+    /// Rows from which one block transforms a whole row (fewer split each row over blocks).
+    const WHOLE_ROW_ROWS: usize = 264;
+
+    /// Whether a fused swiglu runs as its own kernel into the scratch first: with a row's outputs
+    /// split over blocks, each block would recompute the whole row's swiglu (43 swiglus per thread
+    /// of a 256-thread block at 11008), more than a separate launch costs.
+    fn swiglu_first(&self, rows: usize) -> bool {
+        self.up.is_some() && rows < Self::WHOLE_ROW_ROWS
+    }
 
     /// Enqueues the transform of every row.
     pub fn launch(
         &self,
         gpu: &Gpu,
+        scratch: &Scratch,
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
@@ -872,13 +877,27 @@ impl HadRoute {
         if rows > 0x7FFF_FFFF {
             return Err(format!("{rows} rows"));
         }
-        let (x, out) = (ptr(self.x)?, ptr(self.out)?);
+        let (mut x, out) = (ptr(self.x)?, ptr(self.out)?);
+        let mut up = self.up.map(|u| ptr(u)).transpose()?;
+        let mut dtype = self.dtype.as_str();
+        if let (true, Some(u)) = (self.swiglu_first(rows), up) {
+            let count = (rows * self.n) as i64;
+            if scratch.bytes.len() < 4 * count as usize {
+                return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), 4 * count));
+            }
+            let y = scratch.bytes.device_ptr(&gpu.stream).0;
+            let f = gpu.function("hadamard", "swiglu_rows_f32").map_err(|e| e.to_string())?;
+            let mut b = gpu.launcher(&f);
+            b.arg(&x).arg(&u).arg(&y).arg(&count);
+            // SAFETY: signature (float*, float*, float*, long); g and u hold count values, the scratch
+            // at least count floats (checked above).
+            unsafe { b.launch(grid_stride(count as usize)) }.map_err(|e| format!("swiglu_rows_f32: {e}"))?;
+            (x, up, dtype) = (y, None, "f32");
+        }
         let signs = self.signs.as_ref().ok_or("dense factor not attached")?.device_ptr(&gpu.stream).0;
-        let wide_rows = if std::env::var("QCC_HAD_WIDE").is_ok_and(|v| v == "0") { 0 } else { Self::WIDE_ROWS };
-        let (splits, a_per, threads) = self.splits(rows, wide_rows);
-        let wide = if threads == 1024 { "wide_" } else { "" };
+        let (splits, a_per) = self.splits(rows);
         let qsuffix = self.quant.as_ref().map_or("", |q| q.suffix.as_str());
-        let entry = format!("hadamard_fast_{wide}{}{qsuffix}", self.dtype);
+        let entry = format!("hadamard_fast_{dtype}{qsuffix}");
         let f = gpu.function("hadamard", &entry).map_err(|e| e.to_string())?;
         let smem = Self::smem_bytes(self.n, self.m) as u32;
         if smem > 48 * 1024 {
@@ -889,7 +908,6 @@ impl HadRoute {
             .map_err(|e| format!("shared memory {smem} bytes: {e}"))?;
         }
         let (n64, m32, p64, a_per32) = (self.n as i64, self.m as i32, self.p as i64, a_per as i32);
-        let up = self.up.map(|u| ptr(u)).transpose()?;
         let quant =
             self.quant.as_ref().map(|q| q.bind(values, ptr)).transpose().map_err(|e| format!("{entry}: {e}"))?;
         let mut b = gpu.launcher(&f);
@@ -903,7 +921,7 @@ impl HadRoute {
         }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, splits as u32, 1),
-            block_dim: (threads, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: smem,
         };
         // SAFETY: signature (T*, [float* up,] O*, long, int, long, u32*, double, int, [float* step, long
@@ -1231,20 +1249,14 @@ mod tests {
                 signs: None,
             };
             for rows in [1usize, 5, 16, 17, 263, 264, 2048] {
-                assert_eq!(route.splits(rows, 0).2, 256);
-                let (splits, a_per, threads) = route.splits(rows, HadRoute::WIDE_ROWS);
+                let (splits, a_per) = route.splits(rows);
                 if m == 1 {
-                    assert!((1..=16).contains(&splits) && a_per == 0 && threads == 256);
+                    assert!((1..=16).contains(&splits) && a_per == 0);
                     continue;
                 }
                 // Whole tiles of 4 sub-rows per block, every sub-row in exactly one block.
                 assert_eq!(a_per % 4, 0, "n={n} rows={rows}");
                 assert!(splits * a_per >= m && (splits - 1) * a_per < m, "n={n} rows={rows}: {splits} x {a_per}");
-                // Wide blocks for decode rows, one output per thread where sub-rows are short enough.
-                assert_eq!(threads, if rows <= 16 { 1024 } else { 256 }, "n={n} rows={rows}");
-                if rows <= 16 && p <= 256 {
-                    assert!(a_per * p <= 1024 && a_per * p * 2 > 1024, "n={n}: {a_per} x {p}");
-                }
                 if rows >= 264 {
                     assert_eq!(splits, 1);
                 }
