@@ -361,16 +361,6 @@ static __device__ __forceinline__ void xgemv1_mma(int (&acc)[4], const XGemvBatc
   }
 }
 
-// Programmatic dependent launch (runtime/src/cuda/pdl.rs): the weights are constants, so a warp
-// asks L2 for its whole weight range (`bytes` from `base`, one 128-byte line per lane and step)
-// before waiting for the kernel that writes the activations; a short GEMV's DRAM latency then
-// overlaps its predecessor. The runtime's PDL patch leaves this wait in place of its own.
-static __device__ __forceinline__ void weights_to_l2_then_wait(const void* base, int bytes, int lane) {
-  for (int off = lane * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)base + off));
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
 template <bool I16, bool F32>
 static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, const void* __restrict__ x,
                                                    const float* __restrict__ scale, const float* __restrict__ bias,
@@ -383,7 +373,6 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
   __syncthreads();
   const XgemvSplit<KSPLIT> sp(w, K, warp, tile);
   const u32* wrow = sp.wtile + lane * 4;
-  weights_to_l2_then_wait(sp.wtile + sp.c_begin * 128, (sp.c_end - sp.c_begin) * 512, lane);
   int acc[4] = {0, 0, 0, 0};
   XGemvBatch1<I16, UNROLL> cur, nxt;
   xgemv1_load<I16, UNROLL>(cur, wrow, x, sp.c_begin, sp.c_end, lane, K);

@@ -8,9 +8,7 @@
 //! memory is visible; immediately when the launch carries no programmatic dependency), then
 //! `griddepcontrol.launch_dependents` (lets the next kernel launch early, to wait in turn). So a
 //! patched kernel touches no memory before its predecessor finished, whether it was launched with
-//! PDL or not, and the order of every read and write stays that of the stream. Exception: a kernel
-//! with its own `griddepcontrol.wait` (the batch-1 W4 GEMVs, fast_linear.cu) reads only constants
-//! (its weights, into L2) before it, so the weights stream while the predecessor still runs. Only patched kernels
+//! PDL or not, and the order of every read and write stays that of the stream. Only patched kernels
 //! are launched with the attribute ([`launch`], [`Launcher`]); cuBLAS's kernels and memory copies
 //! keep ordinary stream order around them. Runs of more than [`MAX_SEQ`] new tokens launch without
 //! it ([`wanted`]); `QCC_PDL=0` turns it off altogether (no patch, ordinary launches).
@@ -38,14 +36,10 @@ pub fn wanted(values: &crate::artifact::SymbolValues) -> bool {
     enabled() && values.get("seq").is_none_or(|&s| s <= MAX_SEQ)
 }
 
-const WAIT: &str = "\tgriddepcontrol.wait;\n";
-const LAUNCH_DEPENDENTS: &str = "\tgriddepcontrol.launch_dependents;\n";
+const PROLOGUE: &str = "\tgriddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n";
 
 /// `ptx` with the PDL prologue at the top of every `.entry` body (see the module header), or `None`
 /// when an entry's body cannot be found or the PTX targets something older than sm_90 / PTX 7.8.
-/// An entry whose body already has its own `griddepcontrol.wait` (a kernel that reads constants,
-/// such as the weights of a W4 GEMV, before waiting for its predecessor's outputs) gets only
-/// `launch_dependents`.
 pub fn patch_entries(ptx: &str) -> Option<String> {
     let version = ptx.lines().find_map(|l| l.trim().strip_prefix(".version "))?;
     let (major, minor) = version.trim().split_once('.')?;
@@ -55,13 +49,10 @@ pub fn patch_entries(ptx: &str) -> Option<String> {
     if (major, minor) < (7, 8) || arch < 90 {
         return None;
     }
-    let lines: Vec<&str> = ptx.lines().collect();
     let mut out = String::with_capacity(ptx.len() + 4096);
+    let mut lines = ptx.lines().peekable();
     let mut entries = 0usize;
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        i += 1;
+    while let Some(line) = lines.next() {
         out.push_str(line);
         out.push('\n');
         let t = line.trim_start();
@@ -71,25 +62,15 @@ pub fn patch_entries(ptx: &str) -> Option<String> {
         }
         // The header (parameters, performance directives) up to the body's opening brace.
         loop {
-            let l = lines.get(i)?;
-            i += 1;
+            let l = lines.next()?;
             out.push_str(l);
             out.push('\n');
             if l.trim() == "{" {
                 break;
             }
         }
-        // The body runs to the closing brace at depth 0.
-        let mut depth = 1usize;
-        let mut end = i;
-        while depth > 0 {
-            let l = lines.get(end)?.trim();
-            depth = (depth + l.matches('{').count()).saturating_sub(l.matches('}').count());
-            end += 1;
-        }
-        let waits_itself = lines[i..end].iter().any(|l| l.contains("griddepcontrol.wait"));
         // The body's leading declarations stay first.
-        while let Some(l) = lines.get(i) {
+        while let Some(l) = lines.peek() {
             let t = l.trim();
             let declaration = t.is_empty()
                 || t.starts_with("//")
@@ -99,12 +80,9 @@ pub fn patch_entries(ptx: &str) -> Option<String> {
             }
             out.push_str(l);
             out.push('\n');
-            i += 1;
+            lines.next();
         }
-        if !waits_itself {
-            out.push_str(WAIT);
-        }
-        out.push_str(LAUNCH_DEPENDENTS);
+        out.push_str(PROLOGUE);
         entries += 1;
     }
     (entries > 0).then_some(out)
@@ -220,20 +198,6 @@ mod tests {
         let helper = patched.find(".func helper").unwrap();
         assert!(!patched[helper..patched.find(".visible .entry k2").unwrap()].contains("griddepcontrol"));
         assert!(patched.rfind("griddepcontrol.launch_dependents").unwrap() < patched.rfind("ret;").unwrap());
-    }
-
-    #[test]
-    fn an_entry_that_waits_itself_only_gets_launch_dependents() {
-        let own = SAMPLE.replace("\tret;\n\n}\n.func", "\tprefetch.global.L2 [%rd1];\n\tgriddepcontrol.wait;\n\tret;\n\n}\n.func");
-        let patched = patch_entries(&own).unwrap();
-        assert_eq!(patched.matches("griddepcontrol.wait;").count(), 2, "{patched}");
-        assert_eq!(patched.matches("griddepcontrol.launch_dependents;").count(), 2);
-        // Entry k: its own wait after the prefetch, none inserted before it; k2 as before.
-        let k = &patched[..patched.find(".func helper").unwrap()];
-        assert!(k.find("prefetch.global.L2").unwrap() < k.find("griddepcontrol.wait").unwrap(), "{k}");
-        assert!(k.find("griddepcontrol.launch_dependents").unwrap() < k.find("ld.param.u64").unwrap());
-        let k2 = &patched[patched.find(".visible .entry k2").unwrap()..];
-        assert!(k2.find("griddepcontrol.wait").unwrap() < k2.find("ret;").unwrap());
     }
 
     #[test]
