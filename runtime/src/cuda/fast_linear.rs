@@ -878,7 +878,7 @@ impl HadRoute {
             return Err(format!("{rows} rows"));
         }
         let (mut x, out) = (ptr(self.x)?, ptr(self.out)?);
-        let mut up = self.up.map(|u| ptr(u)).transpose()?;
+        let mut up = self.up.map(ptr).transpose()?;
         let mut dtype = self.dtype.as_str();
         if let (true, Some(u)) = (self.swiglu_first(rows), up) {
             let count = (rows * self.n) as i64;
@@ -919,11 +919,8 @@ impl HadRoute {
         if let Some(q) = &quant {
             q.push(&mut b);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, splits as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
-        };
+        let cfg =
+            LaunchConfig { grid_dim: (rows as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem };
         // SAFETY: signature (T*, [float* up,] O*, long, int, long, u32*, double, int, [float* step, long
         // x 3, float x 4]) as hadamard.cu's entry of this name; x, up and out hold rows * n values,
         // step n (the plan sized them), signs m * ceil(m / 32) words; the shared memory holds one row
