@@ -158,7 +158,7 @@ fn write_artifact(
     };
     std::fs::write(d.join("manifest.json"), manifest.to_json()).unwrap();
     let problems = executor::check_plan(d).unwrap_or_else(|e| panic!("{label}: {e}"));
-    assert!(problems.is_empty(), "{label}: {problems:?}");
+    assert!(problems.is_empty() || label.starts_with("(bad plan)"), "{label}: {problems:?}");
     dir
 }
 
@@ -740,6 +740,47 @@ fn attention_quantized_in_its_epilogue_equals_its_float_output_quantized() {
         }
         println!("{label}: {differing} of {} differ", got.len());
         assert_eq!(differing, 0, "{label}");
+    }
+}
+
+#[test]
+fn a_hadamard_launch_whose_size_is_not_its_input_width_is_a_plan_problem() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    // The executor reads n as the second size after the buffers (x or g, u; out): a fused launch
+    // whose n sits elsewhere, or a wrong n, must fail the plan check, not build a wrong H on the GPU.
+    let (rows, n) = (3usize, 64usize);
+    let mut g = Graph::new("t");
+    let xv = g.add_input("x", TensorType::known(DType::F32, &[rows, n])).unwrap();
+    let y = g.add_op(
+        Op::new(OpKind::Hadamard).with("size", qcc_ir::Attr::Int(n as i64)),
+        &[xv],
+        TensorType::known(DType::F32, &[rows, n]),
+    );
+    g.add_output("y", y);
+    for (label, size) in [("(bad plan) n = rows", rows), ("n = width", n)] {
+        let mut plan = Plan { buffers: vec![], arena: 0 };
+        let bx = plan.arena("x", DType::F32, &[rows, n]);
+        let by = plan.arena("y", DType::F32, &[rows, n]);
+        let launch = Launch {
+            node: "hadamard".into(),
+            module: "hadamard".into(),
+            entry: "hadamard_f32".into(),
+            grid: [c(rows as i64), c(1), c(1)],
+            block: [128, 1, 1],
+            shared_bytes: 8 * n as u32,
+            args: vec![Arg::Buffer(bx), Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(size as i64))],
+        };
+        let x = RtTensor::from_vec(&[rows, n], vec![1.0f32; rows * n]).unwrap();
+        let dir = write_artifact(label, &g, plan, &[("x", x, bx)], &[("y", by)], vec![launch]);
+        let problems = executor::check_plan(dir.path()).unwrap();
+        if size == n {
+            assert!(problems.is_empty(), "{label}: {problems:?}");
+        } else {
+            assert!(problems.iter().any(|p| p.contains("size n = 3")), "{label}: {problems:?}");
+        }
     }
 }
 

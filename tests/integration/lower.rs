@@ -386,7 +386,7 @@ fn attention_epilogue_with_steps_per_head_and_channel() {
 }"#,
     );
     let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
-    assert_eq!(entries, ["attention_f32", "copy_f32_i16_qi4h_p1", "int_linear_xi16_wi8_f32"]);
+    assert_eq!(entries, ["attention_f32_qi16", "int_linear_xi16_wi8_f32"]);
     // A step count that is neither one per channel nor one per (head, channel) is an error.
     let bad = qcc_ir::text::parse(
         r#"graph @t(%q: f32[1,2,4,4], %k: f32[1,2,4,4], %v: f32[1,2,4,4]) -> (%a) {
