@@ -416,6 +416,46 @@ mod tests {
         assert!(!ok(&f32s, &launch("attention_f32", false, [8, 2, 128, 128], 60_000)));
     }
 
+    /// `launch` of `attention_f32[_mask]_q{suffix}`: the float arguments, then the quantization's
+    /// (step buffer 9, seq, past, prefix, lo, hi, plo, phi) and the output strides.
+    fn quantized(masked: bool, suffix: &str, d: i64) -> Launch {
+        let mask = if masked { "_mask" } else { "" };
+        let mut l = launch(&format!("attention_f32{mask}_{suffix}"), masked, [32, 32, d, d], 516);
+        let c = DimExpr::Const;
+        l.args.push(Arg::Buffer(9));
+        l.args.extend([DimExpr::Sym("seq".into()), DimExpr::Sym("past_seq".into()), c(1)].map(Arg::I64));
+        l.args.extend([-8.0, 7.0, -32768.0, 32767.0].map(Arg::F32));
+        l.args.extend([c(d), c(32 * d)].map(Arg::I64));
+        l
+    }
+
+    #[test]
+    fn quantized_entries_route_to_the_quantized_fast_kernels() {
+        // q, k, v, mask f32, the output i16 (or i8), the step (buffer 9) f32.
+        let mut dtypes = vec!["f32"; 10];
+        dtypes[4] = "i16";
+        let m = manifest(&dtypes);
+        let r = AttnRoute::plan(&m, &quantized(true, "qi16", 128)).expect("quantized f32 attention is routed");
+        assert_eq!(r.entry(Kernel::Decode), "attention_fast_dec_f32_mask_d128_qi16");
+        assert_eq!(r.entry(Kernel::Prefill), "attention_fast_pre_f32_mask_d128_qi16");
+        assert_eq!(r.out, 4);
+        let (q, strides) = r.quant.as_ref().unwrap();
+        assert_eq!(q.suffix, "_qi16");
+        assert_eq!(strides, &[DimExpr::Const(128), DimExpr::Const(32 * 128)]);
+        let mut dtypes = vec!["f32"; 10];
+        dtypes[3] = "i8";
+        let r = AttnRoute::plan(&manifest(&dtypes), &quantized(false, "qi8", 64)).unwrap();
+        assert_eq!(r.entry(Kernel::Mid), "attention_fast_mid_f32_d64_qi8");
+        // Declined: an unknown output type, arguments missing, an f16 quantized entry.
+        assert!(AttnRoute::plan(&m, &quantized(true, "qi4", 128)).is_none());
+        let mut short = quantized(true, "qi16", 128);
+        short.args.pop();
+        assert!(AttnRoute::plan(&m, &short).is_none());
+        let mut f16 = quantized(true, "qi16", 128);
+        f16.entry = "attention_f16_mask_qi16".into();
+        assert!(AttnRoute::plan(&manifest(&["f16"; 10]), &f16).is_none());
+    }
+
     #[test]
     fn picks_decode_for_one_row_prefill_for_full_grids_and_mid_between() {
         assert_eq!(pick(1, 32, 128, 516), Some(Kernel::Decode));

@@ -1217,6 +1217,42 @@ mod tests {
         let one: SymbolValues = [("seq".to_string(), 16)].into_iter().collect();
         assert_eq!(w8.scratch_need(&one).unwrap(), Need::default(), "the GEMV needs no scratch");
         assert_eq!(r.weight(), Some(1));
+        // The fused Hadamard (compiler/src/lower/micro.rs): swiglu of g (0) and u (1) into y (2, i16),
+        // quantized with the step buffer 3. Rows below WHOLE_ROW_ROWS run the swiglu first into the
+        // scratch (4 bytes per element); 264 rows and more compute it in the transform's loads.
+        let n = 11008i64;
+        let hm = manifest(&[
+            ("g", "f32", &[4, n], false),
+            ("u", "f32", &[4, n], false),
+            ("y", "i16", &[4, n], false),
+            ("step", "f32", &[n], true),
+        ]);
+        let mut l = launch("hadamard", &[0, 1, 2], m(), 0, 0);
+        l.entry = "hadamard_swiglu_f32_qi16".into();
+        l.args = vec![Arg::Buffer(0), Arg::Buffer(1), Arg::Buffer(2), Arg::I64(m()), Arg::I64(DimExpr::Const(n))];
+        l.args.extend([Arg::Buffer(3), Arg::I64(m()), Arg::I64(DimExpr::Const(0)), Arg::I64(DimExpr::Const(1))]);
+        l.args.extend([-8.0, 7.0, -32768.0, 32767.0].map(Arg::F32));
+        let Some(Route::Had(h)) = Route::plan(&hm, &l) else { panic!("fused hadamard not routed") };
+        assert_eq!((h.x, h.up, h.out, h.dtype.as_str()), (0, Some(1), 2, "swiglu_f32"));
+        assert_eq!(h.quant.as_ref().map(|q| q.suffix.as_str()), Some("_qi16"));
+        let rows = |r: i64| -> SymbolValues { [("seq".to_string(), r)].into_iter().collect() };
+        let had = Route::Had(h);
+        assert_eq!(had.scratch_need(&rows(1)).unwrap().bytes, 4 * 11008);
+        assert_eq!(had.scratch_need(&rows(263)).unwrap().bytes, 4 * 263 * 11008);
+        assert_eq!(had.scratch_need(&rows(264)).unwrap(), Need::default());
+        // Declined: an unknown output type, a quantization argument missing, a quantized f16 input.
+        let mut bad = l.clone();
+        bad.entry = "hadamard_swiglu_f32_qi4".into();
+        assert!(Route::plan(&hm, &bad).is_none());
+        let mut bad = l.clone();
+        bad.args.pop();
+        assert!(Route::plan(&hm, &bad).is_none());
+        let hm16 = manifest(&[("x", "f16", &[4, n], false), ("y", "i16", &[4, n], false), ("step", "f32", &[n], true)]);
+        let mut bad = launch("hadamard", &[0, 1], m(), 0, 0);
+        bad.entry = "hadamard_f16_qi16".into();
+        bad.args = vec![Arg::Buffer(0), Arg::Buffer(1), Arg::I64(m()), Arg::I64(DimExpr::Const(n))];
+        bad.args.extend(l.args[5..].iter().cloned());
+        assert!(Route::plan(&hm16, &bad).is_none());
     }
 
     #[test]
