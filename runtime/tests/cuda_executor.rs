@@ -462,6 +462,32 @@ fn int_linear_matches_the_cpu_bit_for_bit() {
     int_linear_case(DType::F32, DType::I8, Some(8), true, 5);
 }
 
+/// y = hadamard(x) of f32 [rows, n] as micro.rs launches it (`hadamard_f32`), with `size` as the
+/// launch's n argument: the graph, the plan, buffers [x, y] and the launch.
+fn hadamard_f32_case(rows: usize, n: usize, size: usize) -> (Graph, Plan, [u32; 2], Launch) {
+    let mut g = Graph::new("t");
+    let xv = g.add_input("x", TensorType::known(DType::F32, &[rows, n])).unwrap();
+    let y = g.add_op(
+        Op::new(OpKind::Hadamard).with("size", qcc_ir::Attr::Int(n as i64)),
+        &[xv],
+        TensorType::known(DType::F32, &[rows, n]),
+    );
+    g.add_output("y", y);
+    let mut plan = Plan { buffers: vec![], arena: 0 };
+    let bx = plan.arena("x", DType::F32, &[rows, n]);
+    let by = plan.arena("y", DType::F32, &[rows, n]);
+    let launch = Launch {
+        node: "hadamard".into(),
+        module: "hadamard".into(),
+        entry: "hadamard_f32".into(),
+        grid: [c(rows as i64), c(1), c(1)],
+        block: [128, 1, 1],
+        shared_bytes: 8 * n as u32,
+        args: vec![Arg::Buffer(bx), Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(size as i64))],
+    };
+    (g, plan, [bx, by], launch)
+}
+
 #[test]
 fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
     if !nvrtc::nvrtc_available() {
@@ -491,26 +517,7 @@ fn hadamard_matches_the_cpu_for_power_of_two_and_kronecker_sizes() {
     ] {
         let mut rng = Rng(seed);
         let x = RtTensor::from_vec(&[rows, n], (0..rows * n).map(|_| rng.float() * 4.0).collect()).unwrap();
-        let mut g = Graph::new("t");
-        let xv = g.add_input("x", TensorType::known(DType::F32, &[rows, n])).unwrap();
-        let y = g.add_op(
-            Op::new(OpKind::Hadamard).with("size", qcc_ir::Attr::Int(n as i64)),
-            &[xv],
-            TensorType::known(DType::F32, &[rows, n]),
-        );
-        g.add_output("y", y);
-        let mut plan = Plan { buffers: vec![], arena: 0 };
-        let bx = plan.arena("x", DType::F32, &[rows, n]);
-        let by = plan.arena("y", DType::F32, &[rows, n]);
-        let launch = Launch {
-            node: "hadamard".into(),
-            module: "hadamard".into(),
-            entry: "hadamard_f32".into(),
-            grid: [c(rows as i64), c(1), c(1)],
-            block: [128, 1, 1],
-            shared_bytes: 8 * n as u32,
-            args: vec![Arg::Buffer(bx), Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(n as i64))],
-        };
+        let (g, plan, [bx, by], launch) = hadamard_f32_case(rows, n, n);
         let label = format!("hadamard n={n} rows={rows}");
         if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx)], by, launch) {
             // The fast transform follows the CPU's algorithm and order in f64: every bit agrees.
@@ -752,27 +759,8 @@ fn a_hadamard_launch_whose_size_is_not_its_input_width_is_a_plan_problem() {
     // The executor reads n as the second size after the buffers (x or g, u; out): a fused launch
     // whose n sits elsewhere, or a wrong n, must fail the plan check, not build a wrong H on the GPU.
     let (rows, n) = (3usize, 64usize);
-    let mut g = Graph::new("t");
-    let xv = g.add_input("x", TensorType::known(DType::F32, &[rows, n])).unwrap();
-    let y = g.add_op(
-        Op::new(OpKind::Hadamard).with("size", qcc_ir::Attr::Int(n as i64)),
-        &[xv],
-        TensorType::known(DType::F32, &[rows, n]),
-    );
-    g.add_output("y", y);
     for (label, size) in [("(bad plan) n = rows", rows), ("n = width", n)] {
-        let mut plan = Plan { buffers: vec![], arena: 0 };
-        let bx = plan.arena("x", DType::F32, &[rows, n]);
-        let by = plan.arena("y", DType::F32, &[rows, n]);
-        let launch = Launch {
-            node: "hadamard".into(),
-            module: "hadamard".into(),
-            entry: "hadamard_f32".into(),
-            grid: [c(rows as i64), c(1), c(1)],
-            block: [128, 1, 1],
-            shared_bytes: 8 * n as u32,
-            args: vec![Arg::Buffer(bx), Arg::Buffer(by), Arg::I64(c(rows as i64)), Arg::I64(c(size as i64))],
-        };
+        let (g, plan, [bx, by], launch) = hadamard_f32_case(rows, n, size);
         let x = RtTensor::from_vec(&[rows, n], vec![1.0f32; rows * n]).unwrap();
         let dir = write_artifact(label, &g, plan, &[("x", x, bx)], &[("y", by)], vec![launch]);
         let problems = executor::check_plan(dir.path()).unwrap();

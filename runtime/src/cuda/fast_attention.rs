@@ -140,10 +140,7 @@ impl AttnRoute {
             return None;
         }
         let rest = launch.entry.strip_prefix("attention_")?;
-        let (rest, qsuffix) = match rest.find("_q") {
-            Some(i) => (&rest[..i], Some(&rest[i..])),
-            None => (rest, None),
-        };
+        let (rest, qsuffix) = OutQuantArgs::split_entry(rest);
         let (dtype, masked) = match rest.strip_suffix("_mask") {
             Some(d) => (d, true),
             None => (rest, false),

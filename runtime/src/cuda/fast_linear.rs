@@ -723,6 +723,15 @@ pub struct BoundQuant {
 }
 
 impl OutQuantArgs {
+    /// An entry name split before its quantized-output suffix (`attention_f32_mask_qi16` ->
+    /// (`attention_f32_mask`, Some(`_qi16`))).
+    pub fn split_entry(entry: &str) -> (&str, Option<&str>) {
+        match entry.find("_q") {
+            Some(i) => (&entry[..i], Some(&entry[i..])),
+            None => (entry, None),
+        }
+    }
+
     /// The entry's suffix (`_qi16`, `_qi8`) and its 8 trailing arguments.
     pub fn parse(suffix: &str, args: &[Arg]) -> Option<OutQuantArgs> {
         let [Arg::Buffer(step), Arg::I64(seq), Arg::I64(past), Arg::I64(prefix), Arg::F32(lo), Arg::F32(hi), Arg::F32(plo), Arg::F32(phi)] =
@@ -776,10 +785,7 @@ impl HadRoute {
             Some(r) => (r, true),
             None => (rest, false),
         };
-        let (dtype, qsuffix) = match rest.find("_q") {
-            Some(i) => (&rest[..i], Some(&rest[i..])),
-            None => (rest, None),
-        };
+        let (dtype, qsuffix) = OutQuantArgs::split_entry(rest);
         let ins = 1 + swiglu as usize;
         let head = launch.args.get(..ins + 3)?;
         let [Arg::Buffer(out), Arg::I64(rows), n] = &head[ins..] else { return None };
