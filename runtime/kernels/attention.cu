@@ -6,7 +6,10 @@
 // quantized by the `_q` entries below.
 //
 // Geometry: grid [S, Hq, B], 128 threads, dynamic shared memory 4 * T_max bytes (the score row).
-// Layouts: q [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] f32.
+// Layouts: q [B, Hq, S, D], out [B, Hq, S, Dv], mask [S, T] f32 contiguous; k [B, Hkv, T, D] and
+// v [B, Hkv, T, Dv] with rows of contiguous channels at the batch, head and row strides kb, kh, kt
+// (vb, vh, vt) the entries take after `scale`: contiguous ones, or a KV cache kept with its key
+// positions outermost ([T, B, Hkv, D], compiler/src/lower/mod.rs `resident_cache`).
 
 
 #define ATT_THREADS 128
@@ -43,7 +46,8 @@ __device__ double block_sum_f64(double v, double* scratch) {
 template <class X, class O, bool MASK>
 __device__ void attention_impl(const typename X::S* q, const typename X::S* k, const typename X::S* v,
                                const typename X::S* mask, O* out, long B, long Hq, long Hkv, long S, long T, long D,
-                               long Dv, long causal, float scale, const OutQuant& oq, long osh, long oss) {
+                               long Dv, long causal, float scale, const KvStrides& kv, const OutQuant& oq, long osh,
+                               long oss) {
   constexpr bool QUANT = !same_type<O, typename X::S>::value;
   extern __shared__ float scores[];
   __shared__ float scratch[ATT_THREADS / 32];
@@ -52,8 +56,9 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   if (s >= S || h >= Hq || b >= B) return;
   long hk = h / (Hq / Hkv);
   const typename X::S* qrow = q + ((b * Hq + h) * S + s) * D;
-  const typename X::S* kh = k + (b * Hkv + hk) * T * D;
-  const typename X::S* vh = v + (b * Hkv + hk) * T * Dv;
+  const typename X::S* kh = k + b * kv.kb + hk * kv.kh;
+  const typename X::S* vh = v + b * kv.vb + hk * kv.vh;
+  const long kt = kv.kt, vt = kv.vt;
   long last_visible = causal ? T - S + s : T - 1;
   float local_max = -QCC_INF;
   for (long t = threadIdx.x; t < T; t += ATT_THREADS) {
@@ -62,7 +67,7 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
       x = -QCC_INF;
     } else {
       float dot = 0.0f;
-      for (long d = 0; d < D; ++d) dot = fmaf(X::get(qrow, d), X::get(kh, t * D + d), dot);
+      for (long d = 0; d < D; ++d) dot = fmaf(X::get(qrow, d), X::get(kh, t * kt + d), dot);
       x = __fmul_rn(dot, scale);
       if (MASK) x = __fadd_rn(x, X::get(mask, s * T + t));
     }
@@ -87,7 +92,7 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   const long orow = QUANT ? b * Hq * S * Dv + h * osh + s * oss : ((b * Hq + h) * S + s) * Dv;
   for (long d = threadIdx.x; d < Dv; d += ATT_THREADS) {
     float acc = 0.0f;
-    for (long t = 0; t <= last_visible && t < T; ++t) acc = fmaf(scores[t], X::get(vh, t * Dv + d), acc);
+    for (long t = 0; t <= last_visible && t < T; ++t) acc = fmaf(scores[t], X::get(vh, t * vt + d), acc);
     if constexpr (QUANT) {
       out[orow + d] = (O)oq.apply(acc, h * Dv + d, s);
     } else {
@@ -96,37 +101,39 @@ __device__ void attention_impl(const typename X::S* q, const typename X::S* k, c
   }
 }
 
+#define ATT_KV long kb, long kh, long kt, long vb, long vh, long vt
 #define ATT_ENTRY(XN)                                                                                    \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN(                              \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, T_##XN::S* out, long B, long Hq,      \
-      long Hkv, long S, long T, long D, long Dv, long causal, float scale) {                             \
+      long Hkv, long S, long T, long D, long Dv, long causal, float scale, ATT_KV) {                     \
     attention_impl<T_##XN, T_##XN::S, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal,    \
-                                             scale, OutQuant{}, 0, 0);                                   \
+                                             scale, KvStrides{kb, kh, kt, vb, vh, vt}, OutQuant{}, 0, 0);         \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_##XN##_mask(                       \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, \
-      long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale) {            \
+      long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale, ATT_KV) {    \
     attention_impl<T_##XN, T_##XN::S, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,  \
-                                            OutQuant{}, 0, 0);                                           \
+                                            KvStrides{kb, kh, kt, vb, vh, vt}, OutQuant{}, 0, 0);                 \
   }
 ATT_ENTRY(f32) ATT_ENTRY(f16) ATT_ENTRY(bf16)
 
 // Quantized output (compiler/src/lower/micro.rs `fused_quant`, f32): attention_f32[_mask]_q{i16,i8}
-// take the float entry's arguments, then OutQuant's fields (steps per head and channel: h Dv + d;
+// take the float entry's arguments (with the K / V strides), then OutQuant's fields (steps per head and channel: h Dv + d;
 // positions along S) and the output's head and row strides: element (b, h, s, d) at
 // b Hq S Dv + h osh + s oss + d (osh = Dv, oss = Hq Dv when o_proj reads it as [B, S, Hq, Dv]).
 #define ATT_QPARAMS                                                                                      \
-  long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale, const float *step, \
+  long B, long Hq, long Hkv, long S, long T, long D, long Dv, long causal, float scale, ATT_KV,           \
+      const float *step,                                                                                 \
       long seq, long past, long prefix, float lo, float hi, float plo, float phi, long osh, long oss
 #define ATT_QENTRY(ON, O)                                                                                \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32_q##ON(                         \
       const float* q, const float* k, const float* v, O* out, ATT_QPARAMS) {                             \
     attention_impl<T_f32, O, false>(q, k, v, nullptr, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,       \
-                                    OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);      \
+                                    KvStrides{kb, kh, kt, vb, vh, vt}, OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);      \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32_mask_q##ON(                    \
       const float* q, const float* k, const float* v, const float* mask, O* out, ATT_QPARAMS) {          \
     attention_impl<T_f32, O, true>(q, k, v, mask, out, B, Hq, Hkv, S, T, D, Dv, causal, scale,           \
-                                   OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);       \
+                                   KvStrides{kb, kh, kt, vb, vh, vt}, OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);       \
   }
 ATT_QENTRY(i16, short) ATT_QENTRY(i8, i8)

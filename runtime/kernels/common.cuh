@@ -127,6 +127,12 @@ struct T_f32 { typedef float S; static __device__ float get(const S* p, long i) 
 struct T_f16 { typedef u16 S; static __device__ float get(const S* p, long i) { return f16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_f16(v); } };
 struct T_bf16 { typedef u16 S; static __device__ float get(const S* p, long i) { return bf16_to_f32(p[i]); } static __device__ void put(S* p, long i, float v) { p[i] = f32_to_bf16(v); } };
 
+// Element strides of an attention's keys and values: key t of batch b and KV head h starts at
+// b kb + h kh + t kt (values likewise), its channels contiguous.
+struct KvStrides {
+  long kb, kh, kt, vb, vh, vt;
+};
+
 // ---- Output quantization inside a micro-kernel (compiler/src/lower/micro.rs `fused_quant`): the
 // generated epilogue's arithmetic (compiler/src/lower/kernels.rs `emit_quant`), so a fused store is
 // bit-identical to a float store followed by that epilogue: q = clamp(roundeven(y / step[c]), lo,

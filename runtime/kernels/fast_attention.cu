@@ -24,8 +24,9 @@
 //       and heads to fill the GPU: the prefill tiling with the decode kernel's channel split).
 // D = Dv = 64 or 128. Dynamic shared memory: 4 * (R * (D + 4) + TK * (D + 4) + R * round_up(T, TK))
 // bytes (`Kernel::smem_bytes` in runtime/src/cuda/fast_attention.rs). Layouts as the micro-kernel's: q [B, Hq, S, D],
-// k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], mask [S, T] of q's type; all rows of q,
-// k, v and out 16-byte aligned (the route checks the base pointers).
+// k [B, Hkv, T, D] and v [B, Hkv, T, Dv] at the strides of KvStrides, out [B, Hq, S, Dv], mask
+// [S, T] of q's type; all rows of q, k, v and out 16-byte aligned (the route checks the base
+// pointers and the strides).
 
 #define FA_THREADS 128
 #define FA_INF __int_as_float(0x7f800000)
@@ -103,7 +104,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
                                                const typename X::S* __restrict__ v,
                                                const typename X::S* __restrict__ mask, O* __restrict__ out,
                                                long B, long Hq, long Hkv, long S, long T, long causal, float scale,
-                                               const OutQuant& oq, long osh, long oss) {
+                                               const KvStrides& kv, const OutQuant& oq, long osh, long oss) {
   typedef typename X::S St;
   constexpr bool QUANT = !same_type<O, St>::value;
   constexpr int NT = FA_THREADS;
@@ -136,8 +137,8 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   const int dv0 = (int)(blockIdx.z % NSPLIT) * DVB;
   if (s0 >= S || h >= Hq || b >= B) return;
   const long hk = h / (Hq / Hkv);
-  const St* kh = k + (b * Hkv + hk) * T * D;
-  const St* vh = v + (b * Hkv + hk) * T * DV;
+  const St* kh = k + b * kv.kb + hk * kv.kh;
+  const St* vh = v + b * kv.vb + hk * kv.vh;
   const int tid = threadIdx.x;
 
   // Keys each row sees: t <= last_visible and t < T (the micro-kernel's loop bound); 0 past S.
@@ -166,7 +167,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
     const int kt = tid % TK, rg = tid / TK;
     for (long t0 = 0; t0 < nmax; t0 += TK) {
       __syncthreads();
-      fa_load_tile<X, TK, D, DP>(tile, kh, D, 0, t0, nmax);
+      fa_load_tile<X, TK, D, DP>(tile, kh, kv.kt, 0, t0, nmax);
       __syncthreads();
       const long t = t0 + kt;
       if (t >= nmax) continue;
@@ -253,7 +254,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   }
   for (long t0 = 0; t0 < nmax; t0 += TK) {
     __syncthreads();
-    fa_load_tile<X, TK, DVB, VP>(tile, vh, DV, dv0, t0, nmax);
+    fa_load_tile<X, TK, DVB, VP>(tile, vh, kv.vt, dv0, t0, nmax);
     __syncthreads();
     if (!active) continue;
     const float* vc = tile + cg * CPT;
@@ -321,19 +322,23 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
 #define FA_ENTRY(NAME, XN, MASK, R, TK, D, DVB, CPT)                                                             \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, long B, \
-      long Hq, long Hkv, long S, long T, long causal, float scale) {                                             \
+      long Hq, long Hkv, long S, long T, long causal, float scale, long kb, long kh, long kt, long vb, long vh,  \
+      long vt) {                                                                                                 \
     fa_body<T_##XN, T_##XN::S, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale,    \
-                                                         OutQuant{}, 0, 0);                                      \
+                                                         KvStrides{kb, kh, kt, vb, vh, vt}, OutQuant{}, 0, 0);   \
   }
-// Every entry takes (q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale); mask is ignored (null)
+// Every entry takes (q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale, kb, kh, kt, vb, vh, vt):
+// the K / V strides as the micro-kernel's (KvStrides, rows 16-byte aligned); mask is ignored (null)
 // by the entries without `_mask`. The `_q{i16,i8}` entries (f32) store the output quantized and
 // append OutQuant's fields and the output's head and row strides (osh, oss).
 #define FA_QENTRY(NAME, MASK, R, TK, D, DVB, CPT, O)                                                             \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
       const float* q, const float* k, const float* v, const float* mask, O* out, long B, long Hq, long Hkv,      \
-      long S, long T, long causal, float scale, const float* step, long seq, long past, long prefix, float lo,  \
-      float hi, float plo, float phi, long osh, long oss) {                                                       \
+      long S, long T, long causal, float scale, long kb, long kh, long kt, long vb, long vh, long vt,            \
+      const float* step, long seq, long past, long prefix, float lo, float hi, float plo, float phi, long osh,   \
+      long oss) {                                                                                                \
     fa_body<T_f32, O, MASK, R, TK, D, DVB, CPT>(q, k, v, mask, out, B, Hq, Hkv, S, T, causal, scale,              \
+                                                KvStrides{kb, kh, kt, vb, vh, vt},                                \
                                                 OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);   \
   }
 #define FA_ENTRIES(XN, D)                                                                 \

@@ -48,6 +48,7 @@ impl Plan {
             dtype: dtype.name().into(),
             dims: dims.iter().map(|&d| c(d as i64)).collect(),
             place: Place::Arena { offset: self.arena, bytes },
+            order: None,
         });
         self.arena += bytes.div_ceil(256) * 256;
         id
@@ -60,6 +61,7 @@ impl Plan {
             dtype: dtype.name().into(),
             dims: dims.iter().map(|&d| c(d as i64)).collect(),
             place: Place::Weight { tensor: name.into() },
+            order: None,
         });
         id
     }
@@ -684,6 +686,8 @@ fn attention_quantized_in_its_epilogue_equals_its_float_output_quantized() {
                 args.push(Arg::I64(c(x as i64)));
             }
             args.push(Arg::F32(scale));
+            args.extend(kv_strides([b, hq, t, d], false).map(Arg::I64));
+            args.extend(kv_strides([b, hq, t, d], false).map(Arg::I64));
             let mut entry = "attention_f32".to_string();
             if quantized {
                 let (lo, hi) = to.int_range().unwrap();
@@ -817,6 +821,8 @@ fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
             args.push(Arg::I64(c(x as i64)));
         }
         args.push(Arg::F32(scale));
+        args.extend(kv_strides([b, hkv, t, d], false).map(Arg::I64));
+        args.extend(kv_strides([b, hkv, t, dv], false).map(Arg::I64));
         let entry = format!("attention_{}{}", dtype.name(), if with_mask { "_mask" } else { "" });
         let launch = Launch {
             node: "attention".into(),
@@ -837,11 +843,20 @@ fn attention_matches_the_cpu_with_gqa_causal_offset_and_mask() {
         }
     }
 }
+/// The batch, head and row strides of keys (or values) [b, hkv, t, d]: contiguous, or positions
+/// first as a resident KV cache stores them ([t, b, hkv, d], compiler/src/lower/mod.rs).
+fn kv_strides([b, hkv, t, d]: [usize; 4], positions_first: bool) -> [DimExpr; 3] {
+    let s = if positions_first { [hkv * d, d, b * hkv * d] } else { [hkv * t * d, t * d, d] };
+    s.map(|x| c(x as i64))
+}
+
 /// One attention case run twice in one artifact: launch 0 as micro.rs plans it (the executor routes
 /// it to the fast kernels) and launch 1, the same attention into a second output with the head size
 /// given as an expression (1 * D), which the route declines: it stays on the micro-kernel. q
 /// [1, hq, s, d], k and v [1, hkv, t, d] of `dtype` (random, non-zero), causal or not, with a mask
-/// input (`mask`: "causal" = 0 / -inf after the diagonal, "random" = values in [-3, 3]) or none.
+/// input (`mask`: "causal" = 0 / -inf after the diagonal, "random" = values in [-3, 3]) or none; k
+/// and v stored positions first when `positions_first` (uploaded through the buffer's order, read
+/// at their strides).
 struct AttentionArtifact {
     graph: Graph,
     plan: Plan,
@@ -858,6 +873,7 @@ fn attention_artifact(
     (hq, hkv, s, t, d): (usize, usize, usize, usize, usize),
     causal: bool,
     mask: Option<&str>,
+    positions_first: bool,
 ) -> AttentionArtifact {
     let b = 1usize;
     let mut rng = Rng(seed);
@@ -897,6 +913,11 @@ fn attention_artifact(
         plan.arena("k", dtype, &[b, hkv, t, d]),
         plan.arena("v", dtype, &[b, hkv, t, d]),
     );
+    if positions_first {
+        for id in [bk, bv] {
+            plan.buffers[id as usize].order = Some(vec![2, 0, 1, 3]);
+        }
+    }
     let bm = mask_t.as_ref().map(|_| plan.arena("mask", dtype, &[s, t]));
     let outputs = [plan.arena("y", dtype, &[b, hq, s, d]), plan.arena("y_micro", dtype, &[b, hq, s, d])];
     let entry = format!("attention_{}{}", dtype.name(), if mask_t.is_some() { "_mask" } else { "" });
@@ -911,6 +932,9 @@ fn attention_artifact(
             }
             let head = if by == outputs[0] { c(d as i64) } else { DimExpr::Mul(Box::new(c(1)), Box::new(c(d as i64))) };
             args.extend([Arg::I64(head.clone()), Arg::I64(head), Arg::I64(c(causal as i64)), Arg::F32(scale)]);
+            for _ in 0..2 {
+                args.extend(kv_strides([b, hkv, t, d], positions_first).map(Arg::I64));
+            }
             Launch {
                 node: "attention".into(),
                 module: "attention".into(),
@@ -926,7 +950,9 @@ fn attention_artifact(
     if let (Some(m), Some(bm)) = (mask_t, bm) {
         inputs.push(("mask", m, bm));
     }
-    let label = format!("{entry} hq={hq} hkv={hkv} s={s} t={t} d={d} causal={causal} mask={mask:?}");
+    let label = format!(
+        "{entry} hq={hq} hkv={hkv} s={s} t={t} d={d} causal={causal} mask={mask:?} positions_first={positions_first}"
+    );
     AttentionArtifact { graph: g, plan, inputs, outputs, launches, label }
 }
 
@@ -940,9 +966,10 @@ fn attention_exact_case(
     shape: (usize, usize, usize, usize, usize),
     causal: bool,
     mask: Option<&str>,
+    positions_first: bool,
 ) -> bool {
     let AttentionArtifact { graph, plan, inputs, outputs, launches, label } =
-        attention_artifact(seed, dtype, shape, causal, mask);
+        attention_artifact(seed, dtype, shape, causal, mask, positions_first);
     let dir = write_artifact(&label, &graph, plan, &inputs, &[("y", outputs[0]), ("y_micro", outputs[1])], launches);
     let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();
     let want = CpuExecutor::new(&graph).unwrap().run(&feed).unwrap_or_else(|e| panic!("{label}: CPU: {e}"));
@@ -978,7 +1005,7 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
     let mut seed = 100u64;
     let mut case = |dtype: DType, shape: (usize, usize, usize, usize, usize), causal: bool, mask: Option<&str>| {
         seed += 1;
-        attention_exact_case(seed, dtype, shape, causal, mask)
+        attention_exact_case(seed, dtype, shape, causal, mask, false)
     };
     for d in [64usize, 128] {
         for t in [1usize, 37, 516] {
@@ -1000,6 +1027,29 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
     }
     case(DType::BF16, (8, 2, 1, 37, 128), true, None);
     case(DType::BF16, (8, 2, 77, 77, 128), true, None);
+}
+
+#[test]
+fn attention_reads_a_resident_kv_cache_stored_positions_first() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    // K and V uploaded through the buffer order [2, 0, 1, 3] ([T, B, Hkv, D]) and read at those
+    // strides: decode, a few rows and prefill on the fast kernels, bit for bit the micro-kernel's
+    // (which reads the same strides), and the CPU's values.
+    let mut seed = 300u64;
+    for (dtype, shape, mask) in [
+        (DType::F32, (8, 2, 1, 516, 128), None),
+        (DType::F32, (8, 8, 1, 37, 64), Some("random")),
+        (DType::F32, (8, 2, 5, 300, 128), None),
+        (DType::F32, (8, 2, 300, 300, 64), None),
+        (DType::F16, (8, 2, 1, 516, 128), None),
+        (DType::F16, (8, 2, 77, 77, 128), Some("causal")),
+    ] {
+        seed += 1;
+        attention_exact_case(seed, dtype, shape, mask.is_none(), mask, true);
+    }
 }
 
 /// Llama-2-7B-shaped attention (Hq = Hkv = 32, D = 128, causal or with a causal mask): decode
@@ -1027,7 +1077,7 @@ fn attention_fast_kernels_at_llama_7b_shapes_match_the_micro_kernel_and_are_time
     ];
     for (dtype, s, t, mask) in cases {
         let AttentionArtifact { graph, plan, inputs, outputs, launches, label } =
-            attention_artifact(7, dtype, (32, 32, s, t, 128), mask.is_none(), mask);
+            attention_artifact(7, dtype, (32, 32, s, t, 128), mask.is_none(), mask, false);
         let outs = [("y", outputs[0]), ("y_micro", outputs[1])];
         let dir = write_artifact(&label, &graph, plan, &inputs, &outs, launches);
         let feed: Vec<(&str, RtTensor)> = inputs.iter().map(|(n, t, _)| (*n, t.clone())).collect();

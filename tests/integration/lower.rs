@@ -69,7 +69,8 @@ fn plan_text(l: &Lowered) -> String {
             Place::Host => "host".into(),
         };
         let dims: Vec<String> = b.dims.iter().map(|d| d.to_string()).collect();
-        s.push_str(&format!("buffer {} %{} {}[{}] {place}\n", b.id, b.name, b.dtype, dims.join(",")));
+        let order = b.order.as_ref().map(|o| format!(" order {o:?}")).unwrap_or_default();
+        s.push_str(&format!("buffer {} %{} {}[{}]{order} {place}\n", b.id, b.name, b.dtype, dims.join(",")));
     }
     for launch in &l.launches {
         let args: Vec<String> = launch
@@ -414,7 +415,9 @@ fn standalone_quantize_and_float_cast() {
 
 #[test]
 fn kv_cache_concat_unary_ops_and_softmax() {
-    // The KV-cache append: each input is copied into its slice of the output (offset past * 64).
+    // The KV-cache append: the past input and the output share one buffer stored positions first
+    // (order [2, 0, 1, 3]), so only the new rows are copied, at offset past * (2 batch) * 4; the
+    // softmax reads a contiguous copy.
     let lowered = check(
         "concat_unary",
         r#"graph @t(%past: f32[batch,2,past,4], %new: f32[batch,2,seq,4]) -> (%kv, %s, %p) {
@@ -425,12 +428,59 @@ fn kv_cache_concat_unary_ops_and_softmax() {
 }"#,
     );
     assert_eq!(lowered.outputs[0].dims[2].to_string(), "(past + seq)");
+    assert_eq!(lowered.inputs[0].buffer, lowered.outputs[0].buffer, "the past is a prefix of the output");
+    assert_eq!(lowered.buffers[lowered.outputs[0].buffer as usize].order, Some(vec![2, 0, 1, 3]));
+    let copies = lowered.launches.iter().filter(|l| l.node == "kv").count();
+    assert_eq!(copies, 1, "only the new rows are copied");
+}
+
+#[test]
+fn resident_kv_cache_is_read_by_attention_at_its_strides() {
+    // A decode layer's cache: present = identity(concat(past, k)) is a graph output and attention
+    // reads it in place (kb = H D, kh = D, kt = B H D), so the only copies are the new rows. A past
+    // read by another device op, or a concat whose result is not an output, stays contiguous.
+    let lowered = check(
+        "resident_kv_cache",
+        r#"graph @t(%q: f32[batch,2,seq,4], %k: f32[batch,2,seq,4], %v: f32[batch,2,seq,4], %past_key_values.0.key: f32[batch,2,past,4], %past_key_values.0.value: f32[batch,2,past,4]) -> (%a, %present.0.key, %present.0.value) {
+  %kc = concat(%past_key_values.0.key, %k) {axis = 2} : f32[batch,2,total,4]
+  %vc = concat(%past_key_values.0.value, %v) {axis = -2} : f32[batch,2,total,4]
+  %a = attention(%q, %kc, %vc) {causal = 1, scale = 0.5} : f32[batch,2,seq,4]
+  %present.0.key = identity(%kc) : f32[batch,2,total,4]
+  %present.0.value = identity(%vc) : f32[batch,2,total,4]
+  return %a, %present.0.key, %present.0.value
+}"#,
+    );
+    for (past, present) in [(3, 1), (4, 2)] {
+        assert_eq!(lowered.inputs[past].buffer, lowered.outputs[present].buffer);
+    }
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert_eq!(entries, ["copy4_f32_f32", "copy4_f32_f32", "attention_f32"]);
+    let attention = &lowered.launches[2];
+    let strides: Vec<String> = attention.args[13..19].iter().map(|a| format!("{a:?}")).collect();
+    assert_eq!(strides[..3], strides[3..], "k and v alike");
+    assert_eq!(
+        attention.args[13..16].iter().map(|a| match a {
+            Arg::I64(d) => d.to_string(),
+            other => format!("{other:?}"),
+        }).collect::<Vec<_>>(),
+        ["8", "4", "(8 * batch)"]
+    );
+    let declined = lower_text(
+        r#"graph @t(%k: f32[batch,2,seq,4], %past: f32[batch,2,past,4]) -> (%kc, %s) {
+  %kc = concat(%past, %k) {axis = 2} : f32[batch,2,total,4]
+  %s = sigmoid(%past) : f32[batch,2,past,4]
+  return %kc, %s
+}"#,
+    );
+    assert!(declined.buffers.iter().all(|b| b.order.is_none()));
+    assert_ne!(declined.inputs[1].buffer, declined.outputs[0].buffer);
 }
 
 #[test]
 fn copies_and_float_casts_move_16_bytes_per_thread_where_rows_align() {
-    // A decode step's KV append of 128-wide heads: one thread moves 4 f32 (copy4) or casts 4 f32 to
-    // f16 (copy4_f32_f16); 16-bit copies take 8 lanes. Rows of 6 do not align and keep one element
+    // A decode step's KV append of 128-wide heads (only the new rows: the cache is resident): one
+    // thread moves 4 f32 (copy4) or casts 4 f32 to f16 (copy4_f32_f16, reading the cache at its
+    // strides); 16-bit copies take 8 lanes. Rows of 6 do not align and keep one element
     // per thread.
     let lowered = check(
         "vector_copies",
@@ -447,7 +497,6 @@ fn copies_and_float_casts_move_16_bytes_per_thread_where_rows_align() {
         entries,
         [
             "copy4_f32_f32",
-            "copy4_f32_f32_2",
             "copy4_f32_f16",
             "copy8_f16_f16",
             "copy8_f16_f16_2",
@@ -603,4 +652,16 @@ fn smollm2_kv_cache_lowers_end_to_end() {
     let lowered = smollm2("smollm2-135m-kv.onnx");
     assert_eq!(lowered.outputs.len(), 1 + 2 * 30, "logits and present.{{0..29}}.{{key,value}}");
     assert_eq!(lowered.symbols.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["batch", "past_seq", "seq"]);
+    // Every cache is resident: past_key_values.i.* and present.i.* share a buffer, positions first,
+    // and each layer's attention reads K and V there (no contiguous copy of the cache).
+    for past in lowered.inputs.iter().filter(|i| i.name.starts_with("past_key_values.")) {
+        let present = past.name.replacen("past_key_values.", "present.", 1);
+        let out = lowered.outputs.iter().find(|o| o.name == present).unwrap();
+        assert_eq!(out.buffer, past.buffer, "{present}");
+        assert_eq!(lowered.buffers[past.buffer as usize].order, Some(vec![2, 0, 1, 3]));
+    }
+    let cache_buffers: Vec<u32> = lowered.outputs[1..].iter().map(|o| o.buffer).collect();
+    let readers =
+        |b: u32| lowered.launches.iter().filter(|l| l.args.iter().any(|a| matches!(a, Arg::Buffer(x) if *x == b))).count();
+    assert!(cache_buffers.iter().all(|&b| readers(b) == 2), "one append and the attention per cache");
 }

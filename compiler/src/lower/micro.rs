@@ -9,7 +9,7 @@
 //! |----|--------|-------|------|------|-------|--------|
 //! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}` | x, w, scale, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `linear` | `linear` | `linear_{X}_w{W}[_bias]` | x, w, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
-//! | `attention` | `attention` | `attention_{X}[_mask][_q{O}]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32), [quant, osh, oss] | [S, Hq, B] | [128,1,1] | 4 * T_max |
+//! | `attention` | `attention` | `attention_{X}[_mask][_q{O}]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32), kb, kh, kt, vb, vh, vt, [quant, osh, oss] | [S, Hq, B] | [128,1,1] | 4 * T_max |
 //! | `hadamard` | `hadamard` | `hadamard_[swiglu_]{X}[_q{O}]` | x (swiglu: g, u), out, rows, n, [quant] | [rows, 1, 1] | [128,1,1] | 8 * n |
 //!
 //! Layouts: x [M, K] row-major (M = product of the leading dims); weights [N, K] row-major as in the
@@ -17,7 +17,8 @@
 //! load); scale, bias [N] f32; y [M, N]. Activation dtypes X: `i16` (int4/int8 values with 16-bit
 //! prefix rows), `i8`, `i4` (one value per byte), or a float type (weight-only quantization; with
 //! `_a{bits}` quantized per row dynamically as `qcc_ir::OpKind::IntLinear` says). Attention: q
-//! [B, Hq, S, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv], out [B, Hq, S, Dv], all contiguous; the mask
+//! [B, Hq, S, D] and out [B, Hq, S, Dv] contiguous, k [B, Hkv, T, D] and v [B, Hkv, T, Dv] at the
+//! batch, head and row strides kb, kh, kt (vb, vh, vt) with contiguous channels; the mask
 //! is [S, T] of q's type broadcast over batch and heads; `causal` = 1 masks keys after the query's position
 //! counted from the end (key t visible for query s iff t <= T - S + s). Hadamard: rows of n elements,
 //! y = x H_n^T / sqrt(n) with H_n of `qcc_ir::hadamard::Hadamard::new(n)` (the CPU computes it in f64);
@@ -168,7 +169,10 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
     let mut qkv = Vec::new();
     for port in 0..3 {
         let v = l.input(id, port, None)?;
-        qkv.push(l.contiguous(id, v)?);
+        // Keys and values are read at their own strides (a resident KV cache keeps its positions
+        // outermost) as long as each row's channels are contiguous.
+        let rows_contiguous = port > 0 && v.dims.len() == 4 && shapes::is_one(&v.strides[3]);
+        qkv.push(if rows_contiguous { v } else { l.contiguous(id, v)? });
     }
     let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
     if q.dims.len() != 4 || k.dims.len() != 4 || v.dims.len() != 4 {
@@ -246,6 +250,9 @@ pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError>
     }
     args.push(Arg::I64(DimExpr::Const(causal)));
     args.push(Arg::F32(scale));
+    for x in [k, v] {
+        args.extend(x.strides[..3].iter().cloned().map(Arg::I64));
+    }
     args.extend(qargs);
     l.launch_micro(Launch {
         node: super::label(l.graph, id),

@@ -109,6 +109,8 @@ struct Buf {
     dtype: DType,
     dims: Dims,
     place: BufPlace,
+    /// Storage order when not row-major (`Buffer::order`).
+    order: Option<Vec<usize>>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -183,6 +185,8 @@ struct Lowerer<'g> {
     /// `swiglu` results left to the `hadamard` that is their only reader (its launch computes
     /// swiglu(g, u) as it loads them): the value, and the views of g and u.
     deferred_swiglu: HashMap<Value, (View, View)>,
+    /// Graph inputs held as resident KV caches ([`resident_caches`]): input node -> its concat.
+    resident: HashMap<NodeId, NodeId>,
 }
 
 pub(crate) fn label(graph: &Graph, id: NodeId) -> String {
@@ -228,6 +232,7 @@ impl<'g> Lowerer<'g> {
             by_text: HashMap::new(),
             micro_modules: BTreeSet::new(),
             deferred_swiglu: HashMap::new(),
+            resident: resident_caches(graph),
         })
     }
 
@@ -236,7 +241,7 @@ impl<'g> Lowerer<'g> {
     }
 
     fn new_buffer(&mut self, name: String, dtype: DType, dims: Dims, place: BufPlace) -> u32 {
-        self.bufs.push(Buf { name, dtype, dims, place });
+        self.bufs.push(Buf { name, dtype, dims, place, order: None });
         (self.bufs.len() - 1) as u32
     }
 
@@ -330,7 +335,10 @@ impl<'g> Lowerer<'g> {
                 let v = self.output(id);
                 let dims = self.declared_dims(v).ok_or_else(|| self.err(id, "graph input of unknown rank"))?;
                 let name = self.output_name(id);
-                let view = self.arena(name.clone(), self.output_dtype(id), dims.clone());
+                let view = match self.resident.get(&id) {
+                    Some(&concat) => self.resident_cache(concat, name.clone(), self.output_dtype(id), dims.clone()),
+                    None => self.arena(name.clone(), self.output_dtype(id), dims.clone()),
+                };
                 self.inputs.push(Io { name, dtype: view.dtype.name().to_string(), dims, buffer: view.buffer });
                 view
             }
@@ -404,13 +412,13 @@ impl<'g> Lowerer<'g> {
         Ok(())
     }
 
-    /// Reshape-like ops alias a contiguous input with the output's dims.
+    /// Reshape-like ops alias a contiguous input with the output's dims; identity keeps the view.
     fn reshape(&mut self, id: NodeId) -> Result<View, LowerError> {
         let x = self.input(id, 0, None)?;
-        let x = self.contiguous(id, x)?;
         if self.graph.node(id).op.kind == OpKind::Identity {
             return Ok(x);
         }
+        let x = self.contiguous(id, x)?;
         let declared = self.declared_dims(self.output(id)).ok_or_else(|| self.err(id, "output of unknown rank"))?;
         // Unknown output dims: the non-unit dims of input and output correspond one to one when the op
         // only inserts or removes unit dims (squeeze, unsqueeze).
@@ -790,6 +798,25 @@ impl<'g> Lowerer<'g> {
     }
 
     /// `concat`: each input copied into its slice of a fresh contiguous tensor.
+    /// The buffer of a resident KV cache for graph input `name` (dims `past`) appended to by
+    /// `concat`: stored with the concat axis outermost, so the input is a prefix of the concat's
+    /// output whatever its length, and the strides of a view do not depend on that length. The
+    /// concat gives the buffer its output's dims and name.
+    fn resident_cache(&mut self, concat: NodeId, name: String, dtype: DType, past: Dims) -> View {
+        let axis = concat_axis(self.graph, concat, past.len()).unwrap_or(0);
+        let mut order = vec![axis];
+        order.extend((0..past.len()).filter(|&a| a != axis));
+        let storage: Dims = order.iter().map(|&a| past[a].clone()).collect();
+        let storage_strides = shapes::contiguous_strides(&storage);
+        let mut strides = vec![DimExpr::Const(0); past.len()];
+        for (i, &a) in order.iter().enumerate() {
+            strides[a] = storage_strides[i].clone();
+        }
+        let buffer = self.new_buffer(name, dtype, past.clone(), BufPlace::Arena);
+        self.bufs[buffer as usize].order = Some(order);
+        View { buffer, dtype, dims: past, strides }
+    }
+
     fn concat(&mut self, id: NodeId) -> Result<View, LowerError> {
         let mut inputs = Vec::new();
         for port in 0..self.graph.node(id).num_inputs {
@@ -798,13 +825,11 @@ impl<'g> Lowerer<'g> {
             }
         }
         let Some(first) = inputs.first() else { return Err(self.err(id, "no inputs")) };
-        let rank = first.dims.len() as i64;
-        let axis = self.graph.node(id).op.int("axis").unwrap_or(0);
-        let axis = if axis < 0 { axis + rank } else { axis };
-        if !(0..rank).contains(&axis) {
+        let rank = first.dims.len();
+        let Some(axis) = concat_axis(self.graph, id, rank) else {
+            let axis = self.graph.node(id).op.int("axis").unwrap_or(0);
             return Err(self.err(id, format!("axis {axis} out of range for rank {rank}")));
-        }
-        let axis = axis as usize;
+        };
         let mut dims = first.dims.clone();
         for v in &inputs[1..] {
             let same_rest = v.dims.len() == dims.len()
@@ -816,9 +841,23 @@ impl<'g> Lowerer<'g> {
             }
             dims[axis] = shapes::add(&dims[axis], &v.dims[axis]);
         }
-        let out = self.arena(self.output_name(id), first.dtype, dims);
+        // A resident cache's concat: the past is already in place, the output is the whole buffer.
+        let resident = self.bufs[first.buffer as usize].order.is_some() && self.resident.values().any(|&c| c == id);
+        let out = if resident {
+            let name = self.output_name(id);
+            let cache = &mut self.bufs[first.buffer as usize];
+            cache.dims = dims.clone();
+            cache.name = name;
+            View { dims, ..first.clone() }
+        } else {
+            self.arena(self.output_name(id), first.dtype, dims)
+        };
         let mut start = DimExpr::Const(0);
-        for v in inputs {
+        for (i, v) in inputs.into_iter().enumerate() {
+            if resident && i == 0 {
+                start = v.dims[axis].clone();
+                continue;
+            }
             let mut strides = vec![DimExpr::Const(0); 4 - v.dims.len()];
             strides.extend(out.strides.iter().cloned());
             let target = Strided {
@@ -875,7 +914,8 @@ impl<'g> Lowerer<'g> {
             let view = self.views.get(&out.value).cloned().ok_or_else(|| {
                 LowerError::Graph(format!("graph output '{}' is not computed on the device", out.name))
             })?;
-            let view = self.contiguous(id, view)?;
+            // A resident cache is output in its own storage order.
+            let view = if self.bufs[view.buffer as usize].order.is_some() { view } else { self.contiguous(id, view)? };
             if let BufPlace::Weight(_) = self.bufs[view.buffer as usize].place {
                 return Err(LowerError::Graph(format!("graph output '{}' is a constant", out.name)));
             }
@@ -947,6 +987,7 @@ impl<'g> Lowerer<'g> {
                 dtype: b.dtype.name().to_string(),
                 dims: b.dims.clone(),
                 place,
+                order: b.order.clone(),
             })
             .collect();
         Ok(Lowered {
@@ -984,6 +1025,56 @@ fn host_nodes(graph: &Graph) -> HashSet<NodeId> {
         }
     }
     host
+}
+
+/// The normalized axis of concat `id` over inputs of rank `rank`.
+fn concat_axis(graph: &Graph, id: NodeId, rank: usize) -> Option<usize> {
+    let axis = graph.node(id).op.int("axis").unwrap_or(0);
+    let axis = if axis < 0 { axis + rank as i64 } else { axis };
+    usize::try_from(axis).ok().filter(|&a| a < rank)
+}
+
+/// KV caches the plan keeps resident: a graph input read on the device only by a two-input concat
+/// (as its first input, the past) whose result is a graph output (directly or through identities),
+/// e.g. `present.0.key = concat(past_key_values.0.key, k)`. The input and the output share one buffer
+/// stored with the concat axis outermost, so a decode step appends its rows in place and the next
+/// step's past is already there (runtime/src/cuda/lm.rs `CudaKvDecoder`). Input node -> concat node.
+fn resident_caches(graph: &Graph) -> HashMap<NodeId, NodeId> {
+    let host = host_nodes(graph);
+    let mut outputs: HashSet<Value> = graph.graph_outputs().iter().map(|o| o.value).collect();
+    // Values whose identity is an output count as outputs.
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for id in graph.node_ids() {
+            if graph.node(id).op.kind == OpKind::Identity && outputs.contains(&Value::new(id, 0)) {
+                if let Some(x) = graph.input(id, 0) {
+                    grew |= outputs.insert(x);
+                }
+            }
+        }
+    }
+    let mut resident = HashMap::new();
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        let inputs = graph.inputs(id);
+        if node.op.kind != OpKind::Concat || inputs.len() != 2 || !outputs.contains(&Value::new(id, 0)) {
+            continue;
+        }
+        let (Some(past), Some(new)) = (inputs[0], inputs[1]) else { continue };
+        let rank = graph.value_type(past).shape.as_ref().map(|s| s.dims().len());
+        if graph.node(past.node).op.kind != OpKind::Input
+            || graph.value_type(past).dtype != graph.value_type(new).dtype
+            || rank.and_then(|r| concat_axis(graph, id, r)).is_none()
+        {
+            continue;
+        }
+        let device_readers = graph.users(past).into_iter().filter(|(user, _)| !host.contains(user)).count();
+        if device_readers == 1 {
+            resident.insert(past.node, id);
+        }
+    }
+    resident
 }
 
 pub(crate) fn const_of(d: &DimExpr) -> Option<u64> {

@@ -94,6 +94,21 @@ pub struct Buffer {
     pub dtype: String,
     pub dims: Vec<DimExpr>,
     pub place: Place,
+    /// Storage order when not row-major: storage axis i holds axis `order[i]` of `dims`. A resident
+    /// KV cache keeps its positions outermost, so the `past_*` input it holds is a prefix of the
+    /// `present.*` output (one buffer serves both and a decode step writes only the new rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<Vec<usize>>,
+}
+
+impl Buffer {
+    /// `dims` in storage order.
+    pub fn storage_dims<T: Clone>(&self, dims: &[T]) -> Vec<T> {
+        match &self.order {
+            Some(order) => order.iter().map(|&a| dims[a].clone()).collect(),
+            None => dims.to_vec(),
+        }
+    }
 }
 
 /// How a kernel module's code is shipped.
@@ -409,6 +424,13 @@ impl Manifest {
             check_dtype(&buffer.dtype, &place)?;
             for d in &buffer.dims {
                 check_expr(d, &place)?;
+            }
+            if let Some(order) = &buffer.order {
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                if sorted != (0..buffer.dims.len()).collect::<Vec<_>>() {
+                    return invalid(format!("{place}: order {order:?} is not a permutation of its {} dims", buffer.dims.len()));
+                }
             }
             if let Place::Arena { offset, bytes } = buffer.place {
                 if offset.checked_add(bytes).is_none_or(|end| end > self.arena_bytes) {

@@ -34,6 +34,7 @@ fn sample(dir: &Path) -> Manifest {
                 dtype: "i64".into(),
                 dims: vec![DimExpr::sym("batch"), DimExpr::sym("seq")],
                 place: Place::Arena { offset: 0, bytes: 1024 },
+                order: None,
             },
             Buffer {
                 id: 1,
@@ -41,6 +42,7 @@ fn sample(dir: &Path) -> Manifest {
                 dtype: "f16".into(),
                 dims: vec![DimExpr::Const(8), DimExpr::Const(4)],
                 place: Place::Weight { tensor: "embed".into() },
+                order: None,
             },
             Buffer {
                 id: 2,
@@ -48,6 +50,7 @@ fn sample(dir: &Path) -> Manifest {
                 dtype: "f32".into(),
                 dims: vec![DimExpr::sym("batch"), DimExpr::sym("seq"), DimExpr::Const(8)],
                 place: Place::Arena { offset: 1024, bytes: 4096 },
+                order: None,
             },
         ],
         arena_bytes: 5120,
@@ -102,6 +105,14 @@ fn manifest_round_trips_through_json_and_loads() {
     assert!(json.contains("\"arena\""), "{json}");
     assert!(json.contains("\"generated\""), "{json}");
     assert!(json.contains("\"f32\": 0.125"), "{json}");
+    // A row-major buffer writes no order; a resident cache's order survives the trip.
+    assert!(!json.contains("\"order\""), "{json}");
+    let mut cached = manifest.clone();
+    cached.buffers[2].order = Some(vec![1, 0, 2]);
+    cached.validate().unwrap();
+    let back: Manifest = serde_json::from_str(&cached.to_json()).unwrap();
+    assert_eq!(back.buffers[2].order, Some(vec![1, 0, 2]));
+    assert_eq!(back.buffers[2].storage_dims(&[2, 3, 8]), vec![3, 2, 8]);
 }
 
 #[test]
@@ -180,6 +191,11 @@ fn broken_references_are_reported() {
     let mut m = base.clone();
     m.buffers[1].dtype = "f17".into();
     assert!(m.validate().unwrap_err().to_string().contains("f17"));
+
+    let mut m = base.clone();
+    m.buffers[2].order = Some(vec![0, 0, 1]);
+    let err = m.validate().unwrap_err().to_string();
+    assert!(err.contains("logits") && err.contains("not a permutation"), "{err}");
 
     let mut m = base;
     m.host_prologue = Some(HostPrologue { values: vec!["rotary_cos".into()] });

@@ -196,6 +196,12 @@ pub fn standard_vec<T: Clone>(a: &ArrayD<T>) -> Vec<T> {
 }
 
 impl RtTensor {
+    /// The tensor with its axes permuted (axis i of the result is axis `perm[i]` of this one),
+    /// in standard layout. `perm` must be a permutation of the rank.
+    pub fn permuted(&self, perm: &[usize]) -> RtTensor {
+        map_any!(self, a => a.view().permuted_axes(ndarray::IxDyn(perm)).as_standard_layout().into_owned())
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             RtTensor::F64(_) => DType::F64,

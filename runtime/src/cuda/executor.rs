@@ -662,7 +662,10 @@ impl CudaExecutor {
                 what: format!("value has shape {:?}, buffer {:?}", t.shape(), dims),
             });
         }
-        let bytes = device_bytes(t, dtype);
+        let bytes = match &buffer.order {
+            Some(order) => device_bytes(&t.permuted(order), dtype),
+            None => device_bytes(t, dtype),
+        };
         if bytes.len() != len {
             return Err(ExecutorError::Buffer {
                 id: buffer.id,
@@ -687,22 +690,31 @@ impl CudaExecutor {
         } else {
             self.gpu.stream.clone_dtoh(&self.arena.slice(start..start + len)).map_err(CudaError::from)?
         };
-        tensor_from_device(dtype, &dims, bytes).map_err(|what| ExecutorError::Buffer {
-            id: buffer.id,
-            name: buffer.name.clone(),
-            what,
+        let bad = |what| ExecutorError::Buffer { id: buffer.id, name: buffer.name.clone(), what };
+        let stored = tensor_from_device(dtype, &buffer.storage_dims(&dims), bytes).map_err(bad)?;
+        Ok(match &buffer.order {
+            Some(order) => {
+                let mut logical = vec![0; order.len()];
+                for (i, &a) in order.iter().enumerate() {
+                    logical[a] = i;
+                }
+                stored.permuted(&logical)
+            }
+            None => stored,
         })
     }
 
-    /// The arena buffer of graph input or output `name`.
+    /// The arena buffer of graph input or output `name`, with the dims of that input or output (a
+    /// resident KV cache's buffer holds the `past_*` input as a prefix of the `present.*` output).
     fn io_buffer(&self, name: &str) -> Result<Buffer, ExecutorError> {
         let io = self.manifest.inputs.iter().chain(&self.manifest.outputs).find(|io| io.name == name);
         let io =
             io.ok_or_else(|| ExecutorError::Input { name: name.into(), what: "no such graph input or output".into() })?;
-        self.manifest
+        let buffer = self
+            .manifest
             .buffer(io.buffer)
-            .cloned()
-            .ok_or_else(|| ExecutorError::Input { name: name.into(), what: format!("unknown buffer {}", io.buffer) })
+            .ok_or_else(|| ExecutorError::Input { name: name.into(), what: format!("unknown buffer {}", io.buffer) })?;
+        Ok(Buffer { dims: io.dims.clone(), ..buffer.clone() })
     }
 
     /// A device copy of output `name` as the last run left it (e.g. a KV cache's `present.*`,
@@ -733,11 +745,12 @@ impl CudaExecutor {
 
     /// [`CudaExecutor::prepare`] where some inputs already live on the device (`(name, data, shape)`,
     /// data in the input's dtype, as [`CudaExecutor::keep_output`] returns it): those are copied device
-    /// to device; the host prologue sees zeros of their shape (it reads only shapes).
+    /// to device, or taken as they are in their own buffer for `None` (a resident KV cache); the host
+    /// prologue sees zeros of their shape (it reads only shapes).
     pub fn prepare_with_device(
         &mut self,
         host: &[(&str, RtTensor)],
-        device: &[(&str, &CudaSlice<u8>, Vec<usize>)],
+        device: &[(&str, Option<&CudaSlice<u8>>, Vec<usize>)],
     ) -> Result<SymbolValues, ExecutorError> {
         let mut shapes: Vec<(&str, Vec<usize>)> = host.iter().map(|(n, t)| (*n, t.shape().to_vec())).collect();
         shapes.extend(device.iter().map(|(n, _, s)| (*n, s.clone())));
@@ -749,6 +762,7 @@ impl CudaExecutor {
             }
         }
         for (name, data, _) in device {
+            let Some(data) = data else { continue };
             let buffer = self.io_buffer(name)?;
             let (_, offset, len) = self.arena_range(&buffer, &values)?;
             if len > 0 {

@@ -117,6 +117,8 @@ pub struct AttnRoute {
     out: u32,
     /// B, Hq, Hkv, S, T as the plan gives them.
     dims: [DimExpr; 5],
+    /// The K and V strides (batch, head, row; in elements).
+    kv: [DimExpr; 6],
     /// D = Dv.
     d: usize,
     causal: i64,
@@ -133,8 +135,9 @@ pub struct AttnRoute {
 }
 
 impl AttnRoute {
-    /// `attention_{X}[_mask](q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal, scale)` as
-    /// compiler/src/lower/micro.rs launches it, for the sizes the fast kernels take.
+    /// `attention_{X}[_mask][_q{O}](q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal, scale, kb,
+    /// kh, kt, vb, vh, vt, [quant, osh, oss])` as compiler/src/lower/micro.rs launches it, for the
+    /// sizes the fast kernels take.
     pub fn plan(manifest: &Manifest, launch: &Launch) -> Option<AttnRoute> {
         if launch.module != "attention" {
             return None;
@@ -153,13 +156,13 @@ impl AttnRoute {
         };
         let nbuf = if masked { 5 } else { 4 };
         let extra = if qsuffix.is_some() { 10 } else { 0 };
-        if launch.args.len() != nbuf + 9 + extra || (qsuffix.is_some() && dtype != "f32") {
+        if launch.args.len() != nbuf + 15 + extra || (qsuffix.is_some() && dtype != "f32") {
             return None;
         }
         let quant = match qsuffix {
             Some(q) => {
-                let args = OutQuantArgs::parse(q, &launch.args[nbuf + 9..nbuf + 17])?;
-                let [Arg::I64(osh), Arg::I64(oss)] = &launch.args[nbuf + 17..] else { return None };
+                let args = OutQuantArgs::parse(q, &launch.args[nbuf + 15..nbuf + 23])?;
+                let [Arg::I64(osh), Arg::I64(oss)] = &launch.args[nbuf + 23..] else { return None };
                 Some((args, [osh.clone(), oss.clone()]))
             }
             None => None,
@@ -180,6 +183,12 @@ impl AttnRoute {
             ints.push(e.clone());
         }
         let Arg::F32(scale) = launch.args[nbuf + 8] else { return None };
+        let mut kv = Vec::with_capacity(6);
+        for a in &launch.args[nbuf + 9..nbuf + 15] {
+            let Arg::I64(e) = a else { return None };
+            kv.push(e.clone());
+        }
+        let kv: [DimExpr; 6] = kv.try_into().ok()?;
         let konst = |e: &DimExpr| if let DimExpr::Const(v) = e { Some(*v) } else { None };
         let (d, dv, causal) = (konst(&ints[5])?, konst(&ints[6])?, konst(&ints[7])?);
         if d != dv || !(d == 64 || d == 128) {
@@ -203,6 +212,7 @@ impl AttnRoute {
             mask,
             out,
             dims,
+            kv,
             d: d as usize,
             causal,
             scale,
@@ -238,6 +248,10 @@ impl AttnRoute {
         if b == 0 || hq == 0 || s == 0 {
             return Ok(());
         }
+        let mut kv = [0i64; 6];
+        for (v, e) in kv.iter_mut().zip(&self.kv) {
+            *v = e.eval(values).map_err(|e| e.to_string())?;
+        }
         let (q, k, v, out) = (ptr(self.q)?, ptr(self.k)?, ptr(self.v)?, ptr(self.out)?);
         let mask = match self.mask {
             Some(m) => ptr(m)?,
@@ -255,15 +269,16 @@ impl AttnRoute {
         };
         let (su, tu, d) = (s as usize, t as usize, self.d);
         let kernel = pick(su, (b * hq) as usize, d, tu);
-        let aligned = [q, k, v, out].iter().all(|p| p % 16 == 0);
+        let element = if self.dtype == "f32" { 4 } else { 2 };
+        let aligned = [q, k, v, out].iter().all(|p| p % 16 == 0) && kv.iter().all(|s| (s * element) % 16 == 0);
         let valid = hkv > 0 && hq % hkv == 0 && hq <= 65_535;
         let Some(kernel) = kernel.filter(|_| aligned && valid) else {
-            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out], quant.as_ref());
+            return self.launch_micro(gpu, [b, hq, hkv, s, t], kv, [q, k, v, mask, out], quant.as_ref());
         };
         let splits = d / kernel.channels(d);
         let (gx, gz) = (su.div_ceil(kernel.rows()), b as usize * splits);
         if gz > 65_535 || gx > i32::MAX as usize {
-            return self.launch_micro(gpu, [b, hq, hkv, s, t], [q, k, v, mask, out], quant.as_ref());
+            return self.launch_micro(gpu, [b, hq, hkv, s, t], kv, [q, k, v, mask, out], quant.as_ref());
         }
         let f = gpu.function("fast_attention", &self.entry(kernel)).map_err(|e| e.to_string())?;
         let smem = kernel.smem_bytes(d, tu) as u32;
@@ -272,6 +287,9 @@ impl AttnRoute {
         let mut l = gpu.launcher(&f);
         l.arg(&q).arg(&k).arg(&v).arg(&mask).arg(&out);
         l.arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&self.causal).arg(&scale);
+        for stride in &kv {
+            l.arg(stride);
+        }
         if let Some((qa, strides)) = &quant {
             qa.push(&mut l);
             l.arg(&strides[0]).arg(&strides[1]);
@@ -281,11 +299,12 @@ impl AttnRoute {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: signature (S*, S*, S*, S*, S*, long x 6, float, [float*, long x 3, float x 4, long x
-        // 2]) as fast_attention.cu's entry of this name; q [B, Hq, S, D], k [B, Hkv, T, D],
-        // v [B, Hkv, T, D], out [B, Hq, S, D] and the mask [S, T] as the plan sized them for these
-        // symbols (the micro-kernel reads the same elements); rows 16-byte aligned (checked above,
-        // D a multiple of 64); `smem` is what the kernel's tiles take at this T.
+        // SAFETY: signature (S*, S*, S*, S*, S*, long x 6, float, long x 6, [float*, long x 3, float x
+        // 4, long x 2]) as fast_attention.cu's entry of this name; q [B, Hq, S, D], k and v
+        // [B, Hkv, T, D] at the plan's strides, out [B, Hq, S, D] and the mask [S, T] as the plan
+        // sized them for these symbols (the micro-kernel reads the same elements); rows 16-byte
+        // aligned (base pointers and strides checked above, D a multiple of 64); `smem` is what the
+        // kernel's tiles take at this T.
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("{}: {e}", self.entry(kernel)))
     }
 
@@ -308,6 +327,7 @@ impl AttnRoute {
         &self,
         gpu: &Gpu,
         [b, hq, hkv, s, t]: [i64; 5],
+        kv: [i64; 6],
         [q, k, v, mask, out]: [u64; 5],
         quant: Option<&(BoundQuant, [i64; 2])>,
     ) -> Result<(), String> {
@@ -327,6 +347,9 @@ impl AttnRoute {
             l.arg(&mask);
         }
         l.arg(&out).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&d).arg(&d).arg(&self.causal).arg(&scale);
+        for stride in &kv {
+            l.arg(stride);
+        }
         if let Some((qa, strides)) = quant {
             qa.push(&mut l);
             l.arg(&strides[0]).arg(&strides[1]);
@@ -355,6 +378,7 @@ mod tests {
                     dtype: dtype.to_string(),
                     dims: vec![DimExpr::Const(1)],
                     place: Place::Arena { offset: 0, bytes: 0 },
+                    order: None,
                 })
                 .collect(),
         )
@@ -368,6 +392,8 @@ mod tests {
         let c = DimExpr::Const;
         args.extend([c(1), c(hq), c(hkv), seq(), seq(), c(d), c(dv), c(1)].map(Arg::I64));
         args.push(Arg::F32(0.125));
+        let rows = |w: i64| DimExpr::Mul(Box::new(seq()), Box::new(c(w)));
+        args.extend([rows(hkv * d), rows(d), c(d), rows(hkv * dv), rows(dv), c(dv)].map(Arg::I64));
         Launch {
             node: "attn".into(),
             module: "attention".into(),
@@ -397,6 +423,13 @@ mod tests {
         assert_eq!((r.q, r.k, r.v, r.mask, r.out), (0, 1, 2, Some(3), 4));
         let r = AttnRoute::plan(&f32s, &launch("attention_f32", false, [8, 2, 64, 64], 300)).unwrap();
         assert_eq!((r.mask, r.out, r.causal, r.scale), (None, 3, 1, 0.125));
+        // The K / V strides follow the float arguments: (seq 2 64, seq 64, 64) twice here.
+        let values = SymbolValues::from([("seq".to_string(), 5)]);
+        let kv: Vec<i64> = r.kv.iter().map(|e| e.eval(&values).unwrap()).collect();
+        assert_eq!(kv, [640, 320, 64, 640, 320, 64]);
+        let mut short = launch("attention_f32", false, [8, 2, 64, 64], 300);
+        short.args.truncate(short.args.len() - 6);
+        assert!(AttnRoute::plan(&f32s, &short).is_none(), "a plan without the strides is declined");
         // Declined: other head sizes, D != Dv, Hq not a multiple of Hkv, a buffer of another type,
         // another module, a mask entry without its buffer, scores beyond shared memory.
         assert!(!ok(&f32s, &launch("attention_f32", false, [8, 2, 96, 96], 64)));

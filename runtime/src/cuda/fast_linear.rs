@@ -1083,6 +1083,7 @@ mod tests {
                     } else {
                         Place::Arena { offset: 0, bytes: 0 }
                     },
+                    order: None,
                 })
                 .collect(),
         )

@@ -85,6 +85,9 @@ struct CacheSlot {
     past: String,
     present: String,
     declared: Vec<Option<usize>>,
+    /// Both in one arena buffer (the plan's resident cache): the step appends in place and nothing
+    /// is copied between steps.
+    resident: bool,
     data: Option<(CudaSlice<u8>, Vec<usize>)>,
 }
 
@@ -109,8 +112,10 @@ impl CacheSlot {
     }
 }
 
-/// Greedy decoding with the KV cache on the device: each step copies the previous step's `present.*`
-/// outputs device to device into the `past_key_values.*` inputs.
+/// Greedy decoding with the KV cache on the device. A resident cache (`past_*` and `present.*` in
+/// one buffer, positions outermost: compiler/src/lower/mod.rs `resident_cache`) stays in the arena
+/// and each step writes only its new rows; otherwise each step copies the previous step's
+/// `present.*` outputs device to device into the `past_key_values.*` inputs.
 pub struct CudaKvDecoder {
     pub exec: CudaExecutor,
     input: String,
@@ -135,12 +140,13 @@ impl CudaKvDecoder {
         let mut slots = Vec::new();
         for io in exec.manifest.inputs.iter().filter(|i| i.name.starts_with("past_key_values.")) {
             let present = io.name.replacen("past_key_values.", "present.", 1);
-            if !exec.manifest.outputs.iter().any(|o| o.name == present) {
+            let Some(output) = exec.manifest.outputs.iter().find(|o| o.name == present) else {
                 return Err(ExecutorError::Input {
                     name: io.name.clone(),
                     what: format!("no matching output `{present}`"),
                 });
-            }
+            };
+            let resident = output.buffer == io.buffer;
             let declared = io
                 .dims
                 .iter()
@@ -149,7 +155,7 @@ impl CudaKvDecoder {
                     _ => None,
                 })
                 .collect();
-            slots.push(CacheSlot { past: io.name.clone(), present, declared, data: None });
+            slots.push(CacheSlot { past: io.name.clone(), present, declared, resident, data: None });
         }
         if slots.is_empty() {
             return Err(ExecutorError::Input {
@@ -187,11 +193,14 @@ impl CudaKvDecoder {
     /// Binds `ids` after the cached positions and copies inputs and caches in; nothing is launched.
     pub fn prepare(&mut self, ids: &[i64]) -> Result<SymbolValues, ExecutorError> {
         let shapes: Vec<Vec<usize>> = self.slots.iter().map(|s| s.shape(self.batch, self.past)).collect();
-        let device: Vec<(&str, &CudaSlice<u8>, Vec<usize>)> = self
+        let device: Vec<(&str, Option<&CudaSlice<u8>>, Vec<usize>)> = self
             .slots
             .iter()
             .zip(shapes)
-            .map(|(s, shape)| (s.past.as_str(), s.data.as_ref().map_or(&self.empty, |(d, _)| d), shape))
+            .map(|(s, shape)| {
+                let data = (!s.resident).then(|| s.data.as_ref().map_or(&self.empty, |(d, _)| d));
+                (s.past.as_str(), data, shape)
+            })
             .collect();
         self.exec.prepare_with_device(&[(self.input.as_str(), ids_tensor(ids, self.batch))], &device)
     }
@@ -201,7 +210,7 @@ impl CudaKvDecoder {
     pub fn finish(&mut self, fed: usize, values: &SymbolValues) -> Result<Logits, ExecutorError> {
         self.exec.gpu().stream.synchronize().map_err(CudaError::from)?;
         let logits = read_logits(&self.exec, &self.output, values, self.batch * fed)?;
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut().filter(|s| !s.resident) {
             let reuse = slot.data.take().map(|(buffer, _)| buffer);
             slot.data = Some(self.exec.keep_output(&slot.present, values, reuse)?);
         }
@@ -236,6 +245,7 @@ mod tests {
             past: "past_key_values.0.key".into(),
             present: "present.0.key".into(),
             declared: vec![None, Some(32), None, Some(128)],
+            resident: true,
             data: None,
         };
         assert_eq!(slot.shape(16, 515), vec![16, 32, 515, 128]);

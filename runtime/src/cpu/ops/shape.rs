@@ -87,7 +87,7 @@ pub fn transpose(ctx: &OpCtx) -> OpResult<RtTensor> {
     if perm.len() != r || perm.iter().any(|&a| std::mem::replace(&mut seen[a], true)) {
         bail!("perm {perm:?} is not a permutation of rank {r}");
     }
-    Ok(map_any!(x, a => a.view().permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned()))
+    Ok(x.permuted(&perm))
 }
 
 pub fn squeeze(ctx: &OpCtx) -> OpResult<RtTensor> {
