@@ -459,10 +459,13 @@ fn resident_kv_cache_is_read_by_attention_at_its_strides() {
     let strides: Vec<String> = attention.args[13..19].iter().map(|a| format!("{a:?}")).collect();
     assert_eq!(strides[..3], strides[3..], "k and v alike");
     assert_eq!(
-        attention.args[13..16].iter().map(|a| match a {
-            Arg::I64(d) => d.to_string(),
-            other => format!("{other:?}"),
-        }).collect::<Vec<_>>(),
+        attention.args[13..16]
+            .iter()
+            .map(|a| match a {
+                Arg::I64(d) => d.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>(),
         ["8", "4", "(8 * batch)"]
     );
     let declined = lower_text(
@@ -495,14 +498,7 @@ fn copies_and_float_casts_move_16_bytes_per_thread_where_rows_align() {
     let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
     assert_eq!(
         entries,
-        [
-            "copy4_f32_f32",
-            "copy4_f32_f16",
-            "copy8_f16_f16",
-            "copy8_f16_f16_2",
-            "copy_f32_f32",
-            "copy_f32_f32_2"
-        ]
+        ["copy4_f32_f32", "copy4_f32_f16", "copy8_f16_f16", "copy8_f16_f16_2", "copy_f32_f32", "copy_f32_f32_2"]
     );
     let compiled = Mlir::new().compile_to_ptx("vector_copies", &lowered.mlir, false).unwrap();
     let ptx = &compiled.ptx.iter().find(|(m, _)| m == "qcc_generated").unwrap().1;
@@ -661,7 +657,8 @@ fn smollm2_kv_cache_lowers_end_to_end() {
         assert_eq!(lowered.buffers[past.buffer as usize].order, Some(vec![2, 0, 1, 3]));
     }
     let cache_buffers: Vec<u32> = lowered.outputs[1..].iter().map(|o| o.buffer).collect();
-    let readers =
-        |b: u32| lowered.launches.iter().filter(|l| l.args.iter().any(|a| matches!(a, Arg::Buffer(x) if *x == b))).count();
+    let readers = |b: u32| {
+        lowered.launches.iter().filter(|l| l.args.iter().any(|a| matches!(a, Arg::Buffer(x) if *x == b))).count()
+    };
     assert!(cache_buffers.iter().all(|&b| readers(b) == 2), "one append and the attention per cache");
 }

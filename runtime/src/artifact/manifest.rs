@@ -429,7 +429,10 @@ impl Manifest {
                 let mut sorted = order.clone();
                 sorted.sort_unstable();
                 if sorted != (0..buffer.dims.len()).collect::<Vec<_>>() {
-                    return invalid(format!("{place}: order {order:?} is not a permutation of its {} dims", buffer.dims.len()));
+                    return invalid(format!(
+                        "{place}: order {order:?} is not a permutation of its {} dims",
+                        buffer.dims.len()
+                    ));
                 }
             }
             if let Place::Arena { offset, bytes } = buffer.place {

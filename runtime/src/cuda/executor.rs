@@ -71,6 +71,9 @@ enum ArgVal {
 }
 
 /// Bytes one element takes in a device buffer of the arena: int4 and bool values take a byte.
+/// A graph input already on the device: (name, data or `None` where it lives in its own buffer, shape).
+pub type DeviceInput<'a> = (&'a str, Option<&'a CudaSlice<u8>>, Vec<usize>);
+
 pub fn element_bytes(dtype: DType) -> usize {
     dtype.bits().div_ceil(8).max(1)
 }
@@ -750,7 +753,7 @@ impl CudaExecutor {
     pub fn prepare_with_device(
         &mut self,
         host: &[(&str, RtTensor)],
-        device: &[(&str, Option<&CudaSlice<u8>>, Vec<usize>)],
+        device: &[DeviceInput],
     ) -> Result<SymbolValues, ExecutorError> {
         let mut shapes: Vec<(&str, Vec<usize>)> = host.iter().map(|(n, t)| (*n, t.shape().to_vec())).collect();
         shapes.extend(device.iter().map(|(n, _, s)| (*n, s.clone())));
@@ -824,10 +827,7 @@ impl CudaExecutor {
     pub fn prepare(&mut self, inputs: &[(&str, RtTensor)]) -> Result<SymbolValues, ExecutorError> {
         let values = self.bind_symbols(inputs)?;
         for io in self.manifest.inputs.clone() {
-            let buffer = self.manifest.buffer(io.buffer).cloned().ok_or_else(|| ExecutorError::Input {
-                name: io.name.clone(),
-                what: format!("unknown buffer {}", io.buffer),
-            })?;
+            let buffer = self.io_buffer(&io.name)?;
             if matches!(buffer.place, Place::Arena { .. }) {
                 let (_, t) = inputs.iter().find(|(n, _)| *n == io.name).expect("bound above");
                 self.upload(&buffer, t, &values)?;

@@ -258,7 +258,7 @@ pub enum Route {
     Wf(WfRoute),
     Blas(BlasRoute),
     Had(HadRoute),
-    Attn(super::fast_attention::AttnRoute),
+    Attn(Box<super::fast_attention::AttnRoute>),
     /// A W4 launch that runs with an earlier one ([`group_w4`]): nothing to launch here.
     Grouped,
 }
@@ -292,7 +292,7 @@ impl Route {
             return HadRoute::plan(manifest, launch).map(Route::Had);
         }
         if launch.module == "attention" {
-            return super::fast_attention::AttnRoute::plan(manifest, launch).map(Route::Attn);
+            return super::fast_attention::AttnRoute::plan(manifest, launch).map(|r| Route::Attn(Box::new(r)));
         }
         let bufs: Vec<u32> =
             launch.args.iter().filter_map(|a| if let Arg::Buffer(b) = a { Some(*b) } else { None }).collect();

@@ -5,6 +5,7 @@
 
 use cudarc::driver::CudaSlice;
 
+use super::executor::DeviceInput;
 use super::{CudaError, CudaExecutor, ExecutorError};
 use crate::artifact::{DimExpr, Manifest, SymbolValues};
 use crate::{Logits, RtTensor};
@@ -193,7 +194,7 @@ impl CudaKvDecoder {
     /// Binds `ids` after the cached positions and copies inputs and caches in; nothing is launched.
     pub fn prepare(&mut self, ids: &[i64]) -> Result<SymbolValues, ExecutorError> {
         let shapes: Vec<Vec<usize>> = self.slots.iter().map(|s| s.shape(self.batch, self.past)).collect();
-        let device: Vec<(&str, Option<&CudaSlice<u8>>, Vec<usize>)> = self
+        let device: Vec<DeviceInput> = self
             .slots
             .iter()
             .zip(shapes)
