@@ -72,14 +72,31 @@ static __device__ __forceinline__ double fa_block_sum(double v, double* scratch)
 }
 
 // Rows t0 .. t0 + ROWS - 1 (zeros from row n on) of COLS columns from column c0 of a row-major
-// [*, ld] matrix into shared memory rows of `pitch` floats, as f32. Each thread issues up to 16 loads
-// before their stores (the loads of a tile are in flight together).
+// [*, ld] matrix into shared memory rows of `pitch` floats, as f32. f32 tiles are copied with
+// cp.async (every 16-byte piece of the tile in flight at once, no registers: the decode kernel's
+// 64 KiB key tiles were two register rounds); 16-bit ones through registers, up to 16 loads per
+// thread before their stores.
 template <class X, int ROWS, int COLS, int PITCH>
 static __device__ __forceinline__ void fa_load_tile(float* dst, const typename X::S* __restrict__ src, long ld,
                                                     int c0, long t0, long n) {
   constexpr int PER = ROWS * COLS / 4 / FA_THREADS;
   constexpr int CHUNK = PER < 16 ? PER : 16;
   static_assert(PER * 4 * FA_THREADS == ROWS * COLS && PER % CHUNK == 0, "tile load");
+  if constexpr (sizeof(typename X::S) == 4) {
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int i = threadIdx.x + u * FA_THREADS;
+      const int r = i / (COLS / 4), c = (i % (COLS / 4)) * 4;
+      const long t = t0 + r;
+      // Rows from n on: zero bytes read (a valid address all the same), the 16 bytes zero-filled.
+      const float* from = (const float*)src + (t < n ? t * ld + c0 + c : 0);
+      const unsigned to = (unsigned)__cvta_generic_to_shared(dst + r * PITCH + c);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from), "r"(t < n ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    return;
+  }
 #pragma unroll 1
   for (int i0 = 0; i0 < PER; i0 += CHUNK) {
     float4 x[CHUNK];
@@ -99,12 +116,16 @@ static __device__ __forceinline__ void fa_load_tile(float* dst, const typename X
   }
 }
 
-template <class X, class O, bool MASK, int R, int TK, int D, int DVB, int CPT>
+// GIVEN (decode, R = 1): the scores come from attention_fast_dsc_* in `given` ([B, Hq, T] f32, scaled
+// and masked) and the block starts at the softmax.
+template <class X, class O, bool MASK, int R, int TK, int D, int DVB, int CPT, bool GIVEN = false>
 static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__ q, const typename X::S* __restrict__ k,
                                                const typename X::S* __restrict__ v,
                                                const typename X::S* __restrict__ mask, O* __restrict__ out,
                                                long B, long Hq, long Hkv, long S, long T, long causal, float scale,
-                                               const KvStrides& kv, const OutQuant& oq, long osh, long oss) {
+                                               const KvStrides& kv, const OutQuant& oq, long osh, long oss,
+                                               const float* __restrict__ given = nullptr) {
+  static_assert(!GIVEN || R == 1, "given scores are one row's");
   typedef typename X::S St;
   constexpr bool QUANT = !same_type<O, St>::value;
   constexpr int NT = FA_THREADS;
@@ -151,7 +172,12 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
     }
     nvis[tid] = (int)n;
   }
-  for (int i = tid; i < R * D / 4; i += NT) {
+  if constexpr (GIVEN) {
+    __syncthreads();
+    const int n = nvis[0];
+    for (int t = tid; t < n; t += NT) sc[t] = given[(b * Hq + h) * T + t];
+  }
+  for (int i = tid; i < R * D / 4 && !GIVEN; i += NT) {
     int r = i / (D / 4), c = (i % (D / 4)) * 4;
     long s = s0 + r;
     float4 x = s < S ? fa_load4<X>(q + ((b * Hq + h) * S + s) * D + c) : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -163,7 +189,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   for (int r = 0; r < R; ++r) nmax = max(nmax, nvis[r]);
 
   // Scores: thread (kt, rg) computes key t0 + kt for rows rg * RPT + j.
-  {
+  if constexpr (!GIVEN) {
     const int kt = tid % TK, rg = tid / TK;
     for (long t0 = 0; t0 < nmax; t0 += TK) {
       __syncthreads();
@@ -319,6 +345,74 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   }
 }
 
+// Decode in two launches (one query row, S = 1: every key visible): attention_fast_dsc_* computes the
+// scores of FA_THREADS keys per block, grid [ceil(T / FA_THREADS), Hq, B] (each key's K row read once,
+// not once per channel split), into scores [B, Hq, T] f32, each the micro-kernel's FMA chain over d,
+// times the scale, plus the mask (row 0); attention_fast_dout_* (fa_body with GIVEN) takes the softmax
+// and p v from there, grid [1, Hq, B * Dv / 32]. Dynamic shared memory of the scores kernel:
+// 4 * (D + 4) * (FA_THREADS + 1) bytes.
+template <class X, bool MASK, int D>
+static __device__ __forceinline__ void fa_dec_scores(const typename X::S* __restrict__ q,
+                                                     const typename X::S* __restrict__ k,
+                                                     const typename X::S* __restrict__ mask, float* __restrict__ scores,
+                                                     long B, long Hq, long Hkv, long T, float scale,
+                                                     const KvStrides& kv) {
+  constexpr int TK = FA_THREADS;
+  constexpr int DP = D + 4;
+  extern __shared__ float4 fa_smem[];
+  float* qs = (float*)fa_smem;  // [DP]
+  float* tile = qs + DP;        // [TK][DP]
+  const long t0 = (long)blockIdx.x * TK, h = blockIdx.y, b = blockIdx.z;
+  if (t0 >= T || h >= Hq || b >= B) return;
+  const long hk = h / (Hq / Hkv);
+  for (int i = threadIdx.x; i < D / 4; i += FA_THREADS) *(float4*)(qs + 4 * i) = fa_load4<X>(q + (b * Hq + h) * D + 4 * i);
+  fa_load_tile<X, TK, D, DP>(tile, k + b * kv.kb + hk * kv.kh, kv.kt, 0, t0, T);
+  __syncthreads();
+  const long t = t0 + threadIdx.x;
+  if (t >= T) return;
+  const float* kr = tile + threadIdx.x * DP;
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int d = 0; d < D; d += 4) {
+    const float4 kv4 = *(const float4*)(kr + d);
+    const float4 qv = *(const float4*)(qs + d);
+    acc = fmaf(qv.x, kv4.x, acc);
+    acc = fmaf(qv.y, kv4.y, acc);
+    acc = fmaf(qv.z, kv4.z, acc);
+    acc = fmaf(qv.w, kv4.w, acc);
+  }
+  float x = __fmul_rn(acc, scale);
+  if (MASK) x = __fadd_rn(x, X::get(mask, t));
+  scores[(b * Hq + h) * T + t] = x;
+}
+
+#define FA_DSC_ENTRY(XN, MASK, MS, D)                                                                            \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_dsc_##XN##MS##_d##D(                     \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \
+      long T, float scale, long kb, long kh, long kt) {                                                          \
+    fa_dec_scores<T_##XN, MASK, D>(q, k, mask, scores, B, Hq, Hkv, T, scale, KvStrides{kb, kh, kt, 0, 0, 0});     \
+  }
+// attention_fast_dout_{X}_d{D}(scores, v, out, B, Hq, Hkv, T, vb, vh, vt) and the `_q{i16,i8}` forms
+// of f32 (OutQuant's fields and the output strides appended, as the other quantized entries).
+#define FA_DOUT_ENTRY(XN, D)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) attention_fast_dout_##XN##_d##D(                     \
+      const float* scores, const T_##XN::S* v, T_##XN::S* out, long B, long Hq, long Hkv, long T, long vb,        \
+      long vh, long vt) {                                                                                        \
+    fa_body<T_##XN, T_##XN::S, false, 1, 128, D, 32, 1, true>(nullptr, nullptr, v, nullptr, out, B, Hq, Hkv, 1, T, \
+                                                              1, 0.0f, KvStrides{0, 0, 0, vb, vh, vt}, OutQuant{}, \
+                                                              0, 0, scores);                                       \
+  }
+#define FA_DOUT_QENTRY(D, ON, O)                                                                                 \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) attention_fast_dout_f32_d##D##_q##ON(                \
+      const float* scores, const float* v, O* out, long B, long Hq, long Hkv, long T, long vb, long vh, long vt,  \
+      const float* step, long seq, long past, long prefix, float lo, float hi, float plo, float phi, long osh,   \
+      long oss) {                                                                                                \
+    fa_body<T_f32, O, false, 1, 128, D, 32, 1, true>(nullptr, nullptr, v, nullptr, out, B, Hq, Hkv, 1, T, 1, 0.0f, \
+                                                     KvStrides{0, 0, 0, vb, vh, vt},                               \
+                                                     OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss, \
+                                                     scores);                                                      \
+  }
+
 #define FA_ENTRY(NAME, XN, MASK, R, TK, D, DVB, CPT)                                                             \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) NAME(                                                 \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* v, const T_##XN::S* mask, T_##XN::S* out, long B, \
@@ -342,6 +436,9 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
                                                 OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);   \
   }
 #define FA_ENTRIES(XN, D)                                                                 \
+  FA_DSC_ENTRY(XN, false, , D)                                                            \
+  FA_DSC_ENTRY(XN, true, _mask, D)                                                        \
+  FA_DOUT_ENTRY(XN, D)                                                                    \
   FA_ENTRY(attention_fast_dec_##XN##_d##D, XN, false, 1, 128, D, 32, 1)                   \
   FA_ENTRY(attention_fast_dec_##XN##_mask_d##D, XN, true, 1, 128, D, 32, 1)               \
   FA_ENTRY(attention_fast_pre_##XN##_d##D, XN, false, 8, 64, D, D, 4)                     \
@@ -349,6 +446,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   FA_ENTRY(attention_fast_mid_##XN##_d##D, XN, false, 8, 64, D, 32, 1)                    \
   FA_ENTRY(attention_fast_mid_##XN##_mask_d##D, XN, true, 8, 64, D, 32, 1)
 #define FA_QENTRIES(D, ON, O)                                                               \
+  FA_DOUT_QENTRY(D, ON, O)                                                                  \
   FA_QENTRY(attention_fast_dec_f32_d##D##_q##ON, false, 1, 128, D, 32, 1, O)                \
   FA_QENTRY(attention_fast_dec_f32_mask_d##D##_q##ON, true, 1, 128, D, 32, 1, O)            \
   FA_QENTRY(attention_fast_pre_f32_d##D##_q##ON, false, 8, 64, D, D, 4, O)                  \

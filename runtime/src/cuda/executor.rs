@@ -858,29 +858,16 @@ impl CudaExecutor {
     /// Enqueues launch `index` on its tuned-kernel route.
     fn launch_routed(&self, route: &Route, values: &SymbolValues) -> Result<(), String> {
         let ptr = |id: u32| self.buffer_ptr(id);
+        let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
+        let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)");
+        let blas = || self.blas.as_ref().ok_or("no cuBLAS handle");
         match route {
-            Route::W4(r) => {
-                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
-                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
-                r.launch(&self.gpu, scratch, values, &ptr)
-            }
-            Route::W8(r) => {
-                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
-                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
-                r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
-            }
-            Route::Wf(r) => {
-                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
-                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
-                r.launch(&self.gpu, self.blas.as_ref().ok_or("no cuBLAS handle")?, scratch, values, &ptr)
-            }
-            Route::Had(r) => {
-                let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
-                let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)")?;
-                r.launch(&self.gpu, scratch, values, &ptr)
-            }
-            Route::Attn(r) => r.launch(&self.gpu, values, &ptr),
-            Route::Blas(r) => r.launch(self.blas.as_ref().ok_or("no cuBLAS handle")?, values, &ptr),
+            Route::W4(r) => r.launch(&self.gpu, scratch?, values, &ptr),
+            Route::W8(r) => r.launch(&self.gpu, blas()?, scratch?, values, &ptr),
+            Route::Wf(r) => r.launch(&self.gpu, blas()?, scratch?, values, &ptr),
+            Route::Had(r) => r.launch(&self.gpu, scratch?, values, &ptr),
+            Route::Attn(r) => r.launch(&self.gpu, scratch?.bytes(), values, &ptr),
+            Route::Blas(r) => r.launch(blas()?, values, &ptr),
             // Launched with the W4 route of an earlier launch (fast_linear::group_w4).
             Route::Grouped => Ok(()),
         }

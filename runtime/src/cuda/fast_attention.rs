@@ -4,8 +4,12 @@
 //! micro-kernel's float operations in the same order (the score and output FMA chains, the f64 exp,
 //! the division); only the f64 row sum may be added in another order before its one rounding to f32.
 //!
-//! - decode (one query row): `attention_fast_dec_*`, one block per (row, head, 32 output channels),
-//!   grid [S, Hq, B * Dv / 32];
+//! - decode (one query row): two launches, `attention_fast_dsc_*` (the scores of 128 keys per block,
+//!   grid [ceil(T / 128), Hq, B], into the route's scratch) then `attention_fast_dout_*` (softmax and
+//!   p v, one block per (head, 32 output channels), grid [1, Hq, B * Dv / 32]): one block per head
+//!   and channel split computing every score kept a Llama-2-7B decode at one block of four warps per
+//!   SM, each reading the head's K once per split; `attention_fast_dec_*` (both in one block) serves
+//!   rows whose scores alone fill shared memory;
 //! - prefill: `attention_fast_pre_*`, one block per (8 rows, head), K and V tiles of 64 keys loaded
 //!   once per block into shared memory, grid [ceil(S / 8), Hq, B];
 //! - a few rows, or too few row tiles and heads for the prefill grid to fill the GPU (fewer than
@@ -31,7 +35,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use cudarc::driver::{CudaFunction, LaunchConfig};
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use qcc_ir::DType;
 
 use super::device::Gpu;
@@ -131,7 +135,8 @@ pub struct AttnRoute {
     /// The micro-kernel's entry (the fallback).
     micro_entry: String,
     /// Largest dynamic shared memory set on the decode / prefill / mid function so far.
-    smem_set: [AtomicU32; 3],
+    /// (decode, prefill, mid, decode scores, decode output: the two launches of [`Self::two_pass`]).
+    smem_set: [AtomicU32; 5],
 }
 
 impl AttnRoute {
@@ -219,7 +224,7 @@ impl AttnRoute {
             dtype,
             quant,
             micro_entry: launch.entry.clone(),
-            smem_set: [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)],
+            smem_set: Default::default(),
         })
     }
 
@@ -230,10 +235,37 @@ impl AttnRoute {
         format!("attention_fast_{}_{}{mask}_d{}{q}", kernel.tag(), self.dtype, self.d)
     }
 
+    /// Entries of the two-pass decode (scores, then softmax and p v).
+    pub fn two_pass_entries(&self) -> [String; 2] {
+        let mask = if self.mask.is_some() { "_mask" } else { "" };
+        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        [
+            format!("attention_fast_dsc_{}{mask}_d{}", self.dtype, self.d),
+            format!("attention_fast_dout_{}_d{}{q}", self.dtype, self.d),
+        ]
+    }
+
+    /// Whether one query row runs as two launches (fast_attention.cu `fa_dec_scores`): the scores
+    /// of 128 keys per block, then the decode kernel from the scores (4 B Hq T bytes of scratch).
+    pub fn two_pass(s: usize, heads: usize, d: usize, t: usize) -> bool {
+        s == 1 && pick(s, heads, d, t) == Some(Kernel::Decode)
+    }
+
+    /// Scratch bytes of these symbol values: the scores of a two-pass decode.
+    pub fn scratch_bytes(&self, values: &SymbolValues) -> Result<usize, String> {
+        let n = |i: usize| -> Result<usize, String> {
+            let v = self.dims[i].eval(values).map_err(|e| e.to_string())?;
+            usize::try_from(v).map_err(|_| format!("negative size {} = {v}", self.dims[i]))
+        };
+        let (b, hq, s, t) = (n(0)?, n(1)?, n(3)?, n(4)?);
+        Ok(if Self::two_pass(s, b * hq, self.d, t) { 4 * b * hq * t } else { 0 })
+    }
+
     /// Enqueues the attention of these symbol values.
     pub fn launch(
         &self,
         gpu: &Gpu,
+        scratch: &CudaSlice<u8>,
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
@@ -277,6 +309,10 @@ impl AttnRoute {
         };
         let splits = d / kernel.channels(d);
         let (gx, gz) = (su.div_ceil(kernel.rows()), b as usize * splits);
+        if Self::two_pass(su, (b * hq) as usize, d, tu) && gz <= 65_535 && scratch.len() >= 4 * (b * hq * t) as usize {
+            let scores = scratch.device_ptr(&gpu.stream).0;
+            return self.launch_two_pass(gpu, scores, [b, hq, hkv, t], kv, [q, k, v, mask, out], quant.as_ref());
+        }
         if gz > 65_535 || gx > i32::MAX as usize {
             return self.launch_micro(gpu, [b, hq, hkv, s, t], kv, [q, k, v, mask, out], quant.as_ref());
         }
@@ -306,6 +342,55 @@ impl AttnRoute {
         // aligned (base pointers and strides checked above, D a multiple of 64); `smem` is what the
         // kernel's tiles take at this T.
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("{}: {e}", self.entry(kernel)))
+    }
+
+    /// One query row in two launches ([`Self::two_pass`]): `scores` [B, Hq, T] f32 on the device.
+    fn launch_two_pass(
+        &self,
+        gpu: &Gpu,
+        scores: u64,
+        [b, hq, hkv, t]: [i64; 4],
+        kv: [i64; 6],
+        [q, k, v, mask, out]: [u64; 5],
+        quant: Option<&(BoundQuant, [i64; 2])>,
+    ) -> Result<(), String> {
+        let [dsc, dout] = self.two_pass_entries();
+        let (d, tu) = (self.d, t as usize);
+        let f = gpu.function("fast_attention", &dsc).map_err(|e| e.to_string())?;
+        let smem = (4 * (d + 4) * (THREADS as usize + 1)) as u32;
+        self.ensure_smem(&f, 3, smem)?;
+        let mut l = gpu.launcher(&f);
+        l.arg(&q).arg(&k).arg(&mask).arg(&scores).arg(&b).arg(&hq).arg(&hkv).arg(&t).arg(&self.scale);
+        l.arg(&kv[0]).arg(&kv[1]).arg(&kv[2]);
+        let cfg = LaunchConfig {
+            grid_dim: (tu.div_ceil(THREADS as usize) as u32, hq as u32, b as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: (S*, S*, S*, float*, long x 4, float, long x 3) as fast_attention.cu's
+        // attention_fast_dsc_*; q [B, Hq, 1, D], k [B, Hkv, T, D] at its strides (rows 16-byte
+        // aligned, checked by the caller), the mask row [T], `scores` 4 B Hq T bytes of scratch.
+        unsafe { l.launch(cfg) }.map_err(|e| format!("{dsc}: {e}"))?;
+        let f = gpu.function("fast_attention", &dout).map_err(|e| e.to_string())?;
+        let smem = Kernel::Decode.smem_bytes(d, tu) as u32;
+        self.ensure_smem(&f, 4, smem)?;
+        let mut l = gpu.launcher(&f);
+        l.arg(&scores).arg(&v).arg(&out).arg(&b).arg(&hq).arg(&hkv).arg(&t);
+        l.arg(&kv[3]).arg(&kv[4]).arg(&kv[5]);
+        if let Some((qa, strides)) = quant {
+            qa.push(&mut l);
+            l.arg(&strides[0]).arg(&strides[1]);
+        }
+        let splits = d / Kernel::Decode.channels(d);
+        let cfg = LaunchConfig {
+            grid_dim: (1, hq as u32, (b as usize * splits) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: (float*, S*, S* or O*, long x 7, [float*, long x 3, float x 4, long x 2]) as
+        // attention_fast_dout_*: the scores written by the launch above, v at its strides, out
+        // [B, Hq, 1, D] (or at the quantized strides); `smem` is the decode kernel's at this T.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("{dout}: {e}"))
     }
 
     /// Raises the function's dynamic shared memory limit to `smem` once (per route and kernel).
@@ -484,6 +569,29 @@ mod tests {
         let mut f16 = quantized(true, "qi16", 128);
         f16.entry = "attention_f16_mask_qi16".into();
         assert!(AttnRoute::plan(&manifest(&["f16"; 10]), &f16).is_none());
+    }
+
+    #[test]
+    fn one_decode_row_runs_in_two_launches_with_its_scores_in_scratch() {
+        let f32s = manifest(&["f32"; 5]);
+        let r = AttnRoute::plan(&f32s, &launch("attention_f32_mask", true, [32, 8, 128, 128], 4096)).unwrap();
+        assert_eq!(r.two_pass_entries(), ["attention_fast_dsc_f32_mask_d128", "attention_fast_dout_f32_d128"]);
+        let mut dtypes = vec!["f32"; 10];
+        dtypes[4] = "i16";
+        let q = AttnRoute::plan(&manifest(&dtypes), &quantized(true, "qi16", 64)).unwrap();
+        assert_eq!(q.two_pass_entries(), ["attention_fast_dsc_f32_mask_d64", "attention_fast_dout_f32_d64_qi16"]);
+        assert!(AttnRoute::two_pass(1, 32, 128, 516));
+        assert!(!AttnRoute::two_pass(2, 32, 128, 516), "a few rows: the mid kernel");
+        assert!(!AttnRoute::two_pass(1, 32, 128, 100_000), "beyond shared memory: the micro-kernel");
+        // Scratch: the scores of one row per head, f32 (B = 1, Hq = 32 here); none for prefill.
+        let values = |seq: i64| SymbolValues::from([("seq".to_string(), seq)]);
+        assert_eq!(r.scratch_bytes(&values(1)).unwrap(), 4 * 32, "S = T = 1: a decode row");
+        assert_eq!(r.scratch_bytes(&values(77)).unwrap(), 0, "S = T = 77: the mid kernel");
+        let mut decode = launch("attention_f32_mask", true, [32, 8, 128, 128], 4096);
+        decode.args[8] = Arg::I64(DimExpr::Const(1));
+        let r = AttnRoute::plan(&f32s, &decode).unwrap();
+        assert_eq!(r.scratch_bytes(&values(516)).unwrap(), 4 * 32 * 516);
+        assert_eq!(r.scratch_bytes(&values(0)).unwrap(), 0);
     }
 
     #[test]

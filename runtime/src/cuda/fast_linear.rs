@@ -451,7 +451,8 @@ impl Route {
                 let m = eval_rows(&r.ops.m, values)?;
                 Need { bytes: if m > 16 { 4 * m * r.ops.k } else { 0 }, ..Need::default() }
             }
-            Route::Attn(_) | Route::Grouped => Need::default(),
+            Route::Attn(r) => Need { bytes: r.scratch_bytes(values)?, ..Need::default() },
+            Route::Grouped => Need::default(),
             Route::Had(r) => {
                 let rows = eval_rows(&r.rows, values)?;
                 Need { bytes: if r.swiglu_first(rows) { 4 * rows * r.n } else { 0 }, ..Need::default() }
@@ -472,7 +473,8 @@ fn eval_rows(m: &DimExpr, values: &SymbolValues) -> Result<usize, String> {
     usize::try_from(v).map_err(|_| format!("row count {m} = {v}"))
 }
 
-/// Device scratch of the W4 routes: per-token scales of 1.0, row flags and packed activations.
+/// Device scratch of the routes: per-token scales of 1.0, row flags and packed activations (W4), and
+/// bytes (split activations, a decode's attention scores, ...).
 pub struct Scratch {
     ones: CudaSlice<f32>,
     flags: CudaSlice<i32>,
@@ -481,6 +483,11 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// The byte scratch (one route uses it at a time: launches run in order on one stream).
+    pub fn bytes(&self) -> &CudaSlice<u8> {
+        &self.bytes
+    }
+
     /// Scratch for `need` (grown, never shrunk).
     pub fn ensure(current: Option<Scratch>, gpu: &Gpu, need: Need) -> Result<Scratch, CudaError> {
         if let Some(s) = current {
