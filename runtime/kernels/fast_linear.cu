@@ -46,9 +46,10 @@ static __device__ __forceinline__ int nibble_hi(int byte) { return (byte >> 4) -
 template <bool F32>
 static __device__ __forceinline__ void store_exact(void* __restrict__ y, size_t at, long long sum,
                                                    const float* __restrict__ scale, const float* __restrict__ bias,
-                                                   long n) {
+                                                   long n, const float* __restrict__ res = nullptr) {
   float v = __fmul_rn(__ll2float_rn(sum), scale[n]);
   if (bias) v = __fadd_rn(v, bias[n]);
+  if (res) v = __fadd_rn(v, res[at]);
   if (F32) {
     ((float*)y)[at] = v;
   } else {
@@ -364,7 +365,8 @@ static __device__ __forceinline__ void xgemv1_mma(int (&acc)[4], const XGemvBatc
 template <bool I16, bool F32>
 static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, const void* __restrict__ x,
                                                    const float* __restrict__ scale, const float* __restrict__ bias,
-                                                   void* __restrict__ y, int N, int K, int tile) {
+                                                   void* __restrict__ y, int N, int K, int tile,
+                                                   const float* __restrict__ res = nullptr) {
   constexpr int KSPLIT = 4, UNROLL = 4;
   __shared__ int partial[KSPLIT][32][4];
   __shared__ long long corr[1][8];
@@ -386,7 +388,7 @@ static __device__ __forceinline__ void xgemv1_body(const u32* __restrict__ w, co
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int n = tile * 8 + 2 * tig + e;
-    store_exact<F32>(y, n, (long long)(acc[e] >> 4) + corr[0][2 * tig + e], scale, bias, n);
+    store_exact<F32>(y, n, (long long)(acc[e] >> 4) + corr[0][2 * tig + e], scale, bias, n, res);
   }
 }
 
@@ -400,6 +402,16 @@ QCC_XGEMV1(i16, true, f32, true)
 QCC_XGEMV1(i16, true, f16, false)
 QCC_XGEMV1(i8, false, f32, true)
 QCC_XGEMV1(i8, false, f16, false)
+// w4_gemv_x{i16,i8}_f32_m1r: the `_m1` GEMV with the residual added in its epilogue (an int_linear
+// `_res` launch: y = (acc * scale (+ bias)) + res, each step an f32 rounding as the micro-kernel's).
+#define QCC_XGEMV1R(XN, I16)                                                                               \
+  extern "C" __global__ void __launch_bounds__(128) w4_gemv_x##XN##_f32_m1r(                                \
+      const u32* w, const void* x, const float* scale, const float* bias, const float* res, void* y, int M,  \
+      int N, int K) {                                                                                       \
+    xgemv1_body<I16, true>(w, x, scale, bias, y, N, K, blockIdx.x, res);                                    \
+  }
+QCC_XGEMV1R(i16, true)
+QCC_XGEMV1R(i8, false)
 
 // w4_gemv_x{i16,i8}_{f32,f16}_m1g: up to 4 batch-1 GEMVs of one activation row (q, k and v; gate and
 // up) in one launch: grid = the sum of their N / 8 tiles, block b takes tile b of the first GEMV,
@@ -684,6 +696,12 @@ extern "C" __global__ void split_f32_to_f16(const float* x, u16* hi, u16* lo, lo
     lo[i] = f32_to_f16(v - f16_to_f32(h));
   }
 }
+// y[i] = y[i] + res[i] (an int_linear `_res` launch on a route whose kernels have no residual).
+extern "C" __global__ void add_residual_f32(float* y, const float* res, long count) {
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (long)gridDim.x * blockDim.x)
+    y[i] = __fadd_rn(y[i], res[i]);
+}
+
 extern "C" __global__ void scale_bias_f32(float* y, const float* scale, const float* bias, long M, long N) {
   for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < M * N; i += (long)gridDim.x * blockDim.x) {
     const long n = i % N;

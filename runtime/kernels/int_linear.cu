@@ -4,7 +4,9 @@
 // `int_linear`) -- integer products are accumulated exactly in int64 (i16 prefix
 // rows times int8 weights can pass 2^31), converted to f32 with one rounding (as the CPU's exact f32
 // or f64 sums are), then the epilogue y = acc * scale[n] (+ bias[n]) with each step rounded in f32
-// (no FMA contraction). The fast W4 kernels (w4_gemv.cu, w4a4_gemm.cu) use another layout.
+// (no FMA contraction), then (`_res` entries, f32) + res[m, n]: the residual `add` that was the
+// result's only reader (compiler/src/lower/micro.rs `fused_residual`), the same f32 addition. The
+// fast W4 kernels (w4_gemv.cu, w4a4_gemm.cu) use another layout.
 //
 // Geometry: grid [ceil(N/64), ceil(M/16)], 128 threads; a block owns a 16 x 64 tile of y, each
 // thread one column and 8 rows. Grid-stride loops keep any M, N correct.
@@ -30,7 +32,7 @@ struct W_i4 {
 // Integer activations: y[m, n] = f32(sum_k x[m,k] w[n,k]) * scale[n] (+ bias[n]).
 template <class X, class W, class Y, bool BIAS>
 __device__ void int_linear_int(const typename X::S* x, const unsigned char* w, const float* scale,
-                               const float* bias, typename Y::S* y, long M, long N, long K) {
+                               const float* bias, const float* res, typename Y::S* y, long M, long N, long K) {
   for (long n0 = (long)blockIdx.x * TILE_N; n0 < N; n0 += (long)gridDim.x * TILE_N) {
     long n = n0 + (threadIdx.x % TILE_N);
     for (long m0 = (long)blockIdx.y * TILE_M; m0 < M; m0 += (long)gridDim.y * TILE_M) {
@@ -49,6 +51,7 @@ __device__ void int_linear_int(const typename X::S* x, const unsigned char* w, c
         if (mb + r >= M) continue;
         float v = __fmul_rn(__ll2float_rn(acc[r]), scale[n]);
         if (BIAS) v = __fadd_rn(v, bias[n]);
+        if (res) v = __fadd_rn(v, res[(mb + r) * N + n]);
         Y::put(y, (mb + r) * N + n, v);
       }
     }
@@ -60,7 +63,7 @@ __device__ void int_linear_int(const typename X::S* x, const unsigned char* w, c
 // quantization, y = f32 dot product * scale + bias (summation order differs from the CPU's sgemm).
 template <class X, class W, class Y, int ACT_BITS, bool BIAS>
 __device__ void int_linear_float(const typename X::S* x, const unsigned char* w, const float* scale,
-                                 const float* bias, typename Y::S* y, long M, long N, long K) {
+                                 const float* bias, const float* res, typename Y::S* y, long M, long N, long K) {
   __shared__ float row_step[TILE_M];
   const float qmax = ACT_BITS > 0 ? (float)((1 << (ACT_BITS - 1)) - 1) : 1.0f;
   for (long m0 = (long)blockIdx.y * TILE_M; m0 < M; m0 += (long)gridDim.y * TILE_M) {
@@ -104,6 +107,7 @@ __device__ void int_linear_float(const typename X::S* x, const unsigned char* w,
         float v = ACT_BITS > 0 ? __fmul_rn(__int2float_rn(iacc[r]), row_step[rb + r]) : facc[r];
         v = __fmul_rn(v, scale[n]);
         if (BIAS) v = __fadd_rn(v, bias[n]);
+        if (res) v = __fadd_rn(v, res[(mb + r) * N + n]);
         Y::put(y, (mb + r) * N + n, v);
       }
     }
@@ -115,27 +119,54 @@ __device__ void int_linear_float(const typename X::S* x, const unsigned char* w,
   extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##SUFFIX##_##YN(             \
       const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, T_##YN::S* y,   \
       long M, long N, long K) {                                                                          \
-    int_linear_int<T_##XN, W_##WN, T_##YN, BIAS>(x, w, scale, bias, y, M, N, K);                         \
+    int_linear_int<T_##XN, W_##WN, T_##YN, BIAS>(x, w, scale, bias, nullptr, y, M, N, K);                \
   }
 #define INT_ENTRY_NB(XN, WN, YN)                                                                         \
   extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_##YN(                     \
       const T_##XN::S* x, const unsigned char* w, const float* scale, T_##YN::S* y, long M, long N,      \
       long K) {                                                                                          \
-    int_linear_int<T_##XN, W_##WN, T_##YN, false>(x, w, scale, nullptr, y, M, N, K);                     \
+    int_linear_int<T_##XN, W_##WN, T_##YN, false>(x, w, scale, nullptr, nullptr, y, M, N, K);            \
   }
 #define FLOAT_ENTRY(XN, WN, YN, BITS, ASUF)                                                              \
   extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_bias_##YN(          \
       const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, T_##YN::S* y,   \
       long M, long N, long K) {                                                                          \
-    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, true>(x, w, scale, bias, y, M, N, K);                 \
+    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, true>(x, w, scale, bias, nullptr, y, M, N, K);        \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_##YN(               \
       const T_##XN::S* x, const unsigned char* w, const float* scale, T_##YN::S* y, long M, long N,      \
       long K) {                                                                                          \
-    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, false>(x, w, scale, nullptr, y, M, N, K);             \
+    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, false>(x, w, scale, nullptr, nullptr, y, M, N, K);    \
   }
 #define INT_ALL(XN, WN, YN) INT_ENTRY(XN, WN, YN, true, _bias) INT_ENTRY_NB(XN, WN, YN)
 #define FLOAT_ALL(XN, WN, YN) FLOAT_ENTRY(XN, WN, YN, 0, ) FLOAT_ENTRY(XN, WN, YN, 4, _a4) FLOAT_ENTRY(XN, WN, YN, 8, _a8)
+// The `_res` entries (f32 output): int_linear_x{X}_w{W}[_a{bits}][_bias]_res_f32(x, w, scale, [bias],
+// res, y, M, N, K).
+#define INT_RES(XN, WN)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_bias_res_f32(             \
+      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, const float* res, \
+      float* y, long M, long N, long K) {                                                                \
+    int_linear_int<T_##XN, W_##WN, T_f32, true>(x, w, scale, bias, res, y, M, N, K);                     \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_res_f32(                  \
+      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* res, float* y, long M,  \
+      long N, long K) {                                                                                  \
+    int_linear_int<T_##XN, W_##WN, T_f32, false>(x, w, scale, nullptr, res, y, M, N, K);                 \
+  }
+#define FLOAT_RES_ENTRY(XN, WN, BITS, ASUF)                                                              \
+  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_bias_res_f32(       \
+      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, const float* res, \
+      float* y, long M, long N, long K) {                                                                \
+    int_linear_float<T_##XN, W_##WN, T_f32, BITS, true>(x, w, scale, bias, res, y, M, N, K);             \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_res_f32(            \
+      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* res, float* y, long M,  \
+      long N, long K) {                                                                                  \
+    int_linear_float<T_##XN, W_##WN, T_f32, BITS, false>(x, w, scale, nullptr, res, y, M, N, K);         \
+  }
+#define FLOAT_RES(XN, WN) FLOAT_RES_ENTRY(XN, WN, 0, ) FLOAT_RES_ENTRY(XN, WN, 4, _a4) FLOAT_RES_ENTRY(XN, WN, 8, _a8)
+INT_RES(i16, i4) INT_RES(i16, i8) INT_RES(i8, i4) INT_RES(i8, i8) INT_RES(i4, i4) INT_RES(i4, i8)
+FLOAT_RES(f32, i4) FLOAT_RES(f32, i8) FLOAT_RES(f16, i4) FLOAT_RES(f16, i8)
 
 INT_ALL(i16, i4, f32) INT_ALL(i16, i8, f32) INT_ALL(i8, i4, f32) INT_ALL(i8, i8, f32)
 INT_ALL(i4, i4, f32) INT_ALL(i4, i8, f32)

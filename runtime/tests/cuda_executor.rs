@@ -316,6 +316,91 @@ fn int_linear_rows(
     }
 }
 
+/// An `int_linear` whose f32 result only feeds `h = add(r, y)`: the plan's `_res` launch (the add in
+/// the epilogue, compiler/src/lower/micro.rs `fused_residual`) against the CPU executor's two ops,
+/// every output bit equal; int16 activations with int4 prefix rows 0 and 9 (W4: the fused `_m1r`
+/// GEMV at one row, the GEMV / GEMM and fix-up then `add_residual_f32` at more), int8 weights (W8),
+/// int8 activations with int8 weights (the micro-kernel).
+fn int_linear_residual_case(x_dtype: DType, w_dtype: DType, bias: bool, seed: u64, (m, n, k): (usize, usize, usize)) {
+    let mut rng = Rng(seed);
+    let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
+    let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(wlo, whi)).collect();
+    let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
+    let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
+    let x = match x_dtype {
+        DType::I16 => RtTensor::from_vec(
+            &[m, k],
+            (0..m * k)
+                .map(|i| {
+                    if [0, 9].contains(&(i / k)) || w_dtype == DType::I8 {
+                        rng.int(-32768, 32767)
+                    } else {
+                        rng.int(-8, 7)
+                    }
+                })
+                .map(|v| v as i16)
+                .collect(),
+        ),
+        _ => RtTensor::from_vec(&[m, k], (0..m * k).map(|_| rng.int(-128, 127) as i8).collect()),
+    }
+    .unwrap();
+    let r = RtTensor::from_vec(&[m, n], (0..m * n).map(|_| rng.float() * 10.0).collect::<Vec<f32>>()).unwrap();
+    let mut g = Graph::new("t");
+    let xv = g.add_input("x", TensorType::known(x_dtype, &[m, k])).unwrap();
+    let rv = g.add_input("r", TensorType::known(DType::F32, &[m, n])).unwrap();
+    let mut ins = vec![
+        xv,
+        g.add_constant("w", int_tensor(w_dtype, &[n, k], w_vals)).unwrap(),
+        g.add_constant("scale", Tensor::from_slice(vec![n], &scale)).unwrap(),
+    ];
+    if bias {
+        ins.push(g.add_constant("bias", Tensor::from_slice(vec![n], &bias_v)).unwrap());
+    }
+    let y = g.add_op(Op::new(OpKind::IntLinear), &ins, TensorType::known(DType::F32, &[m, n]));
+    let h = g.add_op(Op::new(OpKind::Add), &[rv, y], TensorType::known(DType::F32, &[m, n]));
+    g.add_output("h", h);
+    let mut plan = Plan { buffers: vec![], arena: 0 };
+    let (bx, br) = (plan.arena("x", x_dtype, &[m, k]), plan.arena("r", DType::F32, &[m, n]));
+    let (bw, bs) = (plan.weight("w", w_dtype, &[n, k]), plan.weight("scale", DType::F32, &[n]));
+    let bb = bias.then(|| plan.weight("bias", DType::F32, &[n]));
+    let bh = plan.arena("h", DType::F32, &[m, n]);
+    let entry =
+        format!("int_linear_x{}_w{}{}_res_f32", x_dtype.name(), w_dtype.name(), if bias { "_bias" } else { "" });
+    let mut args = vec![Arg::Buffer(bx), Arg::Buffer(bw), Arg::Buffer(bs)];
+    args.extend(bb.map(Arg::Buffer));
+    args.extend([Arg::Buffer(br), Arg::Buffer(bh)]);
+    args.extend([m, n, k].map(|v| Arg::I64(c(v as i64))));
+    let launch = Launch {
+        node: "int_linear".into(),
+        module: "int_linear".into(),
+        entry: entry.clone(),
+        grid: [c(n.div_ceil(64) as i64), c(m.div_ceil(16) as i64), c(1)],
+        block: [128, 1, 1],
+        shared_bytes: 0,
+        args,
+    };
+    let label = format!("{entry} m{m} n{n} k{k}");
+    if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx), ("r", r, br)], bh, launch) {
+        assert_eq!(a.differing, 0, "{label}: {a}");
+        let routed = w_dtype == DType::I4 || x_dtype == DType::I16;
+        assert_eq!(LAST_ROUTED.with(|r| r.get()), (routed as usize, 0), "{label}: launches on the tuned kernels");
+    }
+}
+
+#[test]
+fn int_linear_with_a_fused_residual_matches_the_cpu_bit_for_bit() {
+    if !nvrtc::nvrtc_available() {
+        eprintln!("SKIPPED: libnvrtc.so.13 not found");
+        return;
+    }
+    int_linear_residual_case(DType::I16, DType::I4, true, 51, (1, 4096, 4096));
+    int_linear_residual_case(DType::I16, DType::I4, false, 52, (1, 4096, 11008));
+    int_linear_residual_case(DType::I16, DType::I4, false, 53, (5, 576, 1536));
+    int_linear_residual_case(DType::I16, DType::I4, true, 54, (300, 584, 576));
+    int_linear_residual_case(DType::I16, DType::I8, true, 55, (3, 1000, 576));
+    int_linear_residual_case(DType::I8, DType::I8, false, 56, (5, 72, 96));
+}
+
 /// Three W4 `int_linear`s of one activation row (q, k, v: n = 4096, 1024, 1024 at k = 4096, q with a
 /// bias, all `y_dtype` out): the executor runs all three in one grouped launch at batch 1
 /// (`w4_gemv_*_m1g`, fast_linear::group_w4), one after another at more rows; every output bit

@@ -285,6 +285,39 @@ fn int_linear_micro_kernel_after_a_materialised_transpose() {
 }
 
 #[test]
+fn residual_add_after_an_int_linear_moves_into_its_epilogue() {
+    // o_proj then `h = add(r, o)`: the launch takes r and writes h (`_res`), no add kernel. An
+    // int_linear read twice, or added to a broadcast operand, keeps its add.
+    let lowered = check(
+        "int_linear_residual",
+        r#"graph @t(%x: i16[batch,seq,8], %r: f32[batch,seq,2], %b: f32[2]) -> (%h, %p, %q) {
+  %w = constant {value = dense<i8[2,8] [1, -2, 3, -4, 5, -6, 7, -8, 1, 1, 1, 1, 1, 1, 1, 1]>} : i8[2,8]
+  %s = constant {value = dense<f32[2] [0.5, 0.25]>} : f32[2]
+  %bias = constant {value = dense<f32[2] [1.0, -1.0]>} : f32[2]
+  %o = int_linear(%x, %w, %s, %bias) : f32[batch,seq,2]
+  %h = add(%r, %o) : f32[batch,seq,2]
+  %o2 = int_linear(%x, %w, %s) : f32[batch,seq,2]
+  %p = add(%o2, %b) : f32[batch,seq,2]
+  %o3 = int_linear(%x, %w, %s) : f32[batch,seq,2]
+  %q = add(%o3, %r) : f32[batch,seq,2]
+  %n = neg(%o3) : f32[batch,seq,2]
+  return %h, %p, %q
+}"#,
+    );
+    let entries: Vec<&str> = lowered.launches.iter().map(|l| l.entry.as_str()).collect();
+    assert!(entries.contains(&"int_linear_xi16_wi8_bias_res_f32"), "{entries:?}");
+    let fused = lowered.launches.iter().find(|l| l.entry == "int_linear_xi16_wi8_bias_res_f32").unwrap();
+    let h = lowered.outputs.iter().find(|o| o.name == "h").unwrap();
+    let r = lowered.inputs.iter().find(|i| i.name == "r").unwrap();
+    // x, w, scale, bias, res = r, y = h's buffer.
+    assert!(matches!(fused.args[4], Arg::Buffer(b) if b == r.buffer));
+    assert!(matches!(fused.args[5], Arg::Buffer(b) if b == h.buffer));
+    assert!(!lowered.launches.iter().any(|l| l.node == "h"), "the add is gone");
+    assert!(lowered.launches.iter().any(|l| l.node == "p"), "a broadcast operand keeps its add");
+    assert!(lowered.launches.iter().any(|l| l.node == "q"), "a result read twice keeps its add");
+}
+
+#[test]
 fn int_linears_of_one_activation_launch_together() {
     // q's float op comes first in the graph, then k reads the same activations: k moves up next to
     // q (its weights with it), so the runtime can run both as one GEMV launch; v reads other

@@ -7,14 +7,15 @@
 //!
 //! | op | module | entry | args | grid | block | shared |
 //! |----|--------|-------|------|------|-------|--------|
-//! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}` | x, w, scale, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
+//! | `int_linear` | `int_linear` | `int_linear_x{X}_w{W}[_a{bits}][_bias][_res]_{Y}` | x, w, scale, [bias], [res], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `linear` | `linear` | `linear_{X}_w{W}[_bias]` | x, w, [bias], y, M, N, K | [ceil(N/64), ceil(M/16), 1] | [128,1,1] | 0 |
 //! | `attention` | `attention` | `attention_{X}[_mask][_q{O}]` | q, k, v, [mask], out, B, Hq, Hkv, S, T, D, Dv, causal (i64), scale (f32), kb, kh, kt, vb, vh, vt, [quant, osh, oss] | [S, Hq, B] | [128,1,1] | 4 * T_max |
 //! | `hadamard` | `hadamard` | `hadamard_[swiglu_]{X}[_q{O}]` | x (swiglu: g, u), out, rows, n, [quant] | [rows, 1, 1] | [128,1,1] | 8 * n |
 //!
 //! Layouts: x [M, K] row-major (M = product of the leading dims); weights [N, K] row-major as in the
 //! weights file (int4 packed two per byte along K, low nibble first; the runtime may repack at
-//! load); scale, bias [N] f32; y [M, N]. Activation dtypes X: `i16` (int4/int8 values with 16-bit
+//! load); scale, bias [N] f32; y [M, N]; `_res` (Y = f32): y = (the product's epilogue) + res [M, N],
+//! the residual `add` that was the result's only reader ([`fused_residual`]). Activation dtypes X: `i16` (int4/int8 values with 16-bit
 //! prefix rows), `i8`, `i4` (one value per byte), or a float type (weight-only quantization; with
 //! `_a{bits}` quantized per row dynamically as `qcc_ir::OpKind::IntLinear` says). Attention: q
 //! [B, Hq, S, D] and out [B, Hq, S, Dv] contiguous, k [B, Hkv, T, D] and v [B, Hkv, T, Dv] at the
@@ -30,7 +31,7 @@
 
 use super::kernels::Step;
 use super::{const_of, join, shapes, LowerError, Lowerer, View};
-use qcc_ir::{DType, NodeId};
+use qcc_ir::{DType, NodeId, OpKind, Value};
 use qcc_runtime::artifact::{Arg, DimExpr, Launch};
 
 /// Rows and columns of one int_linear/linear block tile (the grid above).
@@ -129,6 +130,7 @@ pub(super) fn linear(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
     if let Some(last) = dims.last_mut() {
         *last = DimExpr::Const(n as i64);
     }
+    let residual = if is_int { fused_residual(l, id, &dims) } else { None };
     let (y, quantized) = float_result(l, id, dims)?;
     let mut entry = if is_int {
         format!("int_linear_x{}_w{}", x.dtype, w.dtype)
@@ -141,12 +143,16 @@ pub(super) fn linear(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
     if bias.is_some() {
         entry.push_str("_bias");
     }
+    if residual.is_some() {
+        entry.push_str("_res");
+    }
     if is_int {
         entry.push_str(&format!("_{}", y.dtype));
     }
     let mut args = vec![buffer(&x), buffer(&w)];
     args.extend(scale.as_ref().map(buffer));
     args.extend(bias.as_ref().map(buffer));
+    args.extend(residual.as_ref().map(|(_, r)| buffer(r)));
     args.push(buffer(&y));
     args.extend([Arg::I64(m.clone()), Arg::I64(DimExpr::Const(n as i64)), Arg::I64(DimExpr::Const(k as i64))]);
     l.launch_micro(Launch {
@@ -162,7 +168,38 @@ pub(super) fn linear(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {
         shared_bytes: 0,
         args,
     });
+    if let Some((add, _)) = residual {
+        // The buffer holds the add's value (what verification compares it with).
+        l.bufs[y.buffer as usize].name = l.output_name(add);
+        l.fused_adds.insert(add, y.clone());
+    }
     finish(l, id, y, quantized)
+}
+
+/// The `add` that is the only reader of an int_linear's f32 result (no output quantization on
+/// either) when its other operand is already computed, f32 and contiguous with the result's dims:
+/// the launch adds it in its epilogue (`_res` entries, the same f32 addition) and its result is the
+/// add's, one launch and one round trip of the residual stream less (o_proj and down_proj of a
+/// decoder layer).
+fn fused_residual(l: &Lowerer, id: NodeId, dims: &[DimExpr]) -> Option<(NodeId, View)> {
+    let v = l.output(id);
+    let f32_value = |x: Value| l.graph.value_type(x).dtype == DType::F32;
+    if !f32_value(v)
+        || l.graph.node(id).op.output_quant().is_some()
+        || l.graph.graph_outputs().iter().any(|o| o.value == v)
+    {
+        return None;
+    }
+    let [(add, port)] = l.graph.users(v)[..] else { return None };
+    let node = l.graph.node(add);
+    if node.op.kind != OpKind::Add || l.host.contains(&add) || node.op.output_quant().is_some() || port > 1 {
+        return None;
+    }
+    let other = l.graph.input(add, 1 - port)?;
+    let view = l.views.get(&other)?;
+    let same = view.dims.len() == dims.len() && view.dims.iter().zip(dims).all(|(a, b)| shapes::same(a, b));
+    (same && view.dtype == DType::F32 && f32_value(Value::new(add, 0)) && view.is_contiguous())
+        .then(|| (add, view.clone()))
 }
 
 pub(super) fn attention(l: &mut Lowerer, id: NodeId) -> Result<View, LowerError> {

@@ -187,6 +187,9 @@ struct Lowerer<'g> {
     deferred_swiglu: HashMap<Value, (View, View)>,
     /// Graph inputs held as resident KV caches ([`resident_caches`]): input node -> its concat.
     resident: HashMap<NodeId, NodeId>,
+    /// `add` nodes an int_linear launch computes in its epilogue (`micro::fused_residual`): their
+    /// result.
+    fused_adds: HashMap<NodeId, View>,
 }
 
 pub(crate) fn label(graph: &Graph, id: NodeId) -> String {
@@ -233,6 +236,7 @@ impl<'g> Lowerer<'g> {
             micro_modules: BTreeSet::new(),
             deferred_swiglu: HashMap::new(),
             resident: resident_caches(graph),
+            fused_adds: HashMap::new(),
         })
     }
 
@@ -327,6 +331,10 @@ impl<'g> Lowerer<'g> {
         let node = self.graph.node(id);
         let kind = node.op.kind;
         if self.host.contains(&id) || kind == OpKind::Constant {
+            return Ok(());
+        }
+        if let Some(view) = self.fused_adds.remove(&id) {
+            self.views.insert(self.output(id), view);
             return Ok(());
         }
         use OpKind::*;

@@ -76,6 +76,8 @@ pub struct Operands {
     w: u32,
     scale: u32,
     bias: Option<u32>,
+    /// The residual added to the f32 result (`_res` entries).
+    res: Option<u32>,
     y: u32,
     m: DimExpr,
     n: usize,
@@ -104,6 +106,26 @@ impl Operands {
             None => 0,
         };
         Ok(Some(Bound { m, x: ptr(self.x)?, w: ptr(self.w)?, scale: ptr(self.scale)?, bias, y: ptr(self.y)? }))
+    }
+
+    /// Adds the residual to the result (y [m, n] f32 += res) where the product's kernels did not.
+    fn add_residual(
+        &self,
+        gpu: &Gpu,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let Some(res) = self.res else { return Ok(()) };
+        let m = eval_rows(&self.m, values)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (y, res, count) = (ptr(self.y)?, ptr(res)?, (m * self.n) as i64);
+        let f = gpu.function("fast_linear", "add_residual_f32").map_err(|e| e.to_string())?;
+        let mut b = gpu.launcher(&f);
+        b.arg(&y).arg(&res).arg(&count);
+        // SAFETY: signature (float*, float*, long); y and res hold m x n f32 (the plan's `_res` launch).
+        unsafe { b.launch(grid_stride(m * self.n)) }.map(|_| ()).map_err(|e| format!("add_residual_f32: {e}"))
     }
 }
 
@@ -157,6 +179,9 @@ fn overlap(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> bool {
 pub fn group_w4(manifest: &Manifest, routes: &mut [Option<Route>]) {
     for lead in 0..routes.len() {
         let Some(Route::W4(first)) = &routes[lead] else { continue };
+        if first.ops.res.is_some() {
+            continue;
+        }
         let (x, k, x_i16, y_f32, m) = (first.ops.x, first.ops.k, first.x_i16, first.y_f32, first.ops.m.clone());
         let x_range = arena_range(manifest, x);
         let mut outputs = vec![arena_range(manifest, first.ops.y)];
@@ -166,6 +191,7 @@ pub fn group_w4(manifest: &Manifest, routes: &mut [Option<Route>]) {
             if let Some(Route::W4(r)) = route {
                 let y = arena_range(manifest, r.ops.y);
                 let joins = members.len() < 3
+                    && r.ops.res.is_none()
                     && (r.ops.x, r.ops.k, r.x_i16, r.y_f32) == (x, k, x_i16, y_f32)
                     && r.ops.m == m
                     && [Some(r.ops.w), Some(r.ops.scale), r.ops.bias]
@@ -302,9 +328,14 @@ impl Route {
         let (n, k) = (const_arg(n)?, const_arg(k)?);
         match launch.module.as_str() {
             "int_linear" => {
-                let (x, w, scale, bias, y) = match bufs.as_slice() {
-                    [x, w, s, y] => (*x, *w, *s, None, *y),
-                    [x, w, s, b, y] => (*x, *w, *s, Some(*b), *y),
+                // int_linear_x{X}_w{W}[_a{bits}][_bias][_res]_{Y}: buffers x, w, scale, [bias], [res], y.
+                let [x, w, scale, rest @ ..] = bufs.as_slice() else { return None };
+                let (x, w, scale) = (*x, *w, *scale);
+                let (bias, res, y) = match (rest, launch.entry.ends_with("_res_f32")) {
+                    ([y], false) => (None, None, *y),
+                    ([b, y], false) => (Some(*b), None, *y),
+                    ([r, y], true) => (None, Some(*r), *y),
+                    ([b, r, y], true) => (Some(*b), Some(*r), *y),
                     _ => return None,
                 };
                 let y_f32 = match buffer_dtype(manifest, y)? {
@@ -316,7 +347,7 @@ impl Route {
                 // `_a{bits}` in the entry: float activations quantized per row (not routed).
                 let dynamic =
                     launch.entry.split('_').any(|p| p.len() > 1 && p.starts_with('a') && p[1..].parse::<u32>().is_ok());
-                let ops = Operands { x, w, scale, bias, y, m: m.clone(), n, k };
+                let ops = Operands { x, w, scale, bias, res, y, m: m.clone(), n, k };
                 if (xd, wd) == (DType::F32, DType::I8) && y_f32 && !dynamic && k % 16 == 0 && n > 0 {
                     return Some(Route::Wf(WfRoute { ops, wide: None, tiled: None }));
                 }
@@ -555,9 +586,38 @@ impl W4Route {
         unsafe { b.launch(cfg) }.map_err(|e| format!("w4_gemv group: {e}"))
     }
 
-    /// Enqueues the GEMV on the plan's activations (M <= 8), or pack, GEMV/GEMM and the exact fix-up
-    /// of the flagged rows. `ptr` resolves buffer ids.
+    /// Enqueues this launch alone: with a residual at batch 1 (f32), the `_m1r` GEMV adds it in its
+    /// epilogue; otherwise [`Self::launch_product`], then the residual added after.
     fn launch_alone(
+        &self,
+        gpu: &Gpu,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        let Some(res) = self.ops.res else { return self.launch_product(gpu, scratch, values, ptr) };
+        let fused = self.y_f32 && std::env::var_os("QCC_FAST_GEMV").is_none() && eval_rows(&self.ops.m, values)? == 1;
+        if !fused {
+            self.launch_product(gpu, scratch, values, ptr)?;
+            return self.ops.add_residual(gpu, values, ptr);
+        }
+        let Some(Bound { x, scale, bias, y, .. }) = self.ops.bind(values, ptr)? else { return Ok(()) };
+        let (n, res) = (self.ops.n, ptr(res)?);
+        let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
+        let name = format!("w4_gemv_x{}_f32_m1r", if self.x_i16 { "i16" } else { "i8" });
+        let f = gpu.function("fast_linear", &name).map_err(|e| e.to_string())?;
+        let (m32, n32, k32) = (1i32, n as i32, self.ops.k as i32);
+        let mut b = gpu.launcher(&f);
+        b.arg(&tiled).arg(&x).arg(&scale).arg(&bias).arg(&res).arg(&y).arg(&m32).arg(&n32).arg(&k32);
+        let cfg = LaunchConfig { grid_dim: ((n / 8) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: signature (u32*, void*, float*, float*, float*, void*, int, int, int) as `_m1` plus
+        // res; res and y hold n f32 (one row), the rest as `_m1`.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("{name}: {e}"))
+    }
+
+    /// Enqueues the GEMV on the plan's activations (M <= 8), or pack, GEMV/GEMM and the exact fix-up
+    /// of the flagged rows, without the residual. `ptr` resolves buffer ids.
+    fn launch_product(
         &self,
         gpu: &Gpu,
         scratch: &Scratch,
@@ -654,8 +714,20 @@ impl W8Route {
         2 * (m * k).div_ceil(256) * 256 + 8 * m * n
     }
 
-    /// Enqueues the exact int16 x int8 product and its epilogue.
+    /// Enqueues the exact int16 x int8 product, its epilogue and the residual, if any.
     pub fn launch(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        self.launch_product(gpu, blas, scratch, values, ptr)?;
+        self.ops.add_residual(gpu, values, ptr)
+    }
+
+    fn launch_product(
         &self,
         gpu: &Gpu,
         blas: &CudaBlas,
@@ -943,8 +1015,20 @@ impl HadRoute {
 }
 
 impl WfRoute {
-    /// Enqueues the weight-only product and its epilogue.
+    /// Enqueues the weight-only product, its epilogue and the residual, if any.
     pub fn launch(
+        &self,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        scratch: &Scratch,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        self.launch_product(gpu, blas, scratch, values, ptr)?;
+        self.ops.add_residual(gpu, values, ptr)
+    }
+
+    fn launch_product(
         &self,
         gpu: &Gpu,
         blas: &CudaBlas,
@@ -1167,6 +1251,11 @@ mod tests {
         assert_eq!(plan(&mf, &other), ["w4", "w4"]);
         let rows = [qkv[0].clone(), launch("int_linear", &[0, 4, 2, 5], DimExpr::Const(1), 576, 576)];
         assert_eq!(plan(&mf, &rows), ["w4", "w4"]);
+        // A launch with a residual (its add fused) neither leads nor joins a group.
+        let mut with_res = launch("int_linear", &[0, 4, 2, 9, 5], m(), 576, 576);
+        with_res.entry = "int_linear_xi16_wi4_res_f32".into();
+        assert_eq!(plan(&mf, &[qkv[0].clone(), with_res.clone()]), ["w4", "w4"]);
+        assert_eq!(plan(&mf, &[with_res, qkv[2].clone()]), ["w4", "w4"]);
     }
 
     #[test]
@@ -1206,6 +1295,20 @@ mod tests {
         assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 3], m(), 1536, 560)).is_none());
         assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 3], m(), 1532, 576)).is_none());
         assert!(Route::plan(&mf, &launch("int_linear", &[0, 1, 2, 11], m(), 1536, 576)).is_none());
+        // A residual (`_res`, f32 out): the buffer before y; no grouping with it (fused at batch 1).
+        let mut res = launch("int_linear", &[0, 1, 2, 10, 9, 3], m(), 1536, 576);
+        res.entry = "int_linear_xi16_wi4_bias_res_f32".into();
+        let Some(Route::W4(r)) = Route::plan(&mf, &res) else { panic!("a residual W4 launch is routed") };
+        assert_eq!((r.ops.bias, r.ops.res, r.ops.y), (Some(10), Some(9), 3));
+        res.args.remove(3);
+        res.entry = "int_linear_xi16_wi4_res_f32".into();
+        let Some(Route::W4(r)) = Route::plan(&mf, &res) else { panic!("without bias") };
+        assert_eq!((r.ops.bias, r.ops.res, r.ops.y), (None, Some(9), 3));
+        res.args.remove(3);
+        assert!(Route::plan(&mf, &res).is_none(), "a `_res` entry without its buffer");
+        let mut w8res = launch("int_linear", &[0, 5, 2, 9, 3], m(), 1536, 576);
+        w8res.entry = "int_linear_xi16_wi8_res_f32".into();
+        assert!(matches!(Route::plan(&mf, &w8res), Some(Route::W8(r)) if r.ops.res == Some(9)));
         // cuBLAS: one float type throughout and no bias.
         assert!(is_blas(&launch("linear", &[6, 7, 8], m(), 1536, 576)));
         assert!(Route::plan(&mf, &launch("linear", &[6, 7, 10, 8], m(), 1536, 576)).is_none());
