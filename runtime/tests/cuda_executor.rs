@@ -213,6 +213,30 @@ struct I16Rows {
     mixed: &'static [usize],
 }
 
+/// The micro-kernel launch of `entry` over buffers `bufs` at size (m, n, k), as micro.rs plans it.
+fn int_linear_launch(entry: &str, bufs: impl Iterator<Item = u32>, (m, n, k): (usize, usize, usize)) -> Launch {
+    let mut args: Vec<Arg> = bufs.map(Arg::Buffer).collect();
+    args.extend([m, n, k].map(|v| Arg::I64(c(v as i64))));
+    Launch {
+        node: "int_linear".into(),
+        module: "int_linear".into(),
+        entry: entry.to_string(),
+        grid: [c(n.div_ceil(64) as i64), c(m.div_ceil(16) as i64), c(1)],
+        block: [128, 1, 1],
+        shared_bytes: 0,
+        args,
+    }
+}
+
+/// Random weights of `w_dtype` [n, k] (full range), positive scales and biases of an int_linear.
+fn linear_operands(rng: &mut Rng, w_dtype: DType, n: usize, k: usize) -> (Vec<i64>, Vec<f32>, Vec<f32>) {
+    let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
+    let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(wlo, whi)).collect();
+    let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
+    let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
+    (w_vals, scale, bias_v)
+}
+
 /// [`int_linear_sized`] with the given kinds of i16 rows.
 #[allow(clippy::too_many_arguments)]
 fn int_linear_rows(
@@ -226,10 +250,7 @@ fn int_linear_rows(
     rows: I16Rows,
 ) {
     let mut rng = Rng(seed);
-    let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
-    let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(wlo, whi)).collect();
-    let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
-    let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
+    let (w_vals, scale, bias_v) = linear_operands(&mut rng, w_dtype, n, k);
     let x = match x_dtype {
         // `rows` says which rows hold what; with int8 weights (the 8-bit LM head) every row is 16-bit.
         DType::I16 => RtTensor::from_vec(
@@ -285,18 +306,7 @@ fn int_linear_rows(
         entry.push_str("_bias");
     }
     entry.push_str(&format!("_{}", y_dtype.name()));
-    let mut args = vec![Arg::Buffer(bx), Arg::Buffer(bw), Arg::Buffer(bs)];
-    args.extend(bb.map(Arg::Buffer));
-    args.extend([Arg::Buffer(by), Arg::I64(c(m as i64)), Arg::I64(c(n as i64)), Arg::I64(c(k as i64))]);
-    let launch = Launch {
-        node: "int_linear".into(),
-        module: "int_linear".into(),
-        entry: entry.clone(),
-        grid: [c(n.div_ceil(64) as i64), c(m.div_ceil(16) as i64), c(1)],
-        block: [128, 1, 1],
-        shared_bytes: 0,
-        args,
-    };
+    let launch = int_linear_launch(&entry, [bx, bw, bs].into_iter().chain(bb).chain([by]), (m, n, k));
     let label = format!("{entry} m{m} n{n} k{k}");
     if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx)], by, launch) {
         if x_dtype.is_float() && act_bits.is_none() {
@@ -323,10 +333,7 @@ fn int_linear_rows(
 /// int8 activations with int8 weights (the micro-kernel).
 fn int_linear_residual_case(x_dtype: DType, w_dtype: DType, bias: bool, seed: u64, (m, n, k): (usize, usize, usize)) {
     let mut rng = Rng(seed);
-    let (wlo, whi) = if w_dtype == DType::I4 { (-8, 7) } else { (-128, 127) };
-    let w_vals: Vec<i64> = (0..n * k).map(|_| rng.int(wlo, whi)).collect();
-    let scale: Vec<f32> = (0..n).map(|_| rng.float().abs() * 1e-2 + 1e-4).collect();
-    let bias_v: Vec<f32> = (0..n).map(|_| rng.float()).collect();
+    let (w_vals, scale, bias_v) = linear_operands(&mut rng, w_dtype, n, k);
     let x = match x_dtype {
         DType::I16 => RtTensor::from_vec(
             &[m, k],
@@ -366,19 +373,7 @@ fn int_linear_residual_case(x_dtype: DType, w_dtype: DType, bias: bool, seed: u6
     let bh = plan.arena("h", DType::F32, &[m, n]);
     let entry =
         format!("int_linear_x{}_w{}{}_res_f32", x_dtype.name(), w_dtype.name(), if bias { "_bias" } else { "" });
-    let mut args = vec![Arg::Buffer(bx), Arg::Buffer(bw), Arg::Buffer(bs)];
-    args.extend(bb.map(Arg::Buffer));
-    args.extend([Arg::Buffer(br), Arg::Buffer(bh)]);
-    args.extend([m, n, k].map(|v| Arg::I64(c(v as i64))));
-    let launch = Launch {
-        node: "int_linear".into(),
-        module: "int_linear".into(),
-        entry: entry.clone(),
-        grid: [c(n.div_ceil(64) as i64), c(m.div_ceil(16) as i64), c(1)],
-        block: [128, 1, 1],
-        shared_bytes: 0,
-        args,
-    };
+    let launch = int_linear_launch(&entry, [bx, bw, bs].into_iter().chain(bb).chain([br, bh]), (m, n, k));
     let label = format!("{entry} m{m} n{n} k{k}");
     if let Some(a) = run_case(&label, &g, plan, vec![("x", x, bx), ("r", r, br)], bh, launch) {
         assert_eq!(a.differing, 0, "{label}: {a}");

@@ -855,8 +855,13 @@ impl CudaExecutor {
         self.launch_inner(index, values, self.sync_each)
     }
 
-    /// Enqueues launch `index` on its tuned-kernel route.
+    /// Enqueues launch `index` on its tuned-kernel route, then a residual its kernels do not add.
     fn launch_routed(&self, route: &Route, values: &SymbolValues) -> Result<(), String> {
+        self.launch_route(route, values)?;
+        route.add_residual(&self.gpu, values, &|id| self.buffer_ptr(id))
+    }
+
+    fn launch_route(&self, route: &Route, values: &SymbolValues) -> Result<(), String> {
         let ptr = |id: u32| self.buffer_ptr(id);
         let guard = self.scratch.lock().map_err(|_| "scratch lock poisoned".to_string())?;
         let scratch = guard.as_ref().ok_or("no scratch (ensure_scratch was not called)");

@@ -385,6 +385,21 @@ impl Route {
         }
     }
 
+    /// Adds a `_res` launch's residual after [`W8Route::launch`] or [`WfRoute::launch`] (whose
+    /// kernels have no residual; the W4 route adds its own).
+    pub fn add_residual(
+        &self,
+        gpu: &Gpu,
+        values: &SymbolValues,
+        ptr: &dyn Fn(u32) -> Result<u64, String>,
+    ) -> Result<(), String> {
+        match self {
+            Route::W8(r) => r.ops.add_residual(gpu, values, ptr),
+            Route::Wf(r) => r.ops.add_residual(gpu, values, ptr),
+            _ => Ok(()),
+        }
+    }
+
     /// The weight buffer whose bytes [`Route::attach_weights`] needs (W4 and W8 routes).
     pub fn weight(&self) -> Option<u32> {
         match self {
@@ -714,20 +729,8 @@ impl W8Route {
         2 * (m * k).div_ceil(256) * 256 + 8 * m * n
     }
 
-    /// Enqueues the exact int16 x int8 product, its epilogue and the residual, if any.
+    /// Enqueues the exact int16 x int8 product and its epilogue (the residual after: [`Route::add_residual`]).
     pub fn launch(
-        &self,
-        gpu: &Gpu,
-        blas: &CudaBlas,
-        scratch: &Scratch,
-        values: &SymbolValues,
-        ptr: &dyn Fn(u32) -> Result<u64, String>,
-    ) -> Result<(), String> {
-        self.launch_product(gpu, blas, scratch, values, ptr)?;
-        self.ops.add_residual(gpu, values, ptr)
-    }
-
-    fn launch_product(
         &self,
         gpu: &Gpu,
         blas: &CudaBlas,
@@ -1015,20 +1018,8 @@ impl HadRoute {
 }
 
 impl WfRoute {
-    /// Enqueues the weight-only product, its epilogue and the residual, if any.
+    /// Enqueues the weight-only product and its epilogue (the residual after: [`Route::add_residual`]).
     pub fn launch(
-        &self,
-        gpu: &Gpu,
-        blas: &CudaBlas,
-        scratch: &Scratch,
-        values: &SymbolValues,
-        ptr: &dyn Fn(u32) -> Result<u64, String>,
-    ) -> Result<(), String> {
-        self.launch_product(gpu, blas, scratch, values, ptr)?;
-        self.ops.add_residual(gpu, values, ptr)
-    }
-
-    fn launch_product(
         &self,
         gpu: &Gpu,
         blas: &CudaBlas,
