@@ -142,6 +142,9 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   constexpr int NSPLIT = DV / DVB;
   constexpr int DP = D + 4;    // padded q / k row (conflict-free 16-byte reads by consecutive rows)
   constexpr int VP = DVB + 4;  // padded v row
+  // Keys per value tile: with given scores the key tiles' space holds value tiles of 256 keys where
+  // they fit (fewer round trips to memory for the one row), else TK.
+  constexpr int TKV = GIVEN && 256 * VP <= TK * DP ? 256 : TK;
 
   extern __shared__ float4 fa_smem[];
   float* qs = (float*)fa_smem;  // [R][DP]
@@ -278,16 +281,16 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
 #pragma unroll
     for (int c = 0; c < CPT; ++c) acc[j][c] = 0.0f;
   }
-  for (long t0 = 0; t0 < nmax; t0 += TK) {
+  for (long t0 = 0; t0 < nmax; t0 += TKV) {
     __syncthreads();
-    fa_load_tile<X, TK, DVB, VP>(tile, vh, kv.vt, dv0, t0, nmax);
+    fa_load_tile<X, TKV, DVB, VP>(tile, vh, kv.vt, dv0, t0, nmax);
     __syncthreads();
     if (!active) continue;
     const float* vc = tile + cg * CPT;
-    if (t0 + TK <= mine_min) {
+    if (t0 + TKV <= mine_min) {
       // Every row of this thread sees the whole tile: no per-key test.
 #pragma unroll 2
-      for (int tt = 0; tt < TK; tt += 4) {
+      for (int tt = 0; tt < TKV; tt += 4) {
         float4 p[RPT2];
 #pragma unroll
         for (int j = 0; j < RPT2; ++j) p[j] = *(const float4*)(sc + (rg2 * RPT2 + j) * TP + t0 + tt);
@@ -310,7 +313,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
         }
       }
     } else {
-      const int tn = (int)(nmax - t0 < TK ? nmax - t0 : TK);
+      const int tn = (int)(nmax - t0 < TKV ? nmax - t0 : TKV);
       for (int tt = 0; tt < tn; ++tt) {
         const long t = t0 + tt;
 #pragma unroll
