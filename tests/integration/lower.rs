@@ -513,36 +513,6 @@ fn resident_kv_cache_is_read_by_attention_at_its_strides() {
 }
 
 #[test]
-fn rotary_of_the_new_keys_writes_into_the_resident_cache() {
-    // k_rope's only reader is the cache's concat: one rotary launch writes the rotated rows at
-    // offset past * (2 batch) * 4 of the cache (no k_rope buffer, no copy); a rotary read elsewhere
-    // too keeps its own buffer and the concat copies it.
-    let lowered = check(
-        "rotary_into_cache",
-        r#"graph @t(%k: f32[batch,2,seq,4], %cos: f32[1,1,seq,4], %sin: f32[1,1,seq,4], %past_key_values.0.key: f32[batch,2,past,4]) -> (%present.0.key) {
-  %kr = rotary(%k, %cos, %sin) : f32[batch,2,seq,4]
-  %kc = concat(%past_key_values.0.key, %kr) {axis = 2} : f32[batch,2,total,4]
-  %present.0.key = identity(%kc) : f32[batch,2,total,4]
-  return %present.0.key
-}"#,
-    );
-    assert_eq!(lowered.launches.len(), 1);
-    let rotary = &lowered.launches[0];
-    assert_eq!((rotary.node.as_str(), rotary.entry.starts_with("rotary")), ("kr", true));
-    assert!(matches!(rotary.args[0], Arg::Buffer(b) if b == lowered.outputs[0].buffer), "written into the cache");
-    assert!(!lowered.buffers.iter().any(|b| b.name == "kr"));
-    let shared = lower_text(
-        r#"graph @t(%k: f32[batch,2,seq,4], %cos: f32[1,1,seq,4], %sin: f32[1,1,seq,4], %past_key_values.0.key: f32[batch,2,past,4]) -> (%present.0.key, %kr) {
-  %kr = rotary(%k, %cos, %sin) : f32[batch,2,seq,4]
-  %kc = concat(%past_key_values.0.key, %kr) {axis = 2} : f32[batch,2,total,4]
-  %present.0.key = identity(%kc) : f32[batch,2,total,4]
-  return %present.0.key, %kr
-}"#,
-    );
-    assert_eq!(shared.launches.len(), 2, "rotary, then the append copy");
-}
-
-#[test]
 fn copies_and_float_casts_move_16_bytes_per_thread_where_rows_align() {
     // A decode step's KV append of 128-wide heads (only the new rows: the cache is resident): one
     // thread moves 4 f32 (copy4) or casts 4 f32 to f16 (copy4_f32_f16, reading the cache at its

@@ -190,9 +190,6 @@ struct Lowerer<'g> {
     /// `add` nodes an int_linear launch computes in its epilogue (`micro::fused_residual`): their
     /// result.
     fused_adds: HashMap<NodeId, View>,
-    /// `rotary` results written by their resident-cache concat ([`Lowerer::defer_rotary`]): the
-    /// rotary node and its operands (x, cos, sin).
-    deferred_rotary: HashMap<Value, (NodeId, Vec<View>)>,
 }
 
 pub(crate) fn label(graph: &Graph, id: NodeId) -> String {
@@ -240,7 +237,6 @@ impl<'g> Lowerer<'g> {
             deferred_swiglu: HashMap::new(),
             resident: resident_caches(graph),
             fused_adds: HashMap::new(),
-            deferred_rotary: HashMap::new(),
         })
     }
 
@@ -369,12 +365,7 @@ impl<'g> Lowerer<'g> {
                 };
                 self.elementwise(id, op)?
             }
-            Rotary if self.defer_rotary(id)? => return Ok(()),
-            Rotary => {
-                let (operands, dims) = self.rotary_operands(id)?;
-                let dtype = self.output_dtype(id);
-                self.emit_pointwise(id, PointwiseOp::Rotary, operands, dims, dtype, None, self.output_name(id))?
-            }
+            Rotary => self.rotary(id)?,
             Concat => self.concat(id)?,
             Softmax => {
                 let x = self.input(id, 0, None)?;
@@ -655,25 +646,7 @@ impl<'g> Lowerer<'g> {
         Ok(true)
     }
 
-    /// Leaves `rotary` node `id` to the resident-cache concat that is its only reader (as the new
-    /// rows): the concat writes the rotated rows straight into the cache, one launch and one round
-    /// trip of the new keys less per layer.
-    fn defer_rotary(&mut self, id: NodeId) -> Result<bool, LowerError> {
-        let v = self.output(id);
-        let [(reader, 1)] = self.graph.users(v)[..] else { return Ok(false) };
-        if !self.resident.values().any(|&c| c == reader)
-            || self.graph.graph_outputs().iter().any(|o| o.value == v)
-            || self.graph.node(id).op.output_quant().is_some()
-        {
-            return Ok(false);
-        }
-        let (operands, _) = self.rotary_operands(id)?;
-        self.deferred_rotary.insert(v, (id, operands));
-        Ok(true)
-    }
-
-    /// The operands of `rotary` node `id` (x, cos, sin) and its output dims.
-    fn rotary_operands(&mut self, id: NodeId) -> Result<(Vec<View>, Dims), LowerError> {
+    fn rotary(&mut self, id: NodeId) -> Result<View, LowerError> {
         let x = self.input(id, 0, None)?;
         let target = x.dims.clone();
         let cos = self.input(id, 1, Some(&target))?;
@@ -684,7 +657,8 @@ impl<'g> Lowerer<'g> {
         if x.dims.last().and_then(const_of).is_none_or(|d| d % 2 != 0) {
             return Err(self.err(id, "the rotated (last) axis must have a known even extent"));
         }
-        Ok((vec![x, cos, sin], dims))
+        let dtype = self.output_dtype(id);
+        self.emit_pointwise(id, PointwiseOp::Rotary, vec![x, cos, sin], dims, dtype, None, self.output_name(id))
     }
 
     fn quantize(&mut self, id: NodeId) -> Result<View, LowerError> {
@@ -831,6 +805,7 @@ impl<'g> Lowerer<'g> {
         Ok(())
     }
 
+    /// `concat`: each input copied into its slice of a fresh contiguous tensor.
     /// The buffer of a resident KV cache for graph input `name` (dims `past`) appended to by
     /// `concat`: stored with the concat axis outermost, so the input is a prefix of the concat's
     /// output whatever its length, and the strides of a view do not depend on that length. The
@@ -850,30 +825,11 @@ impl<'g> Lowerer<'g> {
         View { buffer, dtype, dims: past, strides }
     }
 
-    /// `concat`: each input copied into its slice of a fresh contiguous tensor, or of a resident
-    /// cache after its past.
     fn concat(&mut self, id: NodeId) -> Result<View, LowerError> {
-        // Each part: its view, or (a deferred rotary) the rotary's operands and a view of its dims.
         let mut inputs = Vec::new();
-        let mut rotary: Vec<Option<(NodeId, Vec<View>)>> = Vec::new();
         for port in 0..self.graph.node(id).num_inputs {
-            let Some(v) = self.graph.input(id, port) else { continue };
-            match self.deferred_rotary.remove(&v) {
-                Some((node, operands)) => {
-                    let dims = operands[0].dims.clone();
-                    let dtype = self.graph.value_type(v).dtype;
-                    inputs.push(View {
-                        buffer: operands[0].buffer,
-                        dtype,
-                        strides: shapes::contiguous_strides(&dims),
-                        dims,
-                    });
-                    rotary.push(Some((node, operands)));
-                }
-                None => {
-                    inputs.push(self.input(id, port, None)?);
-                    rotary.push(None);
-                }
+            if self.graph.input(id, port).is_some() {
+                inputs.push(self.input(id, port, None)?);
             }
         }
         let Some(first) = inputs.first() else { return Err(self.err(id, "no inputs")) };
@@ -905,7 +861,7 @@ impl<'g> Lowerer<'g> {
             self.arena(self.output_name(id), first.dtype, dims)
         };
         let mut start = DimExpr::Const(0);
-        for (i, (v, rotated)) in inputs.into_iter().zip(rotary).enumerate() {
+        for (i, v) in inputs.into_iter().enumerate() {
             if resident && i == 0 {
                 start = v.dims[axis].clone();
                 continue;
@@ -920,12 +876,7 @@ impl<'g> Lowerer<'g> {
             };
             start = shapes::add(&start, &v.dims[axis]);
             let part_dims = v.dims.clone();
-            match rotated {
-                Some((node, operands)) => {
-                    self.emit_pointwise_into(node, PointwiseOp::Rotary, &operands, &part_dims, target, None)?
-                }
-                None => self.emit_pointwise_into(id, PointwiseOp::Identity, &[v], &part_dims, target, None)?,
-            }
+            self.emit_pointwise_into(id, PointwiseOp::Identity, &[v], &part_dims, target, None)?;
         }
         Ok(out)
     }
