@@ -114,57 +114,39 @@ __device__ void int_linear_float(const typename X::S* x, const unsigned char* w,
   }
 }
 
-// Entry points: int_linear_x{X}_w{W}[_a{bits}][_bias]_{Y}.
-#define INT_ENTRY(XN, WN, YN, BIAS, SUFFIX)                                                              \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##SUFFIX##_##YN(             \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, T_##YN::S* y,   \
-      long M, long N, long K) {                                                                          \
-    int_linear_int<T_##XN, W_##WN, T_##YN, BIAS>(x, w, scale, bias, nullptr, y, M, N, K);                \
+// Entry points: int_linear_x{X}_w{W}[_a{bits}][_bias][_res]_{Y}(x, w, scale, [bias], [res], y, M, N,
+// K); `_res` only with an f32 output. One definition per entry: SUF the name's suffix, BP / RP the
+// bias / res parameters (IL_PB, IL_PR, or IL_NO for none: function-like, so that they expand only in
+// IL_DEF), BA / RA their names or nullptr.
+#define IL_PB() , const float* bias
+#define IL_PR() , const float* res
+#define IL_NO()
+#define IL_DEF(NAME, XN, YN, BP, RP, CALL)                                                               \
+  extern "C" __global__ void __launch_bounds__(128) NAME(const T_##XN::S* x, const unsigned char* w,     \
+                                                         const float* scale BP() RP(), T_##YN::S* y,     \
+                                                         long M, long N, long K) {                       \
+    CALL;                                                                                                \
   }
-#define INT_ENTRY_NB(XN, WN, YN)                                                                         \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_##YN(                     \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, T_##YN::S* y, long M, long N,      \
-      long K) {                                                                                          \
-    int_linear_int<T_##XN, W_##WN, T_##YN, false>(x, w, scale, nullptr, nullptr, y, M, N, K);            \
-  }
-#define FLOAT_ENTRY(XN, WN, YN, BITS, ASUF)                                                              \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_bias_##YN(          \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, T_##YN::S* y,   \
-      long M, long N, long K) {                                                                          \
-    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, true>(x, w, scale, bias, nullptr, y, M, N, K);        \
-  }                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_##YN(               \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, T_##YN::S* y, long M, long N,      \
-      long K) {                                                                                          \
-    int_linear_float<T_##XN, W_##WN, T_##YN, BITS, false>(x, w, scale, nullptr, nullptr, y, M, N, K);    \
-  }
-#define INT_ALL(XN, WN, YN) INT_ENTRY(XN, WN, YN, true, _bias) INT_ENTRY_NB(XN, WN, YN)
-#define FLOAT_ALL(XN, WN, YN) FLOAT_ENTRY(XN, WN, YN, 0, ) FLOAT_ENTRY(XN, WN, YN, 4, _a4) FLOAT_ENTRY(XN, WN, YN, 8, _a8)
-// The `_res` entries (f32 output): int_linear_x{X}_w{W}[_a{bits}][_bias]_res_f32(x, w, scale, [bias],
-// res, y, M, N, K).
+#define INT_DEF(XN, WN, YN, SUF, BIAS, BP, BA, RP, RA)                                                   \
+  IL_DEF(int_linear_x##XN##_w##WN##SUF##_##YN, XN, YN, BP, RP,                                           \
+         (int_linear_int<T_##XN, W_##WN, T_##YN, BIAS>(x, w, scale, BA, RA, y, M, N, K)))
+#define FLOAT_DEF(XN, WN, YN, BITS, SUF, BIAS, BP, BA, RP, RA)                                           \
+  IL_DEF(int_linear_x##XN##_w##WN##SUF##_##YN, XN, YN, BP, RP,                                           \
+         (int_linear_float<T_##XN, W_##WN, T_##YN, BITS, BIAS>(x, w, scale, BA, RA, y, M, N, K)))
+#define INT_ALL(XN, WN, YN)                                                                              \
+  INT_DEF(XN, WN, YN, _bias, true, IL_PB, bias, IL_NO, nullptr)                                        \
+  INT_DEF(XN, WN, YN, , false, IL_NO, nullptr, IL_NO, nullptr)
+#define FLOAT_BIAS(XN, WN, YN, BITS, ASUF)                                                               \
+  FLOAT_DEF(XN, WN, YN, BITS, ASUF##_bias, true, IL_PB, bias, IL_NO, nullptr)                          \
+  FLOAT_DEF(XN, WN, YN, BITS, ASUF, false, IL_NO, nullptr, IL_NO, nullptr)
+#define FLOAT_ALL(XN, WN, YN) FLOAT_BIAS(XN, WN, YN, 0, ) FLOAT_BIAS(XN, WN, YN, 4, _a4) FLOAT_BIAS(XN, WN, YN, 8, _a8)
 #define INT_RES(XN, WN)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_bias_res_f32(             \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, const float* res, \
-      float* y, long M, long N, long K) {                                                                \
-    int_linear_int<T_##XN, W_##WN, T_f32, true>(x, w, scale, bias, res, y, M, N, K);                     \
-  }                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##_res_f32(                  \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* res, float* y, long M,  \
-      long N, long K) {                                                                                  \
-    int_linear_int<T_##XN, W_##WN, T_f32, false>(x, w, scale, nullptr, res, y, M, N, K);                 \
-  }
-#define FLOAT_RES_ENTRY(XN, WN, BITS, ASUF)                                                              \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_bias_res_f32(       \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* bias, const float* res, \
-      float* y, long M, long N, long K) {                                                                \
-    int_linear_float<T_##XN, W_##WN, T_f32, BITS, true>(x, w, scale, bias, res, y, M, N, K);             \
-  }                                                                                                      \
-  extern "C" __global__ void __launch_bounds__(128) int_linear_x##XN##_w##WN##ASUF##_res_f32(            \
-      const T_##XN::S* x, const unsigned char* w, const float* scale, const float* res, float* y, long M,  \
-      long N, long K) {                                                                                  \
-    int_linear_float<T_##XN, W_##WN, T_f32, BITS, false>(x, w, scale, nullptr, res, y, M, N, K);         \
-  }
-#define FLOAT_RES(XN, WN) FLOAT_RES_ENTRY(XN, WN, 0, ) FLOAT_RES_ENTRY(XN, WN, 4, _a4) FLOAT_RES_ENTRY(XN, WN, 8, _a8)
+  INT_DEF(XN, WN, f32, _bias_res, true, IL_PB, bias, IL_PR, res)                                         \
+  INT_DEF(XN, WN, f32, _res, false, IL_NO, nullptr, IL_PR, res)
+#define FLOAT_RES_BIAS(XN, WN, BITS, ASUF)                                                               \
+  FLOAT_DEF(XN, WN, f32, BITS, ASUF##_bias_res, true, IL_PB, bias, IL_PR, res)                           \
+  FLOAT_DEF(XN, WN, f32, BITS, ASUF##_res, false, IL_NO, nullptr, IL_PR, res)
+#define FLOAT_RES(XN, WN) FLOAT_RES_BIAS(XN, WN, 0, ) FLOAT_RES_BIAS(XN, WN, 4, _a4) FLOAT_RES_BIAS(XN, WN, 8, _a8)
 INT_RES(i16, i4) INT_RES(i16, i8) INT_RES(i8, i4) INT_RES(i8, i8) INT_RES(i4, i4) INT_RES(i4, i8)
 FLOAT_RES(f32, i4) FLOAT_RES(f32, i8) FLOAT_RES(f16, i4) FLOAT_RES(f16, i8)
 

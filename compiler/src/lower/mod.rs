@@ -805,7 +805,6 @@ impl<'g> Lowerer<'g> {
         Ok(())
     }
 
-    /// `concat`: each input copied into its slice of a fresh contiguous tensor.
     /// The buffer of a resident KV cache for graph input `name` (dims `past`) appended to by
     /// `concat`: stored with the concat axis outermost, so the input is a prefix of the concat's
     /// output whatever its length, and the strides of a view do not depend on that length. The
@@ -825,6 +824,8 @@ impl<'g> Lowerer<'g> {
         View { buffer, dtype, dims: past, strides }
     }
 
+    /// `concat`: each input copied into its slice of a fresh contiguous tensor, or of a resident
+    /// cache after its past (already in place).
     fn concat(&mut self, id: NodeId) -> Result<View, LowerError> {
         let mut inputs = Vec::new();
         for port in 0..self.graph.node(id).num_inputs {
@@ -849,8 +850,9 @@ impl<'g> Lowerer<'g> {
             }
             dims[axis] = shapes::add(&dims[axis], &v.dims[axis]);
         }
-        // A resident cache's concat: the past is already in place, the output is the whole buffer.
-        let resident = self.bufs[first.buffer as usize].order.is_some() && self.resident.values().any(|&c| c == id);
+        // A resident cache's concat (only resident caches have an order, and their one device reader
+        // is this concat): the output is the whole buffer.
+        let resident = self.bufs[first.buffer as usize].order.is_some();
         let out = if resident {
             let name = self.output_name(id);
             let cache = &mut self.bufs[first.buffer as usize];

@@ -70,10 +70,10 @@ enum ArgVal {
     F64(f64),
 }
 
-/// Bytes one element takes in a device buffer of the arena: int4 and bool values take a byte.
 /// A graph input already on the device: (name, data or `None` where it lives in its own buffer, shape).
 pub type DeviceInput<'a> = (&'a str, Option<&'a CudaSlice<u8>>, Vec<usize>);
 
+/// Bytes one element takes in a device buffer of the arena: int4 and bool values take a byte.
 pub fn element_bytes(dtype: DType) -> usize {
     dtype.bits().div_ceil(8).max(1)
 }
@@ -110,7 +110,6 @@ pub fn tensor_from_device(dtype: DType, dims: &[usize], bytes: Vec<u8>) -> Resul
     })
 }
 
-/// Compiles a micro-kernel source (common header prepended) to PTX, cached in the process and on disk.
 /// The transform size of a `hadamard` micro-kernel launch: its arguments are (x | g, u), out, rows,
 /// n, ..., so n is the second size after the buffers, a constant.
 fn hadamard_size(launch: &crate::artifact::Launch) -> Result<i64, String> {
@@ -121,6 +120,7 @@ fn hadamard_size(launch: &crate::artifact::Launch) -> Result<i64, String> {
     }
 }
 
+/// Compiles a micro-kernel source (common header prepended) to PTX, cached in the process and on disk.
 fn micro_ptx(name: &str, src: &str) -> Result<String, CudaError> {
     let full = format!("{}\n#line 1 \"{name}.cu\"\n{src}", nvrtc::COMMON_HEADER);
     nvrtc::compile_cached(name, &full, nvrtc::TARGET_ARCH)

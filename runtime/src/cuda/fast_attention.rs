@@ -8,8 +8,8 @@
 //!   grid [ceil(T / 128), Hq, B], into the route's scratch) then `attention_fast_dout_*` (softmax and
 //!   p v, one block per (head, 32 output channels), grid [1, Hq, B * Dv / 32]): one block per head
 //!   and channel split computing every score kept a Llama-2-7B decode at one block of four warps per
-//!   SM, each reading the head's K once per split; `attention_fast_dec_*` (both in one block) serves
-//!   rows whose scores alone fill shared memory;
+//!   SM, each reading the head's K once per split; `attention_fast_dec_*` (both in one block, one
+//!   row per block) serves several rows whose 8-row tiles would not fit in shared memory;
 //! - prefill: `attention_fast_pre_*`, one block per (8 rows, head), K and V tiles of 64 keys loaded
 //!   once per block into shared memory, grid [ceil(S / 8), Hq, B];
 //! - a few rows, or too few row tiles and heads for the prefill grid to fill the GPU (fewer than
@@ -39,7 +39,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use qcc_ir::DType;
 
 use super::device::Gpu;
-use super::fast_linear::{BoundQuant, OutQuantArgs};
+use super::fast_linear::{eval_all, BoundQuant, OutQuantArgs};
 use crate::artifact::{Arg, DimExpr, Launch, Manifest, SymbolValues};
 
 /// Threads per block of both kernels.
@@ -253,11 +253,11 @@ impl AttnRoute {
 
     /// Scratch bytes of these symbol values: the scores of a two-pass decode.
     pub fn scratch_bytes(&self, values: &SymbolValues) -> Result<usize, String> {
-        let n = |i: usize| -> Result<usize, String> {
-            let v = self.dims[i].eval(values).map_err(|e| e.to_string())?;
-            usize::try_from(v).map_err(|_| format!("negative size {} = {v}", self.dims[i]))
-        };
-        let (b, hq, s, t) = (n(0)?, n(1)?, n(3)?, n(4)?);
+        let n = eval_all(&self.dims, values)?;
+        if n.iter().any(|&x| x < 0) {
+            return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
+        }
+        let [b, hq, _, s, t] = n.map(|x| x as usize);
         Ok(if Self::two_pass(s, b * hq, self.d, t) { 4 * b * hq * t } else { 0 })
     }
 
@@ -269,10 +269,7 @@ impl AttnRoute {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let mut n = [0i64; 5];
-        for (v, e) in n.iter_mut().zip(&self.dims) {
-            *v = e.eval(values).map_err(|e| e.to_string())?;
-        }
+        let n = eval_all(&self.dims, values)?;
         let [b, hq, hkv, s, t] = n;
         if n.iter().any(|&x| x < 0) {
             return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
@@ -280,23 +277,14 @@ impl AttnRoute {
         if b == 0 || hq == 0 || s == 0 {
             return Ok(());
         }
-        let mut kv = [0i64; 6];
-        for (v, e) in kv.iter_mut().zip(&self.kv) {
-            *v = e.eval(values).map_err(|e| e.to_string())?;
-        }
+        let kv = eval_all(&self.kv, values)?;
         let (q, k, v, out) = (ptr(self.q)?, ptr(self.k)?, ptr(self.v)?, ptr(self.out)?);
         let mask = match self.mask {
             Some(m) => ptr(m)?,
             None => 0,
         };
         let quant = match &self.quant {
-            Some((args, strides)) => {
-                let mut st = [0i64; 2];
-                for (v, e) in st.iter_mut().zip(strides) {
-                    *v = e.eval(values).map_err(|e| e.to_string())?;
-                }
-                Some((args.bind(values, ptr)?, st))
-            }
+            Some((args, strides)) => Some((args.bind(values, ptr)?, eval_all(strides, values)?)),
             None => None,
         };
         let (su, tu, d) = (s as usize, t as usize, self.d);

@@ -385,8 +385,8 @@ impl Route {
         }
     }
 
-    /// Adds a `_res` launch's residual after [`W8Route::launch`] or [`WfRoute::launch`] (whose
-    /// kernels have no residual; the W4 route adds its own).
+    /// Adds a `_res` launch's residual after the route's product, unless the W4 batch-1 GEMV added
+    /// it in its epilogue ([`W4Route::fuses_residual`]).
     pub fn add_residual(
         &self,
         gpu: &Gpu,
@@ -394,6 +394,7 @@ impl Route {
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
         match self {
+            Route::W4(r) if !r.fuses_residual(values)? => r.ops.add_residual(gpu, values, ptr),
             Route::W8(r) => r.ops.add_residual(gpu, values, ptr),
             Route::Wf(r) => r.ops.add_residual(gpu, values, ptr),
             _ => Ok(()),
@@ -514,6 +515,15 @@ fn grid_stride(count: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Every size of `exprs` at these symbol values.
+pub(crate) fn eval_all<const N: usize>(exprs: &[DimExpr; N], values: &SymbolValues) -> Result<[i64; N], String> {
+    let mut out = [0i64; N];
+    for (v, e) in out.iter_mut().zip(exprs) {
+        *v = e.eval(values).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
 fn eval_rows(m: &DimExpr, values: &SymbolValues) -> Result<usize, String> {
     let v = m.eval(values).map_err(|e| e.to_string())?;
     usize::try_from(v).map_err(|_| format!("row count {m} = {v}"))
@@ -532,6 +542,14 @@ impl Scratch {
     /// The byte scratch (one route uses it at a time: launches run in order on one stream).
     pub fn bytes(&self) -> &CudaSlice<u8> {
         &self.bytes
+    }
+
+    /// The device address of the byte scratch, which must hold `need` bytes.
+    fn bytes_ptr(&self, gpu: &Gpu, need: usize) -> Result<u64, String> {
+        if self.bytes.len() < need {
+            return Err(format!("scratch of {} bytes, {need} needed", self.bytes.len()));
+        }
+        Ok(self.bytes.device_ptr(&gpu.stream).0)
     }
 
     /// Scratch for `need` (grown, never shrunk).
@@ -601,38 +619,18 @@ impl W4Route {
         unsafe { b.launch(cfg) }.map_err(|e| format!("w4_gemv group: {e}"))
     }
 
-    /// Enqueues this launch alone: with a residual at batch 1 (f32), the `_m1r` GEMV adds it in its
-    /// epilogue; otherwise [`Self::launch_product`], then the residual added after.
-    fn launch_alone(
-        &self,
-        gpu: &Gpu,
-        scratch: &Scratch,
-        values: &SymbolValues,
-        ptr: &dyn Fn(u32) -> Result<u64, String>,
-    ) -> Result<(), String> {
-        let Some(res) = self.ops.res else { return self.launch_product(gpu, scratch, values, ptr) };
-        let fused = self.y_f32 && std::env::var_os("QCC_FAST_GEMV").is_none() && eval_rows(&self.ops.m, values)? == 1;
-        if !fused {
-            self.launch_product(gpu, scratch, values, ptr)?;
-            return self.ops.add_residual(gpu, values, ptr);
-        }
-        let Some(Bound { x, scale, bias, y, .. }) = self.ops.bind(values, ptr)? else { return Ok(()) };
-        let (n, res) = (self.ops.n, ptr(res)?);
-        let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
-        let name = format!("w4_gemv_x{}_f32_m1r", if self.x_i16 { "i16" } else { "i8" });
-        let f = gpu.function("fast_linear", &name).map_err(|e| e.to_string())?;
-        let (m32, n32, k32) = (1i32, n as i32, self.ops.k as i32);
-        let mut b = gpu.launcher(&f);
-        b.arg(&tiled).arg(&x).arg(&scale).arg(&bias).arg(&res).arg(&y).arg(&m32).arg(&n32).arg(&k32);
-        let cfg = LaunchConfig { grid_dim: ((n / 8) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: signature (u32*, void*, float*, float*, float*, void*, int, int, int) as `_m1` plus
-        // res; res and y hold n f32 (one row), the rest as `_m1`.
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("{name}: {e}"))
+    /// Whether the batch-1 GEMV adds this launch's residual in its epilogue (`_m1r`); otherwise
+    /// [`Route::add_residual`] adds it after the product.
+    fn fuses_residual(&self, values: &SymbolValues) -> Result<bool, String> {
+        Ok(self.ops.res.is_some()
+            && self.y_f32
+            && std::env::var_os("QCC_FAST_GEMV").is_none()
+            && eval_rows(&self.ops.m, values)? == 1)
     }
 
     /// Enqueues the GEMV on the plan's activations (M <= 8), or pack, GEMV/GEMM and the exact fix-up
-    /// of the flagged rows, without the residual. `ptr` resolves buffer ids.
-    fn launch_product(
+    /// of the flagged rows; the residual only where [`Self::fuses_residual`]. `ptr` resolves buffer ids.
+    fn launch_alone(
         &self,
         gpu: &Gpu,
         scratch: &Scratch,
@@ -651,14 +649,27 @@ impl W4Route {
         // at 16 rows).
         if m <= 8 && std::env::var_os("QCC_FAST_GEMV").is_none() {
             let tiled = self.tiled.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
-            let twin = if m == 1 { "_m1" } else { "_m8" };
+            let res = match self.ops.res {
+                Some(r) if self.fuses_residual(values)? => Some(ptr(r)?),
+                _ => None,
+            };
+            let twin = match (m, res) {
+                (1, Some(_)) => "_m1r",
+                (1, None) => "_m1",
+                _ => "_m8",
+            };
             let f = gpu.function("fast_linear", &format!("w4_gemv_x{xt}_{yt}{twin}")).map_err(|e| e.to_string())?;
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
             let mut b = gpu.launcher(&f);
-            b.arg(&tiled).arg(&x).arg(&scale).arg(&bias).arg(&y).arg(&m32).arg(&n32).arg(&k32);
+            b.arg(&tiled).arg(&x).arg(&scale).arg(&bias);
+            if let Some(res) = &res {
+                b.arg(res);
+            }
+            b.arg(&y).arg(&m32).arg(&n32).arg(&k32);
             let cfg = LaunchConfig { grid_dim: ((n / 8) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: signature (u32*, void*, float*, float*, void*, int, int, int); tiled holds the
-            // [N / 8][ceil(K / 128)][32][4] words of the weights, x m rows of k values, y m x n outputs.
+            // SAFETY: signature (u32*, void*, float*, float*, [float* res,] void*, int, int, int); tiled
+            // holds the [N / 8][ceil(K / 128)][32][4] words of the weights, x m rows of k values, y (and
+            // res, `_m1r`) m x n outputs.
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| launch_err("w4_gemv", &e));
         }
 
@@ -754,10 +765,7 @@ impl W8Route {
             // w [n, k] i8 (16-byte rows: k % 16 == 0), y [m, n].
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("w8_gemv: {e}"));
         }
-        if scratch.bytes.len() < Self::split_bytes(m, n, k) {
-            return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), Self::split_bytes(m, n, k)));
-        }
-        let base = scratch.bytes.device_ptr(&gpu.stream).0;
+        let base = scratch.bytes_ptr(gpu, Self::split_bytes(m, n, k))?;
         let half = ((m * k).div_ceil(256) * 256) as u64;
         let (hi, lo, c_hi) = (base, base + half, base + 2 * half);
         let c_lo = c_hi + (4 * m * n) as u64;
@@ -833,10 +841,7 @@ impl OutQuantArgs {
     }
 
     pub fn bind(&self, values: &SymbolValues, ptr: &dyn Fn(u32) -> Result<u64, String>) -> Result<BoundQuant, String> {
-        let mut ints = [0i64; 3];
-        for (v, e) in ints.iter_mut().zip(&self.ints) {
-            *v = e.eval(values).map_err(|e| e.to_string())?;
-        }
+        let ints = eval_all(&self.ints, values)?;
         if ints[0] <= 0 {
             return Err(format!("quantized output: seq {}", ints[0]));
         }
@@ -970,10 +975,7 @@ impl HadRoute {
         let mut dtype = self.dtype.as_str();
         if let (true, Some(u)) = (self.swiglu_first(rows), up) {
             let count = (rows * self.n) as i64;
-            if scratch.bytes.len() < 4 * count as usize {
-                return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), 4 * count));
-            }
-            let y = scratch.bytes.device_ptr(&gpu.stream).0;
+            let y = scratch.bytes_ptr(gpu, 4 * count as usize)?;
             let f = gpu.function("hadamard", "swiglu_rows_f32").map_err(|e| e.to_string())?;
             let mut b = gpu.launcher(&f);
             b.arg(&x).arg(&u).arg(&y).arg(&count);
@@ -1053,10 +1055,7 @@ impl WfRoute {
             return unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("wf8_gemv: {e}"));
         }
         let wide = self.wide.as_ref().ok_or("weights not attached")?.device_ptr(&gpu.stream).0;
-        if scratch.bytes.len() < 4 * m * k {
-            return Err(format!("scratch of {} bytes, {} needed", scratch.bytes.len(), 4 * m * k));
-        }
-        let hi = scratch.bytes.device_ptr(&gpu.stream).0;
+        let hi = scratch.bytes_ptr(gpu, 4 * m * k)?;
         let lo = hi + (2 * m * k) as u64;
         let count = (m * k) as i64;
         let f = func("split_f32_to_f16")?;
