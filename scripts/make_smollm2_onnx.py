@@ -45,9 +45,9 @@ import os
 import shutil
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import gguf
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -158,6 +158,8 @@ def dequant(t):
     # GGUF shapes are in ggml `ne` order (fastest dim first); the reader's .data and
     # dequantize() give numpy (row-major) order, i.e. the reverse, which for a linear
     # layer is HF's [out_features, in_features].
+    import gguf  # GGUF models only: the GPU machine builds --synthetic models without it
+
     w = gguf.quants.dequantize(t.data, t.tensor_type)
     want = tuple(int(x) for x in reversed(t.shape))
     return np.ascontiguousarray(w.reshape(want), dtype=np.float32)
@@ -458,25 +460,35 @@ def synthetic_weights(hp, full, seed):
 
     D, F, HD = hp["d_model"], hp["ffn"], hp["head_dim"]
     q_out, kv_out = hp["n_heads"] * HD, hp["n_kv_heads"] * HD
-    W = {}
-    name = "model.embed_tokens.weight"
-    W[name] = np.ascontiguousarray(rng(name).standard_normal((full["vocab"], D), dtype=np.float32)[: hp["vocab"]])
+
+    def embedding(name):
+        return np.ascontiguousarray(rng(name).standard_normal((full["vocab"], D), dtype=np.float32)[: hp["vocab"]])
+
+    def lm_head(name):
+        w = linear(name, D, full["vocab"])
+        return np.ascontiguousarray(w[:, : hp["vocab"]]) if hp["vocab"] < full["vocab"] else w
+
+    # (name, draw) in the data file's order; each tensor has its own generator, so the draws run on
+    # threads (numpy fills without the GIL) and give the same values in any order.
+    specs = [("model.embed_tokens.weight", embedding)]
     for i in range(hp["n_layers"]):
         p = f"model.layers.{i}."
-        W[p + "input_layernorm.weight"] = norm(p + "input_layernorm.weight", D)
-        W[p + "self_attn.q_proj.weight"] = linear(p + "self_attn.q_proj.weight", D, q_out)
-        W[p + "self_attn.k_proj.weight"] = linear(p + "self_attn.k_proj.weight", D, kv_out)
-        W[p + "self_attn.v_proj.weight"] = linear(p + "self_attn.v_proj.weight", D, kv_out)
-        W[p + "self_attn.o_proj.weight"] = linear(p + "self_attn.o_proj.weight", q_out, D)
-        W[p + "post_attention_layernorm.weight"] = norm(p + "post_attention_layernorm.weight", D)
-        W[p + "mlp.gate_proj.weight"] = linear(p + "mlp.gate_proj.weight", D, F)
-        W[p + "mlp.up_proj.weight"] = linear(p + "mlp.up_proj.weight", D, F)
-        W[p + "mlp.down_proj.weight"] = linear(p + "mlp.down_proj.weight", F, D)
-    W["model.norm.weight"] = norm("model.norm.weight", D)
+        specs += [
+            (p + "input_layernorm.weight", lambda n: norm(n, D)),
+            (p + "self_attn.q_proj.weight", lambda n: linear(n, D, q_out)),
+            (p + "self_attn.k_proj.weight", lambda n: linear(n, D, kv_out)),
+            (p + "self_attn.v_proj.weight", lambda n: linear(n, D, kv_out)),
+            (p + "self_attn.o_proj.weight", lambda n: linear(n, q_out, D)),
+            (p + "post_attention_layernorm.weight", lambda n: norm(n, D)),
+            (p + "mlp.gate_proj.weight", lambda n: linear(n, D, F)),
+            (p + "mlp.up_proj.weight", lambda n: linear(n, D, F)),
+            (p + "mlp.down_proj.weight", lambda n: linear(n, F, D)),
+        ]
+    specs.append(("model.norm.weight", lambda n: norm(n, D)))
     if not hp["tied"]:
-        name = "lm_head.weight"
-        w = linear(name, D, full["vocab"])
-        W[name] = np.ascontiguousarray(w[:, : hp["vocab"]]) if hp["vocab"] < full["vocab"] else w
+        specs.append(("lm_head.weight", lm_head))
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        W = dict(zip((n for n, _ in specs), pool.map(lambda spec: spec[1](spec[0]), specs)))
 
     # HF LlamaRotaryEmbedding caches, as load_weights computes them.
     inv_freq = 1.0 / (hp["rope_theta"] ** (np.arange(0, HD, 2, dtype=np.float64) / HD))
@@ -569,6 +581,8 @@ def main():
         args.out = os.path.join(root, ".cache", "models", "smollm2-135m")
 
     path = args.gguf or find_gguf()
+    import gguf
+
     reader = gguf.GGUFReader(path)
     hp = read_hparams(reader)
     for key, value in (("n_layers", args.layers), ("vocab", args.vocab), ("ctx", args.ctx)):

@@ -16,8 +16,8 @@
 use crate::pattern::{is_last_axis, rank, simple_pass};
 use crate::registry::PassEntry;
 use crate::weights::{
-    constant_vector, linear_bias, linear_readers, linear_weight, replace_constant_input, replace_constant_input_with,
-    store_linear,
+    constant_vector, linear_bias, linear_readers, linear_weight, linear_weight_dims, replace_constant_input,
+    replace_constant_input_with, store_linear,
 };
 use crate::{PassContext, PassError, PassOptions, PassOutcome};
 use qcc_ir::{Graph, NodeId, OpKind, Tensor, Value};
@@ -62,7 +62,7 @@ fn matcher(graph: &Graph, id: NodeId) -> Option<Match> {
     }
     let readers = linear_readers(graph, Value::new(id, 0))?;
     // Every reader must have K = D (a malformed graph is not ours to fix).
-    readers.iter().all(|&r| linear_weight(graph, r).is_some_and(|w| w.cols == d)).then_some(Match {
+    readers.iter().all(|&r| linear_weight_dims(graph, r).is_some_and(|[_, k]| k == d)).then_some(Match {
         gamma,
         beta,
         readers,

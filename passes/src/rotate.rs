@@ -29,8 +29,8 @@
 use crate::pattern::simple_pass;
 use crate::registry::PassEntry;
 use crate::weights::{
-    constant_vector, is_graph_output, label, linear_bias, linear_readers, linear_weight, replace_constant_input,
-    replace_constant_input_with, store_linear, Matrix,
+    constant_vector, is_graph_output, label, linear_bias, linear_readers, linear_weight, linear_weight_dims,
+    replace_constant_input, replace_constant_input_with, store_linear, Matrix,
 };
 use crate::{PassContext, PassError, PassOptions, PassOutcome};
 use qcc_ir::hadamard::Hadamard;
@@ -87,7 +87,7 @@ fn find_stream(graph: &Graph, gather: NodeId) -> Result<Option<Stream>, PassErro
                     if gamma.is_none_or(|g| g.iter().any(|&v| v != 1.0)) {
                         return Err(err(graph, user, "gamma is not 1: run fold-norm-weights before rotate".into()));
                     }
-                    if readers.iter().any(|&r| linear_weight(graph, r).is_none_or(|w| w.cols != width)) {
+                    if readers.iter().any(|&r| linear_weight_dims(graph, r).is_none_or(|[_, k]| k != width)) {
                         return Ok(None);
                     }
                     stream.norms.push(user);
@@ -98,7 +98,7 @@ fn find_stream(graph: &Graph, gather: NodeId) -> Result<Option<Stream>, PassErro
                     let Some(w) = other.filter(|w| w.port == 0 && w.node != s.node) else { return Ok(None) };
                     let writer = w.node;
                     let single_use = graph.users(w).len() == 1 && !is_graph_output(graph, w);
-                    let fits = linear_weight(graph, writer).is_some_and(|m| m.rows == width);
+                    let fits = linear_weight_dims(graph, writer).is_some_and(|[n, _]| n == width);
                     if !single_use || !fits || !crate::weights::is_constant_linear(graph, writer) {
                         return Ok(None);
                     }

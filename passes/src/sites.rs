@@ -72,19 +72,20 @@ pub fn find_sites(graph: &Graph) -> Result<Vec<Site>, qcc_ir::GraphError> {
             }
             OpKind::Attention => {
                 let Some((v_proj, o_proj, head)) = crate::rotate::head_path(graph, id) else { continue };
-                let (Some(wv), Some(wo)) =
-                    (crate::weights::linear_weight(graph, v_proj), crate::weights::linear_weight(graph, o_proj))
-                else {
+                let (Some([v_rows, _]), Some([_, o_cols])) = (
+                    crate::weights::linear_weight_dims(graph, v_proj),
+                    crate::weights::linear_weight_dims(graph, o_proj),
+                ) else {
                     continue;
                 };
-                let (hkv, hq) = (wv.rows / head, wo.cols / head);
+                let (hkv, hq) = (v_rows / head, o_cols / head);
                 if hkv == 0 || hq % hkv != 0 {
                     continue;
                 }
                 let Some(x) = graph.input(o_proj, 0) else { continue };
                 sites.push(Site {
                     activation: x,
-                    channels: wo.cols,
+                    channels: o_cols,
                     producer: Producer::Values { v_proj, head, group: hq / hkv },
                     readers: vec![o_proj],
                 });

@@ -182,6 +182,13 @@ pub fn linear_weight(graph: &Graph, id: NodeId) -> Option<Matrix> {
     constant_matrix(graph, graph.input(id, 1)?)
 }
 
+/// [N, K] of a constant linear's float weight, without reading its values.
+pub fn linear_weight_dims(graph: &Graph, id: NodeId) -> Option<[usize; 2]> {
+    let t = graph.constant(graph.input(id, 1)?)?;
+    let [n, k] = t.dims[..] else { return None };
+    t.dtype.is_float().then_some([n, k])
+}
+
 /// The bias of a constant linear (None when absent).
 pub fn linear_bias(graph: &Graph, id: NodeId, n: usize) -> Option<Vec<f64>> {
     constant_vector(graph, graph.input(id, 2)?, n)

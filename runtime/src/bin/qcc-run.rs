@@ -25,13 +25,14 @@
 //!                              run the artifact's graph on the CPU executor here and compare, after every
 //!                              launch, each buffer it touched with the CPU's value of that name
 //!                              (integers exactly, floats by max relative error)
-//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--batch B] [--check] [--profile]
+//! qcc-run generate ART --ids FILE.npy [--max-tokens N] [--batch B] [--check] [--profile] [--time-prefill]
 //!                              greedy decoding with the KV cache kept on the device (an artifact compiled
 //!                              from a model with past_key_values.* inputs and present.* outputs); one
 //!                              decode step is also timed as a CUDA graph; --batch B decodes B copies of
 //!                              the prompt side by side (a plan compiled with --max-batch >= B) and
 //!                              reports tokens/s at that batch; --check (batch 1) recomputes the whole
-//!                              sequence without cache on the GPU and on the CPU executor and compares
+//!                              sequence without cache on the GPU and on the CPU executor and compares;
+//!                              --time-prefill first times the prompt's forward into an empty cache
 //! qcc-run eval ART --ids FILE.npy [--ctx N] [--windows W] [--check [--tolerance T]]
 //!                              perplexity of a token sequence (ids from `qcc tokenizer`/numpy) on the GPU
 //! ```
@@ -588,6 +589,30 @@ fn eval_artifact(args: &[String]) -> Result<bool, String> {
 
 /// `qcc-run generate`: greedy decoding with a device-resident KV cache ([`CudaKvDecoder`], the path of
 /// `qcc run --device cuda --prompt`); one decode step is also timed as a CUDA graph.
+/// The prompt's forward (the cache filled from empty), timed three times after a warm-up: inputs
+/// uploaded, every launch, synchronized; the logits are computed for every position but not read back.
+fn time_prefill(dec: &mut CudaKvDecoder, prompt: &[i64]) -> Result<String, String> {
+    let mut ms = Vec::new();
+    for run in 0..4 {
+        dec.reset();
+        let t = std::time::Instant::now();
+        let values = dec.prepare(prompt).map_err(|e| e.to_string())?;
+        dec.exec.launch_all(&values).map_err(|e| e.to_string())?;
+        dec.exec.gpu().stream.synchronize().map_err(|e| e.to_string())?;
+        if run > 0 {
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    dec.reset();
+    ms.sort_by(f64::total_cmp);
+    let (median, batch) = (ms[ms.len() / 2], dec.batch());
+    Ok(format!(
+        "prefill: {} token(s) x batch {batch}, median {median:.3} ms of 3 after a warm-up (inputs, launches; every position's logits computed, none read back) = {:.1} tokens/s",
+        prompt.len(),
+        (prompt.len() * batch) as f64 * 1e3 / median
+    ))
+}
+
 fn generate(args: &[String]) -> Result<bool, String> {
     let mut dec = CudaKvDecoder::new(load_artifact(args)?).map_err(|e| e.to_string())?;
     let prompt = read_ids(args)?;
@@ -597,6 +622,9 @@ fn generate(args: &[String]) -> Result<bool, String> {
         return Err("--check compares one sequence: leave out --batch".into());
     }
     dec.set_batch(batch).map_err(|e| e.to_string())?;
+    if args.iter().any(|a| a == "--time-prefill") {
+        println!("{}", time_prefill(&mut dec, &prompt)?);
+    }
     let mut tokens = prompt.clone();
     let mut step_logits: Vec<Logits> = Vec::new();
     let mut step_ms = Vec::new();
