@@ -8,16 +8,18 @@
 #            .gpu/qcc.xz (the release compiler, stripped, xz) and .gpu/src7b/ (SmolLM2 tokenizer, the
 #            in-vocabulary calibration text and token ids of scripts/gpu_artifacts_7b.sh; run it first)
 # Device:  run tool, carry [".gpu/qcc.xz", ".gpu/qcc-run", ".gpu/nvrtc-cache.tar.xz", ".gpu/src7b"]:
-#          bash scripts/gpu_7b_whole.sh compile
+#          [SCHEMES="kv-w4a4 kv-fp16"] [PEER=1] bash scripts/gpu_7b_whole.sh compile
 #            1. scripts/make_smollm2_onnx.py --synthetic llama2-7b --layers $LAYERS (the same seeded
 #               weights as the build machine's shorter models; the device's python has numpy and onnx)
 #            2. qcc compile of the KV-cache graph -O w4a4 (RTN weights, a small calibration: the plan,
 #               its kernels and its buffers do not depend on either) and -O fp16, each with a GPU plan
 #               for MAX_BATCH sequences of up to SEQ tokens; wall time and peak RSS of each
-#            3. the plans without weights into $OUT/art7b-L$LAYERS (copy them to .gpu/ here)
-#            4. when time is left (the call's limit is 600 s): the timings below on the full artifacts
-#          bash scripts/gpu_7b_whole.sh time [DIR]   (DIR: plans carried without weights, default
-#                                                    .gpu/art7b-L32; weights drawn on the GPU)
+#            3. the plans without weights as $OUT/art7b-L$LAYERS-<name>.tar.xz (copy them into .gpu/src7b)
+#            4. when time is left (the call's limit is 600 s): the timings below on the full artifacts,
+#               and with PEER=1 the PyTorch peer
+#          bash scripts/gpu_7b_whole.sh time [DIR]   (DIR: plans carried without weights; default:
+#                                                    .gpu/src7b/art7b-L32-*.tar.xz, the `compile`
+#                                                    stage's output copied there; weights drawn on the GPU)
 #            qcc-run generate: prefill of 2048 tokens, then decode after a 512-token prompt at batch 1
 #            and 16 (eager steps and CUDA graph replay), w4a4 and fp16; then the PyTorch fp16 eager
 #            peer of the same shape (scripts/torch_peer.py) when torch is importable
@@ -35,7 +37,9 @@ prepare() {
     [[ -f "$f" ]] || { echo "$f missing: run scripts/gpu_artifacts_7b.sh first" >&2; exit 1; }
   done
   mkdir -p "$SRC"
-  cp "$work/model/tokenizer.json" "$work/calib.txt" "$ids/prompt-512.npy" "$ids/ids-2048.npy" "$SRC/"
+  # Not named tokenizer.json: scripts/gpu_build.sh deletes those under .gpu (the artifacts' copies).
+  cp "$work/model/tokenizer.json" "$SRC/smollm2-tokenizer.json"
+  cp "$work/calib.txt" "$ids/prompt-512.npy" "$ids/ids-2048.npy" "$SRC/"
   cargo build --release -p qcc --bin qcc
   strip -o "$work/qcc-stripped" target/release/qcc
   xz -T0 -6 -c "$work/qcc-stripped" > "$ROOT/.gpu/qcc.xz.tmp" && mv "$ROOT/.gpu/qcc.xz.tmp" "$ROOT/.gpu/qcc.xz"
@@ -76,7 +80,7 @@ case "${1:-}" in
     /usr/bin/time -f "synthetic ONNX ($LAYERS layers): %e s, %M KB peak" \
       python3 scripts/make_smollm2_onnx.py --synthetic llama2-7b --layers "$LAYERS" --seed 0 --out "$work/model" \
       2>&1 | tail -n 3 | tee "$OUT/model.txt"
-    cp "$SRC/tokenizer.json" "$work/model/"
+    cp "$SRC/smollm2-tokenizer.json" "$work/model/tokenizer.json"
     compile_one() {  # name, scheme, extra args
       local name=$1 scheme=$2; shift 2
       /usr/bin/time -f "$name: compile %e s, %M KB peak RSS" "$work/qcc" compile "$work/model/$STEM-kv.onnx" \
@@ -85,25 +89,31 @@ case "${1:-}" in
       local rc=$?
       grep -E "compile .* s,|^ +[0-9]+ |total|error" "$OUT/compile-$name.txt"
       [[ $rc == 0 && -f "$work/$name.qcc/manifest.json" ]] || { echo "$name: compile failed ($rc)"; return 1; }
-      mkdir -p "$OUT/art7b-L$LAYERS/$name.qcc"
-      (cd "$work/$name.qcc" && find . -type f ! -name '*.safetensors' ! -name '*.tmp*' -print0 |
-        xargs -0 cp --parents -t "$OUT/art7b-L$LAYERS/$name.qcc")
+      # One file: what comes back from the device is limited in depth and count.
+      tar -C "$work" --exclude='*.safetensors' --exclude='*.tmp*' -cJf "$OUT/art7b-L$LAYERS-$name.tar.xz" "$name.qcc"
     }
-    compile_one kv-w4a4 w4a4 --weight-rounding rtn --calib "$SRC/calib.txt" --calib-samples 2 --calib-ctx 64 \
-      --no-stats-cache
-    rm -f "$work"/kv-w4a4.qcc/*.tmp*
-    compile_one kv-fp16 fp16
+    for name in ${SCHEMES:-kv-w4a4 kv-fp16}; do
+      case $name in
+        kv-w4a4) compile_one kv-w4a4 w4a4 --weight-rounding rtn --calib "$SRC/calib.txt" --calib-samples 2 \
+                   --calib-ctx 64 --no-stats-cache ;;
+        kv-fp16) compile_one kv-fp16 fp16 ;;
+      esac
+    done
     rm -rf "$work/model"
     echo "compile stage done after ${SECONDS} s"
-    if ((SECONDS < 420)); then
-      for name in kv-w4a4 kv-fp16; do
-        [[ -f "$work/$name.qcc/manifest.json" ]] && time_plan "$name" "$work/$name.qcc"
-      done
-    fi
+    for name in ${SCHEMES:-kv-w4a4 kv-fp16}; do
+      ((SECONDS < 420)) && [[ -f "$work/$name.qcc/manifest.json" ]] && time_plan "$name" "$work/$name.qcc"
+    done
+    ((SECONDS < 480)) && [[ "${PEER:-0}" == 1 ]] && torch_peer
     ;;
   time)
     source "$ROOT/scripts/gpu_env.sh"
-    dir="${2:-$ROOT/.gpu/art7b-L$LAYERS}"
+    dir="${2:-}"
+    if [[ -z "$dir" ]]; then  # the plans as they came back from `compile`, kept packed in .gpu/src7b
+      dir=/tmp/art7b-L$LAYERS
+      rm -rf "$dir" && mkdir -p "$dir"
+      for f in "$SRC"/art7b-L$LAYERS-*.tar.xz; do tar -C "$dir" -xJf "$f"; done
+    fi
     { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } | tee "$OUT/device.txt"
     export QCC_SYNTHETIC_WEIGHTS="${QCC_SYNTHETIC_WEIGHTS:-7}"
     for name in kv-w4a4 kv-fp16; do
