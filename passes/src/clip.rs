@@ -21,7 +21,8 @@ use crate::quantize::{
     activation_steps, linear_groups, quantize_weight_rtn, round_clamped, round_to_grid, shared_step_groups, Scheme,
 };
 use crate::registry::PassEntry;
-use qcc_ir::{Attr, Graph};
+use qcc_ir::{Attr, DType, Graph, Tensor};
+use std::borrow::Cow;
 
 pub const ENTRY: PassEntry = PassEntry {
     name: "clip",
@@ -81,7 +82,7 @@ fn layer_error(
     x: &[f32],
     r: usize,
     k: usize,
-    weights: &[(Vec<f32>, usize)],
+    weights: &[(Cow<[f32]>, usize)],
     y: &[Vec<f32>],
     steps: &[f32],
     s: &Scheme,
@@ -191,11 +192,10 @@ impl Pass for Clip {
                     return Ok(None);
                 }
                 let xs: Vec<f32> = keep.iter().flat_map(|&i| rows[i * k..(i + 1) * k].iter().copied()).collect();
-                let weights: Vec<(Vec<f32>, usize)> = sites
-                    .iter()
-                    .map(|site| site.weight.to_f32_vec().map(|w| (w, site.n)))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| PassError::Other(format!("clip: {e}")))?;
+                // The weights are read where they are (f32 after the float passes), one group at a
+                // time in the search: a copy of every weight up front was a whole model's worth of
+                // memory (27 GB for a 7B model).
+                let weights: Vec<(Tensor, usize)> = sites.iter().map(|site| (site.weight.clone(), site.n)).collect();
                 let absmax = if s.prefix > 0 { &st.absmax_excluding_first } else { &st.absmax };
                 Ok(Some(GroupInput {
                     k,
@@ -211,7 +211,10 @@ impl Pass for Clip {
         let timing = ctx.take_collection_timing();
         // The searches of different activations are independent.
         let search_start = std::time::Instant::now();
-        let results: Vec<Option<ClipRatios>> = inputs.par_iter().map(|g| g.as_ref().map(|g| self.search(g))).collect();
+        let results: Vec<Option<ClipRatios>> = inputs
+            .par_iter()
+            .map(|g| g.as_ref().map(|g| self.search(g)).transpose())
+            .collect::<Result<_, PassError>>()?;
         let search_s = search_start.elapsed().as_secs_f64();
         let mut rewrites = 0;
         let mut clipped_channels = 0usize;
@@ -246,22 +249,29 @@ struct GroupInput {
     r: usize,
     xs: Vec<f32>,
     /// The weights of the linears reading the activation (`[n x k]`, with n).
-    weights: Vec<(Vec<f32>, usize)>,
+    weights: Vec<(Tensor, usize)>,
     absmax: Vec<f32>,
     share: Vec<usize>,
 }
 
 impl Clip {
     /// The activation ratios (per input channel) and, per linear, the weight ratios (per output channel).
-    fn search(&self, g: &GroupInput) -> ClipRatios {
+    fn search(&self, g: &GroupInput) -> Result<ClipRatios, PassError> {
         use rayon::prelude::*;
         let s = &self.scheme;
         let (k, r, xs, absmax) = (g.k, g.r, &g.xs, &g.absmax);
+        let weights: Vec<(Cow<[f32]>, usize)> = g
+            .weights
+            .iter()
+            .map(|(t, n)| {
+                let w = if t.dtype == DType::F32 { t.values::<f32>() } else { t.to_f32_vec().map(Cow::Owned) };
+                w.map(|w| (w, *n)).map_err(|e| PassError::Other(format!("clip: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
         let mut best = (f64::INFINITY, vec![1f32; k]);
         if s.a_bits < 16 {
             // The float layer's outputs, the same for every candidate.
-            let y: Vec<Vec<f32>> = g
-                .weights
+            let y: Vec<Vec<f32>> = weights
                 .iter()
                 .map(|(w, n)| {
                     let mut y = vec![0f32; r * n];
@@ -276,7 +286,7 @@ impl Clip {
                     .map(|&a| if a > 0.0 { a.min(tau).powf(gamma) * tau.powf(1.0 - gamma) / a * beta } else { 1.0 })
                     .collect();
                 let steps = activation_steps(absmax, &ratios, &g.share, s.act_qmax());
-                let err = layer_error(xs, r, k, &g.weights, &y, &steps, s);
+                let err = layer_error(xs, r, k, &weights, &y, &steps, s);
                 if err < best.0 {
                     *best = (err, ratios);
                     true
@@ -323,8 +333,7 @@ impl Clip {
                 *e += v * v;
             }
         }
-        let weight_ratios = g
-            .weights
+        let weight_ratios = weights
             .iter()
             .map(|(w, n)| {
                 (0..*n)
@@ -353,6 +362,6 @@ impl Clip {
                     .collect()
             })
             .collect();
-        (act_ratios, weight_ratios)
+        Ok((act_ratios, weight_ratios))
     }
 }
