@@ -459,6 +459,10 @@ fn compile(a: CompileArgs) -> Result<()> {
         pipeline_text = pipeline_text
             .replace("quantize{", &format!("quantize{{weight-rounding={mode},"))
             .replace("quantize,", &format!("quantize{{weight-rounding={mode}}},"));
+        if mode == "rtn" {
+            // clip collects the Gram matrices only for GPTQ (0.7 GB per 7B layer, held to the end).
+            pipeline_text = pipeline_text.replace("gram=true", "gram=false");
+        }
     }
     let pipeline = registry.parse_pipeline(&pipeline_text)?;
     if a.show_pipeline {

@@ -116,6 +116,12 @@ fn compile_inspection_flags() {
     assert!(pipeline.status.success());
     let passes: Vec<String> = stdout(&pipeline).trim().split(',').map(|s| s.to_string()).collect();
     assert!(!passes.is_empty());
+    let text = stdout(&pipeline);
+    assert!(text.contains("weight-rounding=gptq") && text.contains("gram=true"), "{text}");
+    // RTN: every quantize rounds to nearest, and clip no longer collects the Grams only GPTQ reads.
+    let rtn = stdout(&qcc(&["compile", m, "-O", "w4a4", "--weight-rounding", "rtn", "--show-pipeline"]));
+    assert!(rtn.contains("weight-rounding=rtn") && !rtn.contains("gptq"), "{rtn}");
+    assert!(rtn.contains("gram=false") && !rtn.contains("gram=true"), "{rtn}");
 
     let all = qcc(&["compile", m, "-O", "none", "--print-ir-after-all"]);
     assert!(all.status.success(), "{}", stderr(&all));
