@@ -389,6 +389,234 @@ static __device__ __forceinline__ void fa_dec_scores(const typename X::S* __rest
   scores[(b * Hq + h) * T + t] = x;
 }
 
+// Prefill in three launches, for many query rows (the route's `tiled` path; 4 B Hq S T bytes of
+// scratch): the scores, their softmax and p v each as a register-tiled product over shared-memory
+// tiles, so each K and V row is read once per 64 query rows instead of once per 8. Every value takes
+// the micro-kernel's operations in its order, as in fa_body:
+//   attention_fast_psc_{X}[_mask]_d{D}: grid [ceil(T / 64), ceil(S / 64), B Hq], tiles of 64 rows x 64
+//       keys, a thread owning rows ty + 8 i (i < 8) and keys tx + 16 j (j < 4); the FMA chain over d,
+//       times the scale, plus the mask, into scores [B, Hq, S, T] (only each row's visible keys).
+//       Dynamic shared memory 4 * 128 * (D + 4) bytes.
+//   attention_fast_psm: one warp per row of the scores, in place: max, e = exp(f64), f64 warp sum,
+//       p = e / sum (the prefill kernel's multi-row softmax, the same tree). Grid [ceil(B Hq S / 4)].
+//   attention_fast_ppv_{X}_d{D}[_q{O}]: grid [ceil(S / 64), 1, B Hq D / 64], 64 rows x 64 channels, a
+//       thread owning rows rg + 8 i (i < 8) and channels 4 cg .. 4 cg + 3; the FMA chain over each
+//       row's visible keys in order, tiles of 32 keys; the output (or its quantization) as fa_body's.
+#define PT_ROWS 64
+// Keys row s sees (t < n), as fa_body's nvis: all T, or causally up to T - S + s; none past S.
+static __device__ __forceinline__ int pt_visible(long s, long S, long T, long causal) {
+  if (s >= S) return 0;
+  long n = causal ? T - S + s + 1 : T;
+  n = n < T ? n : T;
+  return n < 0 ? 0 : (int)n;
+}
+template <class X, bool MASK, int D>
+static __device__ __forceinline__ void pt_scores(const typename X::S* __restrict__ q, const typename X::S* __restrict__ k,
+                                                 const typename X::S* __restrict__ mask, float* __restrict__ scores,
+                                                 long B, long Hq, long Hkv, long S, long T, long causal, float scale,
+                                                 const KvStrides& kv) {
+  constexpr int DP = D + 4;
+  extern __shared__ float4 fa_smem[];
+  float* qs = (float*)fa_smem;    // [64][DP]
+  float* ks = qs + PT_ROWS * DP;  // [64][DP]
+  const long t0 = (long)blockIdx.x * 64, s0 = (long)blockIdx.y * PT_ROWS, bh = blockIdx.z;
+  if (s0 >= S || bh >= B * Hq) return;
+  const long b = bh / Hq, h = bh % Hq, hk = h / (Hq / Hkv);
+  // The tile's last row sees the most keys.
+  const long last = s0 + PT_ROWS - 1 < S ? s0 + PT_ROWS - 1 : S - 1;
+  const long nmax = pt_visible(last, S, T, causal);
+  if (t0 >= nmax) return;
+  fa_load_tile<X, PT_ROWS, D, DP>(qs, q + bh * S * D, D, 0, s0, S);
+  fa_load_tile<X, 64, D, DP>(ks, k + b * kv.kb + hk * kv.kh, kv.kt, 0, t0, nmax);
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+#pragma unroll 2
+  for (int d = 0; d < D; d += 4) {
+    float4 kk[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) kk[j] = *(const float4*)(ks + (tx + 16 * j) * DP + d);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float4 qq = *(const float4*)(qs + (ty + 8 * i) * DP + d);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[i][j] = fmaf(qq.x, kk[j].x, acc[i][j]);
+        acc[i][j] = fmaf(qq.y, kk[j].y, acc[i][j]);
+        acc[i][j] = fmaf(qq.z, kk[j].z, acc[i][j]);
+        acc[i][j] = fmaf(qq.w, kk[j].w, acc[i][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const long s = s0 + ty + 8 * i;
+    if (s >= S) continue;
+    const long n = pt_visible(s, S, T, causal);
+    float* row = scores + (bh * S + s) * T;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const long t = t0 + tx + 16 * j;
+      if (t < n) {
+        float x = __fmul_rn(acc[i][j], scale);
+        if (MASK) x = __fadd_rn(x, X::get(mask, s * T + t));
+        row[t] = x;
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psm(float* scores, long rows, long S, long T,
+                                                                            long causal) {
+  const long r = (long)blockIdx.x * (FA_THREADS / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const long n = pt_visible(r % S, S, T, causal);
+  float* row = scores + r * T;
+  float m = -FA_INF;
+  for (long t = lane; t < n; t += 32) m = fmaxf(m, row[t]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
+  double local = 0.0;
+  for (long t = lane; t < n; t += 32) {
+    float e = (float)exp((double)__fsub_rn(row[t], m));
+    row[t] = e;
+    local += (double)e;
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  const float sum = (float)local;
+  if (sum > 0.0f)
+    for (long t = lane; t < n; t += 32) row[t] = __fdiv_rn(row[t], sum);
+}
+
+template <class X, class O, int D>
+static __device__ __forceinline__ void pt_pv(const float* __restrict__ probs, const typename X::S* __restrict__ v,
+                                             O* __restrict__ out, long B, long Hq, long Hkv, long S, long T,
+                                             long causal, const KvStrides& kv, const OutQuant& oq, long osh, long oss) {
+  typedef typename X::S St;
+  constexpr bool QUANT = !same_type<O, St>::value;
+  constexpr int DV = D, DVB = 64, TKV = 32, PP = TKV + 4, VP = DVB + 4, NSPLIT = DV / DVB;
+  extern __shared__ float4 fa_smem[];
+  float* ps = (float*)fa_smem;    // [64][PP] probabilities
+  float* vs = ps + PT_ROWS * PP;  // [TKV][VP] values
+  const long s0 = (long)(gridDim.x - 1 - blockIdx.x) * PT_ROWS;  // heaviest causal rows first
+  const long bh = blockIdx.z / NSPLIT;
+  const int dv0 = (int)(blockIdx.z % NSPLIT) * DVB;
+  if (s0 >= S || bh >= B * Hq) return;
+  const long b = bh / Hq, h = bh % Hq, hk = h / (Hq / Hkv);
+  const St* vh = v + b * kv.vb + hk * kv.vh;
+  const long last = s0 + PT_ROWS - 1 < S ? s0 + PT_ROWS - 1 : S - 1;
+  const long nmax = pt_visible(last, S, T, causal);
+  const int cg = threadIdx.x % 16, rg = threadIdx.x / 16;
+  int mine[8];
+  long mine_min = nmax;
+  float acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    mine[i] = pt_visible(s0 + rg + 8 * i, S, T, causal);
+    mine_min = mine[i] < mine_min ? mine[i] : mine_min;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[i][c] = 0.0f;
+  }
+  for (long t0 = 0; t0 < nmax; t0 += TKV) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < PT_ROWS * TKV; i += FA_THREADS) {
+      const int r = i / TKV, c = i % TKV;
+      const long s = s0 + r, t = t0 + c;
+      ps[r * PP + c] = s < S && t < nmax ? probs[(bh * S + s) * T + t] : 0.0f;
+    }
+    fa_load_tile<X, TKV, DVB, VP>(vs, vh, kv.vt, dv0, t0, nmax);
+    __syncthreads();
+    const float* vc = vs + cg * 4;
+    if (t0 + TKV <= mine_min) {
+#pragma unroll 2
+      for (int tt = 0; tt < TKV; tt += 4) {
+        float4 p[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) p[i] = *(const float4*)(ps + (rg + 8 * i) * PP + tt);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float4 w = *(const float4*)(vc + (tt + u) * VP);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float pi = u == 0 ? p[i].x : u == 1 ? p[i].y : u == 2 ? p[i].z : p[i].w;
+            acc[i][0] = fmaf(pi, w.x, acc[i][0]);
+            acc[i][1] = fmaf(pi, w.y, acc[i][1]);
+            acc[i][2] = fmaf(pi, w.z, acc[i][2]);
+            acc[i][3] = fmaf(pi, w.w, acc[i][3]);
+          }
+        }
+      }
+    } else {
+      const int tn = (int)(nmax - t0 < TKV ? nmax - t0 : TKV);
+      for (int tt = 0; tt < tn; ++tt) {
+        const long t = t0 + tt;
+        const float4 w = *(const float4*)(vc + tt * VP);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if (t < mine[i]) {
+            const float pi = ps[(rg + 8 * i) * PP + tt];
+            acc[i][0] = fmaf(pi, w.x, acc[i][0]);
+            acc[i][1] = fmaf(pi, w.y, acc[i][1]);
+            acc[i][2] = fmaf(pi, w.z, acc[i][2]);
+            acc[i][3] = fmaf(pi, w.w, acc[i][3]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const long s = s0 + rg + 8 * i;
+    if (s >= S) continue;
+    const long c0 = dv0 + cg * 4;
+    if constexpr (QUANT) {
+      O* orow = out + b * Hq * S * DV + h * osh + s * oss + c0;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) orow[c] = (O)oq.apply(acc[i][c], h * DV + c0 + c, s);
+    } else {
+      St* orow = out + (bh * S + s) * DV + c0;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) X::put(orow, c, acc[i][c]);
+    }
+  }
+}
+
+#define PT_ENTRIES(XN, D)                                                                                        \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psc_##XN##_d##D(                         \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \
+      long S, long T, long causal, float scale, long kb, long kh, long kt) {                                     \
+    pt_scores<T_##XN, false, D>(q, k, mask, scores, B, Hq, Hkv, S, T, causal, scale, KvStrides{kb, kh, kt, 0, 0, 0}); \
+  }                                                                                                              \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psc_##XN##_mask_d##D(                    \
+      const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \
+      long S, long T, long causal, float scale, long kb, long kh, long kt) {                                     \
+    pt_scores<T_##XN, true, D>(q, k, mask, scores, B, Hq, Hkv, S, T, causal, scale, KvStrides{kb, kh, kt, 0, 0, 0}); \
+  }                                                                                                              \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_ppv_##XN##_d##D(                         \
+      const float* probs, const T_##XN::S* v, T_##XN::S* out, long B, long Hq, long Hkv, long S, long T,         \
+      long causal, long vb, long vh, long vt) {                                                                  \
+    pt_pv<T_##XN, T_##XN::S, D>(probs, v, out, B, Hq, Hkv, S, T, causal, KvStrides{0, 0, 0, vb, vh, vt},         \
+                                OutQuant{}, 0, 0);                                                               \
+  }
+#define PT_QENTRY(D, ON, O)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_ppv_f32_d##D##_q##ON(                    \
+      const float* probs, const float* v, O* out, long B, long Hq, long Hkv, long S, long T, long causal, long vb, \
+      long vh, long vt, const float* step, long seq, long past, long prefix, float lo, float hi, float plo,      \
+      float phi, long osh, long oss) {                                                                           \
+    pt_pv<T_f32, O, D>(probs, v, out, B, Hq, Hkv, S, T, causal, KvStrides{0, 0, 0, vb, vh, vt},                  \
+                       OutQuant{step, seq, past, prefix, lo, hi, plo, phi}, osh, oss);                           \
+  }
+PT_ENTRIES(f32, 64) PT_ENTRIES(f32, 128)
+PT_ENTRIES(f16, 64) PT_ENTRIES(f16, 128)
+PT_ENTRIES(bf16, 64) PT_ENTRIES(bf16, 128)
+PT_QENTRY(64, i16, short) PT_QENTRY(128, i16, short)
+PT_QENTRY(64, i8, i8) PT_QENTRY(128, i8, i8)
+
 #define FA_DSC_ENTRY(XN, MASK, MS, D)                                                                            \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_dsc_##XN##MS##_d##D(                     \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \

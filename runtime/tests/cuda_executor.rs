@@ -1080,7 +1080,7 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
     }
     // Decode (one query row: the decode kernel, channels split over blocks), T = 1, 37, 516; a few
     // rows and S = T = 77 with 8 heads (80 row tiles x heads: the tiled kernel split by channels);
-    // S = T = 300 (the prefill kernel); causal, with an explicit causal mask, with a random mask and
+    // S = T = 300 (the tiled prefill: scores, softmax, p v); causal, with an explicit causal mask, with a random mask and
     // without causality; GQA 8 / 2; D = 64 and 128; f32, f16, bf16.
     let mut seed = 100u64;
     let mut case = |dtype: DType, shape: (usize, usize, usize, usize, usize), causal: bool, mask: Option<&str>| {
@@ -1107,6 +1107,14 @@ fn attention_on_the_fast_kernels_matches_the_micro_kernel_bit_for_bit() {
     }
     case(DType::BF16, (8, 2, 1, 37, 128), true, None);
     case(DType::BF16, (8, 2, 77, 77, 128), true, None);
+    // The tiled prefill (three launches) in 16-bit types, with and without the mask, and a tail of
+    // rows and keys that is no multiple of its 64-row / 64-key / 32-key tiles.
+    for d in [64usize, 128] {
+        case(DType::F16, (8, 2, 300, 300, d), true, None);
+        case(DType::F16, (8, 2, 300, 300, d), false, Some("random"));
+        case(DType::BF16, (8, 2, 300, 300, d), true, None);
+    }
+    case(DType::F32, (32, 8, 131, 259, 128), true, None);
 }
 
 #[test]

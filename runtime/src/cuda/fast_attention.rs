@@ -11,7 +11,11 @@
 //!   SM, each reading the head's K once per split; `attention_fast_dec_*` (both in one block, one
 //!   row per block) serves several rows whose 8-row tiles would not fit in shared memory;
 //! - prefill: `attention_fast_pre_*`, one block per (8 rows, head), K and V tiles of 64 keys loaded
-//!   once per block into shared memory, grid [ceil(S / 8), Hq, B];
+//!   once per block into shared memory, grid [ceil(S / 8), Hq, B]; from [`TILED_MIN_ROWS`] rows, where
+//!   the scores fit [`TILED_MAX_SCRATCH`], three launches instead ([`AttnRoute::tiled`]): the scores
+//!   of 64 x 64 tiles into the route's scratch (`attention_fast_psc_*`), their softmax in place
+//!   (`attention_fast_psm`), and p v over tiles of 64 rows x 64 channels (`attention_fast_ppv_*`),
+//!   each K and V row read once per 64 query rows instead of once per 8;
 //! - a few rows, or too few row tiles and heads for the prefill grid to fill the GPU (fewer than
 //!   [`PREFILL_MIN_BLOCKS`] blocks): `attention_fast_mid_*`, the prefill tiling with the decode
 //!   kernel's channel split, grid [ceil(S / 8), Hq, B * Dv / 32].
@@ -48,6 +52,13 @@ pub const THREADS: u32 = 128;
 pub const MAX_SHARED: usize = 227 * 1024;
 /// Blocks from which the prefill grid runs (two per SM of an H200); fewer: the channel-split grid.
 pub const PREFILL_MIN_BLOCKS: usize = 264;
+
+/// Query rows from which a prefill (the [`Kernel::Prefill`] pick) runs as three launches
+/// ([`AttnRoute::tiled`]): scores, softmax and p v as products over 64-row tiles.
+pub const TILED_MIN_ROWS: usize = 64;
+/// The most scratch (scores [B, Hq, S, T] f32) a tiled prefill takes; larger runs keep the one-kernel
+/// prefill.
+pub const TILED_MAX_SCRATCH: usize = 1 << 30;
 
 /// The two fast kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +146,9 @@ pub struct AttnRoute {
     /// The micro-kernel's entry (the fallback).
     micro_entry: String,
     /// Largest dynamic shared memory set on the decode / prefill / mid function so far.
-    /// (decode, prefill, mid, decode scores, decode output: the two launches of [`Self::two_pass`]).
-    smem_set: [AtomicU32; 5],
+    /// (decode, prefill, mid, decode scores, decode output: the two launches of [`Self::two_pass`];
+    /// tiled scores, tiled p v: [`Self::tiled`]).
+    smem_set: [AtomicU32; 7],
 }
 
 impl AttnRoute {
@@ -245,20 +257,45 @@ impl AttnRoute {
         ]
     }
 
+    /// Entries of the tiled prefill (scores, softmax in place, p v).
+    pub fn tiled_entries(&self) -> [String; 3] {
+        let mask = if self.mask.is_some() { "_mask" } else { "" };
+        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        [
+            format!("attention_fast_psc_{}{mask}_d{}", self.dtype, self.d),
+            "attention_fast_psm".to_string(),
+            format!("attention_fast_ppv_{}_d{}{q}", self.dtype, self.d),
+        ]
+    }
+
+    /// Whether a prefill runs as three launches (fast_attention.cu `pt_scores`, `attention_fast_psm`,
+    /// `pt_pv`): from [`TILED_MIN_ROWS`] query rows where the prefill kernel would run, its scores in
+    /// at most [`TILED_MAX_SCRATCH`] bytes of scratch. `QCC_ATTN_TILED=0` keeps the one-kernel prefill.
+    pub fn tiled(s: usize, heads: usize, d: usize, t: usize) -> bool {
+        s >= TILED_MIN_ROWS
+            && pick(s, heads, d, t) == Some(Kernel::Prefill)
+            && 4 * heads * s * t <= TILED_MAX_SCRATCH
+            && std::env::var("QCC_ATTN_TILED").map_or(true, |v| v != "0")
+    }
+
     /// Whether one query row runs as two launches (fast_attention.cu `fa_dec_scores`): the scores
     /// of 128 keys per block, then the decode kernel from the scores (4 B Hq T bytes of scratch).
     pub fn two_pass(s: usize, heads: usize, d: usize, t: usize) -> bool {
         s == 1 && pick(s, heads, d, t) == Some(Kernel::Decode)
     }
 
-    /// Scratch bytes of these symbol values: the scores of a two-pass decode.
+    /// Scratch bytes of these symbol values: the scores of a two-pass decode or a tiled prefill.
     pub fn scratch_bytes(&self, values: &SymbolValues) -> Result<usize, String> {
         let n = eval_all(&self.dims, values)?;
         if n.iter().any(|&x| x < 0) {
             return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
         }
         let [b, hq, _, s, t] = n.map(|x| x as usize);
-        Ok(if Self::two_pass(s, b * hq, self.d, t) { 4 * b * hq * t } else { 0 })
+        Ok(if Self::two_pass(s, b * hq, self.d, t) || Self::tiled(s, b * hq, self.d, t) {
+            4 * b * hq * s * t
+        } else {
+            0
+        })
     }
 
     /// Enqueues the attention of these symbol values.
@@ -300,6 +337,15 @@ impl AttnRoute {
         if Self::two_pass(su, (b * hq) as usize, d, tu) && gz <= 65_535 && scratch.len() >= 4 * (b * hq * t) as usize {
             let scores = scratch.device_ptr(&gpu.stream).0;
             return self.launch_two_pass(gpu, scores, [b, hq, hkv, t], kv, [q, k, v, mask, out], quant.as_ref());
+        }
+        let heads = (b * hq) as usize;
+        if Self::tiled(su, heads, d, tu)
+            && heads * (d / 64) <= 65_535
+            && su.div_ceil(64) <= 65_535
+            && scratch.len() >= 4 * heads * su * tu
+        {
+            let scores = scratch.device_ptr(&gpu.stream).0;
+            return self.launch_tiled(gpu, scores, [b, hq, hkv, s, t], kv, [q, k, v, mask, out], quant.as_ref());
         }
         if gz > 65_535 || gx > i32::MAX as usize {
             return self.launch_micro(gpu, [b, hq, hkv, s, t], kv, [q, k, v, mask, out], quant.as_ref());
@@ -379,6 +425,68 @@ impl AttnRoute {
         // attention_fast_dout_*: the scores written by the launch above, v at its strides, out
         // [B, Hq, 1, D] (or at the quantized strides); `smem` is the decode kernel's at this T.
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("{dout}: {e}"))
+    }
+
+    /// A prefill in three launches ([`Self::tiled`]): `scores` [B, Hq, S, T] f32 on the device.
+    fn launch_tiled(
+        &self,
+        gpu: &Gpu,
+        scores: u64,
+        [b, hq, hkv, s, t]: [i64; 5],
+        kv: [i64; 6],
+        [q, k, v, mask, out]: [u64; 5],
+        quant: Option<&(BoundQuant, [i64; 2])>,
+    ) -> Result<(), String> {
+        let [psc, psm, ppv] = self.tiled_entries();
+        let (d, su, tu, heads) = (self.d, s as usize, t as usize, (b * hq) as usize);
+        let f = gpu.function("fast_attention", &psc).map_err(|e| e.to_string())?;
+        let smem = (4 * 128 * (d + 4)) as u32;
+        self.ensure_smem(&f, 5, smem)?;
+        let mut l = gpu.launcher(&f);
+        l.arg(&q).arg(&k).arg(&mask).arg(&scores).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t);
+        l.arg(&self.causal).arg(&self.scale).arg(&kv[0]).arg(&kv[1]).arg(&kv[2]);
+        let cfg = LaunchConfig {
+            grid_dim: (tu.div_ceil(64) as u32, su.div_ceil(64) as u32, heads as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: (S*, S*, S*, float*, long x 6, float, long x 3) as fast_attention.cu's
+        // attention_fast_psc_*; q [B, Hq, S, D], k [B, Hkv, T, D] at its strides (rows 16-byte
+        // aligned, checked by the caller), the mask [S, T], `scores` 4 B Hq S T bytes of scratch.
+        unsafe { l.launch(cfg) }.map_err(|e| format!("{psc}: {e}"))?;
+
+        let f = gpu.function("fast_attention", &psm).map_err(|e| e.to_string())?;
+        let rows = b * hq * s;
+        let mut l = gpu.launcher(&f);
+        l.arg(&scores).arg(&rows).arg(&s).arg(&t).arg(&self.causal);
+        let warps = (THREADS / 32) as usize;
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as usize).div_ceil(warps) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (float*, long x 4) as attention_fast_psm: the B Hq S rows of T scores written above.
+        unsafe { l.launch(cfg) }.map_err(|e| format!("{psm}: {e}"))?;
+
+        let f = gpu.function("fast_attention", &ppv).map_err(|e| e.to_string())?;
+        let smem = (4 * (64 * (32 + 4) + 32 * (64 + 4))) as u32;
+        self.ensure_smem(&f, 6, smem)?;
+        let mut l = gpu.launcher(&f);
+        l.arg(&scores).arg(&v).arg(&out).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&self.causal);
+        l.arg(&kv[3]).arg(&kv[4]).arg(&kv[5]);
+        if let Some((qa, strides)) = quant {
+            qa.push(&mut l);
+            l.arg(&strides[0]).arg(&strides[1]);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (su.div_ceil(64) as u32, 1, (heads * (d / 64)) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: (float*, S*, S* or O*, long x 9, [float*, long x 3, float x 4, long x 2]) as
+        // attention_fast_ppv_*: the probabilities written above, v at its strides (rows 16-byte
+        // aligned), out [B, Hq, S, D] (or at the quantized strides).
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("{ppv}: {e}"))
     }
 
     /// Raises the function's dynamic shared memory limit to `smem` once (per route and kernel).
@@ -571,15 +679,37 @@ mod tests {
         assert!(AttnRoute::two_pass(1, 32, 128, 516));
         assert!(!AttnRoute::two_pass(2, 32, 128, 516), "a few rows: the mid kernel");
         assert!(!AttnRoute::two_pass(1, 32, 128, 100_000), "beyond shared memory: the micro-kernel");
-        // Scratch: the scores of one row per head, f32 (B = 1, Hq = 32 here); none for prefill.
+        // Scratch: the scores of one row per head, f32 (B = 1, Hq = 32 here); a tiled prefill's
+        // [Hq, S, T] scores; none for a few rows.
         let values = |seq: i64| SymbolValues::from([("seq".to_string(), seq)]);
         assert_eq!(r.scratch_bytes(&values(1)).unwrap(), 4 * 32, "S = T = 1: a decode row");
-        assert_eq!(r.scratch_bytes(&values(77)).unwrap(), 0, "S = T = 77: the mid kernel");
+        assert_eq!(r.scratch_bytes(&values(7)).unwrap(), 0, "S = T = 7: the mid kernel");
+        assert_eq!(r.scratch_bytes(&values(77)).unwrap(), 4 * 32 * 77 * 77, "S = T = 77: the tiled prefill");
         let mut decode = launch("attention_f32_mask", true, [32, 8, 128, 128], 4096);
         decode.args[8] = Arg::I64(DimExpr::Const(1));
         let r = AttnRoute::plan(&f32s, &decode).unwrap();
         assert_eq!(r.scratch_bytes(&values(516)).unwrap(), 4 * 32 * 516);
         assert_eq!(r.scratch_bytes(&values(0)).unwrap(), 0);
+    }
+
+    #[test]
+    fn long_prefills_run_tiled_in_three_launches_within_their_scratch_cap() {
+        let f32s = manifest(&["f32"; 5]);
+        let r = AttnRoute::plan(&f32s, &launch("attention_f32_mask", true, [32, 8, 128, 128], 4096)).unwrap();
+        assert_eq!(
+            r.tiled_entries(),
+            ["attention_fast_psc_f32_mask_d128", "attention_fast_psm", "attention_fast_ppv_f32_d128"]
+        );
+        let mut dtypes = vec!["f32"; 10];
+        dtypes[4] = "i16";
+        let q = AttnRoute::plan(&manifest(&dtypes), &quantized(true, "qi16", 64)).unwrap();
+        assert_eq!(q.tiled_entries()[2], "attention_fast_ppv_f32_d64_qi16");
+        assert!(AttnRoute::tiled(2048, 32, 128, 2048), "a Llama-2-7B prefill: 512 MiB of scores");
+        assert!(AttnRoute::tiled(300, 8, 64, 300));
+        assert!(!AttnRoute::tiled(40, 8, 128, 300), "fewer rows than one tile");
+        assert!(!AttnRoute::tiled(7, 32, 128, 4096), "a few rows: the mid kernel");
+        assert!(!AttnRoute::tiled(1, 32, 128, 4096), "decode");
+        assert!(!AttnRoute::tiled(2048, 16 * 32, 128, 2048), "8 GiB of scores: the one-kernel prefill");
     }
 
     #[test]
