@@ -587,24 +587,24 @@ static __device__ __forceinline__ void pt_pv(const float* __restrict__ probs, co
 }
 
 #define PT_ENTRIES(XN, D)                                                                                        \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psc_##XN##_d##D(                         \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) attention_fast_psc_##XN##_d##D(                         \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \
       long S, long T, long causal, float scale, long kb, long kh, long kt) {                                     \
     pt_scores<T_##XN, false, D>(q, k, mask, scores, B, Hq, Hkv, S, T, causal, scale, KvStrides{kb, kh, kt, 0, 0, 0}); \
   }                                                                                                              \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psc_##XN##_mask_d##D(                    \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) attention_fast_psc_##XN##_mask_d##D(                    \
       const T_##XN::S* q, const T_##XN::S* k, const T_##XN::S* mask, float* scores, long B, long Hq, long Hkv,    \
       long S, long T, long causal, float scale, long kb, long kh, long kt) {                                     \
     pt_scores<T_##XN, true, D>(q, k, mask, scores, B, Hq, Hkv, S, T, causal, scale, KvStrides{kb, kh, kt, 0, 0, 0}); \
   }                                                                                                              \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_ppv_##XN##_d##D(                         \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) attention_fast_ppv_##XN##_d##D(                         \
       const float* probs, const T_##XN::S* v, T_##XN::S* out, long B, long Hq, long Hkv, long S, long T,         \
       long causal, long vb, long vh, long vt) {                                                                  \
     pt_pv<T_##XN, T_##XN::S, D>(probs, v, out, B, Hq, Hkv, S, T, causal, KvStrides{0, 0, 0, vb, vh, vt},         \
                                 OutQuant{}, 0, 0);                                                               \
   }
 #define PT_QENTRY(D, ON, O)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_ppv_f32_d##D##_q##ON(                    \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) attention_fast_ppv_f32_d##D##_q##ON(                    \
       const float* probs, const float* v, O* out, long B, long Hq, long Hkv, long S, long T, long causal, long vb, \
       long vh, long vt, const float* step, long seq, long past, long prefix, float lo, float hi, float plo,      \
       float phi, long osh, long oss) {                                                                           \

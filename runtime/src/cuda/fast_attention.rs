@@ -34,7 +34,7 @@
 //! to the micro-kernel's; `attention_fast_kernels_at_llama_7b_shapes_...` in tests/cuda_executor.rs),
 //! fast against micro-kernel per launch: prefill S = T = 2048 causal f32 2.51 ms against 36.2 with
 //! the tiled launches (2.84 with the one-kernel prefill), f16 2.69 against 36.8 (3.92), with an
-//! explicit causal mask, which computes every key, 3.70 against 72.0 (6.17; 2026-12-04 20:33 UTC);
+//! explicit causal mask, which computes every key, 3.70 against 72.0 (6.17; 2026-12-04 20:27 UTC);
 //! decode S = 1 at T = 516 0.019 ms against 0.052 (f16 0.029 against 0.051), at T = 4096 0.139
 //! against 0.459; S = 7, T = 4096 (mid) 0.295 against 0.693; S = 16, T = 2048 0.157 against 0.638.
 
