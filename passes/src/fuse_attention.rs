@@ -6,7 +6,12 @@
 //! with the scale as `* c`, `c *`, `/ c` (c a constant scalar) or absent, the mask add optional, and K
 //! and V either [B, Hkv, T, D] values or their grouped-query repetition
 //! `reshape(expand(unsqueeze(X, [2]), [B, Hkv, r, T, D]), [B, Hkv*r, T, D])`, which is absorbed (the
-//! fused op maps query head h to KV head h / r). The mask stays an input (`causal` = 0).
+//! fused op maps query head h to KV head h / r). The mask stays an input (`causal` = 0), except the
+//! causal mask as exported decoders build it, which becomes the `causal` flag (the mask input dropped):
+//!   unsqueeze(where(greater(unsqueeze(range(0, total, 1), [0]), unsqueeze(range(past, total, 1), [1])),
+//!                   m, 0), [0, 1])   with m a constant scalar <= -1e30 (HF's finfo.min, or -inf)
+//! Query row s sits at position past + s and sees keys t <= past + s = T - S + s, exactly the causal
+//! flag's rows; the masked keys' exp underflows to 0 either way, so the outputs are the same values.
 //! Near misses left alone: softmax over another axis, a transpose that is not of the last two axes, a
 //! non-constant scale, K and V repeated by different factors, rank != 4 operands.
 //! Postcondition: each attention core is one `attention` node reading the un-repeated K and V.
@@ -122,11 +127,47 @@ fn matcher(graph: &Graph, id: NodeId) -> Option<Match> {
     Some(Match { q, k, v, mask, scale })
 }
 
+/// `unsqueeze(x, axes)` with these axes (as an attribute or a constant input): x.
+fn unsqueezed(graph: &Graph, v: Value, axes: &[i64]) -> Option<Value> {
+    let n = producer(graph, v, OpKind::Unsqueeze)?;
+    let got = match graph.input(n, 1) {
+        Some(a) => const_ints(graph, a)?,
+        None => graph.node(n).op.ints("axes")?.to_vec(),
+    };
+    (got == axes).then(|| graph.input(n, 0))?
+}
+
+/// `range(start, limit, 1)`: (start, limit).
+fn unit_range(graph: &Graph, v: Value) -> Option<(Value, Value)> {
+    let n = producer(graph, v, OpKind::Range)?;
+    (const_ints(graph, graph.input(n, 2)?)? == [1]).then_some((graph.input(n, 0)?, graph.input(n, 1)?))
+}
+
+/// Whether `mask` is the causal mask of the module docs (keys from 0, queries from `past`, both up to
+/// the same total).
+fn is_causal_mask(graph: &Graph, mask: Value) -> bool {
+    let check = || -> Option<bool> {
+        let m2 = unsqueezed(graph, mask, &[0, 1])?;
+        let w = producer(graph, m2, OpKind::Where)?;
+        let (cond, masked, open) = (graph.input(w, 0)?, graph.input(w, 1)?, graph.input(w, 2)?);
+        if const_scalar(graph, masked)? > -1e30 || const_scalar(graph, open)? != 0.0 {
+            return None;
+        }
+        let (keys, queries) = args2(graph, producer(graph, cond, OpKind::Greater)?)?;
+        let (k0, k_total) = unit_range(graph, unsqueezed(graph, keys, &[0])?)?;
+        let (_past, q_total) = unit_range(graph, unsqueezed(graph, queries, &[1])?)?;
+        Some(const_ints(graph, k0)? == [0] && k_total == q_total)
+    };
+    check().unwrap_or(false)
+}
+
 fn run(graph: &mut Graph, ctx: &mut PassContext) -> Result<PassOutcome, PassError> {
     rewrite_each(graph, ctx, matcher, |g, id, m| {
-        let op = Op::new(OpKind::Attention).with("scale", Attr::Float(m.scale)).with("causal", Attr::Int(0));
+        let causal = m.mask.is_some_and(|mask| is_causal_mask(g, mask));
+        let op =
+            Op::new(OpKind::Attention).with("scale", Attr::Float(m.scale)).with("causal", Attr::Int(causal as i64));
         let mut inputs = vec![Some(m.q), Some(m.k), Some(m.v)];
-        if m.mask.is_some() {
+        if m.mask.is_some() && !causal {
             inputs.push(m.mask);
         }
         replace_root(g, Value::new(id, 0), op, &inputs)?;
