@@ -71,6 +71,26 @@ static __device__ __forceinline__ double fa_block_sum(double v, double* scratch)
   return r;
 }
 
+// One row's softmax by one warp, in place over its n visible scores: the max (a non-finite one -> 0),
+// e = exp in f64 rounded to f32, their f64 sum by the warp's xor tree, p = e / sum when sum > 0
+// (the prefill kernel's multi-row phase and attention_fast_psm).
+static __device__ __forceinline__ void fa_warp_softmax(float* row, long n, int lane) {
+  float m = -FA_INF;
+  for (long t = lane; t < n; t += 32) m = fmaxf(m, row[t]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
+  double local = 0.0;
+  for (long t = lane; t < n; t += 32) {
+    float e = (float)exp((double)__fsub_rn(row[t], m));
+    row[t] = e;
+    local += (double)e;
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  const float sum = (float)local;
+  if (sum > 0.0f)
+    for (long t = lane; t < n; t += 32) row[t] = __fdiv_rn(row[t], sum);
+}
+
 // Rows t0 .. t0 + ROWS - 1 (zeros from row n on) of COLS columns from column c0 of a row-major
 // [*, ld] matrix into shared memory rows of `pitch` floats, as f32. f32 tiles are copied with
 // cp.async (every 16-byte piece of the tile in flight at once, no registers: the decode kernel's
@@ -249,22 +269,7 @@ static __device__ __forceinline__ void fa_body(const typename X::S* __restrict__
   } else {
     const int warp = tid / 32, lane = tid % 32;
     for (int r = warp; r < R; r += NT / 32) {
-      const int n = nvis[r];
-      float* row = sc + r * TP;
-      float m = -FA_INF;
-      for (int t = lane; t < n; t += 32) m = fmaxf(m, row[t]);
-      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-      if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
-      double local = 0.0;
-      for (int t = lane; t < n; t += 32) {
-        float e = (float)exp((double)__fsub_rn(row[t], m));
-        row[t] = e;
-        local += (double)e;
-      }
-      for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
-      const float sum = (float)local;
-      if (sum > 0.0f)
-        for (int t = lane; t < n; t += 32) row[t] = __fdiv_rn(row[t], sum);
+      fa_warp_softmax(sc + r * TP, nvis[r], lane);
     }
   }
 
@@ -475,22 +480,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_fast_psm(floa
   const long r = (long)blockIdx.x * (FA_THREADS / 32) + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
-  const long n = pt_visible(r % S, S, T, causal);
-  float* row = scores + r * T;
-  float m = -FA_INF;
-  for (long t = lane; t < n; t += 32) m = fmaxf(m, row[t]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (!(m > -FA_INF && m < FA_INF)) m = 0.0f;
-  double local = 0.0;
-  for (long t = lane; t < n; t += 32) {
-    float e = (float)exp((double)__fsub_rn(row[t], m));
-    row[t] = e;
-    local += (double)e;
-  }
-  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
-  const float sum = (float)local;
-  if (sum > 0.0f)
-    for (long t = lane; t < n; t += 32) row[t] = __fdiv_rn(row[t], sum);
+  fa_warp_softmax(scores + r * T, pt_visible(r % S, S, T, causal), lane);
 }
 
 template <class X, class O, int D>
