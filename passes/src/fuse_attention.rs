@@ -134,7 +134,10 @@ fn unsqueezed(graph: &Graph, v: Value, axes: &[i64]) -> Option<Value> {
         Some(a) => const_ints(graph, a)?,
         None => graph.node(n).op.ints("axes")?.to_vec(),
     };
-    (got == axes).then(|| graph.input(n, 0))?
+    if got != axes {
+        return None;
+    }
+    graph.input(n, 0)
 }
 
 /// `range(start, limit, 1)`: (start, limit).

@@ -587,8 +587,6 @@ fn eval_artifact(args: &[String]) -> Result<bool, String> {
     Ok(ok)
 }
 
-/// `qcc-run generate`: greedy decoding with a device-resident KV cache ([`CudaKvDecoder`], the path of
-/// `qcc run --device cuda --prompt`); one decode step is also timed as a CUDA graph.
 /// The prompt's forward (the cache filled from empty), timed three times after a warm-up: inputs
 /// uploaded, every launch, synchronized; the logits are computed for every position but not read back.
 fn time_prefill(dec: &mut CudaKvDecoder, prompt: &[i64]) -> Result<String, String> {
@@ -613,6 +611,8 @@ fn time_prefill(dec: &mut CudaKvDecoder, prompt: &[i64]) -> Result<String, Strin
     ))
 }
 
+/// `qcc-run generate`: greedy decoding with a device-resident KV cache ([`CudaKvDecoder`], the path of
+/// `qcc run --device cuda --prompt`); one decode step is also timed as a CUDA graph.
 fn generate(args: &[String]) -> Result<bool, String> {
     let mut dec = CudaKvDecoder::new(load_artifact(args)?).map_err(|e| e.to_string())?;
     let prompt = read_ids(args)?;

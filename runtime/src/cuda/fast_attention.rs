@@ -60,6 +60,16 @@ pub const TILED_MIN_ROWS: usize = 64;
 /// The most scratch (scores [B, Hq, S, T] f32) a tiled prefill takes; larger runs keep the one-kernel
 /// prefill.
 pub const TILED_MAX_SCRATCH: usize = 1 << 30;
+/// Query rows, keys (scores) and output channels (p v) per block of the tiled prefill
+/// (fast_attention.cu PT_ROWS); p v takes keys in tiles of [`TILED_PV_KEYS`].
+const TILE: usize = 64;
+const TILED_PV_KEYS: usize = 32;
+
+/// `QCC_ATTN_TILED=0` (read once: routes ask at every launch) keeps the one-kernel prefill.
+fn tiled_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("QCC_ATTN_TILED").map_or(true, |v| v != "0"))
+}
 
 /// The two fast kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,17 +251,20 @@ impl AttnRoute {
         })
     }
 
+    /// The entry-name suffixes of the mask (`_mask`) and of a quantized output (`_q{i16,i8}`).
+    fn suffixes(&self) -> (&'static str, &str) {
+        (if self.mask.is_some() { "_mask" } else { "" }, self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str()))
+    }
+
     /// The fast kernel's entry name for `kernel`.
     pub fn entry(&self, kernel: Kernel) -> String {
-        let mask = if self.mask.is_some() { "_mask" } else { "" };
-        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        let (mask, q) = self.suffixes();
         format!("attention_fast_{}_{}{mask}_d{}{q}", kernel.tag(), self.dtype, self.d)
     }
 
     /// Entries of the two-pass decode (scores, then softmax and p v).
     pub fn two_pass_entries(&self) -> [String; 2] {
-        let mask = if self.mask.is_some() { "_mask" } else { "" };
-        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        let (mask, q) = self.suffixes();
         [
             format!("attention_fast_dsc_{}{mask}_d{}", self.dtype, self.d),
             format!("attention_fast_dout_{}_d{}{q}", self.dtype, self.d),
@@ -260,8 +273,7 @@ impl AttnRoute {
 
     /// Entries of the tiled prefill (scores, softmax in place, p v).
     pub fn tiled_entries(&self) -> [String; 3] {
-        let mask = if self.mask.is_some() { "_mask" } else { "" };
-        let q = self.quant.as_ref().map_or("", |(q, _)| q.suffix.as_str());
+        let (mask, q) = self.suffixes();
         [
             format!("attention_fast_psc_{}{mask}_d{}", self.dtype, self.d),
             "attention_fast_psm".to_string(),
@@ -276,7 +288,7 @@ impl AttnRoute {
         s >= TILED_MIN_ROWS
             && pick(s, heads, d, t) == Some(Kernel::Prefill)
             && 4 * heads * s * t <= TILED_MAX_SCRATCH
-            && std::env::var("QCC_ATTN_TILED").map_or(true, |v| v != "0")
+            && tiled_enabled()
     }
 
     /// Whether one query row runs as two launches (fast_attention.cu `fa_dec_scores`): the scores
@@ -287,16 +299,21 @@ impl AttnRoute {
 
     /// Scratch bytes of these symbol values: the scores of a two-pass decode or a tiled prefill.
     pub fn scratch_bytes(&self, values: &SymbolValues) -> Result<usize, String> {
-        let n = eval_all(&self.dims, values)?;
-        if n.iter().any(|&x| x < 0) {
-            return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
-        }
-        let [b, hq, _, s, t] = n.map(|x| x as usize);
+        let [b, hq, _, s, t] = self.sizes(values)?.map(|x| x as usize);
         Ok(if Self::two_pass(s, b * hq, self.d, t) || Self::tiled(s, b * hq, self.d, t) {
             4 * b * hq * s * t
         } else {
             0
         })
+    }
+
+    /// B, Hq, Hkv, S, T at these symbol values (none negative).
+    fn sizes(&self, values: &SymbolValues) -> Result<[i64; 5], String> {
+        let n = eval_all(&self.dims, values)?;
+        if n.iter().any(|&x| x < 0) {
+            return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
+        }
+        Ok(n)
     }
 
     /// Enqueues the attention of these symbol values.
@@ -307,11 +324,7 @@ impl AttnRoute {
         values: &SymbolValues,
         ptr: &dyn Fn(u32) -> Result<u64, String>,
     ) -> Result<(), String> {
-        let n = eval_all(&self.dims, values)?;
-        let [b, hq, hkv, s, t] = n;
-        if n.iter().any(|&x| x < 0) {
-            return Err(format!("negative size in B, Hq, Hkv, S, T = {n:?}"));
-        }
+        let [b, hq, hkv, s, t] = self.sizes(values)?;
         if b == 0 || hq == 0 || s == 0 {
             return Ok(());
         }
@@ -341,8 +354,8 @@ impl AttnRoute {
         }
         let heads = (b * hq) as usize;
         if Self::tiled(su, heads, d, tu)
-            && heads * (d / 64) <= 65_535
-            && su.div_ceil(64) <= 65_535
+            && heads * (d / TILE) <= 65_535
+            && su.div_ceil(TILE) <= 65_535
             && scratch.len() >= 4 * heads * su * tu
         {
             let scores = scratch.device_ptr(&gpu.stream).0;
@@ -441,13 +454,13 @@ impl AttnRoute {
         let [psc, psm, ppv] = self.tiled_entries();
         let (d, su, tu, heads) = (self.d, s as usize, t as usize, (b * hq) as usize);
         let f = gpu.function("fast_attention", &psc).map_err(|e| e.to_string())?;
-        let smem = (4 * 128 * (d + 4)) as u32;
+        let smem = (4 * 2 * TILE * (d + 4)) as u32;
         self.ensure_smem(&f, 5, smem)?;
         let mut l = gpu.launcher(&f);
         l.arg(&q).arg(&k).arg(&mask).arg(&scores).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t);
         l.arg(&self.causal).arg(&self.scale).arg(&kv[0]).arg(&kv[1]).arg(&kv[2]);
         let cfg = LaunchConfig {
-            grid_dim: (tu.div_ceil(64) as u32, su.div_ceil(64) as u32, heads as u32),
+            grid_dim: (tu.div_ceil(TILE) as u32, su.div_ceil(TILE) as u32, heads as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
@@ -470,7 +483,7 @@ impl AttnRoute {
         unsafe { l.launch(cfg) }.map_err(|e| format!("{psm}: {e}"))?;
 
         let f = gpu.function("fast_attention", &ppv).map_err(|e| e.to_string())?;
-        let smem = (4 * (64 * (32 + 4) + 32 * (64 + 4))) as u32;
+        let smem = (4 * (TILE * (TILED_PV_KEYS + 4) + TILED_PV_KEYS * (TILE + 4))) as u32;
         self.ensure_smem(&f, 6, smem)?;
         let mut l = gpu.launcher(&f);
         l.arg(&scores).arg(&v).arg(&out).arg(&b).arg(&hq).arg(&hkv).arg(&s).arg(&t).arg(&self.causal);
@@ -480,7 +493,7 @@ impl AttnRoute {
             l.arg(&strides[0]).arg(&strides[1]);
         }
         let cfg = LaunchConfig {
-            grid_dim: (su.div_ceil(64) as u32, 1, (heads * (d / 64)) as u32),
+            grid_dim: (su.div_ceil(TILE) as u32, 1, (heads * (d / TILE)) as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem,
         };
